@@ -1,0 +1,469 @@
+//! The configuration file: parsed once, validated once, into [`Settings`].
+//!
+//! The TOML is read into `Raw*` structs that keep every value's position (`Spanned`), so that
+//! a bad value is reported as `config PATH: line N: key: what is wrong; how to fix`. Nothing
+//! outside this module sees the raw form. Unknown keys are errors: a typo such as
+//! `require_lusk = true` must not silently turn a safety check off.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::retention::RetentionPolicy;
+
+/// The commented template written by `datavault init`.
+pub const TEMPLATE: &str = include_str!("../config/datavault.example.toml");
+/// Where the config is looked for when neither `--config` nor `$DATAVAULT_CONFIG` is set.
+pub const DEFAULT_PATH: &str = "/etc/datavault/datavault.toml";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub path: PathBuf,
+    pub source: SourceSettings,
+    pub target: TargetSettings,
+    pub encryption: EncryptionSettings,
+    pub compression: CompressionSettings,
+    pub retention: RetentionPolicy,
+    pub service: Option<ServiceSettings>,
+    pub drill: DrillSettings,
+    pub state: StateSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    pub database: PathBuf,
+    pub uploads: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetSettings {
+    pub path: PathBuf,
+    pub require_mountpoint: bool,
+    pub require_luks: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EncryptionSettings {
+    pub recipients: Vec<age::x25519::Recipient>,
+    pub identity: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CompressionSettings {
+    pub level: i32,
+    /// Resolved worker count (>= 1).
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub stop_command: String,
+    pub start_command: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillSettings {
+    pub checks: Vec<String>,
+    pub scratch_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    pub dir: PathBuf,
+}
+
+impl StateSettings {
+    pub fn catalog_path(&self) -> PathBuf {
+        self.dir.join("catalog.db")
+    }
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("datavault.lock")
+    }
+    pub fn metrics_path(&self) -> PathBuf {
+        self.dir.join("datavault.prom")
+    }
+    pub fn restore_journal_path(&self) -> PathBuf {
+        self.dir.join("restore-journal.json")
+    }
+}
+
+impl DrillSettings {
+    pub fn scratch_dir(&self, target: &TargetSettings) -> PathBuf {
+        self.scratch_dir.clone().unwrap_or_else(|| target.path.join(".datavault-drill"))
+    }
+}
+
+// ---- raw, position-keeping form -------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: Spanned<RawSource>,
+    target: Spanned<RawTarget>,
+    encryption: Spanned<RawEncryption>,
+    compression: Option<RawCompression>,
+    retention: Option<RawRetention>,
+    service: Option<RawService>,
+    drill: Option<RawDrill>,
+    state: Option<RawState>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    database: Spanned<String>,
+    uploads: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    path: Spanned<String>,
+    require_mountpoint: Option<bool>,
+    require_luks: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    recipients: Spanned<Vec<Spanned<String>>>,
+    identity: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompression {
+    level: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    keep_last: Option<Spanned<i64>>,
+    keep_daily: Option<Spanned<i64>>,
+    keep_weekly: Option<Spanned<i64>>,
+    keep_monthly: Option<Spanned<i64>>,
+    keep_pre_restore: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    stop_command: Spanned<String>,
+    start_command: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrill {
+    checks: Option<Vec<Spanned<String>>>,
+    scratch_dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Spanned<String>,
+}
+
+/// Where the config file is: `--config`, else `$DATAVAULT_CONFIG`, else the default.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("DATAVAULT_CONFIG") {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+impl Settings {
+    pub fn load(path: &Path) -> Result<Settings> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::config(
+                    path,
+                    "file not found; create it with `datavault init --keygen` or pass --config PATH",
+                ))
+            }
+            Err(e) => return Err(Error::config(path, format!("cannot read it: {e}"))),
+        };
+        Settings::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Settings> {
+        let v = Validator { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| format!("line {}: ", v.line(s.start))).unwrap_or_default();
+            Error::config(path, format!("{line}{}", e.message().trim().replace('\n', " ")))
+        })?;
+
+        let source = raw.source.get_ref();
+        let database = v.abs_path("source.database", &source.database)?;
+        let uploads = source.uploads.as_ref().map(|u| v.abs_path("source.uploads", u)).transpose()?;
+
+        let target = raw.target.get_ref();
+        let target = TargetSettings {
+            path: v.abs_path("target.path", &target.path)?,
+            require_mountpoint: target.require_mountpoint.unwrap_or(true),
+            require_luks: target.require_luks.unwrap_or(true),
+        };
+
+        let enc = raw.encryption.get_ref();
+        if enc.recipients.get_ref().is_empty() {
+            return Err(v.err(
+                "encryption.recipients",
+                enc.recipients.span().start,
+                "is empty; put at least one age public key (age1...) there, from `datavault keygen`",
+            ));
+        }
+        let mut recipients = Vec::new();
+        for (i, r) in enc.recipients.get_ref().iter().enumerate() {
+            let parsed = age::x25519::Recipient::from_str(r.get_ref().trim()).map_err(|_| {
+                v.err(
+                    &format!("encryption.recipients[{i}]"),
+                    r.span().start,
+                    format!(
+                        "{:?} is not an age public key (age1...); `datavault keygen --output FILE` makes one",
+                        r.get_ref()
+                    ),
+                )
+            })?;
+            recipients.push(parsed);
+        }
+        let identity = enc.identity.as_ref().map(|p| v.abs_path("encryption.identity", p)).transpose()?;
+
+        let compression = match &raw.compression {
+            None => CompressionSettings { level: 3, threads: default_threads() },
+            Some(c) => {
+                let level = match &c.level {
+                    None => 3,
+                    Some(l) => v.int_in("compression.level", l, 1, 19)? as i32,
+                };
+                let threads = match &c.threads {
+                    None => default_threads(),
+                    Some(t) => match v.int_in("compression.threads", t, 0, 64)? {
+                        0 => default_threads(),
+                        n => n as u32,
+                    },
+                };
+                CompressionSettings { level, threads }
+            }
+        };
+
+        let mut retention = RetentionPolicy::default();
+        if let Some(r) = &raw.retention {
+            let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
+                match f {
+                    None => Ok(default),
+                    Some(x) => Ok(v.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
+                }
+            };
+            retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
+            retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
+            retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
+            retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
+            retention.keep_pre_restore =
+                field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
+        }
+
+        let service = match &raw.service {
+            None => None,
+            Some(s) => Some(ServiceSettings {
+                stop_command: v.nonempty("service.stop_command", &s.stop_command)?,
+                start_command: v.nonempty("service.start_command", &s.start_command)?,
+            }),
+        };
+
+        let drill = match &raw.drill {
+            None => DrillSettings { checks: Vec::new(), scratch_dir: None },
+            Some(d) => DrillSettings {
+                checks: d
+                    .checks
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(i, c)| v.nonempty(&format!("drill.checks[{i}]"), c))
+                    .collect::<Result<_>>()?,
+                scratch_dir: d
+                    .scratch_dir
+                    .as_ref()
+                    .map(|p| v.abs_path("drill.scratch_dir", p))
+                    .transpose()?,
+            },
+        };
+
+        let state = StateSettings {
+            dir: match &raw.state {
+                None => PathBuf::from("/var/lib/datavault"),
+                Some(s) => v.abs_path("state.dir", &s.dir)?,
+            },
+        };
+
+        if let Some(u) = &uploads {
+            if u == &database || database.starts_with(u) {
+                return Err(Error::config(
+                    path,
+                    "source.uploads contains source.database; point uploads at the folder of user files only",
+                ));
+            }
+        }
+        if target.path.starts_with(&state.dir) || state.dir.starts_with(&target.path) {
+            // The catalog must survive the loss of the USB drive and vice versa.
+            return Err(Error::config(
+                path,
+                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive",
+            ));
+        }
+
+        Ok(Settings {
+            path: path.to_path_buf(),
+            source: SourceSettings { database, uploads },
+            target,
+            encryption: EncryptionSettings { recipients, identity },
+            compression,
+            retention,
+            service,
+            drill,
+            state,
+        })
+    }
+}
+
+fn default_threads() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get().min(4) as u32).unwrap_or(1)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn err(&self, key: &str, offset: usize, message: impl std::fmt::Display) -> Error {
+        Error::config(self.path, format!("line {}: {key} {message}", self.line(offset)))
+    }
+
+    fn abs_path(&self, key: &str, value: &Spanned<String>) -> Result<PathBuf> {
+        let p = PathBuf::from(value.get_ref());
+        if value.get_ref().is_empty() || !p.is_absolute() {
+            return Err(self.err(
+                key,
+                value.span().start,
+                format!("{:?} must be an absolute path (starting with /)", value.get_ref()),
+            ));
+        }
+        Ok(p)
+    }
+
+    fn int_in(&self, key: &str, value: &Spanned<i64>, min: i64, max: i64) -> Result<i64> {
+        let n = *value.get_ref();
+        if n < min || n > max {
+            return Err(self.err(
+                key,
+                value.span().start,
+                format!("is {n}; it must be between {min} and {max}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn nonempty(&self, key: &str, value: &Spanned<String>) -> Result<String> {
+        if value.get_ref().trim().is_empty() {
+            return Err(self.err(key, value.span().start, "is empty"));
+        }
+        Ok(value.get_ref().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+    fn example() -> String {
+        TEMPLATE.replace("age1-replace-with-your-public-key", KEY)
+    }
+
+    fn parse(text: &str) -> Result<Settings> {
+        Settings::parse(Path::new("/etc/datavault/datavault.toml"), text)
+    }
+
+    fn message(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("config was accepted:\n{text}"),
+            Err(e) => {
+                assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn the_shipped_template_parses_once_a_key_is_in() {
+        let s = parse(&example()).unwrap();
+        assert_eq!(s.source.database, Path::new("/srv/app/data/app.db"));
+        assert_eq!(s.retention.keep_daily, 7);
+        assert_eq!(s.compression.level, 3);
+        assert!(s.service.is_some());
+        assert!(s.target.require_luks);
+    }
+
+    #[test]
+    fn the_template_placeholder_names_the_fix() {
+        let m = message(TEMPLATE);
+        assert!(m.contains("encryption.recipients[0]") && m.contains("keygen"), "{m}");
+    }
+
+    #[test]
+    fn optional_sections_may_be_missing() {
+        let text = format!(
+            "[source]\ndatabase = \"/a/app.db\"\n[target]\npath = \"/mnt/x\"\n[encryption]\nrecipients = [\"{KEY}\"]\n"
+        );
+        let s = parse(&text).unwrap();
+        assert!(s.source.uploads.is_none());
+        assert!(s.service.is_none());
+        assert!(s.drill.checks.is_empty());
+        assert!(s.encryption.identity.is_none());
+        assert_eq!(s.state.dir, Path::new("/var/lib/datavault"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = example().replace("require_luks = true", "require_lusk = true");
+        let m = message(&text);
+        assert!(m.contains("require_lusk") && m.contains("line 18"), "{m}");
+    }
+
+    #[test]
+    fn bad_values_are_named_with_their_line() {
+        for (from, to, expect) in [
+            ("keep_daily = 7", "keep_daily = -1", "retention.keep_daily"),
+            ("keep_daily = 7", "keep_daily = \"seven\"", "line"),
+            ("level = 3", "level = 42", "compression.level"),
+            ("path = \"/mnt/datavault\"", "path = \"mnt/datavault\"", "target.path"),
+            ("dir = \"/var/lib/datavault\"", "dir = \"\"", "state.dir"),
+            ("require_mountpoint = true", "require_mountpoint = \"yes\"", "line"),
+        ] {
+            let m = message(&example().replace(from, to));
+            assert!(m.contains(expect) && m.contains("line "), "{to}: {m}");
+        }
+    }
+
+    #[test]
+    fn overlapping_state_and_target_are_refused() {
+        let m = message(&example().replace("dir = \"/var/lib/datavault\"", "dir = \"/mnt/datavault/state\""));
+        assert!(m.contains("overlap"), "{m}");
+    }
+}

@@ -1,0 +1,176 @@
+//! The errors a user can meet, each with the one exit code that names its class.
+//!
+//! Every variant's message is written for a stressed operator reading one line in a terminal
+//! or in the journal: it names the thing (a path, a key, an archive) and says how to fix it.
+//! The exit codes are a contract for scripts and systemd units (README, "Exit codes"):
+//! a permanent misconfiguration (2) must be told apart from a missing USB drive (3) and
+//! from a damaged archive (4), and a second run bumping into the lock (75, EX_TEMPFAIL)
+//! is not a failure at all.
+
+use std::path::{Path, PathBuf};
+
+/// Exit codes, documented in the README and in `datavault --help`.
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const TARGET_NOT_READY: u8 = 3;
+    pub const INTEGRITY: u8 = 4;
+    pub const SOURCE: u8 = 5;
+    pub const LOCKED: u8 = 75;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad command line use.
+    #[error("{0}")]
+    Usage(String),
+
+    /// The configuration file is missing, unparsable or names an impossible value.
+    #[error("config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    /// A key file (identity or recipient) is missing, unreadable, badly protected or invalid.
+    #[error("key {path}: {message}")]
+    Key { path: PathBuf, message: String },
+
+    /// The backup target cannot be written safely: missing, not mounted, not LUKS, full.
+    #[error("target {path}: {message}")]
+    TargetNotReady { path: PathBuf, message: String },
+
+    /// An archive or manifest is damaged, truncated, tampered with, encrypted to another key
+    /// or carries unsafe content; or a drill failed.
+    #[error("archive {archive}: {message}")]
+    Integrity { archive: String, message: String },
+
+    /// The database or the uploads folder cannot be read.
+    #[error("source {path}: {message}")]
+    Source { path: PathBuf, message: String },
+
+    /// Another datavault run holds the lock.
+    #[error(
+        "another datavault run is in progress ({holder}); lock {path}. Wait for it to finish, then try again"
+    )]
+    Locked { path: PathBuf, holder: String },
+
+    /// Anything else: an I/O or SQLite failure we did not foresee. Carries what we were doing.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Sqlite {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// A step the user configured (stop/start command) or an internal step failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Config { .. } | Error::Key { .. } => exit::USAGE,
+            Error::TargetNotReady { .. } => exit::TARGET_NOT_READY,
+            Error::Integrity { .. } => exit::INTEGRITY,
+            Error::Source { .. } => exit::SOURCE,
+            Error::Locked { .. } => exit::LOCKED,
+            Error::Io { .. } | Error::Sqlite { .. } | Error::Failed(_) => exit::FAILURE,
+        }
+    }
+
+    /// Short machine-readable class, used in the catalog and in `--json` output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Usage(_) => "usage",
+            Error::Config { .. } => "config",
+            Error::Key { .. } => "key",
+            Error::TargetNotReady { .. } => "target",
+            Error::Integrity { .. } => "integrity",
+            Error::Source { .. } => "source",
+            Error::Locked { .. } => "locked",
+            Error::Io { .. } | Error::Sqlite { .. } | Error::Failed(_) => "failure",
+        }
+    }
+
+    pub fn config(path: &Path, message: impl Into<String>) -> Self {
+        Error::Config { path: path.to_path_buf(), message: message.into() }
+    }
+    pub fn key(path: &Path, message: impl Into<String>) -> Self {
+        Error::Key { path: path.to_path_buf(), message: message.into() }
+    }
+    pub fn target(path: &Path, message: impl Into<String>) -> Self {
+        Error::TargetNotReady { path: path.to_path_buf(), message: message.into() }
+    }
+    pub fn integrity(archive: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Integrity { archive: archive.into(), message: message.into() }
+    }
+    pub fn source(path: &Path, message: impl Into<String>) -> Self {
+        Error::Source { path: path.to_path_buf(), message: message.into() }
+    }
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+    pub fn sqlite(context: impl Into<String>, source: rusqlite::Error) -> Self {
+        Error::Sqlite { context: context.into(), source }
+    }
+}
+
+/// Attach "what we were doing" to io and sqlite results.
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, std::io::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, rusqlite::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::sqlite(what(), e))
+    }
+}
+
+/// True when an I/O error means "the disk is full" (ENOSPC or EDQUOT).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_class_has_its_own_exit_code() {
+        let p = Path::new("/x");
+        let cases = [
+            (Error::config(p, "m"), exit::USAGE),
+            (Error::target(p, "m"), exit::TARGET_NOT_READY),
+            (Error::integrity("a", "m"), exit::INTEGRITY),
+            (Error::source(p, "m"), exit::SOURCE),
+            (Error::Locked { path: p.into(), holder: "pid 1".into() }, exit::LOCKED),
+            (Error::Failed("m".into()), exit::FAILURE),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.exit_code(), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn enospc_is_disk_full() {
+        assert!(is_disk_full(&std::io::Error::from_raw_os_error(28)));
+        assert!(!is_disk_full(&std::io::Error::from_raw_os_error(2)));
+    }
+}
