@@ -4,6 +4,18 @@
 //! src/commands/) parses arguments, calls these modules and renders their results.
 #![forbid(unsafe_code)]
 
+pub mod archive;
+pub mod catalog;
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod fsutil;
+pub mod keys;
+pub mod lock;
+pub mod manifest;
+pub mod metrics;
+pub mod ops;
+pub mod progress;
 pub mod retention;
+pub mod snapshot;
+pub mod target;

@@ -1,5 +1,22 @@
-//! Which archives to keep: keep_last / daily / weekly / monthly, like restic and borg.
-//! (Being written: see the helper's task.)
+//! Which archives to keep: keep_last / daily / weekly / monthly, with restic's `forget` semantics.
+//!
+//! This module only *decides*; it never deletes. The caller prunes what [`RetentionPolicy::apply`]
+//! marks `keep: false`, and `--dry-run` shows the very same decisions. Whatever the policy says,
+//! two guarantees hold, because an over-eager prune on a drive that is the only copy is the one
+//! mistake a backup tool cannot undo:
+//!
+//! - the newest *good* backup is always kept, even when every `keep_*` is 0;
+//! - when there is no good backup at all, nothing is deleted: a damaged archive may still give
+//!   back part of the data, an empty drive gives back nothing.
+//!
+//! Buckets are UTC calendar days, ISO weeks and calendar months, so a Pi whose time zone
+//! changes does not reshuffle them. Pre-restore archives (taken automatically before a restore
+//! overwrites the live data) are counted apart and never use up a backup rule's slot.
+//!
+//! [`check_clock`] exists because a Pi has no battery-backed clock: until NTP answers it may
+//! believe it is years in the past, and a "newest" archive stamped then would upset every rule.
+
+use chrono::{DateTime, Datelike, SecondsFormat, TimeDelta, Utc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
@@ -13,5 +30,632 @@ pub struct RetentionPolicy {
 impl Default for RetentionPolicy {
     fn default() -> Self {
         RetentionPolicy { keep_last: 7, keep_daily: 7, keep_weekly: 4, keep_monthly: 6, keep_pre_restore: 3 }
+    }
+}
+
+/// What an archive was made for. Stored (catalog) and serialized as `BACKUP` / `PRE_RESTORE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ArchiveKind {
+    /// A scheduled or manual backup; the `keep_*` rules apply.
+    Backup,
+    /// Taken automatically before a restore replaced the live data; `keep_pre_restore` applies.
+    PreRestore,
+}
+
+impl ArchiveKind {
+    /// The stable text form: `BACKUP` or `PRE_RESTORE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveKind::Backup => "BACKUP",
+            ArchiveKind::PreRestore => "PRE_RESTORE",
+        }
+    }
+
+    /// Inverse of [`ArchiveKind::as_str`].
+    pub fn parse(s: &str) -> Option<ArchiveKind> {
+        match s {
+            "BACKUP" => Some(ArchiveKind::Backup),
+            "PRE_RESTORE" => Some(ArchiveKind::PreRestore),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ArchiveKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An archive found on the target, as retention sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub kind: ArchiveKind,
+    pub created: DateTime<Utc>,
+    /// The manifest and the archive are both present and consistent with each other.
+    pub good: bool,
+}
+
+/// The verdict on one candidate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Decision {
+    pub name: String,
+    pub keep: bool,
+    /// Why it is kept (`"last 3"`, `"daily 2026-11-20"`, `"weekly 2026-W47"`, `"monthly 2026-11"`,
+    /// `"newest good archive"`, `"pre-restore 1"`, `"no good backup: keeping everything"`) or why
+    /// not (`"not good: pruned"`, `"no rule keeps it"`, `"pre-restore beyond the newest N"`).
+    /// Never empty.
+    pub reasons: Vec<String>,
+    /// An **estimate** of when the archive will stop being kept, assuming one backup a day from
+    /// now on: the latest of `created` + `keep_last` days, + `keep_daily` days, + `keep_weekly`
+    /// weeks and + `keep_monthly` x 31 days, over the rules that keep it. `None` when it is not
+    /// kept, when only "newest good archive" keeps it, and for pre-restore archives (they go
+    /// when newer restores push them out, not with time).
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Reasons that do not keep an archive; everything else in [`Decision::reasons`] does.
+const NOT_GOOD: &str = "not good: pruned";
+const NO_RULE: &str = "no rule keeps it";
+const NEWEST_GOOD: &str = "newest good archive";
+const NO_GOOD_BACKUP: &str = "no good backup: keeping everything";
+
+impl RetentionPolicy {
+    /// Decide for every candidate (any order in, newest-first out, one decision per candidate).
+    ///
+    /// Only good backups count for the rules. They are walked newest first; `keep_last` keeps
+    /// the N newest, and each of `keep_daily` / `keep_weekly` / `keep_monthly` keeps the newest
+    /// archive of each of the N most recent days / ISO weeks / months that have one (restic:
+    /// a period counts only when it yields a kept archive, so gaps in the schedule do not eat
+    /// the budget). An archive is kept when any rule keeps it.
+    pub fn apply(&self, candidates: &[Candidate]) -> Vec<Decision> {
+        let mut order: Vec<&Candidate> = candidates.iter().collect();
+        order.sort_by(|a, b| newest_first(a, b));
+
+        if !order.iter().any(|c| c.good && c.kind == ArchiveKind::Backup) {
+            return order
+                .into_iter()
+                .map(|c| Decision {
+                    name: c.name.clone(),
+                    keep: true,
+                    reasons: vec![NO_GOOD_BACKUP.to_string()],
+                    expires_at: None,
+                })
+                .collect();
+        }
+
+        let mut last = 0u32;
+        let mut daily = Bucket::new(self.keep_daily);
+        let mut weekly = Bucket::new(self.keep_weekly);
+        let mut monthly = Bucket::new(self.keep_monthly);
+        let mut pre_restore = 0u32;
+        let mut seen_good_backup = false;
+
+        let mut decisions = Vec::with_capacity(order.len());
+        for c in order {
+            let mut reasons = Vec::new();
+            let mut expires_at = None;
+            match (c.kind, c.good) {
+                (_, false) => reasons.push(NOT_GOOD.to_string()),
+                (ArchiveKind::PreRestore, true) => {
+                    if pre_restore < self.keep_pre_restore {
+                        pre_restore += 1;
+                        reasons.push(format!("pre-restore {pre_restore}"));
+                    } else {
+                        reasons.push(format!("pre-restore beyond the newest {}", self.keep_pre_restore));
+                    }
+                }
+                (ArchiveKind::Backup, true) => {
+                    let created = c.created;
+                    // Counts beyond chrono's range (~262,000 years) saturate rather than vanish.
+                    let mut extend = |span: Option<TimeDelta>| {
+                        let until = span
+                            .and_then(|d| created.checked_add_signed(d))
+                            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                        expires_at = expires_at.max(Some(until));
+                    };
+                    if last < self.keep_last {
+                        last += 1;
+                        reasons.push(format!("last {last}"));
+                        extend(TimeDelta::try_days(i64::from(self.keep_last)));
+                    }
+                    let day = created.date_naive();
+                    if daily.offer(day) {
+                        reasons.push(format!("daily {}", day.format("%Y-%m-%d")));
+                        extend(TimeDelta::try_days(i64::from(self.keep_daily)));
+                    }
+                    let week = day.iso_week();
+                    if weekly.offer((week.year(), week.week())) {
+                        reasons.push(format!("weekly {:04}-W{:02}", week.year(), week.week()));
+                        extend(TimeDelta::try_weeks(i64::from(self.keep_weekly)));
+                    }
+                    if monthly.offer((day.year(), day.month())) {
+                        reasons.push(format!("monthly {:04}-{:02}", day.year(), day.month()));
+                        extend(TimeDelta::try_days(i64::from(self.keep_monthly) * 31));
+                    }
+                    if !seen_good_backup {
+                        seen_good_backup = true;
+                        reasons.push(NEWEST_GOOD.to_string());
+                    }
+                    if reasons.is_empty() {
+                        reasons.push(NO_RULE.to_string());
+                    }
+                }
+            }
+            let keep = reasons.iter().any(|r| keeps(r));
+            decisions.push(Decision { name: c.name.clone(), keep, reasons, expires_at });
+        }
+        decisions
+    }
+}
+
+/// True when a reason from [`Decision::reasons`] is one that keeps the archive.
+fn keeps(reason: &str) -> bool {
+    !(reason == NOT_GOOD || reason == NO_RULE || reason.starts_with("pre-restore beyond"))
+}
+
+/// Newest first; ties broken by name (then the rest) so that input order never matters.
+fn newest_first(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.created
+        .cmp(&a.created)
+        .then_with(|| b.name.cmp(&a.name))
+        .then_with(|| b.good.cmp(&a.good))
+        .then_with(|| (a.kind as u8).cmp(&(b.kind as u8)))
+}
+
+/// One periodic rule: how many periods may still be kept and which period was seen last.
+/// Candidates arrive newest first, so a key different from the last one is a new period.
+struct Bucket<K> {
+    remaining: u32,
+    last: Option<K>,
+}
+
+impl<K: PartialEq> Bucket<K> {
+    fn new(count: u32) -> Self {
+        Bucket { remaining: count, last: None }
+    }
+
+    fn offer(&mut self, key: K) -> bool {
+        if self.remaining == 0 || self.last.as_ref() == Some(&key) {
+            return false;
+        }
+        self.remaining -= 1;
+        self.last = Some(key);
+        true
+    }
+}
+
+/// Whether the system clock can be trusted for stamping a new archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClockCheck {
+    Sane,
+    /// What looks wrong and how to fix it, for the operator.
+    Suspicious(String),
+}
+
+/// The clock looks wrong if `now` is earlier than the newest archive's creation or than
+/// `build_time` (a Pi has no RTC and boots in the past until NTP corrects it).
+pub fn check_clock(
+    now: DateTime<Utc>,
+    newest_archive: Option<DateTime<Utc>>,
+    build_time: DateTime<Utc>,
+) -> ClockCheck {
+    let fmt = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let fix = "a Raspberry Pi has no battery-backed clock; wait for NTP to set it \
+               (`timedatectl status` shows \"System clock synchronized: yes\") or set it by hand";
+    if let Some(newest) = newest_archive {
+        if now < newest {
+            return ClockCheck::Suspicious(format!(
+                "the system clock says {}, earlier than the newest archive ({}); {fix}",
+                fmt(now),
+                fmt(newest)
+            ));
+        }
+    }
+    if now < build_time {
+        return ClockCheck::Suspicious(format!(
+            "the system clock says {}, earlier than the time this datavault was built ({}); {fix}",
+            fmt(now),
+            fmt(build_time)
+        ));
+    }
+    ClockCheck::Sane
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{NaiveDate, TimeZone};
+    use std::collections::{BTreeSet, HashMap};
+
+    fn at(y: i32, mo: u32, d: u32, h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, 0, 0).unwrap()
+    }
+
+    fn backup(t: DateTime<Utc>) -> Candidate {
+        Candidate {
+            name: format!("backup-{}", t.format("%Y%m%dT%H%M%S")),
+            kind: ArchiveKind::Backup,
+            created: t,
+            good: true,
+        }
+    }
+
+    fn pre_restore(t: DateTime<Utc>) -> Candidate {
+        Candidate {
+            name: format!("pre-restore-{}", t.format("%Y%m%dT%H%M%S")),
+            kind: ArchiveKind::PreRestore,
+            created: t,
+            good: true,
+        }
+    }
+
+    fn policy(last: u32, daily: u32, weekly: u32, monthly: u32, pre: u32) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: last,
+            keep_daily: daily,
+            keep_weekly: weekly,
+            keep_monthly: monthly,
+            keep_pre_restore: pre,
+        }
+    }
+
+    fn kept(decisions: &[Decision]) -> BTreeSet<String> {
+        decisions.iter().filter(|d| d.keep).map(|d| d.name.clone()).collect()
+    }
+
+    fn reasons_of<'a>(decisions: &'a [Decision], name: &str) -> &'a [String] {
+        &decisions.iter().find(|d| d.name == name).unwrap().reasons
+    }
+
+    /// One backup a day at 02:00, `days` days ending on 2026-11-20 (a Friday, ISO week 47).
+    fn daily_backups(days: i64) -> Vec<Candidate> {
+        let newest = at(2026, 11, 20, 2);
+        (0..days).map(|i| backup(newest - TimeDelta::days(i))).collect()
+    }
+
+    #[test]
+    fn daily_backups_over_400_days_keep_what_restic_keeps() {
+        let decisions = policy(7, 7, 4, 6, 3).apply(&daily_backups(400));
+        assert_eq!(decisions.len(), 400);
+        let names: BTreeSet<String> = [
+            // last 7 and daily 7: 14..20 November
+            "20261120", "20261119", "20261118", "20261117", "20261116", "20261115", "20261114",
+            // weekly: the Sundays closing weeks 46 (15th, above), 45 and 44
+            "20261108", "20261101",
+            // monthly: the last day of November (the newest) and of the 5 months before
+            "20261031", "20260930", "20260831", "20260731", "20260630",
+        ]
+        .iter()
+        .map(|d| format!("backup-{d}T020000"))
+        .collect();
+        assert_eq!(kept(&decisions), names);
+
+        let count = |prefix: &str| {
+            decisions.iter().flat_map(|d| &d.reasons).filter(|r| r.starts_with(prefix)).count()
+        };
+        assert_eq!((count("last "), count("daily "), count("weekly "), count("monthly ")), (7, 7, 4, 6));
+        assert_eq!(
+            reasons_of(&decisions, "backup-20261120T020000"),
+            ["last 1", "daily 2026-11-20", "weekly 2026-W47", "monthly 2026-11", "newest good archive"]
+        );
+        assert_eq!(
+            reasons_of(&decisions, "backup-20261115T020000"),
+            ["last 6", "daily 2026-11-15", "weekly 2026-W46"]
+        );
+        assert_eq!(reasons_of(&decisions, "backup-20260630T020000"), ["monthly 2026-06"]);
+        assert_eq!(reasons_of(&decisions, "backup-20260629T020000"), ["no rule keeps it"]);
+    }
+
+    #[test]
+    fn output_is_newest_first() {
+        let mut input = daily_backups(30);
+        input.reverse();
+        let decisions = RetentionPolicy::default().apply(&input);
+        let mut names: Vec<_> = decisions.iter().map(|d| d.name.clone()).collect();
+        assert_eq!(names[0], "backup-20261120T020000");
+        let sorted = {
+            names.sort_by(|a, b| b.cmp(a));
+            names
+        };
+        assert_eq!(decisions.iter().map(|d| d.name.clone()).collect::<Vec<_>>(), sorted);
+    }
+
+    #[test]
+    fn two_backups_on_one_day_the_newer_takes_the_daily_slot() {
+        let input = vec![
+            backup(at(2026, 11, 20, 2)),
+            backup(at(2026, 11, 20, 14)),
+            backup(at(2026, 11, 19, 2)),
+            backup(at(2026, 11, 18, 2)),
+        ];
+        let decisions = policy(0, 2, 0, 0, 0).apply(&input);
+        assert_eq!(
+            kept(&decisions),
+            ["backup-20261120T140000", "backup-20261119T020000"].map(String::from).into()
+        );
+        assert_eq!(
+            reasons_of(&decisions, "backup-20261120T140000"),
+            ["daily 2026-11-20", "newest good archive"]
+        );
+        assert!(!decisions.iter().find(|d| d.name == "backup-20261120T020000").unwrap().keep);
+    }
+
+    #[test]
+    fn all_zero_keeps_only_the_newest() {
+        let decisions = policy(0, 0, 0, 0, 0).apply(&daily_backups(10));
+        assert_eq!(kept(&decisions), ["backup-20261120T020000".to_string()].into());
+        assert_eq!(decisions[0].reasons, ["newest good archive"]);
+        assert_eq!(decisions[0].expires_at, None, "an estimate needs a rule");
+    }
+
+    #[test]
+    fn damaged_newest_is_pruned_and_the_newest_good_one_kept() {
+        let mut input = daily_backups(3);
+        input[0].good = false;
+        let decisions = policy(0, 0, 0, 0, 0).apply(&input);
+        assert_eq!(decisions[0].name, "backup-20261120T020000");
+        assert!(!decisions[0].keep);
+        assert_eq!(decisions[0].reasons, ["not good: pruned"]);
+        assert_eq!(kept(&decisions), ["backup-20261119T020000".to_string()].into());
+
+        // A damaged archive does not use up a slot either.
+        let decisions = policy(2, 0, 0, 0, 0).apply(&input);
+        assert_eq!(
+            kept(&decisions),
+            ["backup-20261119T020000", "backup-20261118T020000"].map(String::from).into()
+        );
+    }
+
+    #[test]
+    fn without_any_good_backup_everything_is_kept() {
+        let mut input = daily_backups(5);
+        for c in &mut input {
+            c.good = false;
+        }
+        input.push(pre_restore(at(2026, 10, 1, 3)));
+        input.push(pre_restore(at(2026, 10, 2, 3)));
+        let decisions = policy(0, 0, 0, 0, 0).apply(&input);
+        assert_eq!(decisions.len(), 7);
+        assert!(decisions.iter().all(|d| d.keep && d.reasons == ["no good backup: keeping everything"]));
+        assert!(decisions.iter().all(|d| d.expires_at.is_none()));
+        assert!(policy(0, 0, 0, 0, 0).apply(&[]).is_empty());
+    }
+
+    #[test]
+    fn pre_restore_archives_are_counted_apart() {
+        let mut input = daily_backups(5);
+        for d in 1..=4 {
+            input.push(pre_restore(at(2026, 11, 20 - d, 12)));
+        }
+        let mut damaged = pre_restore(at(2026, 11, 20, 12));
+        damaged.good = false;
+        input.push(damaged);
+
+        let decisions = policy(2, 0, 0, 0, 2).apply(&input);
+        assert_eq!(
+            kept(&decisions),
+            [
+                "backup-20261120T020000",
+                "backup-20261119T020000",
+                "pre-restore-20261119T120000",
+                "pre-restore-20261118T120000"
+            ]
+            .map(String::from)
+            .into()
+        );
+        assert_eq!(reasons_of(&decisions, "pre-restore-20261119T120000"), ["pre-restore 1"]);
+        assert_eq!(
+            reasons_of(&decisions, "pre-restore-20261117T120000"),
+            ["pre-restore beyond the newest 2"]
+        );
+        assert_eq!(reasons_of(&decisions, "pre-restore-20261120T120000"), ["not good: pruned"]);
+        assert!(decisions.iter().filter(|d| d.name.starts_with("pre-")).all(|d| d.expires_at.is_none()));
+
+        // Pre-restore archives neither take nor give backup slots.
+        let backups_only = policy(2, 0, 0, 0, 2).apply(&daily_backups(5));
+        let backup_kept: BTreeSet<_> =
+            kept(&decisions).into_iter().filter(|n| n.starts_with("backup-")).collect();
+        assert_eq!(backup_kept, kept(&backups_only));
+        // A newer pre-restore archive is not "the newest good archive".
+        let decisions = policy(0, 0, 0, 0, 0).apply(&input);
+        assert_eq!(kept(&decisions), ["backup-20261120T020000".to_string()].into());
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let mut input = daily_backups(60);
+        input.push(pre_restore(at(2026, 11, 1, 5)));
+        input.push(backup(at(2026, 11, 20, 2))); // duplicate time, distinct name below
+        input.last_mut().unwrap().name = "backup-20261120T020000-b".into();
+        let p = policy(3, 5, 3, 2, 1);
+        let expected = p.apply(&input);
+        let mut rng = XorShift(7);
+        for _ in 0..20 {
+            rng.shuffle(&mut input);
+            assert_eq!(p.apply(&input), expected);
+        }
+    }
+
+    #[test]
+    fn expiry_is_the_latest_of_the_rules_that_keep() {
+        let decisions = policy(7, 7, 4, 6, 3).apply(&daily_backups(400));
+        let expiry: HashMap<_, _> = decisions.iter().map(|d| (d.name.as_str(), d.expires_at)).collect();
+        // Kept by last, daily, weekly and monthly: monthly (6 x 31 days) wins.
+        assert_eq!(expiry["backup-20261120T020000"], Some(at(2026, 11, 20, 2) + TimeDelta::days(186)));
+        // Kept by last, daily and weekly (W46): four weeks.
+        assert_eq!(expiry["backup-20261115T020000"], Some(at(2026, 11, 15, 2) + TimeDelta::weeks(4)));
+        // Kept by last and daily only.
+        assert_eq!(expiry["backup-20261114T020000"], Some(at(2026, 11, 14, 2) + TimeDelta::days(7)));
+        assert_eq!(expiry["backup-20261108T020000"], Some(at(2026, 11, 8, 2) + TimeDelta::weeks(4)));
+        assert_eq!(expiry["backup-20260629T020000"], None);
+    }
+
+    #[test]
+    fn huge_counts_do_not_overflow() {
+        let decisions = policy(u32::MAX, u32::MAX, u32::MAX, u32::MAX, u32::MAX).apply(&daily_backups(3));
+        assert!(decisions.iter().all(|d| d.keep && d.expires_at.is_some()));
+    }
+
+    #[test]
+    fn archive_kind_text_round_trips() {
+        for k in [ArchiveKind::Backup, ArchiveKind::PreRestore] {
+            assert_eq!(ArchiveKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.as_str()));
+        }
+        assert_eq!(ArchiveKind::parse("backup"), None);
+    }
+
+    // ---- invariants over random archive sets (a seeded loop: no proptest dependency) --------
+
+    /// xorshift64: small, deterministic, good enough to spread test cases.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn shuffle<T>(&mut self, v: &mut [T]) {
+            for i in (1..v.len()).rev() {
+                v.swap(i, self.below(i as u64 + 1) as usize);
+            }
+        }
+    }
+
+    fn random_case(rng: &mut XorShift) -> (RetentionPolicy, Vec<Candidate>) {
+        let p = policy(
+            rng.below(6) as u32,
+            rng.below(6) as u32,
+            rng.below(5) as u32,
+            rng.below(5) as u32,
+            rng.below(4) as u32,
+        );
+        let n = rng.below(50);
+        // Within ~3 years, often clustered so that days, weeks and months repeat.
+        let span = [3_600 * 48, 86_400 * 40, 86_400 * 1_100][rng.below(3) as usize];
+        let base = at(2026, 1, 1, 0);
+        let candidates = (0..n)
+            .map(|i| {
+                let created = base + TimeDelta::seconds(rng.below(span) as i64);
+                let kind = if rng.below(5) == 0 { ArchiveKind::PreRestore } else { ArchiveKind::Backup };
+                Candidate { name: format!("a{i:03}"), kind, created, good: rng.below(8) != 0 }
+            })
+            .collect();
+        (p, candidates)
+    }
+
+    fn check_invariants(p: &RetentionPolicy, input: &[Candidate], decisions: &[Decision]) {
+        let by_name: HashMap<&str, &Candidate> = input.iter().map(|c| (c.name.as_str(), c)).collect();
+        let ctx = || format!("{p:?}\n{input:#?}\n{decisions:#?}");
+
+        // Every candidate decided exactly once, newest first.
+        assert_eq!(decisions.len(), input.len(), "{}", ctx());
+        let names: BTreeSet<&str> = decisions.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, by_name.keys().copied().collect(), "{}", ctx());
+        assert!(decisions.windows(2).all(|w| by_name[&*w[0].name].created >= by_name[&*w[1].name].created));
+
+        // Kept exactly when a keeping reason names it.
+        for d in decisions {
+            assert!(!d.reasons.is_empty(), "{}", ctx());
+            assert_eq!(d.keep, d.reasons.iter().any(|r| keeps(r)), "{}", ctx());
+            if d.expires_at.is_some() {
+                assert!(d.keep && d.expires_at.unwrap() >= by_name[&*d.name].created, "{}", ctx());
+            }
+        }
+
+        let mut good_backups: Vec<&Candidate> =
+            input.iter().filter(|c| c.good && c.kind == ArchiveKind::Backup).collect();
+        good_backups.sort_by(|a, b| newest_first(a, b));
+        let decision = |name: &str| decisions.iter().find(|d| d.name == name).unwrap();
+        if good_backups.is_empty() {
+            assert!(decisions.iter().all(|d| d.keep), "{}", ctx());
+            return;
+        }
+        // The newest good backup and the keep_last newest good backups are kept.
+        assert!(decision(&good_backups[0].name).keep, "{}", ctx());
+        for c in good_backups.iter().take(p.keep_last as usize) {
+            assert!(decision(&c.name).keep, "{}", ctx());
+        }
+        // Nothing damaged is kept while a good backup exists.
+        for c in input.iter().filter(|c| !c.good) {
+            assert!(!decision(&c.name).keep, "{}", ctx());
+        }
+        // Each periodic rule keeps one archive per period, for min(N, periods present) periods.
+        let periods = |f: &dyn Fn(NaiveDate) -> String| {
+            good_backups.iter().map(|c| f(c.created.date_naive())).collect::<BTreeSet<_>>().len()
+        };
+        let count = |prefix: &str| {
+            decisions.iter().flat_map(|d| &d.reasons).filter(|r| r.starts_with(prefix)).count()
+        };
+        let iso = |d: NaiveDate| format!("{:?}", d.iso_week());
+        let month = |d: NaiveDate| format!("{}-{}", d.year(), d.month());
+        assert_eq!(count("daily "), periods(&|d| d.to_string()).min(p.keep_daily as usize), "{}", ctx());
+        assert_eq!(count("weekly "), periods(&iso).min(p.keep_weekly as usize), "{}", ctx());
+        assert_eq!(count("monthly "), periods(&month).min(p.keep_monthly as usize), "{}", ctx());
+        assert_eq!(count("last "), good_backups.len().min(p.keep_last as usize), "{}", ctx());
+        let good_pre = input.iter().filter(|c| c.good && c.kind == ArchiveKind::PreRestore).count();
+        let kept_pre =
+            input.iter().filter(|c| c.kind == ArchiveKind::PreRestore && decision(&c.name).keep).count();
+        assert_eq!(kept_pre, good_pre.min(p.keep_pre_restore as usize), "{}", ctx());
+    }
+
+    #[test]
+    fn invariants_hold_for_random_archive_sets() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..3_000 {
+            let (p, mut input) = random_case(&mut rng);
+            let decisions = p.apply(&input);
+            check_invariants(&p, &input, &decisions);
+
+            // Input order never matters.
+            rng.shuffle(&mut input);
+            assert_eq!(p.apply(&input), decisions);
+
+            // Pruning is a fixed point: running it again on what was kept deletes nothing more.
+            let survivors: Vec<Candidate> = input
+                .iter()
+                .filter(|c| decisions.iter().any(|d| d.keep && d.name == c.name))
+                .cloned()
+                .collect();
+            let again = p.apply(&survivors);
+            assert!(again.iter().all(|d| d.keep), "{p:?}\n{survivors:#?}\n{again:#?}");
+        }
+    }
+
+    // ---- clock -------------------------------------------------------------------------------
+
+    #[test]
+    fn a_clock_behind_the_newest_archive_is_suspicious() {
+        let build = at(2026, 6, 1, 0);
+        match check_clock(at(2026, 11, 19, 0), Some(at(2026, 11, 20, 2)), build) {
+            ClockCheck::Suspicious(m) => assert!(m.contains("newest archive") && m.contains("NTP"), "{m}"),
+            ClockCheck::Sane => panic!("clock behind the newest archive passed"),
+        }
+    }
+
+    #[test]
+    fn a_clock_behind_the_build_is_suspicious() {
+        // A Pi that booted without network thinks it is 1970.
+        let now = DateTime::<Utc>::UNIX_EPOCH;
+        match check_clock(now, None, at(2026, 6, 1, 0)) {
+            ClockCheck::Suspicious(m) => assert!(m.contains("1970-01-01") && m.contains("built"), "{m}"),
+            ClockCheck::Sane => panic!("1970 passed"),
+        }
+    }
+
+    #[test]
+    fn a_clock_at_or_after_both_is_sane() {
+        let t = at(2026, 11, 20, 2);
+        assert_eq!(check_clock(t, Some(t), at(2026, 6, 1, 0)), ClockCheck::Sane);
+        assert_eq!(check_clock(t + TimeDelta::days(1), Some(t), t), ClockCheck::Sane);
+        assert_eq!(check_clock(t, None, t), ClockCheck::Sane);
     }
 }

@@ -1,0 +1,479 @@
+//! Building an archive in one streaming pass: tar -> zstd -> age -> SHA-256 -> file.
+//!
+//! Memory does not depend on the size of the data: every stage is a `Write` adapter with a
+//! fixed buffer. Only the inner manifest (one small record per file) grows, with the number
+//! of files. Each stage that needs finishing is finished in [`ArchiveWriter::finish`], inside
+//! out; forgetting age's `finish()` would drop the last chunk and make the archive unreadable.
+
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+use tar::{EntryType, Header};
+
+use crate::config::CompressionSettings;
+use crate::error::{Error, Result};
+use crate::fsutil::{drop_from_page_cache, HashingReader, HashingWriter};
+use crate::manifest::{escape_path, DatabaseInfo, EntryKind, EntryRecord, InnerManifest, Skipped, TreeInfo};
+use crate::progress::Progress;
+use crate::snapshot::{self, SnapshotInfo};
+
+type Stack<W> =
+    tar::Builder<zstd::stream::write::Encoder<'static, age::stream::StreamWriter<HashingWriter<W>>>>;
+
+/// Where an error came from, so that a full target disk is told apart from a bad source.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Writing the archive failed (disk full, USB drive gone...).
+    Output(io::Error),
+    /// Anything else (reading the source, bad input).
+    Other(Error),
+}
+
+impl From<Error> for WriteError {
+    fn from(e: Error) -> Self {
+        WriteError::Other(e)
+    }
+}
+
+pub type WResult<T> = std::result::Result<T, WriteError>;
+
+pub struct ArchiveWriter<W: Write> {
+    tar: Stack<W>,
+    entries: Vec<EntryRecord>,
+    changed: Vec<String>,
+    skipped: Vec<Skipped>,
+    files: u64,
+    plain_bytes: u64,
+    progress: Arc<dyn Progress>,
+}
+
+/// What [`ArchiveWriter::finish`] returns.
+pub struct Finished<W> {
+    pub output: W,
+    pub sha256: String,
+    pub size: u64,
+    pub files: u64,
+    pub plain_bytes: u64,
+    pub changed: Vec<String>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl<W: Write> ArchiveWriter<W> {
+    pub fn new(
+        output: W,
+        recipients: &[age::x25519::Recipient],
+        compression: CompressionSettings,
+        progress: Arc<dyn Progress>,
+    ) -> WResult<Self> {
+        let hashed = HashingWriter::new(output);
+        let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| WriteError::Other(Error::Failed(format!("cannot set up encryption: {e}"))))?;
+        let encrypted = encryptor.wrap_output(hashed).map_err(WriteError::Output)?;
+        let mut zstd =
+            zstd::stream::write::Encoder::new(encrypted, compression.level).map_err(WriteError::Output)?;
+        // Without the frame checksum a flipped byte decompresses silently (NOTES.md).
+        zstd.include_checksum(true).map_err(WriteError::Output)?;
+        if compression.threads > 1 {
+            zstd.multithread(compression.threads).map_err(WriteError::Output)?;
+        }
+        let mut tar = tar::Builder::new(zstd);
+        tar.mode(tar::HeaderMode::Complete);
+        Ok(ArchiveWriter {
+            tar,
+            entries: Vec::new(),
+            changed: Vec::new(),
+            skipped: Vec::new(),
+            files: 0,
+            plain_bytes: 0,
+            progress,
+        })
+    }
+
+    /// Stream the snapshot begun by [`snapshot::begin`] into `db/<file name>`.
+    pub fn add_database(
+        &mut self,
+        conn: &Connection,
+        db_path: &Path,
+        info: &SnapshotInfo,
+        taken_at: DateTime<Utc>,
+    ) -> WResult<DatabaseInfo> {
+        let name = db_path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_else(|| b"app.db".to_vec());
+        let mut entry = b"db/".to_vec();
+        entry.extend_from_slice(&name);
+        let meta = std::fs::metadata(db_path)
+            .map_err(|e| Error::source(db_path, format!("cannot read the database: {e}")))?;
+        let mut header = Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        header.set_entry_type(EntryType::Regular);
+        header.set_size(info.size());
+        header.set_mtime(taken_at.timestamp().max(0) as u64);
+        let progress = self.progress.clone();
+        let mut append_error = None;
+        let (sha256, n) = snapshot::stream_pages(conn, db_path, info, |pages| {
+            let mut hashed = HashingReader::new(ProgressReader { inner: pages, progress: &*progress });
+            let res = self.tar.append_data(
+                &mut header,
+                Path::new(std::ffi::OsStr::from_bytes(&entry)),
+                &mut hashed,
+            );
+            if let Err(e) = res {
+                append_error = Some(classify_append(e, db_path));
+                return Ok((String::new(), 0));
+            }
+            Ok(hashed.finish())
+        })?;
+        if let Some(e) = append_error {
+            return Err(e);
+        }
+        if n != info.size() {
+            return Err(WriteError::Other(Error::source(
+                db_path,
+                format!("snapshot gave {n} bytes, expected {}", info.size()),
+            )));
+        }
+        self.files += 1;
+        self.plain_bytes += n;
+        let entry_s = escape_path(&entry);
+        self.entries.push(EntryRecord {
+            path: entry_s.clone(),
+            kind: EntryKind::File,
+            size: n,
+            sha256: Some(sha256.clone()),
+            target: None,
+        });
+        Ok(DatabaseInfo {
+            entry: entry_s,
+            size: n,
+            sha256,
+            page_size: info.page_size,
+            page_count: info.page_count,
+            schema_version: info.schema_version,
+            user_version: info.user_version,
+            journal_mode: info.journal_mode.clone(),
+            method: "dbpage".into(),
+        })
+    }
+
+    /// Archive a directory tree under `prefix` (`uploads`, or `raw`): regular files, folders
+    /// and symlinks (as links, never followed). Unreadable and special files are skipped and
+    /// listed; files that change while read are archived as read and listed.
+    pub fn add_tree(&mut self, root: &Path, prefix: &str) -> WResult<TreeInfo> {
+        let mut info = TreeInfo::default();
+        let root_meta = std::fs::symlink_metadata(root).map_err(|e| {
+            Error::source(root, format!("cannot read the uploads folder: {e}; check source.uploads"))
+        })?;
+        if !root_meta.is_dir() {
+            return Err(WriteError::Other(Error::source(root, "is not a folder; check source.uploads")));
+        }
+        std::fs::read_dir(root)
+            .map_err(|e| Error::source(root, format!("cannot read the uploads folder: {e}")))?;
+        let walker = walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name();
+        for item in walker {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    let path = e.path().map(|p| p.to_path_buf()).unwrap_or_else(|| root.to_path_buf());
+                    let rel = relative(root, prefix, &path);
+                    if e.io_error().map(|io| io.kind() == io::ErrorKind::NotFound).unwrap_or(false) {
+                        self.changed.push(escape_path(&rel));
+                        self.skipped.push(Skipped {
+                            path: escape_path(&rel),
+                            reason: "vanished during the backup".into(),
+                        });
+                    } else {
+                        log::warn!("{}: cannot read, skipped: {e}", path.display());
+                        self.skipped
+                            .push(Skipped { path: escape_path(&rel), reason: format!("unreadable: {e}") });
+                    }
+                    continue;
+                }
+            };
+            let rel = relative(root, prefix, item.path());
+            let ft = item.file_type();
+            if ft.is_dir() {
+                let meta = match item.metadata() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.skipped
+                            .push(Skipped { path: escape_path(&rel), reason: format!("unreadable: {e}") });
+                        continue;
+                    }
+                };
+                let mut dir = rel.clone();
+                dir.push(b'/');
+                let mut h = header_from(&meta, EntryType::Directory);
+                h.set_size(0);
+                self.append(&mut h, &dir, io::empty(), item.path())?;
+                self.entries.push(EntryRecord {
+                    path: escape_path(&rel),
+                    kind: EntryKind::Dir,
+                    size: 0,
+                    sha256: None,
+                    target: None,
+                });
+                info.dirs += 1;
+            } else if ft.is_symlink() {
+                let (meta, target) =
+                    match (std::fs::symlink_metadata(item.path()), std::fs::read_link(item.path())) {
+                        (Ok(m), Ok(t)) => (m, t),
+                        (Err(e), _) | (_, Err(e)) => {
+                            self.skipped.push(Skipped {
+                                path: escape_path(&rel),
+                                reason: format!("unreadable link: {e}"),
+                            });
+                            continue;
+                        }
+                    };
+                let mut h = header_from(&meta, EntryType::Symlink);
+                h.set_size(0);
+                self.tar
+                    .append_link(&mut h, Path::new(std::ffi::OsStr::from_bytes(&rel)), &target)
+                    .map_err(|e| classify_append(e, item.path()))?;
+                let t = escape_path(target.as_os_str().as_bytes());
+                self.entries.push(EntryRecord {
+                    path: escape_path(&rel),
+                    kind: EntryKind::Symlink,
+                    size: 0,
+                    sha256: None,
+                    target: Some(t),
+                });
+                info.symlinks += 1;
+                self.files += 1;
+            } else if ft.is_file() {
+                if let Some(n) = self.add_file(item.path(), &rel)? {
+                    info.files += 1;
+                    info.bytes += n;
+                }
+            } else {
+                log::warn!("{}: special file (fifo, socket or device), not backed up", item.path().display());
+                self.skipped.push(Skipped {
+                    path: escape_path(&rel),
+                    reason: "special file (fifo, socket or device)".into(),
+                });
+            }
+        }
+        Ok(info)
+    }
+
+    /// Add one regular file; `None` if it was skipped (vanished, unreadable, replaced).
+    pub fn add_file(&mut self, path: &Path, rel: &[u8]) -> WResult<Option<u64>> {
+        let shown = escape_path(rel);
+        // O_NOFOLLOW: if the file was swapped for a symlink since the walk saw it, we refuse
+        // rather than archive whatever it points to. O_NONBLOCK: same for a swapped-in fifo.
+        let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32;
+        let file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.changed.push(shown.clone());
+                self.skipped.push(Skipped { path: shown, reason: "vanished during the backup".into() });
+                return Ok(None);
+            }
+            Err(e) => {
+                log::warn!("{}: cannot read, skipped: {e}", path.display());
+                self.skipped.push(Skipped { path: shown, reason: format!("unreadable: {e}") });
+                return Ok(None);
+            }
+        };
+        let before = file.metadata().map_err(|e| Error::source(path, format!("cannot stat: {e}")))?;
+        if !before.is_file() {
+            self.skipped
+                .push(Skipped { path: shown, reason: "replaced by a non-file during the backup".into() });
+            return Ok(None);
+        }
+        let size = before.len();
+        let mut h = header_from(&before, EntryType::Regular);
+        h.set_size(size);
+        let progress = self.progress.clone();
+        let mut reader = HashingReader::new(ExactSize {
+            inner: ProgressReader { inner: &file, progress: &*progress },
+            remaining: size,
+            short: false,
+            error: None,
+        });
+        self.append(&mut h, rel, &mut reader, path)?;
+        let (sha256, n) = {
+            let short = reader_short(&reader);
+            if let Some(e) = reader_error(&mut reader) {
+                // A read error in the middle of a file (I/O error on the SD card): the tar
+                // entry was padded; keep the archive consistent and report the file.
+                log::warn!("{}: read error, archived padded with zeros: {e}", path.display());
+                self.changed.push(shown.clone());
+            } else if short {
+                self.changed.push(shown.clone());
+            }
+            reader.finish()
+        };
+        drop_from_page_cache(&file);
+        let after = file.metadata().ok();
+        let changed = match after {
+            Some(a) => {
+                a.len() != before.len()
+                    || a.mtime() != before.mtime()
+                    || a.mtime_nsec() != before.mtime_nsec()
+            }
+            None => true,
+        };
+        if changed && self.changed.last() != Some(&shown) {
+            log::warn!(
+                "{}: changed while it was read; archived as read and listed in the manifest",
+                path.display()
+            );
+            self.changed.push(shown.clone());
+        }
+        self.files += 1;
+        self.plain_bytes += n;
+        self.entries.push(EntryRecord {
+            path: shown,
+            kind: EntryKind::File,
+            size: n,
+            sha256: Some(sha256),
+            target: None,
+        });
+        Ok(Some(n))
+    }
+
+    fn append(&mut self, h: &mut Header, rel: &[u8], data: impl Read, source: &Path) -> WResult<()> {
+        self.tar
+            .append_data(h, Path::new(std::ffi::OsStr::from_bytes(rel)), data)
+            .map_err(|e| classify_append(e, source))
+    }
+
+    /// Write the inner manifest, finish every stage inside out, and return the output.
+    pub fn finish(mut self, created: DateTime<Utc>) -> WResult<Finished<W>> {
+        let inner = InnerManifest {
+            format: crate::manifest::FORMAT_VERSION,
+            created,
+            entries: std::mem::take(&mut self.entries),
+        };
+        let json = serde_json::to_vec(&inner).expect("inner manifest serializes");
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o600);
+        h.set_mtime(created.timestamp().max(0) as u64);
+        h.set_size(json.len() as u64);
+        self.tar
+            .append_data(&mut h, crate::manifest::INNER_MANIFEST, &json[..])
+            .map_err(WriteError::Output)?;
+        let zstd = self.tar.into_inner().map_err(WriteError::Output)?;
+        let age = zstd.finish().map_err(WriteError::Output)?;
+        let hashed = age.finish().map_err(WriteError::Output)?;
+        let (mut output, sha256, size) = hashed.finish();
+        output.flush().map_err(WriteError::Output)?;
+        Ok(Finished {
+            output,
+            sha256,
+            size,
+            files: self.files,
+            plain_bytes: self.plain_bytes,
+            changed: self.changed,
+            skipped: self.skipped,
+        })
+    }
+}
+
+/// The tar builder mixes errors from reading the source and writing the output; a source
+/// read error reaches us through our own readers as `Other` kind with a message, everything
+/// else is the output.
+fn classify_append(e: io::Error, source: &Path) -> WriteError {
+    if let Some(p) = e.get_ref().and_then(|r| r.downcast_ref::<snapshot::PageReadError>()) {
+        return WriteError::Other(Error::source(source, p.to_string()));
+    }
+    WriteError::Output(e)
+}
+
+fn header_from(meta: &Metadata, kind: EntryType) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    h.set_entry_type(kind);
+    h
+}
+
+fn relative(root: &Path, prefix: &str, path: &Path) -> Vec<u8> {
+    let mut out = prefix.as_bytes().to_vec();
+    if let Ok(rel) = path.strip_prefix(root) {
+        if !rel.as_os_str().is_empty() {
+            out.push(b'/');
+            out.extend_from_slice(rel.as_os_str().as_bytes());
+        }
+    }
+    out
+}
+
+struct ProgressReader<'p, R> {
+    inner: R,
+    progress: &'p dyn Progress,
+}
+
+impl<R: Read> Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}
+
+/// Yields exactly `remaining` bytes: the size written in the tar header. A file that shrank
+/// while read is padded with zeros (and reported), one that grew is cut; a read error is
+/// remembered and padded over, so one bad sector does not sink the whole backup.
+struct ExactSize<R> {
+    inner: R,
+    remaining: u64,
+    short: bool,
+    error: Option<io::Error>,
+}
+
+impl<R: Read> Read for ExactSize<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let n = if self.short || self.error.is_some() {
+            0
+        } else {
+            match self.inner.read(&mut buf[..want]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+                Err(e) => {
+                    self.error = Some(e);
+                    0
+                }
+            }
+        };
+        if n == 0 {
+            self.short = true;
+            buf[..want].fill(0);
+            self.remaining -= want as u64;
+            return Ok(want);
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+fn reader_short<R>(r: &HashingReader<ExactSize<R>>) -> bool
+where
+    R: Read,
+{
+    r.inner_ref().short
+}
+
+fn reader_error<R: Read>(r: &mut HashingReader<ExactSize<R>>) -> Option<io::Error> {
+    r.inner_mut().error.take()
+}
+
+/// Open the archive's output file for writing on the target.
+pub fn open_output(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}

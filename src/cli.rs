@@ -1,0 +1,255 @@
+//! Command-line definition and dispatch. Kept thin: every command's work is in the library
+//! (`datavault::ops`), its rendering in `commands/`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+
+use datavault::config::{self, Settings};
+use datavault::error::{exit, Error, Result};
+use datavault::ops::Env;
+use datavault::progress::{NoProgress, Progress};
+
+use crate::commands;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   success
+  1   unexpected failure (a stop/start command failed, an I/O error we did not foresee)
+  2   usage or configuration error (bad config, missing or unprotected key file)
+  3   target not ready (USB drive missing, not mounted, not LUKS, not enough space, full)
+  4   integrity failure (damaged, truncated or tampered archive, wrong key, unsafe archive
+      content, failed drill)
+  5   source unreadable (database missing or damaged, uploads unreadable)
+  75  another datavault run holds the lock (try again later)
+
+Config: --config, else $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml.
+Try it without a Pi: `datavault demo`.";
+
+#[derive(Parser)]
+#[command(
+    name = "datavault",
+    version,
+    about = "Keeps a Raspberry Pi application's data alive: encrypted, verified backups of a live SQLite database and its uploads on a LUKS USB drive, drills that prove they restore, and safe restores.",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore)
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log detail (-v debug, -vv trace)
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only warnings and errors; no progress bar
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Trigger {
+    Manual,
+    Timer,
+    Button,
+    Boot,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Timer => "timer",
+            Trigger::Button => "button",
+            Trigger::Boot => "boot",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Write a commented config template (and with --keygen, a new key pair)
+    Init {
+        /// Also create an age identity file (mode 0600) beside the config and put its public key in it
+        #[arg(long)]
+        keygen: bool,
+    },
+    /// Create a new age identity (private key) file and print its public key (age1...)
+    Keygen {
+        /// Where to write the identity; refuses to overwrite
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Back up the database and the uploads to the target now, then prune
+    Backup {
+        /// What started this backup (recorded in the manifest and the catalog)
+        #[arg(long, value_enum, default_value = "manual")]
+        trigger: Trigger,
+        /// A note stored with the archive (e.g. "before upgrading the app")
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// List the archives on the target, newest first
+    List,
+    /// Check archives against their manifests (checksum; --deep also decrypts every entry)
+    Verify {
+        /// Archive name (default: the newest backup)
+        archive: Option<String>,
+        /// Every archive on the target
+        #[arg(long, conflicts_with = "archive")]
+        all: bool,
+        /// Also decrypt and check every file against the inner manifest (needs the identity)
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Prove an archive restores: extract to scratch, integrity_check, hash every file, run the SQL checks
+    Drill {
+        /// Archive name (default: the newest backup)
+        archive: Option<String>,
+        /// What started this drill
+        #[arg(long, value_enum, default_value = "manual")]
+        trigger: Trigger,
+    },
+    /// Restore an archive: into an empty folder (--to) or in place of the live data
+    #[command(
+        after_help = "In place, datavault verifies the archive fully, takes a PRE-RESTORE safety backup of the \
+current data, runs the stop command, swaps the data in atomically, runs the start command, and puts the previous \
+data back if anything fails. Without --yes it asks for confirmation on a terminal and refuses otherwise."
+    )]
+    Restore {
+        /// Archive name (default: the newest backup)
+        archive: Option<String>,
+        /// Restore into this empty (or new) folder instead of in place
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Do not ask for confirmation before replacing the live data
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Apply the retention policy (delete archives no rule keeps)
+    Prune {
+        /// Only show what would be deleted
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Last backup, last drill, target state, and what to do if something is wrong
+    Status,
+    /// The audit catalog: recent runs, events and archives
+    Audit {
+        /// How many runs and events to show
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Run the whole job on a built-in example app in a temporary folder (no Pi, no setup)
+    Demo {
+        /// Keep the demo folder instead of deleting it at the end
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+pub struct Ui {
+    pub json: bool,
+    pub quiet: bool,
+}
+
+pub fn main() -> u8 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => exit::SUCCESS,
+                _ => exit::USAGE,
+            };
+        }
+    };
+    init_logging(&cli);
+    let ui = Ui { json: cli.json, quiet: cli.quiet };
+    match dispatch(&cli, &ui) {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e);
+            e.exit_code()
+        }
+    }
+}
+
+/// One line, naming the thing and the fix; the class is in the exit code.
+pub fn report(e: &Error) {
+    let mut line = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    eprintln!("datavault: error: {}", line.replace('\n', " "));
+}
+
+fn init_logging(cli: &Cli) {
+    use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => LevelFilter::Warn,
+        (false, 0) => LevelFilter::Info,
+        (false, 1) => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    };
+    let mut b = ConfigBuilder::new();
+    // journald adds timestamps; a terminal gets them.
+    if !std::io::stderr().is_terminal() {
+        b.set_time_level(LevelFilter::Off);
+    }
+    b.set_target_level(LevelFilter::Off)
+        .set_thread_level(LevelFilter::Off)
+        .set_location_level(LevelFilter::Off);
+    let _ = WriteLogger::init(level, b.build(), std::io::stderr());
+}
+
+fn load(cli: &Cli) -> Result<Settings> {
+    Settings::load(&config::resolve_path(cli.config.as_deref()))
+}
+
+fn env(cli: &Cli, ui: &Ui) -> Result<Env> {
+    Ok(Env::new(load(cli)?, progress(ui)))
+}
+
+pub fn progress(ui: &Ui) -> Arc<dyn Progress> {
+    if ui.quiet || ui.json || !std::io::stderr().is_terminal() {
+        Arc::new(NoProgress)
+    } else {
+        Arc::new(commands::TtyProgress::default())
+    }
+}
+
+fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
+    match &cli.command {
+        Command::Init { keygen } => commands::init(&config::resolve_path(cli.config.as_deref()), *keygen, ui),
+        Command::Keygen { output } => commands::keygen(output, ui),
+        Command::Backup { trigger, comment } => {
+            commands::backup(&env(cli, ui)?, trigger.as_str(), comment.clone(), ui)
+        }
+        Command::List => commands::list(&env(cli, ui)?, ui),
+        Command::Verify { archive, all, deep } => {
+            commands::verify(&env(cli, ui)?, archive.as_deref(), *all, *deep, ui)
+        }
+        Command::Drill { archive, trigger } => {
+            commands::drill(&env(cli, ui)?, archive.as_deref(), trigger.as_str(), ui)
+        }
+        Command::Restore { archive, to, yes } => {
+            commands::restore(&env(cli, ui)?, archive.as_deref(), to.as_deref(), *yes, ui)
+        }
+        Command::Prune { dry_run } => commands::prune(&env(cli, ui)?, *dry_run, ui),
+        Command::Status => commands::status(&env(cli, ui)?, ui),
+        Command::Audit { limit } => commands::audit(&env(cli, ui)?, *limit, ui),
+        Command::Demo { keep } => commands::demo(*keep, ui),
+    }
+}

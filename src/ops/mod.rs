@@ -1,0 +1,199 @@
+//! The operations behind the commands. Each takes an [`Env`] and returns a plain result the
+//! binary renders; none of them prints.
+//!
+//! A [`Run`] is one locked, catalogued execution: it holds the run lock, records the run in
+//! the audit catalog, first repairs what an interrupted earlier run left behind (partial
+//! files, a half-done restore), and on the way out writes the metrics file.
+
+pub mod backup;
+pub mod drill;
+pub mod prune;
+pub mod restore;
+pub mod status;
+pub mod verify;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use crate::catalog::{ArchiveRecord, ArchiveStatus, Catalog, RunStatus};
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::lock::RunLock;
+use crate::manifest::{self, Listing};
+use crate::progress::Progress;
+use crate::target::SystemRoot;
+
+/// What every operation needs from the outside world.
+pub struct Env {
+    pub settings: Settings,
+    pub system_root: SystemRoot,
+    pub progress: Arc<dyn Progress>,
+}
+
+impl Env {
+    pub fn new(settings: Settings, progress: Arc<dyn Progress>) -> Env {
+        Env { settings, system_root: SystemRoot::from_env(), progress }
+    }
+}
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+/// When this datavault's source was committed: the clock cannot be earlier than that.
+pub fn build_time() -> DateTime<Utc> {
+    let epoch: i64 = env!("DATAVAULT_BUILD_EPOCH").parse().unwrap_or(0);
+    Utc.timestamp_opt(epoch, 0).single().unwrap_or_default()
+}
+
+/// Who runs this: the catalog's "user" column.
+pub fn user() -> String {
+    for var in ["SUDO_USER", "USER", "LOGNAME"] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.is_empty() {
+                return v;
+            }
+        }
+    }
+    format!("uid {}", rustix::process::geteuid().as_raw())
+}
+
+pub fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// One locked, catalogued execution of a command.
+pub struct Run<'e> {
+    pub env: &'e Env,
+    pub catalog: Catalog,
+    pub id: i64,
+    _lock: Option<RunLock>,
+}
+
+impl<'e> Run<'e> {
+    /// Take the lock (unless `locked` is false: read-only commands), open the catalog, record
+    /// the run, and clean up after any interrupted run.
+    pub fn start(env: &'e Env, command: &str, trigger: &str, locked: bool) -> Result<Run<'e>> {
+        let state = &env.settings.state;
+        let lock = if locked { Some(RunLock::acquire(&state.lock_path(), command)?) } else { None };
+        let catalog = Catalog::open(&state.catalog_path())?;
+        let t = now();
+        if locked {
+            let n = catalog.close_interrupted_runs(t)?;
+            if n > 0 {
+                log::warn!("{n} earlier run(s) were interrupted (power cut or kill); cleaning up after them");
+            }
+        }
+        let id = catalog.begin_run(command, trigger, &user(), &host(), t)?;
+        let run = Run { env, catalog, id, _lock: lock };
+        if locked {
+            restore::recover_interrupted(&run)?;
+        }
+        Ok(run)
+    }
+
+    /// Record how the run ended and refresh the metrics file. Never hides the run's own error.
+    pub fn end<T>(self, result: &Result<T>, status_on_ok: RunStatus, archive: Option<&str>) {
+        let (status, err) = match result {
+            Ok(_) => (status_on_ok, None),
+            Err(e) => (RunStatus::Failed, Some(e)),
+        };
+        if let Err(e) = self.catalog.end_run(self.id, now(), status, err, archive) {
+            log::warn!("cannot record the run in the catalog: {e}");
+        }
+        if let Err(e) = crate::metrics::write(&self.env.settings.state.metrics_path(), &self.catalog) {
+            log::warn!("cannot write metrics: {e}");
+        }
+    }
+}
+
+/// Archives on the target (newest first), after checking the target can be read.
+pub fn listings(env: &Env) -> Result<Vec<Listing>> {
+    crate::target::require_readable(&env.settings.target, &env.system_root)?;
+    manifest::scan_target(&env.settings.target.path)
+}
+
+/// Pick an archive by name, or the newest complete regular backup.
+pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>) -> Result<&'l Listing> {
+    match wanted {
+        Some(w) => manifest::find(listings, w).ok_or_else(|| {
+            Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them"))
+        }),
+        None => listings
+            .iter()
+            .find(|l| {
+                l.is_complete() && l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup)
+            })
+            .ok_or_else(|| {
+                Error::Usage("there is no complete backup on the target; run `datavault backup` first".into())
+            }),
+    }
+}
+
+/// The catalog's view of a listing.
+pub fn archive_record(l: &Listing) -> Option<ArchiveRecord> {
+    let m = l.manifest.as_ref()?;
+    Some(ArchiveRecord {
+        name: l.name.clone(),
+        path: l.archive_path.display().to_string(),
+        kind: m.kind,
+        size: m.archive_size,
+        created_at: m.created,
+        user: m.user.clone(),
+        trigger: m.trigger.clone(),
+        comment: m.comment.clone(),
+        sha256: m.archive_sha256.clone(),
+        status: ArchiveStatus::Active,
+        expires_at: None,
+        files: m.files,
+    })
+}
+
+/// Bring the catalog in line with the manifests on the drive (the source of truth).
+pub fn sync_catalog(catalog: &Catalog, listings: &[Listing]) {
+    let present: Vec<_> = listings.iter().filter(|l| l.is_complete()).filter_map(archive_record).collect();
+    match catalog.sync_with_target(&present, now()) {
+        Ok((imported, missing)) => {
+            if imported > 0 {
+                log::info!("catalog: {imported} archive(s) found on the drive were added");
+            }
+            if missing > 0 {
+                log::warn!("catalog: {missing} archive(s) are no longer on the drive");
+            }
+        }
+        Err(e) => log::warn!("cannot update the catalog: {e}"),
+    }
+}
+
+/// Remove what interrupted runs left on the target: `*.partial` files and archives whose
+/// manifest was never written. Only names we create are touched.
+pub fn clean_target(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return removed };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("backup-") || name.starts_with("pre-restore-");
+        if !ours {
+            continue;
+        }
+        let orphan = name
+            .strip_suffix(manifest::ARCHIVE_SUFFIX)
+            .map(|stem| !dir.join(format!("{stem}{}", manifest::MANIFEST_SUFFIX)).exists())
+            .unwrap_or(false);
+        if name.ends_with(crate::fsutil::PARTIAL_SUFFIX) || orphan {
+            if std::fs::remove_file(e.path()).is_ok() {
+                log::info!("removed {name}, left by an interrupted run");
+                removed.push(name);
+            }
+        }
+    }
+    if !removed.is_empty() {
+        let _ = crate::fsutil::fsync_dir(dir);
+    }
+    removed
+}

@@ -1,0 +1,93 @@
+//! `datavault prune`: apply the retention policy to the archives on the target.
+//!
+//! Deletion order matters for crash safety: the manifest goes first (the archive is then
+//! "incomplete" and no longer offered for restore), then the archive file, then the folder
+//! is fsynced. A cut in between leaves an orphan that the next run removes.
+
+use serde::Serialize;
+
+use crate::catalog::{ArchiveStatus, Event, RunStatus};
+use crate::error::{Error, Result};
+use crate::manifest::Listing;
+use crate::ops::{now, Env, Run};
+use crate::retention::{Candidate, Decision};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneOutcome {
+    pub dry_run: bool,
+    pub decisions: Vec<Decision>,
+    pub deleted: Vec<String>,
+    pub cleaned: Vec<String>,
+}
+
+pub fn run(env: &Env, dry_run: bool) -> Result<PruneOutcome> {
+    let run = Run::start(env, "prune", "manual", true)?;
+    let result = (|| {
+        let listings = crate::ops::listings(env)?;
+        let newest = listings.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max();
+        if let crate::retention::ClockCheck::Suspicious(why) =
+            crate::retention::check_clock(now(), newest, crate::ops::build_time())
+        {
+            return Err(Error::Failed(format!("refusing to prune: {why}")));
+        }
+        prune_in_run(&run, dry_run)
+    })();
+    run.end(&result, RunStatus::Success, None);
+    result
+}
+
+/// Decide, and unless `dry_run`, delete. The caller holds the run lock and has checked the clock.
+pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
+    let env = run.env;
+    let dir = &env.settings.target.path;
+    if !dry_run {
+        crate::target::require_writable(&env.settings.target, &env.system_root, 0)?;
+    }
+    let cleaned = if dry_run { Vec::new() } else { crate::ops::clean_target(dir) };
+    let listings = crate::ops::listings(env)?;
+    let candidates: Vec<Candidate> = listings
+        .iter()
+        .filter_map(|l| {
+            let m = l.manifest.as_ref()?;
+            Some(Candidate { name: l.name.clone(), kind: m.kind, created: m.created, good: l.is_complete() })
+        })
+        .collect();
+    let decisions = env.settings.retention.apply(&candidates);
+    let mut deleted = Vec::new();
+    for d in &decisions {
+        let Some(listing) = listings.iter().find(|l| l.name == d.name) else { continue };
+        if d.keep {
+            let _ = run.catalog.set_expiry(&d.name, d.expires_at);
+            continue;
+        }
+        if dry_run {
+            continue;
+        }
+        delete(listing)?;
+        let _ = run.catalog.set_archive_status(&d.name, ArchiveStatus::Pruned);
+        let _ = run.catalog.record_event(
+            Some(run.id),
+            now(),
+            Event::Pruned,
+            Some(&d.name),
+            &d.reasons.join("; "),
+        );
+        log::info!("pruned {} ({})", d.name, d.reasons.join("; "));
+        deleted.push(d.name.clone());
+    }
+    if !deleted.is_empty() {
+        crate::fsutil::fsync_dir(dir)?;
+    }
+    Ok(PruneOutcome { dry_run, decisions, deleted, cleaned })
+}
+
+fn delete(l: &Listing) -> Result<()> {
+    for p in [&l.manifest_path, &l.archive_path] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot delete {}", p.display()), e)),
+        }
+    }
+    Ok(())
+}

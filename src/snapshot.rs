@@ -1,0 +1,229 @@
+//! A consistent, non-blocking snapshot of the live SQLite database.
+//!
+//! We read every page of the database through the `sqlite_dbpage` virtual table inside one
+//! read transaction on our own read-only connection. In WAL mode a reader sees exactly the
+//! state of the last transaction committed before it started, and never blocks the writer
+//! (../shared/NOTES.md measured a 91 us worst writer latency against 14.5 ms for the backup
+//! API, which also restarts on every write and never finishes under 200 tx/s).
+//!
+//! Why not checkpoint and copy the file, as the old script did: a checkpoint does not stop the
+//! next write, and a file copy racing a checkpoint can tear. Why no temporary copy: the pages
+//! stream straight into the archive, so no plaintext copy of the database is ever written.
+//!
+//! Keep the read transaction short: while it is open the WAL cannot be checkpointed past it
+//! and grows. We never force RESTART/TRUNCATE checkpoints.
+
+use std::io::{self, Read};
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::{Error, Result};
+
+/// What the snapshot is of: the figures that go into the manifest.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub page_size: u64,
+    pub page_count: u64,
+    pub schema_version: i64,
+    pub user_version: i64,
+    pub journal_mode: String,
+}
+
+impl SnapshotInfo {
+    pub fn size(&self) -> u64 {
+        self.page_size * self.page_count
+    }
+}
+
+/// Open the application's database for a snapshot: read-only, never creating it.
+pub fn open(path: &Path) -> Result<Connection> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::source(path, "database not found; check source.database in the config"))
+        }
+        Err(e) => return Err(Error::source(path, format!("cannot read the database: {e}"))),
+        Ok(m) if !m.is_file() => {
+            return Err(Error::source(
+                path,
+                "is not a regular file; source.database must name the SQLite file",
+            ))
+        }
+        Ok(_) => {}
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::source(path, format!("cannot open the database: {e}")))?;
+    // A writer holding the WAL write lock does not block us; this only covers the brief
+    // moments of recovery or a rollback-journal database in the middle of a commit.
+    conn.busy_timeout(Duration::from_secs(30))
+        .map_err(|e| Error::source(path, format!("cannot configure the connection: {e}")))?;
+    Ok(conn)
+}
+
+/// Begin the read transaction the whole snapshot is taken in, and read its shape.
+pub fn begin(conn: &Connection, path: &Path) -> Result<SnapshotInfo> {
+    let src = |e: rusqlite::Error| classify(path, e);
+    conn.execute_batch("BEGIN").map_err(src)?;
+    // The first read starts the transaction: everything after sees the same committed state.
+    let page_count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0)).map_err(src)?;
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(src)?;
+    let schema_version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0)).map_err(src)?;
+    let user_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(src)?;
+    let journal_mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(src)?;
+    if journal_mode != "wal" {
+        log::warn!(
+            "{}: journal mode is {journal_mode}, not wal: the application's writers wait while the snapshot is read; \
+             set `PRAGMA journal_mode=WAL` in the application",
+            path.display()
+        );
+    }
+    Ok(SnapshotInfo {
+        page_size: page_size as u64,
+        page_count: page_count as u64,
+        schema_version,
+        user_version,
+        journal_mode,
+    })
+}
+
+/// End the read transaction (it only read, so this cannot lose anything).
+pub fn end(conn: &Connection) {
+    let _ = conn.execute_batch("COMMIT");
+}
+
+fn classify(path: &Path, e: rusqlite::Error) -> Error {
+    let msg = e.to_string();
+    let hint = if msg.contains("not a database") || msg.contains("malformed") {
+        "the database file is damaged; restore it with `datavault restore`"
+    } else if msg.contains("no such table: sqlite_dbpage") {
+        "this datavault build lacks SQLITE_ENABLE_DBPAGE_VTAB (see .cargo/config.toml)"
+    } else if msg.contains("locked") || msg.contains("busy") {
+        "the database stayed locked for 30 s; is a long write transaction or a non-WAL writer running?"
+    } else {
+        "check that datavault may read the database and its -wal/-shm files"
+    };
+    Error::source(path, format!("{msg}; {hint}"))
+}
+
+/// A failure reading the database (not writing the archive), carried through `io::Error`
+/// so the archive writer can tell a bad source from a full disk.
+#[derive(Debug)]
+pub struct PageReadError(pub String);
+
+impl std::fmt::Display for PageReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading database pages: {}", self.0)
+    }
+}
+
+impl std::error::Error for PageReadError {}
+
+fn page_err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(PageReadError(msg.into()))
+}
+
+/// Streams the database pages, in order, as one byte stream. Built by [`stream_pages`].
+pub struct PageReader<'stmt> {
+    rows: rusqlite::Rows<'stmt>,
+    page: Vec<u8>,
+    pos: usize,
+    next_pgno: i64,
+    info: SnapshotInfo,
+}
+
+/// Run `f` with a reader over every page of the snapshot begun by [`begin`].
+pub fn stream_pages<T>(
+    conn: &Connection,
+    path: &Path,
+    info: &SnapshotInfo,
+    f: impl FnOnce(&mut PageReader<'_>) -> Result<T>,
+) -> Result<T> {
+    // No ORDER BY: sqlite_dbpage yields pages in page order, and asking SQLite to sort would
+    // make it materialise the whole database in a temporary b-tree. The reader checks order.
+    let mut stmt =
+        conn.prepare("SELECT pgno, data FROM sqlite_dbpage('main')").map_err(|e| classify(path, e))?;
+    let rows = stmt.query([]).map_err(|e| classify(path, e))?;
+    let mut reader = PageReader { rows, page: Vec::new(), pos: 0, next_pgno: 1, info: info.clone() };
+    f(&mut reader)
+}
+
+impl Read for PageReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.page.len() {
+            let row = self.rows.next().map_err(|e| page_err(e.to_string()))?;
+            let Some(row) = row else {
+                if (self.next_pgno - 1) as u64 != self.info.page_count {
+                    return Err(page_err(format!(
+                        "database snapshot ended at page {} of {}",
+                        self.next_pgno - 1,
+                        self.info.page_count
+                    )));
+                }
+                return Ok(0);
+            };
+            let pgno: i64 = row.get(0).map_err(|e| page_err(e.to_string()))?;
+            if pgno != self.next_pgno {
+                return Err(page_err(format!(
+                    "database pages out of order: {pgno} after {}",
+                    self.next_pgno - 1
+                )));
+            }
+            self.next_pgno += 1;
+            self.page.clear();
+            // The lock-byte page (at 1 GiB) comes back as NULL/empty: it holds no data.
+            match row.get_ref(1).map_err(|e| page_err(e.to_string()))? {
+                rusqlite::types::ValueRef::Blob(b) => self.page.extend_from_slice(b),
+                _ => {}
+            }
+            self.page.resize(self.info.page_size as usize, 0);
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.page.len() - self.pos);
+        buf[..n].copy_from_slice(&self.page[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_bytes_are_a_valid_copy_of_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let w = Connection::open(&db).unwrap();
+        w.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t SELECT value FROM generate_series(1, 5000);",
+        )
+        .unwrap_or_else(|_| {
+            w.execute_batch("CREATE TABLE IF NOT EXISTS t(x);").unwrap();
+            for i in 0..5000 {
+                w.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+            }
+        });
+        let conn = open(&db).unwrap();
+        let info = begin(&conn, &db).unwrap();
+        assert_eq!(info.journal_mode, "wal");
+        let mut bytes = Vec::new();
+        stream_pages(&conn, &db, &info, |r| Ok(io::copy(r, &mut bytes).unwrap())).unwrap();
+        end(&conn);
+        assert_eq!(bytes.len() as u64, info.size());
+        let copy = dir.path().join("copy.db");
+        std::fs::write(&copy, &bytes).unwrap();
+        let c = Connection::open(&copy).unwrap();
+        let ok: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(ok, "ok");
+        let n: i64 = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 5000);
+    }
+
+    #[test]
+    fn missing_database_is_a_source_error() {
+        let e = open(Path::new("/nonexistent/app.db")).err().unwrap();
+        assert_eq!(e.exit_code(), crate::error::exit::SOURCE);
+    }
+}
