@@ -78,8 +78,7 @@ pub fn create_sample_app(root: &Path) -> Result<SampleApp> {
         fs::write(odd, b"a name that is not UTF-8\n").context(|| "uploads".into())?;
     }
     symlink("candidates/2026/11/cv-001.txt", uploads.join("latest-cv.txt")).context(|| "uploads".into())?;
-    // Leave the WAL in place (no checkpoint): the snapshot must read through it.
-    std::mem::forget(conn);
+    drop(conn);
     Ok(SampleApp { root: root.to_path_buf(), database, uploads })
 }
 

@@ -227,7 +227,7 @@ fn confirm(env: &Env, archive: Option<&str>) -> Result<()> {
         ));
     }
     let listings = ops::listings(env)?;
-    let l = ops::select(&listings, archive)?;
+    let l = ops::select(&listings, archive, ops::Pick::NewestComplete)?;
     let created = l.created().map(format_time).unwrap_or_default();
     eprint!(
         "This replaces the live data ({}{}) with {} (created {created}).\n\

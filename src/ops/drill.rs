@@ -57,7 +57,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     let started = Instant::now();
     let listings = crate::ops::listings(env)?;
     crate::ops::sync_catalog(&run.catalog, &listings);
-    let listing = crate::ops::select(&listings, which)?;
+    let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
     let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();

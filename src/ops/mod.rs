@@ -118,21 +118,45 @@ pub fn listings(env: &Env) -> Result<Vec<Listing>> {
     manifest::scan_target(&env.settings.target.path)
 }
 
-/// Pick an archive by name, or the newest complete regular backup.
-pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>) -> Result<&'l Listing> {
-    match wanted {
-        Some(w) => manifest::find(listings, w).ok_or_else(|| {
-            Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them"))
-        }),
-        None => listings
-            .iter()
-            .find(|l| {
-                l.is_complete() && l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup)
-            })
-            .ok_or_else(|| {
-                Error::Usage("there is no complete backup on the target; run `datavault backup` first".into())
-            }),
+/// Which archive a command works on when none is named.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// The newest regular backup, even if damaged: verify and drill must report damage on
+    /// the newest archive rather than quietly check an older one.
+    Newest,
+    /// The newest regular backup that is complete: what restore should bring back.
+    NewestComplete,
+}
+
+/// Pick an archive by name, or by the default rule.
+pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> Result<&'l Listing> {
+    if let Some(w) = wanted {
+        return manifest::find(listings, w)
+            .ok_or_else(|| Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them")));
     }
+    let is_backup = |l: &&Listing| l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup);
+    let found = match pick {
+        Pick::Newest => listings.iter().find(is_backup),
+        Pick::NewestComplete => {
+            let found = listings.iter().filter(is_backup).find(|l| l.is_complete());
+            if let Some(f) = found {
+                for skipped in listings.iter().filter(is_backup).take_while(|l| l.name != f.name) {
+                    log::warn!("skipping {}: {}", skipped.name, skipped.problem.as_deref().unwrap_or("incomplete"));
+                }
+            }
+            found
+        }
+    };
+    if let (None, Some(newest)) = (found, listings.iter().find(is_backup)) {
+        return Err(Error::integrity(
+            &newest.name,
+            format!(
+                "{}, and no other backup on the target is complete; try `datavault list` and a pre-restore archive",
+                newest.problem.as_deref().unwrap_or("incomplete")
+            ),
+        ));
+    }
+    found.ok_or_else(|| Error::Usage("there is no complete backup on the target; run `datavault backup` first".into()))
 }
 
 /// The catalog's view of a listing.

@@ -71,7 +71,7 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
         Err(e) => return Err(Error::Usage(format!("cannot use {}: {e}", dir.display()))),
     }
     let listings = crate::ops::listings(env)?;
-    let listing = crate::ops::select(&listings, which)?;
+    let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
     let stage = dir.join(format!("{STAGE_PREFIX}{}", run.id));
@@ -156,7 +156,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     let started = Instant::now();
     let listings = crate::ops::listings(env)?;
     crate::ops::sync_catalog(&run.catalog, &listings);
-    let listing = crate::ops::select(&listings, which)?;
+    let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let name = listing.name.clone();
     let manifest = listing.manifest.clone().ok_or_else(|| Error::integrity(&name, "has no manifest"))?;
     let Some(db_info) = &manifest.database else {

@@ -1,0 +1,158 @@
+//! A small harness: a sample app, a key pair and a config in a temp folder, and the real
+//! `datavault` binary run against them.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use datavault::demo::{create_sample_app, fingerprint, SampleApp};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub app: SampleApp,
+    pub config: PathBuf,
+    pub target: PathBuf,
+    pub state: PathBuf,
+    pub identity: PathBuf,
+    pub recipient: String,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        Fixture::with(|_| {})
+    }
+
+    /// `edit` may change the config text before it is written.
+    pub fn with(edit: impl FnOnce(&mut String)) -> Fixture {
+        let dir = tempfile::Builder::new().prefix("dv-test-").tempdir().unwrap();
+        let app = create_sample_app(&dir.path().join("app")).unwrap();
+        let identity = dir.path().join("keys/identity.txt");
+        let recipient = datavault::keys::generate_identity_file(&identity).unwrap();
+        let target = dir.path().join("usb");
+        fs::create_dir_all(&target).unwrap();
+        let state = dir.path().join("state");
+        let mut text = format!(
+            "[source]\ndatabase = {:?}\nuploads = {:?}\n[target]\npath = {:?}\nrequire_mountpoint = false\nrequire_luks = false\n\
+             [encryption]\nrecipients = [{:?}]\nidentity = {:?}\n[compression]\nlevel = 3\nthreads = 2\n\
+             [service]\nstop_command = \"echo stopped >> {}/service.log\"\nstart_command = \"echo started >> {}/service.log\"\n\
+             [drill]\nchecks = [\"SELECT count(*) = 300 FROM users\"]\n[state]\ndir = {:?}\n",
+            app.database.display().to_string(),
+            app.uploads.display().to_string(),
+            target.display().to_string(),
+            recipient,
+            identity.display().to_string(),
+            dir.path().display(),
+            dir.path().display(),
+            state.display().to_string(),
+        );
+        edit(&mut text);
+        let config = dir.path().join("datavault.toml");
+        fs::write(&config, text).unwrap();
+        Fixture { dir, app, config, target, state, identity, recipient }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_datavault"));
+        c.arg("--config").arg(&self.config).args(args).stdin(Stdio::null());
+        c.env_remove("DATAVAULT_CONFIG");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out: Output = self.command(args).output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Run and insist on an exit code; returns the run for further checks.
+    #[track_caller]
+    pub fn expect(&self, args: &[&str], code: i32) -> Run {
+        let r = self.run(args);
+        assert_eq!(
+            r.code, code,
+            "datavault {args:?} exited {} (wanted {code})\n--- stdout\n{}\n--- stderr\n{}",
+            r.code, r.stdout, r.stderr
+        );
+        r
+    }
+
+    /// Archives (complete or not) in the target, sorted by name.
+    pub fn archive_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = fs::read_dir(&self.target)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with(".tar.zst.age"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn all_target_files(&self) -> Vec<String> {
+        let mut v: Vec<_> =
+            fs::read_dir(&self.target).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.app.database, Some(&self.app.uploads)).unwrap()
+    }
+
+    pub fn backup(&self) -> serde_json::Value {
+        let r = self.expect(&["--json", "backup"], 0);
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Under qemu user-mode emulation mounts cannot be made; those tests ran natively first.
+pub fn emulated() -> bool {
+    std::env::var_os("DATAVAULT_TEST_EMULATED").is_some()
+}
+
+/// A tmpfs mounted for the life of the value.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs failed");
+        Tmpfs { path: path.to_path_buf() }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Print why a test did not run its body, so the output says so.
+pub fn skip(why: &str) {
+    eprintln!("skipped: {why}");
+}
