@@ -385,6 +385,16 @@ impl Reader<'_> {
             None => None,
             Some(dest) => {
                 ensure_parent(&dest)?;
+                if size > self.manifest.plain_bytes {
+                    return Err(unsafe_entry(
+                        self.name,
+                        format!(
+                            "{} declares {size} bytes, more than the whole archive holds ({})",
+                            escape_path(&key),
+                            self.manifest.plain_bytes
+                        ),
+                    ));
+                }
                 check_room(&dest, size)?;
                 Some((create_file(&dest)?, dest))
             }
