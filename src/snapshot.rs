@@ -173,9 +173,8 @@ impl Read for PageReader<'_> {
             self.next_pgno += 1;
             self.page.clear();
             // The lock-byte page (at 1 GiB) comes back as NULL/empty: it holds no data.
-            match row.get_ref(1).map_err(|e| page_err(e.to_string()))? {
-                rusqlite::types::ValueRef::Blob(b) => self.page.extend_from_slice(b),
-                _ => {}
+            if let rusqlite::types::ValueRef::Blob(b) = row.get_ref(1).map_err(|e| page_err(e.to_string()))? {
+                self.page.extend_from_slice(b);
             }
             self.page.resize(self.info.page_size as usize, 0);
             self.pos = 0;

@@ -30,8 +30,10 @@ fn backup_then_restore_to_a_folder_gives_back_every_row_and_file() {
     let a = fs::metadata(f.app.uploads.join("candidates/2026/11/cv-003.pdf")).unwrap();
     let b = fs::metadata(out.join("uploads/candidates/2026/11/cv-003.pdf")).unwrap();
     assert_eq!(a.permissions().mode(), b.permissions().mode());
-    assert_eq!(a.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
-               b.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+    assert_eq!(
+        a.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        b.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    );
     // --to refuses a folder that is not empty.
     let r = f.expect(&["restore", "--to", out.to_str().unwrap()], 2);
     assert!(r.stderr.contains("not empty"), "{}", r.stderr);
@@ -44,10 +46,13 @@ fn manifests_describe_the_archive_and_names_are_unique() {
     let b = f.backup();
     assert_ne!(a["manifest"]["archive"], b["manifest"]["archive"]);
     let m: serde_json::Value = serde_json::from_slice(
-        &fs::read(f.target.join(a["manifest"]["archive"].as_str().unwrap().replace(".tar.zst.age", ".json"))).unwrap(),
+        &fs::read(f.target.join(a["manifest"]["archive"].as_str().unwrap().replace(".tar.zst.age", ".json")))
+            .unwrap(),
     )
     .unwrap();
-    for key in ["format", "tool_version", "host", "created", "trigger", "archive_sha256", "files", "plain_bytes"] {
+    for key in
+        ["format", "tool_version", "host", "created", "trigger", "archive_sha256", "files", "plain_bytes"]
+    {
         assert!(!m[key].is_null(), "manifest lacks {key}: {m}");
     }
     let file = f.target.join(m["archive"].as_str().unwrap());
@@ -81,8 +86,11 @@ fn the_archive_holds_one_committed_state_while_a_writer_hammers_the_database() {
         for i in 0..20_000 {
             tx.execute("INSERT INTO ledger(amount, pad) VALUES (?1, zeroblob(900))", [i % 7]).unwrap();
         }
-        tx.execute("UPDATE totals SET n = (SELECT count(*) FROM ledger), sum = (SELECT sum(amount) FROM ledger)", [])
-            .unwrap();
+        tx.execute(
+            "UPDATE totals SET n = (SELECT count(*) FROM ledger), sum = (SELECT sum(amount) FROM ledger)",
+            [],
+        )
+        .unwrap();
         tx.commit().unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,7 +130,8 @@ fn the_archive_holds_one_committed_state_while_a_writer_hammers_the_database() {
     let c = Connection::open(out.join("db/app.db")).unwrap();
     let ok: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(ok, "ok");
-    let (n, sum): (i64, i64) = c.query_row("SELECT n, sum FROM totals", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    let (n, sum): (i64, i64) =
+        c.query_row("SELECT n, sum FROM totals", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
     let (rows, total): (i64, i64) =
         c.query_row("SELECT count(*), sum(amount) FROM ledger", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
     assert_eq!((n, sum), (rows, total), "the snapshot mixes two transactions");
@@ -137,8 +146,12 @@ fn drill_passes_on_a_good_archive_and_reports_the_recovery_time() {
     let d: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(d["passed"], true);
     assert!(d["recovery_seconds"].as_f64().unwrap() > 0.0);
-    let names: Vec<_> = d["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
-    assert!(names.contains(&"integrity_check".to_string()) && names.contains(&"SELECT count(*) = 300 FROM users".to_string()));
+    let names: Vec<_> =
+        d["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    assert!(
+        names.contains(&"integrity_check".to_string())
+            && names.contains(&"SELECT count(*) = 300 FROM users".to_string())
+    );
     // The scratch folder is gone.
     let scratch = f.target.join(".datavault-drill");
     assert!(fs::read_dir(&scratch).map(|mut d| d.next().is_none()).unwrap_or(true));
@@ -148,7 +161,9 @@ fn drill_passes_on_a_good_archive_and_reports_the_recovery_time() {
 
 #[test]
 fn drill_fails_with_exit_4_when_a_configured_check_fails() {
-    let f = Fixture::with(|c| *c = c.replace("SELECT count(*) = 300 FROM users", "SELECT count(*) = 999 FROM users"));
+    let f = Fixture::with(|c| {
+        *c = c.replace("SELECT count(*) = 300 FROM users", "SELECT count(*) = 999 FROM users")
+    });
     f.backup();
     let r = f.expect(&["drill"], 4);
     assert!(r.stdout.contains("DRILL FAILED") && r.stderr.contains("DRILL FAILED"), "{}", r.stdout);
@@ -183,7 +198,11 @@ fn in_place_restore_takes_a_safety_copy_stops_swaps_and_starts() {
     // No staging or aside folders left beside the live data.
     for dir in [f.app.database.parent().unwrap(), f.app.uploads.parent().unwrap()] {
         for e in fs::read_dir(dir).unwrap().flatten() {
-            assert!(!e.file_name().to_string_lossy().starts_with(".datavault-"), "left behind: {:?}", e.path());
+            assert!(
+                !e.file_name().to_string_lossy().starts_with(".datavault-"),
+                "left behind: {:?}",
+                e.path()
+            );
         }
     }
     // The safety copy holds the damaged state: restoring it brings that back.
@@ -191,7 +210,10 @@ fn in_place_restore_takes_a_safety_copy_stops_swaps_and_starts() {
     assert!(pre.starts_with("pre-restore-"));
     let out = f.path().join("undo");
     f.expect(&["restore", &pre, "--to", out.to_str().unwrap()], 0);
-    assert_eq!(datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap(), damaged);
+    assert_eq!(
+        datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap(),
+        damaged
+    );
     let audit = f.expect(&["audit"], 0);
     assert!(audit.stdout.contains("SYSTEM_RESTORED"), "{}", audit.stdout);
 }
@@ -199,7 +221,10 @@ fn in_place_restore_takes_a_safety_copy_stops_swaps_and_starts() {
 #[test]
 fn a_start_command_that_fails_puts_the_previous_data_back() {
     let f = Fixture::with(|c| {
-        *c = c.replace("start_command = \"echo started", "start_command = \"test -e /nonexistent-marker || echo started")
+        *c = c.replace(
+            "start_command = \"echo started",
+            "start_command = \"test -e /nonexistent-marker || echo started",
+        )
     });
     // The start command fails only on its first run after the swap: emulate with a marker.
     let fail_once = f.path().join("fail-once");
@@ -209,7 +234,10 @@ fn a_start_command_that_fails_puts_the_previous_data_back() {
     );
     fs::write(&f.config, cfg).unwrap();
     f.backup();
-    Connection::open(&f.app.database).unwrap().execute_batch("DELETE FROM documents; DELETE FROM users;").unwrap();
+    Connection::open(&f.app.database)
+        .unwrap()
+        .execute_batch("DELETE FROM documents; DELETE FROM users;")
+        .unwrap();
     let before = f.fingerprint();
     fs::write(&fail_once, b"").unwrap();
     let r = f.expect(&["restore", "--yes"], 1);
@@ -410,7 +438,7 @@ fn prune_keeps_the_policy_and_never_the_newest_good_archive() {
     let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert!(o["decisions"].as_array().unwrap().iter().all(|d| d["keep"] == true));
     let audit = f.expect(&["audit"], 0);
-    assert_eq!(audit.stdout.matches("PRUNED ").count() >= 2, true, "{}", audit.stdout);
+    assert!(audit.stdout.matches("PRUNED ").count() >= 2, "{}", audit.stdout);
 }
 
 #[test]
@@ -427,7 +455,11 @@ fn status_says_what_to_do_next() {
     assert_eq!(s["healthy"], true, "{s}");
     // The metrics file is there, in Prometheus text format.
     let prom = fs::read_to_string(f.state.join("datavault.prom")).unwrap();
-    assert!(prom.contains("datavault_last_success_timestamp_seconds ") && prom.contains("datavault_last_drill_success 1"), "{prom}");
+    assert!(
+        prom.contains("datavault_last_success_timestamp_seconds ")
+            && prom.contains("datavault_last_drill_success 1"),
+        "{prom}"
+    );
 }
 
 #[test]

@@ -85,7 +85,10 @@ fn publish(f: &Fixture, entries: &[Raw], with_database: bool) -> String {
 }
 
 fn nothing_named(root: &Path, needle: &str) -> bool {
-    walkdir::WalkDir::new(root).into_iter().flatten().all(|e| !e.file_name().to_string_lossy().contains(needle))
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().contains(needle))
 }
 
 /// Drill, restore --to and restore in place all refuse with exit 4 and touch nothing live.
@@ -94,7 +97,11 @@ fn refused(entries: Vec<Raw>, expect_in_message: &str, check: impl Fn(&Fixture))
     let name = publish(&f, &entries, true);
     let live = f.fingerprint();
     let r = f.expect(&["drill", &name], 4);
-    assert!(r.stderr.contains("unsafe content refused") && r.stderr.contains(expect_in_message), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unsafe content refused") && r.stderr.contains(expect_in_message),
+        "{}",
+        r.stderr
+    );
     let to = f.path().join("restore-to");
     let r = f.expect(&["restore", &name, "--to", to.to_str().unwrap()], 4);
     assert!(r.stderr.contains(expect_in_message), "{}", r.stderr);
@@ -111,7 +118,15 @@ fn a_crafted_but_harmless_archive_is_accepted_so_the_harness_is_sound() {
         {"path": "uploads", "kind": "dir"},
         {"path": "uploads/a.txt", "kind": "file", "size": 5, "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}
     ]});
-    let name = publish(&f, &[dir(b"uploads/"), file(b"uploads/a.txt", b"hello"), file(b"MANIFEST.json", inner.to_string().as_bytes())], false);
+    let name = publish(
+        &f,
+        &[
+            dir(b"uploads/"),
+            file(b"uploads/a.txt", b"hello"),
+            file(b"MANIFEST.json", inner.to_string().as_bytes()),
+        ],
+        false,
+    );
     let to = f.path().join("out");
     f.expect(&["restore", &name, "--to", to.to_str().unwrap()], 0);
     assert_eq!(fs::read(to.join("uploads/a.txt")).unwrap(), b"hello");
@@ -134,9 +149,11 @@ fn absolute_paths_are_refused() {
 fn writing_through_a_symlink_is_refused() {
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().to_str().unwrap().as_bytes().to_vec();
-    refused(vec![dir(b"uploads/"), link(b"uploads/evil", b'2', &target), file(b"uploads/evil/pwned", b"x")], "symlink", |_| {
-        assert!(!outside.path().join("pwned").exists())
-    });
+    refused(
+        vec![dir(b"uploads/"), link(b"uploads/evil", b'2', &target), file(b"uploads/evil/pwned", b"x")],
+        "symlink",
+        |_| assert!(!outside.path().join("pwned").exists()),
+    );
 }
 
 #[test]
@@ -152,7 +169,11 @@ fn device_nodes_and_fifos_are_refused() {
 
 #[test]
 fn a_path_that_is_a_file_then_a_folder_is_refused() {
-    refused(vec![dir(b"uploads/"), file(b"uploads/a", b"x"), file(b"uploads/a/b", b"y")], "below the file", |_| {});
+    refused(
+        vec![dir(b"uploads/"), file(b"uploads/a", b"x"), file(b"uploads/a/b", b"y")],
+        "below the file",
+        |_| {},
+    );
 }
 
 #[test]
@@ -162,7 +183,9 @@ fn duplicate_entries_are_refused() {
 
 #[test]
 fn unknown_top_level_entries_are_refused() {
-    refused(vec![file(b"etc/cron.d/evil", b"x")], "unexpected top-level", |f| assert!(nothing_named(f.path(), "cron.d")));
+    refused(vec![file(b"etc/cron.d/evil", b"x")], "unexpected top-level", |f| {
+        assert!(nothing_named(f.path(), "cron.d"))
+    });
 }
 
 #[test]

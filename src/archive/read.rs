@@ -161,6 +161,9 @@ fn finish_hash(path: &Path, hash: &SharedHash) -> io::Result<u64> {
     Ok(len)
 }
 
+/// A folder's mode, mtime and owner, applied once its content is written.
+type DirMeta = (PathBuf, u32, u64, Option<(u32, u32)>);
+
 struct Reader<'a> {
     name: &'a str,
     manifest: &'a Manifest,
@@ -170,7 +173,7 @@ struct Reader<'a> {
     /// Every path seen so far and whether it is a folder, to refuse duplicates and
     /// "file, then the same path as a folder" tricks.
     seen: HashMap<Vec<u8>, EntryKind>,
-    dirs: Vec<(PathBuf, u32, u64, Option<(u32, u32)>)>,
+    dirs: Vec<DirMeta>,
     files: u64,
     plain_bytes: u64,
 }

@@ -131,8 +131,9 @@ pub enum Pick {
 /// Pick an archive by name, or by the default rule.
 pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> Result<&'l Listing> {
     if let Some(w) = wanted {
-        return manifest::find(listings, w)
-            .ok_or_else(|| Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them")));
+        return manifest::find(listings, w).ok_or_else(|| {
+            Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them"))
+        });
     }
     let is_backup = |l: &&Listing| l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup);
     let found = match pick {
@@ -141,7 +142,11 @@ pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> 
             let found = listings.iter().filter(is_backup).find(|l| l.is_complete());
             if let Some(f) = found {
                 for skipped in listings.iter().filter(is_backup).take_while(|l| l.name != f.name) {
-                    log::warn!("skipping {}: {}", skipped.name, skipped.problem.as_deref().unwrap_or("incomplete"));
+                    log::warn!(
+                        "skipping {}: {}",
+                        skipped.name,
+                        skipped.problem.as_deref().unwrap_or("incomplete")
+                    );
                 }
             }
             found
@@ -156,7 +161,9 @@ pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> 
             ),
         ));
     }
-    found.ok_or_else(|| Error::Usage("there is no complete backup on the target; run `datavault backup` first".into()))
+    found.ok_or_else(|| {
+        Error::Usage("there is no complete backup on the target; run `datavault backup` first".into())
+    })
 }
 
 /// The catalog's view of a listing.
@@ -209,11 +216,10 @@ pub fn clean_target(dir: &Path) -> Vec<String> {
             .strip_suffix(manifest::ARCHIVE_SUFFIX)
             .map(|stem| !dir.join(format!("{stem}{}", manifest::MANIFEST_SUFFIX)).exists())
             .unwrap_or(false);
-        if name.ends_with(crate::fsutil::PARTIAL_SUFFIX) || orphan {
-            if std::fs::remove_file(e.path()).is_ok() {
-                log::info!("removed {name}, left by an interrupted run");
-                removed.push(name);
-            }
+        if (name.ends_with(crate::fsutil::PARTIAL_SUFFIX) || orphan) && std::fs::remove_file(e.path()).is_ok()
+        {
+            log::info!("removed {name}, left by an interrupted run");
+            removed.push(name);
         }
     }
     if !removed.is_empty() {

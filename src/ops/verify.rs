@@ -19,8 +19,11 @@ pub struct VerifyResult {
 
 pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<VerifyResult>> {
     let listings = crate::ops::listings(env)?;
-    let chosen: Vec<&Listing> =
-        if all { listings.iter().collect() } else { vec![crate::ops::select(&listings, which, crate::ops::Pick::Newest)?] };
+    let chosen: Vec<&Listing> = if all {
+        listings.iter().collect()
+    } else {
+        vec![crate::ops::select(&listings, which, crate::ops::Pick::Newest)?]
+    };
     if chosen.is_empty() {
         return Err(Error::Usage("there are no archives on the target to verify".into()));
     }

@@ -103,8 +103,11 @@ impl Fixture {
     }
 
     pub fn all_target_files(&self) -> Vec<String> {
-        let mut v: Vec<_> =
-            fs::read_dir(&self.target).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<_> = fs::read_dir(&self.target)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
