@@ -489,3 +489,44 @@ fn the_demo_runs_end_to_end() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("DRILL PASSED") && stdout.contains("DEMO OK"), "{stdout}");
 }
+
+#[test]
+fn a_fresh_pi_with_only_the_drive_and_the_identity_can_list_and_restore() {
+    let f = Fixture::new();
+    let original = f.fingerprint();
+    f.backup();
+    // The SD card died: state folder and live data are gone.
+    fs::remove_dir_all(&f.state).unwrap();
+    fs::remove_dir_all(f.app.database.parent().unwrap()).unwrap();
+    fs::remove_dir_all(&f.app.uploads).unwrap();
+    let list = f.expect(&["list"], 0);
+    assert!(list.stdout.contains("backup-"), "{}", list.stdout);
+    let r = f.expect(&["--json", "restore", "--yes"], 0);
+    let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(o["pre_restore_archive"].is_null(), "nothing live to save: {o}");
+    assert_eq!(f.fingerprint(), original);
+    let audit = f.expect(&["--json", "audit"], 0);
+    let a: serde_json::Value = serde_json::from_str(&audit.stdout).unwrap();
+    assert!(!a["archives"].as_array().unwrap().is_empty(), "the catalog re-imported the drive's archives: {a}");
+}
+
+#[test]
+fn a_clock_earlier_than_the_newest_archive_backs_up_but_prunes_nothing() {
+    let f = Fixture::with(|c| c.push_str("[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n"));
+    let first = f.backup();
+    // An archive from the future: as if this Pi had booted with its clock in the past.
+    let name = first["manifest"]["archive"].as_str().unwrap();
+    let stem = name.trim_end_matches(".tar.zst.age");
+    let future_stem = "backup-29990101T000000.000Z";
+    fs::copy(f.target.join(name), f.target.join(format!("{future_stem}.tar.zst.age"))).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(f.target.join(format!("{stem}.json"))).unwrap()).unwrap();
+    m["archive"] = format!("{future_stem}.tar.zst.age").into();
+    m["created"] = "2999-01-01T00:00:00Z".into();
+    fs::write(f.target.join(format!("{future_stem}.json")), serde_json::to_vec(&m).unwrap()).unwrap();
+    let before = f.archive_files().len();
+    let b = f.backup();
+    assert!(b["prune_skipped"].as_str().unwrap().contains("clock"), "{b}");
+    assert_eq!(f.archive_files().len(), before + 1, "backed up, nothing pruned");
+    let r = f.expect(&["prune"], 1);
+    assert!(r.stderr.contains("clock"), "{}", r.stderr);
+}
