@@ -925,7 +925,7 @@ mod tests {
         // a3 is written, a1 is deleted by hand, a2 was pruned by us.
         cat.upsert_archive(&a3).unwrap();
         cat.set_archive_status("a2.age", ArchiveStatus::Pruned).unwrap();
-        assert_eq!(cat.sync_with_target(&[a3.clone()], at(20, 5)).unwrap(), (0, 1));
+        assert_eq!(cat.sync_with_target(std::slice::from_ref(&a3), at(20, 5)).unwrap(), (0, 1));
         let status =
             |name: &str| cat.archives().unwrap().into_iter().find(|a| a.name == name).unwrap().status;
         assert_eq!(status("a1.age"), ArchiveStatus::Missing);
@@ -936,7 +936,7 @@ mod tests {
         assert!(event.detail.contains("/mnt/datavault/a1.age"), "{}", event.detail);
 
         // Missing stays missing without a second event.
-        assert_eq!(cat.sync_with_target(&[a3.clone()], at(20, 6)).unwrap(), (0, 0));
+        assert_eq!(cat.sync_with_target(std::slice::from_ref(&a3), at(20, 6)).unwrap(), (0, 0));
         assert_eq!(cat.events(10).unwrap().len(), 1);
 
         // The drive comes back (mounted elsewhere): a1 is ACTIVE again with its new path.

@@ -566,8 +566,8 @@ mod tests {
         for d in decisions {
             assert!(!d.reasons.is_empty(), "{}", ctx());
             assert_eq!(d.keep, d.reasons.iter().any(|r| keeps(r)), "{}", ctx());
-            if d.expires_at.is_some() {
-                assert!(d.keep && d.expires_at.unwrap() >= by_name[&*d.name].created, "{}", ctx());
+            if let Some(expiry) = d.expires_at {
+                assert!(d.keep && expiry >= by_name[&*d.name].created, "{}", ctx());
             }
         }
 
