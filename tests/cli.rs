@@ -507,19 +507,25 @@ fn a_fresh_pi_with_only_the_drive_and_the_identity_can_list_and_restore() {
     assert_eq!(f.fingerprint(), original);
     let audit = f.expect(&["--json", "audit"], 0);
     let a: serde_json::Value = serde_json::from_str(&audit.stdout).unwrap();
-    assert!(!a["archives"].as_array().unwrap().is_empty(), "the catalog re-imported the drive's archives: {a}");
+    assert!(
+        !a["archives"].as_array().unwrap().is_empty(),
+        "the catalog re-imported the drive's archives: {a}"
+    );
 }
 
 #[test]
 fn a_clock_earlier_than_the_newest_archive_backs_up_but_prunes_nothing() {
-    let f = Fixture::with(|c| c.push_str("[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n"));
+    let f = Fixture::with(|c| {
+        c.push_str("[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n")
+    });
     let first = f.backup();
     // An archive from the future: as if this Pi had booted with its clock in the past.
     let name = first["manifest"]["archive"].as_str().unwrap();
     let stem = name.trim_end_matches(".tar.zst.age");
     let future_stem = "backup-29990101T000000.000Z";
     fs::copy(f.target.join(name), f.target.join(format!("{future_stem}.tar.zst.age"))).unwrap();
-    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(f.target.join(format!("{stem}.json"))).unwrap()).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.target.join(format!("{stem}.json"))).unwrap()).unwrap();
     m["archive"] = format!("{future_stem}.tar.zst.age").into();
     m["created"] = "2999-01-01T00:00:00Z".into();
     fs::write(f.target.join(format!("{future_stem}.json")), serde_json::to_vec(&m).unwrap()).unwrap();
@@ -529,4 +535,67 @@ fn a_clock_earlier_than_the_newest_archive_backs_up_but_prunes_nothing() {
     assert_eq!(f.archive_files().len(), before + 1, "backed up, nothing pruned");
     let r = f.expect(&["prune"], 1);
     assert!(r.stderr.contains("clock"), "{}", r.stderr);
+}
+
+/// Service commands that kill datavault itself (`kill -9 $PPID`) the first time they run,
+/// to cut a restore at a known step.
+fn fixture_killed_in(command: &str) -> (Fixture, std::path::PathBuf) {
+    let f = Fixture::new();
+    let marker = f.path().join("kill-once");
+    let key = format!("{command}_command = \"echo ");
+    let cfg = fs::read_to_string(&f.config).unwrap().replace(
+        &key,
+        &format!(
+            "{command}_command = \"if [ -e {m} ]; then rm {m}; kill -9 $PPID; fi; echo ",
+            m = marker.display()
+        ),
+    );
+    fs::write(&f.config, cfg).unwrap();
+    (f, marker)
+}
+
+#[test]
+fn a_restore_killed_while_stopping_the_app_leaves_the_old_state_and_is_cleaned_up() {
+    let (f, marker) = fixture_killed_in("stop");
+    f.backup();
+    Connection::open(&f.app.database).unwrap().execute("UPDATE users SET name = 'changed'", []).unwrap();
+    let old = f.fingerprint();
+    fs::write(&marker, b"").unwrap();
+    let r = f.run(&["restore", "--yes"]);
+    assert_ne!(r.code, 0);
+    assert_eq!(f.fingerprint(), old, "killed before the swap: exactly the old state");
+    f.backup();
+    let leftovers: Vec<_> = fs::read_dir(f.app.database.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".datavault-"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging removed by the next run: {leftovers:?}");
+}
+
+#[test]
+fn a_restore_killed_while_starting_the_app_is_finished_by_the_next_run() {
+    let (f, marker) = fixture_killed_in("start");
+    let original = f.fingerprint();
+    f.backup();
+    Connection::open(&f.app.database).unwrap().execute("UPDATE users SET name = 'changed'", []).unwrap();
+    fs::write(&marker, b"").unwrap();
+    let r = f.run(&["restore", "--yes"]);
+    assert_ne!(r.code, 0);
+    assert!(f.state.join("restore-journal.json").exists(), "the swap was journaled");
+    assert_eq!(f.fingerprint(), original, "the swap itself had completed");
+    f.backup();
+    assert!(!f.state.join("restore-journal.json").exists());
+    assert_eq!(f.fingerprint(), original);
+    let log = fs::read_to_string(f.path().join("service.log")).unwrap();
+    assert!(log.ends_with("started\n"), "the next run started the app: {log}");
+    for dir in [f.app.database.parent().unwrap(), f.app.uploads.parent().unwrap()] {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            assert!(
+                !e.file_name().to_string_lossy().starts_with(".datavault-"),
+                "left behind: {:?}",
+                e.path()
+            );
+        }
+    }
 }

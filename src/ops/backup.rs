@@ -65,7 +65,6 @@ pub fn run(env: &Env, opts: &BackupOptions) -> Result<BackupOutcome> {
 
 fn backup_in_run(run: &Run, opts: &BackupOptions) -> Result<BackupOutcome> {
     let env = run.env;
-    let target_dir = &env.settings.target.path;
     let previous_newest = crate::ops::listings(env)
         .ok()
         .and_then(|ls| ls.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max());
@@ -86,7 +85,6 @@ fn backup_in_run(run: &Run, opts: &BackupOptions) -> Result<BackupOutcome> {
             outcome.prune_skipped = Some(format!("clock looks wrong: {why}"));
         }
     }
-    let _ = target_dir;
     Ok(outcome)
 }
 
@@ -123,7 +121,7 @@ pub fn create_archive(
     };
 
     let needed = estimate_size(db_path, uploads.map(|p| p.as_path()));
-    let target = crate::target::require_writable(&s.target, &env.system_root, needed)?;
+    crate::target::require_writable(&s.target, &env.system_root, needed)?;
     let target_dir = &s.target.path;
     let cleaned = crate::ops::clean_target(target_dir);
 
@@ -187,7 +185,6 @@ pub fn create_archive(
     if file_dev.is_none() || file_dev != dir_dev {
         return Err(Error::target(target_dir, "the drive was unmounted during the backup; nothing was written; mount it and run the backup again"));
     }
-    let _ = target;
     partial.put_file(file);
     partial.commit().map_err(|e| output_error_ctx(target_dir, e))?;
 

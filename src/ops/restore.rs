@@ -335,7 +335,10 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
     let path = run.env.settings.state.restore_journal_path();
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            remove_stale_stages(run);
+            return Ok(());
+        }
         Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
     };
     let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| {
@@ -371,14 +374,45 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
     Ok(())
 }
 
-fn swap(j: &Journal) -> std::io::Result<()> {
+/// Staging folders of a restore killed before its swap began: plaintext, never live data.
+fn remove_stale_stages(run: &Run) {
+    let src = &run.env.settings.source;
+    let parents =
+        std::iter::once(src.database.parent()).chain(src.uploads.as_deref().map(|u| u.parent())).flatten();
+    for parent in parents {
+        let Ok(rd) = std::fs::read_dir(parent) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(STAGE_PREFIX) {
+                log::info!("removing {}, left by an interrupted restore", e.path().display());
+                remove_staging(&e.path());
+            } else if name.starts_with(ASIDE_PREFIX) {
+                log::warn!(
+                    "{} holds data set aside by an earlier restore; check it and delete it by hand",
+                    e.path().display()
+                );
+            }
+        }
+    }
+}
+
+/// The renames of the swap, in order: each live path aside, then its staged one in.
+fn swap_steps(j: &Journal) -> Vec<(&Path, &Path)> {
+    let mut steps = Vec::new();
     for m in &j.moves {
         if m.had_live {
-            std::fs::rename(&m.live, &m.aside)?;
+            steps.push((m.live.as_path(), m.aside.as_path()));
         }
         if let Some(staged) = &m.staged {
-            std::fs::rename(staged, &m.live)?;
+            steps.push((staged.as_path(), m.live.as_path()));
         }
+    }
+    steps
+}
+
+fn swap(j: &Journal) -> std::io::Result<()> {
+    for (from, to) in swap_steps(j) {
+        std::fs::rename(from, to)?;
     }
     sync_parents(j);
     Ok(())
@@ -504,5 +538,101 @@ impl Drop for StageCleanup {
         for d in &self.0 {
             remove_staging(d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(root: &Path) -> Vec<(String, String)> {
+        let mut v: Vec<_> = walkdir::WalkDir::new(root)
+            .sort_by_file_name()
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| {
+                let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+                (rel, std::fs::read_to_string(e.path()).unwrap())
+            })
+            .collect();
+        v.retain(|(p, _)| !p.starts_with(".datavault-"));
+        v
+    }
+
+    /// Cut the swap after every possible rename: rollback always gives exactly the old state.
+    #[test]
+    fn rollback_restores_the_old_state_after_a_cut_at_any_step() {
+        for had_wal in [true, false] {
+            let steps = {
+                let (_d, j) = setup(had_wal);
+                swap_steps(&j).len()
+            };
+            for cut in 0..=steps {
+                let (dir, j) = setup(had_wal);
+                let before = state(dir.path());
+                for (from, to) in swap_steps(&j).into_iter().take(cut) {
+                    std::fs::rename(from, to).unwrap();
+                }
+                rollback(&j);
+                assert_eq!(state(dir.path()), before, "cut after {cut} of {steps} renames (wal: {had_wal})");
+                // And the complete swap gives exactly the new state.
+                swap(&j).unwrap();
+                let after = state(dir.path());
+                assert!(after.contains(&("data/app.db".into(), "new db".into())), "{after:?}");
+                assert!(
+                    !after.iter().any(|(p, _)| p == "data/app.db-wal"),
+                    "stale WAL moved away: {after:?}"
+                );
+                assert!(after.contains(&("uploads/b.txt".into(), "new upload".into())), "{after:?}");
+            }
+        }
+    }
+
+    fn setup(had_wal: bool) -> (tempfile::TempDir, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let w = |rel: &str, text: &str| {
+            let path = p.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        w("data/app.db", "old db");
+        if had_wal {
+            w("data/app.db-wal", "old wal");
+        }
+        w("uploads/a.txt", "old upload");
+        w("data/.datavault-restore-1/restored.db", "new db");
+        w(".datavault-restore-1/uploads/b.txt", "new upload");
+        std::fs::create_dir_all(p.join("data/.datavault-old-1")).unwrap();
+        std::fs::create_dir_all(p.join(".datavault-old-1")).unwrap();
+        let live_db = p.join("data/app.db");
+        let mut moves: Vec<Move> = ["-wal", "-shm", "-journal"]
+            .iter()
+            .map(|sfx| {
+                let live = with_suffix(&live_db, sfx);
+                Move {
+                    aside: p.join("data/.datavault-old-1").join(live.file_name().unwrap()),
+                    had_live: exists(&live),
+                    live,
+                    staged: None,
+                }
+            })
+            .collect();
+        moves.push(Move {
+            live: live_db.clone(),
+            aside: p.join("data/.datavault-old-1/app.db"),
+            staged: Some(p.join("data/.datavault-restore-1/restored.db")),
+            had_live: true,
+        });
+        moves.push(Move {
+            live: p.join("uploads"),
+            aside: p.join(".datavault-old-1/uploads"),
+            staged: Some(p.join(".datavault-restore-1/uploads")),
+            had_live: true,
+        });
+        let j =
+            Journal { archive: "a".into(), phase: Phase::Swapping, moves, stages: vec![], asides: vec![] };
+        (dir, j)
     }
 }
