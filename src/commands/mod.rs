@@ -43,11 +43,9 @@ impl Progress for TtyProgress {
     fn start(&self, what: &str, total: u64) {
         let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+        let style = ProgressStyle::with_template("{msg:9} [{wide_bar}] {bytes}/{total_bytes} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(what.to_string());
         *self.bar.lock().unwrap() = Some(bar);
