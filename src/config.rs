@@ -31,6 +31,27 @@ pub struct Settings {
     pub service: Option<ServiceSettings>,
     pub drill: DrillSettings,
     pub state: StateSettings,
+    pub gpio: GpioSettings,
+    pub agent: AgentSettings,
+}
+
+/// The status LED and the push button (`datavault agent`). All off by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpioSettings {
+    /// BCM number of an external LED's pin.
+    pub led_pin: Option<u8>,
+    /// Drive the Pi's onboard activity LED (/sys/class/leds/ACT or led0).
+    pub act_led: bool,
+    /// BCM number of the button's pin (to ground; internal pull-up, active low).
+    pub button_pin: Option<u8>,
+    pub debounce: std::time::Duration,
+    pub long_press: std::time::Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Without a successful backup for this long, the LED says "overdue".
+    pub max_age_hours: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +65,9 @@ pub struct TargetSettings {
     pub path: PathBuf,
     pub require_mountpoint: bool,
     pub require_luks: bool,
+    /// If set, the drive must carry a `.datavault-target` marker with this id, so a
+    /// different USB stick plugged in by mistake is never written to.
+    pub marker_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +134,24 @@ struct RawConfig {
     service: Option<RawService>,
     drill: Option<RawDrill>,
     state: Option<RawState>,
+    gpio: Option<RawGpio>,
+    agent: Option<RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpio {
+    led_pin: Option<Spanned<i64>>,
+    act_led: Option<bool>,
+    button_pin: Option<Spanned<i64>>,
+    debounce_ms: Option<Spanned<i64>>,
+    long_press_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    max_age_hours: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +167,7 @@ struct RawTarget {
     path: Spanned<String>,
     require_mountpoint: Option<bool>,
     require_luks: Option<bool>,
+    marker_id: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +256,7 @@ impl Settings {
             path: v.abs_path("target.path", &target.path)?,
             require_mountpoint: target.require_mountpoint.unwrap_or(true),
             require_luks: target.require_luks.unwrap_or(true),
+            marker_id: target.marker_id.as_ref().map(|m| v.nonempty("target.marker_id", m)).transpose()?,
         };
 
         let enc = raw.encryption.get_ref();
@@ -306,6 +350,59 @@ impl Settings {
             },
         };
 
+        let gpio = match &raw.gpio {
+            None => GpioSettings {
+                led_pin: None,
+                act_led: false,
+                button_pin: None,
+                debounce: std::time::Duration::from_millis(50),
+                long_press: std::time::Duration::from_secs(3),
+            },
+            Some(g) => {
+                // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
+                let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
+                    p.as_ref().map(|p| v.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
+                };
+                let led_pin = pin("gpio.led_pin", &g.led_pin)?;
+                let button_pin = pin("gpio.button_pin", &g.button_pin)?;
+                if led_pin.is_some() && led_pin == button_pin {
+                    return Err(Error::config(path, "gpio.led_pin and gpio.button_pin are the same pin"));
+                }
+                let ms =
+                    |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
+                        Ok(match x {
+                            None => default,
+                            Some(x) => v.int_in(key, x, min, max)? as u64,
+                        })
+                    };
+                GpioSettings {
+                    led_pin,
+                    act_led: g.act_led.unwrap_or(false),
+                    button_pin,
+                    debounce: std::time::Duration::from_millis(ms(
+                        "gpio.debounce_ms",
+                        &g.debounce_ms,
+                        50,
+                        1,
+                        1000,
+                    )?),
+                    long_press: std::time::Duration::from_millis(ms(
+                        "gpio.long_press_ms",
+                        &g.long_press_ms,
+                        3000,
+                        500,
+                        60_000,
+                    )?),
+                }
+            }
+        };
+        let agent = AgentSettings {
+            max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
+                None => 26,
+                Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
+            },
+        };
+
         if let Some(u) = &uploads {
             if u == &database || database.starts_with(u) {
                 return Err(Error::config(
@@ -332,6 +429,8 @@ impl Settings {
             service,
             drill,
             state,
+            gpio,
+            agent,
         })
     }
 }

@@ -92,6 +92,20 @@ pub struct TargetState {
     pub free_bytes: u64,
     /// Size of the filesystem (`f_blocks * f_frsize`); 0 if not `exists`.
     pub total_bytes: u64,
+    /// The id in the drive's `.datavault-target` marker, if there is one.
+    pub marker_id: Option<String>,
+}
+
+/// The file `scripts/setup-usb.sh` writes at the root of a prepared drive.
+pub const MARKER_FILE: &str = ".datavault-target";
+
+/// Read `id = "..."` from a marker file's text.
+pub fn parse_marker(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("id")?.trim_start().strip_prefix('=')?.trim();
+        let id = rest.trim_matches('"').trim();
+        (!id.is_empty()).then(|| id.to_string())
+    })
 }
 
 /// Looks at the target folder and reports; "not ready" is never an error here.
@@ -109,6 +123,7 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
         luks: None,
         free_bytes: 0,
         total_bytes: 0,
+        marker_id: None,
     };
 
     // Resolved on the real filesystem, because a symlinked target must be judged by where the
@@ -137,6 +152,7 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
         .map_err(|e| Error::io(format!("checking free space on {}", canonical.display()), e.into()))?;
     state.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     state.total_bytes = vfs.f_blocks.saturating_mul(vfs.f_frsize);
+    state.marker_id = fs::read_to_string(canonical.join(MARKER_FILE)).ok().and_then(|t| parse_marker(&t));
     Ok(state)
 }
 
@@ -155,6 +171,17 @@ impl TargetState {
         }
         if settings.require_luks && self.luks.is_none() {
             problems.push(self.not_luks_message());
+        }
+        if let Some(wanted) = &settings.marker_id {
+            match &self.marker_id {
+                None => problems.push(format!(
+                    "has no {MARKER_FILE} marker, so it is not the drive prepared for datavault (id {wanted});                      plug in the right drive, or prepare this one with scripts/setup-usb.sh"
+                )),
+                Some(found) if found != wanted => problems.push(format!(
+                    "is a different datavault drive (marker id {found}, the config wants {wanted}); plug in the                      right drive or update target.marker_id"
+                )),
+                Some(_) => {}
+            }
         }
         if let Some(m) = self.mount.as_ref().filter(|m| m.read_only) {
             problems.push(format!(
@@ -366,6 +393,38 @@ fn is_absent(e: &io::Error) -> bool {
 }
 
 #[cfg(test)]
+mod marker_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_different_marker_forbids_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = TargetSettings {
+            path: dir.path().to_path_buf(),
+            require_mountpoint: false,
+            require_luks: false,
+            marker_id: Some("abc123".into()),
+        };
+        let root = SystemRoot::real();
+        let e = require_writable(&settings, &root, 0).err().unwrap();
+        assert_eq!(e.exit_code(), crate::error::exit::TARGET_NOT_READY);
+        assert!(e.to_string().contains("marker"), "{e}");
+        fs::write(dir.path().join(MARKER_FILE), "# datavault target\nid = \"other\"\n").unwrap();
+        assert!(require_writable(&settings, &root, 0).err().unwrap().to_string().contains("different"));
+        fs::write(dir.path().join(MARKER_FILE), "id = \"abc123\"\n").unwrap();
+        require_writable(&settings, &root, 0).unwrap();
+    }
+
+    #[test]
+    fn marker_lines_parse() {
+        assert_eq!(parse_marker("id = \"x1\""), Some("x1".into()));
+        assert_eq!(parse_marker("# c\nid=x2\n"), Some("x2".into()));
+        assert_eq!(parse_marker("idx = 3"), None);
+        assert_eq!(parse_marker(""), None);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::exit;
@@ -407,7 +466,7 @@ mod tests {
         }
 
         fn settings(&self, require_mountpoint: bool, require_luks: bool) -> TargetSettings {
-            TargetSettings { path: self.target(), require_mountpoint, require_luks }
+            TargetSettings { path: self.target(), require_mountpoint, require_luks, marker_id: None }
         }
     }
 
@@ -493,7 +552,8 @@ mod tests {
         assert!(state.total_bytes > 0);
 
         // `sub` is inside the drive: `su` is a sibling, not a prefix.
-        let settings = TargetSettings { path: sub, require_mountpoint: false, require_luks: true };
+        let settings =
+            TargetSettings { path: sub, require_mountpoint: false, require_luks: true, marker_id: None };
         let state = inspect(&settings, &fx.root()).unwrap();
         assert!(!state.is_mountpoint);
         assert_eq!(state.mount.as_ref().unwrap().mount_point, fx.target());
@@ -574,8 +634,12 @@ mod tests {
         fx.mountinfo(LUKS_DRIVE);
         let missing = fx.target().join("absent");
         for require in [true, false] {
-            let settings =
-                TargetSettings { path: missing.clone(), require_mountpoint: require, require_luks: require };
+            let settings = TargetSettings {
+                path: missing.clone(),
+                require_mountpoint: require,
+                require_luks: require,
+                marker_id: None,
+            };
             let state = inspect(&settings, &fx.root()).unwrap();
             assert!(!state.exists && state.mount.is_none() && state.free_bytes == 0);
             assert_eq!(state.problems(&settings).len(), 1);
@@ -587,7 +651,8 @@ mod tests {
         let file = fx.target().join("file");
         fs::write(&file, "x").unwrap();
         for path in [file.clone(), file.join("below")] {
-            let settings = TargetSettings { path, require_mountpoint: false, require_luks: false };
+            let settings =
+                TargetSettings { path, require_mountpoint: false, require_luks: false, marker_id: None };
             let state = inspect(&settings, &fx.root()).unwrap();
             assert!(!state.exists);
             let m = not_ready(require_readable(&settings, &fx.root()));
@@ -657,8 +722,12 @@ mod tests {
         assert!(status.success(), "mount -t tmpfs failed: {status}");
         let _unmount = Unmount(mount_point.clone());
 
-        let settings =
-            TargetSettings { path: mount_point.clone(), require_mountpoint: true, require_luks: false };
+        let settings = TargetSettings {
+            path: mount_point.clone(),
+            require_mountpoint: true,
+            require_luks: false,
+            marker_id: None,
+        };
         let state = inspect(&settings, &SystemRoot::real()).unwrap();
         assert!(state.exists && state.is_mountpoint, "{state:?}");
         assert_eq!(state.mount.as_ref().unwrap().fstype, "tmpfs");
