@@ -145,6 +145,16 @@ data back if anything fails. Without --yes it asks for confirmation on a termina
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Self-test: config, database, uploads, target, keys, clock, GPIO, lock, last backup and drill
+    #[command(after_help = "Exits non-zero when something would make the next backup fail: 2 config, \
+3 target, 5 source. Warnings (no identity, overdue backup, failed drill, odd clock) are listed but do not fail.")]
+    Doctor,
+    /// The appliance daemon: status LED, push button, SIGUSR1 backup, SIGHUP reload (run by systemd)
+    #[command(after_help = "Short press: backup now. Long press (gpio.long_press_ms): drill now. Presses \
+during a run are acknowledged by three quick flashes. SIGTERM/SIGINT stop cleanly (a running backup is \
+cancelled and removes its partial file); SIGHUP reloads the config (a bad one is refused and the old one \
+kept); SIGUSR1 starts a backup. Speaks systemd's notify protocol when NOTIFY_SOCKET is set.")]
+    Agent,
     /// Run the whole job on a built-in example app in a temporary folder (no Pi, no setup)
     Demo {
         /// Keep the demo folder instead of deleting it at the end
@@ -251,5 +261,10 @@ fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
         Command::Status => commands::status(&env(cli, ui)?, ui),
         Command::Audit { limit } => commands::audit(&env(cli, ui)?, *limit, ui),
         Command::Demo { keep } => commands::demo(*keep, ui),
+        Command::Doctor => commands::doctor(&config::resolve_path(cli.config.as_deref()), ui),
+        Command::Agent => {
+            datavault::agent::run(&config::resolve_path(cli.config.as_deref()))?;
+            Ok(exit::SUCCESS)
+        }
     }
 }

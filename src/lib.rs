@@ -4,16 +4,19 @@
 //! src/commands/) parses arguments, calls these modules and renders their results.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod archive;
 pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod fsutil;
+pub mod hardware;
 pub mod keys;
 pub mod lock;
 pub mod manifest;
 pub mod metrics;
+pub mod notify;
 pub mod ops;
 pub mod progress;
 pub mod retention;

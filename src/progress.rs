@@ -6,7 +6,24 @@ pub trait Progress: Send + Sync {
     fn start(&self, _what: &str, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
     fn finish(&self) {}
+    /// Polled while data flows: true makes the operation stop with [`Cancelled`], removing
+    /// what it had written (the agent sets it on SIGTERM).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
+
+/// The error a cancelled operation stops with, carried through `io::Error`.
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped on request (SIGTERM); nothing was written")
+    }
+}
+
+impl std::error::Error for Cancelled {}
 
 /// For daemons, tests and `--quiet`.
 pub struct NoProgress;

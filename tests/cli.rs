@@ -599,3 +599,46 @@ fn a_restore_killed_while_starting_the_app_is_finished_by_the_next_run() {
         }
     }
 }
+
+#[test]
+fn doctor_lists_every_check_and_fails_only_on_what_stops_a_backup() {
+    let f = Fixture::new();
+    let r = f.expect(&["--json", "doctor"], 0);
+    let d: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let names: Vec<_> =
+        d["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect();
+    for n in [
+        "config",
+        "database",
+        "uploads",
+        "target",
+        "free space",
+        "recipients",
+        "identity",
+        "clock",
+        "led",
+        "button",
+        "lock",
+        "last backup",
+        "last drill",
+    ] {
+        assert!(names.iter().any(|x| x == n), "doctor lacks {n}: {names:?}");
+    }
+    // No backup yet is a warning, not a failure.
+    assert!(r.stdout.contains("no successful backup yet"));
+    // A missing identity is a warning: backups do not need it.
+    fs::remove_file(&f.identity).unwrap();
+    f.expect(&["doctor"], 0);
+    // A missing database stops tonight's backup: exit 5.
+    fs::rename(&f.app.database, f.path().join("moved.db")).unwrap();
+    let r = f.expect(&["doctor"], 5);
+    assert!(r.stdout.contains("[FAIL] database"), "{}", r.stdout);
+    // An unmounted target too (exit code of the first failure: the database).
+    let cfg = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace("require_mountpoint = false", "require_mountpoint = true");
+    fs::write(&f.config, cfg).unwrap();
+    fs::rename(f.path().join("moved.db"), &f.app.database).unwrap();
+    let r = f.expect(&["doctor"], 3);
+    assert!(r.stdout.contains("[FAIL] target"), "{}", r.stdout);
+}

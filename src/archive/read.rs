@@ -412,6 +412,9 @@ impl Reader<'_> {
                 Err(e) => return Err(damaged(self.name, &e)),
             };
             self.progress.advance(n as u64);
+            if self.progress.cancelled() {
+                return Err(Error::Failed(format!("reading {}: {}", self.name, crate::progress::Cancelled)));
+            }
             if let Some((f, dest)) = out.as_mut() {
                 f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;
             }

@@ -381,6 +381,9 @@ impl<W: Write> ArchiveWriter<W> {
 /// read error reaches us through our own readers as `Other` kind with a message, everything
 /// else is the output.
 fn classify_append(e: io::Error, source: &Path) -> WriteError {
+    if e.get_ref().map(|r| r.is::<crate::progress::Cancelled>()).unwrap_or(false) {
+        return WriteError::Other(Error::Failed(format!("backup {}", crate::progress::Cancelled)));
+    }
     if let Some(p) = e.get_ref().and_then(|r| r.downcast_ref::<snapshot::PageReadError>()) {
         return WriteError::Other(Error::source(source, p.to_string()));
     }
@@ -412,6 +415,9 @@ struct ProgressReader<'p, R> {
 
 impl<R: Read> Read for ProgressReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.progress.cancelled() {
+            return Err(io::Error::other(crate::progress::Cancelled));
+        }
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);
         Ok(n)
@@ -440,6 +446,9 @@ impl<R: Read> Read for ExactSize<R> {
             match self.inner.read(&mut buf[..want]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+                Err(e) if e.get_ref().map(|r| r.is::<crate::progress::Cancelled>()).unwrap_or(false) => {
+                    return Err(e)
+                }
                 Err(e) => {
                     self.error = Some(e);
                     0

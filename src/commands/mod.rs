@@ -2,10 +2,12 @@
 //! Results go to stdout; logs, progress and errors to stderr.
 
 mod demo;
+mod doctor;
 mod init;
 mod report;
 
 pub use demo::demo;
+pub use doctor::doctor;
 pub use init::{init, keygen};
 pub use report::*;
 

@@ -6,6 +6,7 @@
 //! files, a half-done restore), and on the way out writes the metrics file.
 
 pub mod backup;
+pub mod doctor;
 pub mod drill;
 pub mod prune;
 pub mod restore;
