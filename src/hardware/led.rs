@@ -472,3 +472,25 @@ mod tests {
         assert!(err.to_string().contains("gpio.led_pin"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod readme_tests {
+    use super::*;
+
+    /// The README's LED table is what an owner reads at night: it must match the patterns.
+    #[test]
+    fn the_readme_describes_every_pattern() {
+        let readme = include_str!("../../README.md");
+        for (pattern, words) in [
+            (LedPattern::Healthy, "short blink every 2 s"),
+            (LedPattern::Working, "fast blinking"),
+            (LedPattern::Acknowledge, "three quick flashes"),
+            (LedPattern::Failed, "steady on"),
+            (LedPattern::DrillFailed, "SOS"),
+            (LedPattern::TargetMissing, "double blink every 2 s"),
+        ] {
+            assert!(pattern.describe().contains(words), "{pattern:?}: {}", pattern.describe());
+            assert!(readme.contains(&format!("| {words}")), "README lacks the {pattern:?} row");
+        }
+    }
+}
