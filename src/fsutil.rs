@@ -4,12 +4,11 @@
 //! `*.partial` name, fsynced, renamed into place and then the directory is fsynced, so a
 //! reader sees either the old state or the complete new file, never a torn one.
 
-use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -162,20 +161,23 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Hash state shared with a reader that is buried inside a decryption stack, so the
-/// archive file's SHA-256 can be read after the stack is consumed.
+/// Hash state shared with a reader that is buried inside a decryption stack (running on
+/// another thread), so the archive file's SHA-256 can be read after the stack is consumed.
 #[derive(Clone, Default)]
-pub struct SharedHash(Rc<RefCell<(Sha256, u64)>>);
+pub struct SharedHash(Arc<Mutex<(Sha256, u64)>>);
 
 impl SharedHash {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Sha256, u64)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
     pub fn bytes(&self) -> u64 {
-        self.0.borrow().1
+        self.lock().1
     }
     pub fn hex(&self) -> String {
-        hex::encode(self.0.borrow().0.clone().finalize())
+        hex::encode(self.lock().0.clone().finalize())
     }
     pub fn update(&self, buf: &[u8]) {
-        let mut s = self.0.borrow_mut();
+        let mut s = self.lock();
         s.0.update(buf);
         s.1 += buf.len() as u64;
     }

@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod notify;
 pub mod ops;
+pub mod pipe;
 pub mod progress;
 pub mod retention;
 pub mod snapshot;

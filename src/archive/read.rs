@@ -205,6 +205,9 @@ impl Reader<'_> {
         let plain = decryptor
             .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
             .map_err(|e| self.age_error(e, identity_path))?;
+        // Decryption (and the archive's SHA-256) on a second thread; decompression, tar,
+        // the files' SHA-256 and the writes on this one.
+        let plain = crate::pipe::PipeReader::new(plain, 1 << 20, 3);
         let zstd = zstd::stream::read::Decoder::new(plain).map_err(|e| damaged(name, &e))?;
         let mut tar = tar::Archive::new(zstd);
         let mut inner: Option<InnerManifest> = None;

@@ -20,11 +20,20 @@ use crate::config::CompressionSettings;
 use crate::error::{Error, Result};
 use crate::fsutil::{drop_from_page_cache, HashingReader, HashingWriter};
 use crate::manifest::{escape_path, DatabaseInfo, EntryKind, EntryRecord, InnerManifest, Skipped, TreeInfo};
+use crate::pipe::PipeWriter;
 use crate::progress::Progress;
 use crate::snapshot::{self, SnapshotInfo};
 
-type Stack<W> =
-    tar::Builder<zstd::stream::write::Encoder<'static, age::stream::StreamWriter<HashingWriter<W>>>>;
+/// tar -> zstd on the caller's thread; age -> SHA-256 -> file on a second one (see `pipe`).
+type Stack<W> = tar::Builder<
+    zstd::stream::write::Encoder<'static, PipeWriter<age::stream::StreamWriter<HashingWriter<W>>>>,
+>;
+
+/// Chunks handed to the encryption thread, and how many may wait: 4 MiB in flight at most.
+const PIPE_CHUNK: usize = 1 << 20;
+const PIPE_DEPTH: usize = 3;
+/// Source files are read in large chunks (one syscall per 256 KiB, not per 8 KiB).
+const READ_CHUNK: usize = 256 << 10;
 
 /// Where an error came from, so that a full target disk is told apart from a bad source.
 #[derive(Debug)]
@@ -43,7 +52,7 @@ impl From<Error> for WriteError {
 
 pub type WResult<T> = std::result::Result<T, WriteError>;
 
-pub struct ArchiveWriter<W: Write> {
+pub struct ArchiveWriter<W: Write + Send + 'static> {
     tar: Stack<W>,
     entries: Vec<EntryRecord>,
     changed: Vec<String>,
@@ -64,7 +73,7 @@ pub struct Finished<W> {
     pub skipped: Vec<Skipped>,
 }
 
-impl<W: Write> ArchiveWriter<W> {
+impl<W: Write + Send + 'static> ArchiveWriter<W> {
     pub fn new(
         output: W,
         recipients: &[age::x25519::Recipient],
@@ -75,8 +84,9 @@ impl<W: Write> ArchiveWriter<W> {
         let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
             .map_err(|e| WriteError::Other(Error::Failed(format!("cannot set up encryption: {e}"))))?;
         let encrypted = encryptor.wrap_output(hashed).map_err(WriteError::Output)?;
+        let piped = PipeWriter::new(encrypted, PIPE_CHUNK, PIPE_DEPTH);
         let mut zstd =
-            zstd::stream::write::Encoder::new(encrypted, compression.level).map_err(WriteError::Output)?;
+            zstd::stream::write::Encoder::new(piped, compression.level).map_err(WriteError::Output)?;
         // Without the frame checksum a flipped byte decompresses silently (NOTES.md).
         zstd.include_checksum(true).map_err(WriteError::Output)?;
         if compression.threads > 1 {
@@ -296,7 +306,7 @@ impl<W: Write> ArchiveWriter<W> {
             short: false,
             error: None,
         });
-        self.append(&mut h, rel, &mut reader, path)?;
+        self.append(&mut h, rel, std::io::BufReader::with_capacity(READ_CHUNK, &mut reader), path)?;
         let (sha256, n) = {
             let short = reader_short(&reader);
             if let Some(e) = reader_error(&mut reader) {
@@ -361,7 +371,8 @@ impl<W: Write> ArchiveWriter<W> {
             .append_data(&mut h, crate::manifest::INNER_MANIFEST, &json[..])
             .map_err(WriteError::Output)?;
         let zstd = self.tar.into_inner().map_err(WriteError::Output)?;
-        let age = zstd.finish().map_err(WriteError::Output)?;
+        let piped = zstd.finish().map_err(WriteError::Output)?;
+        let age = piped.finish().map_err(WriteError::Output)?;
         let hashed = age.finish().map_err(WriteError::Output)?;
         let (mut output, sha256, size) = hashed.finish();
         output.flush().map_err(WriteError::Output)?;
