@@ -11,7 +11,7 @@ pub fn notify(state: &str) -> bool {
     let Ok(sock) = UnixDatagram::unbound() else { return false };
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        // An abstract socket (systemd's default for services).
+        // An abstract socket name (`@...`); the system manager itself uses a path socket.
         use std::os::linux::net::SocketAddrExt;
         std::os::unix::net::SocketAddr::from_abstract_name(name)
             .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2015,SC2001,SC2028 # ok/fail always succeed: `test && ok || fail` is a safe if-else
 # Tests scripts/setup-usb.sh on loop devices: every refusal, --dry-run, the confirmation, and a
 # real run as far as the kernel allows (luksFormat, key file, crypttab/fstab entries, run twice).
 # Needs root, losetup, cryptsetup (apt-get install -y cryptsetup-bin) and mkfs.ext4. On a kernel
@@ -7,7 +8,7 @@
 #
 # Usage: sudo tests/scripts/setup-usb.test.sh     (last line: "N passed, M failed")
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 script=$PWD/scripts/setup-usb.sh
 
 passed=0
@@ -32,6 +33,7 @@ loops=()
 mounts=()
 had_mapper_dir=0
 [ -d /dev/mapper ] && had_mapper_dir=1
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
     local m l
     for m in "${mounts[@]}"; do umount "$m" 2>/dev/null; done
