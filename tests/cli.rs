@@ -196,15 +196,7 @@ fn in_place_restore_takes_a_safety_copy_stops_swaps_and_starts() {
     let log = fs::read_to_string(f.path().join("service.log")).unwrap();
     assert_eq!(log, "stopped\nstarted\n");
     // No staging or aside folders left beside the live data.
-    for dir in [f.app.database.parent().unwrap(), f.app.uploads.parent().unwrap()] {
-        for e in fs::read_dir(dir).unwrap().flatten() {
-            assert!(
-                !e.file_name().to_string_lossy().starts_with(".datavault-"),
-                "left behind: {:?}",
-                e.path()
-            );
-        }
-    }
+    f.assert_no_restore_leftovers();
     // The safety copy holds the damaged state: restoring it brings that back.
     let pre = o["pre_restore_archive"].as_str().unwrap().to_string();
     assert!(pre.starts_with("pre-restore-"));
@@ -565,12 +557,7 @@ fn a_restore_killed_while_stopping_the_app_leaves_the_old_state_and_is_cleaned_u
     assert_ne!(r.code, 0);
     assert_eq!(f.fingerprint(), old, "killed before the swap: exactly the old state");
     f.backup();
-    let leftovers: Vec<_> = fs::read_dir(f.app.database.parent().unwrap())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".datavault-"))
-        .collect();
-    assert!(leftovers.is_empty(), "staging removed by the next run: {leftovers:?}");
+    f.assert_no_restore_leftovers();
 }
 
 #[test]
@@ -589,15 +576,7 @@ fn a_restore_killed_while_starting_the_app_is_finished_by_the_next_run() {
     assert_eq!(f.fingerprint(), original);
     let log = fs::read_to_string(f.path().join("service.log")).unwrap();
     assert!(log.ends_with("started\n"), "the next run started the app: {log}");
-    for dir in [f.app.database.parent().unwrap(), f.app.uploads.parent().unwrap()] {
-        for e in fs::read_dir(dir).unwrap().flatten() {
-            assert!(
-                !e.file_name().to_string_lossy().starts_with(".datavault-"),
-                "left behind: {:?}",
-                e.path()
-            );
-        }
-    }
+    f.assert_no_restore_leftovers();
 }
 
 #[test]

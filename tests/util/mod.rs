@@ -116,6 +116,16 @@ impl Fixture {
         fingerprint(&self.app.database, Some(&self.app.uploads)).unwrap()
     }
 
+    /// No staging (`.datavault-restore-*`) or aside (`.datavault-old-*`) folder beside the live data.
+    #[track_caller]
+    pub fn assert_no_restore_leftovers(&self) {
+        for dir in [self.app.database.parent().unwrap(), self.app.uploads.parent().unwrap()] {
+            for e in fs::read_dir(dir).unwrap().flatten() {
+                assert!(!e.file_name().to_string_lossy().starts_with(".datavault-"), "left behind: {:?}", e.path());
+            }
+        }
+    }
+
     pub fn backup(&self) -> serde_json::Value {
         let r = self.expect(&["--json", "backup"], 0);
         serde_json::from_str(&r.stdout).unwrap()
