@@ -39,6 +39,10 @@ pub struct ExtractPlan {
     pub routes: Vec<(String, PathBuf)>,
     /// Restore owners from the archive (only possible, and only wanted, as root).
     pub set_owner: bool,
+    /// Flush everything to disk once extraction is complete (one `syncfs` per filesystem,
+    /// not one fsync per file). A restore needs it before the swap; a drill's scratch,
+    /// deleted right after, does not.
+    pub durable: bool,
 }
 
 impl ExtractPlan {
@@ -48,7 +52,7 @@ impl ExtractPlan {
             .iter()
             .map(|t| (t.to_string(), root.to_path_buf()))
             .collect();
-        ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root() }
+        ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root(), durable: true }
     }
 
     fn root_for(&self, top: &[u8]) -> Option<&Path> {
@@ -114,6 +118,13 @@ pub fn read_archive(
     reader.compare(&inner)?;
     if let Some(plan) = plan {
         reader.apply_dir_metadata(plan);
+        if plan.durable {
+            for (_, root) in &plan.routes {
+                let synced =
+                    File::open(root).and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+                synced.map_err(|e| write_error(root, e))?;
+            }
+        }
     }
     Ok(ReadReport {
         entries: reader.records.len() as u64,
@@ -129,15 +140,17 @@ pub fn read_archive(
 /// itself is damaged (checksum mismatch) or was made unreadable some other way.
 fn explain_with_checksum(path: &Path, manifest: &Manifest, hash: &SharedHash, e: Error) -> Error {
     let Error::Integrity { archive, message } = e else { return e };
-    if message.contains("wrong key") || message.contains("unsafe") {
+    if message.contains("unsafe") {
         return Error::Integrity { archive, message };
     }
+    // A flipped byte in the age header's recipient lines reads as "wrong key" to age: the
+    // checksum tells damage from a really wrong key (tests/hostile_archives.rs).
+    let cause =
+        if message.contains("wrong key") { "its age header opens with no identity given" } else { &message };
     match finish_hash(path, hash) {
         Ok(_) if hash.hex() != manifest.archive_sha256 => Error::Integrity {
             archive,
-            message: format!(
-                "damaged: its SHA-256 differs from the manifest ({message}); use another archive"
-            ),
+            message: format!("damaged: its SHA-256 differs from the manifest ({cause}); use another archive"),
         },
         _ => Error::Integrity { archive, message },
     }
@@ -432,7 +445,6 @@ impl Reader<'_> {
                 let _ = std::os::unix::fs::fchown(&f, owner.0.map(|u| u as u32), owner.1.map(|g| g as u32));
             }
             let _ = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
-            f.sync_all().map_err(|e| write_error(&dest, e))?;
         }
         self.files += 1;
         self.plain_bytes += n;

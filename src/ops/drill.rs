@@ -89,7 +89,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
         listing,
         &identities,
         &identity_path,
-        Some(&ExtractPlan::into_dir(&scratch)),
+        Some(&ExtractPlan { durable: false, ..ExtractPlan::into_dir(&scratch) }),
         &*env.progress,
     );
     let report = match read {
