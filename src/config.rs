@@ -121,6 +121,27 @@ impl DrillSettings {
     }
 }
 
+/// The dotted key (`section.key`) whose value starts on the line holding byte `offset`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let section = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 // ---- raw, position-keeping form -------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -244,7 +265,10 @@ impl Settings {
         let v = Validator { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| format!("line {}: ", v.line(s.start))).unwrap_or_default();
-            Error::config(path, format!("{line}{}", e.message().trim().replace('\n', " ")))
+            // serde's type errors do not name the key: take it from the line (tests/config_fuzz.rs).
+            let key =
+                e.span().and_then(|s| key_at(text, s.start)).map(|k| format!("{k}: ")).unwrap_or_default();
+            Error::config(path, format!("{line}{key}{}", e.message().trim().replace('\n', " ")))
         })?;
 
         let source = raw.source.get_ref();

@@ -53,17 +53,16 @@ pub fn open(path: &Path) -> Result<Connection> {
         Ok(_) => {}
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| {
-            Error::source(
-                path,
-                format!(
-                    "cannot open the database: {e}; reading a WAL database needs write access to its folder \
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+        Error::source(
+            path,
+            format!(
+                "cannot open the database: {e}; reading a WAL database needs write access to its folder \
                      (for the -shm file): check permissions, and under systemd the folder's ReadWritePaths \
                      (docs/appliance.md)"
-                ),
-            )
-        })?;
+            ),
+        )
+    })?;
     // A writer holding the WAL write lock does not block us; this only covers the brief
     // moments of recovery or a rollback-journal database in the middle of a commit.
     conn.busy_timeout(Duration::from_secs(30))

@@ -190,7 +190,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
         log::warn!("{name} holds uploads but source.uploads is not configured: they are not restored");
         routes.push((crate::archive::TOP_UPLOADS.to_string(), db_stage.join("ignored")));
     }
-    let plan = ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root() };
+    let plan = ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root(), durable: true };
     for st in &stages {
         std::fs::create_dir(st)
             .map_err(|e| Error::io(format!("cannot create staging folder {}", st.display()), e))?;
@@ -236,13 +236,9 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
         log::warn!("no live data found: nothing to save before restoring");
     }
 
-    // 3. Stop the application.
-    if let Some(svc) = &s.service {
-        run_command("stop", &svc.stop_command)
-            .map_err(|e| Error::Failed(format!("{e}; nothing was changed")))?;
-    }
-
-    // 4. Swap, journaled.
+    // 3. Stop the application. The journal is written first, with no moves yet: a run cut
+    // off from here on is repaired by the next run, which removes the staging and aside
+    // folders and starts the application again (tests/faults.rs found both left behind).
     let db_aside = db_parent.join(format!("{ASIDE_PREFIX}{tag}"));
     let uploads_aside = uploads_parent.as_ref().map(|p| p.join(format!("{ASIDE_PREFIX}{tag}")));
     let mut asides = vec![db_aside.clone()];
@@ -251,6 +247,27 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
             asides.push(u.clone());
         }
     }
+    let mut journal = Journal {
+        archive: name.clone(),
+        phase: Phase::Swapping,
+        moves: Vec::new(),
+        stages: stages.clone(),
+        asides,
+    };
+    let journal_path = s.state.restore_journal_path();
+    save_journal(&journal_path, &journal)?;
+    for a in &journal.asides {
+        std::fs::create_dir_all(a).map_err(|e| Error::io(format!("cannot create {}", a.display()), e))?;
+    }
+    if let Some(svc) = &s.service {
+        if let Err(e) = run_command("stop", &svc.stop_command) {
+            finish_journal(&journal_path, &journal);
+            return Err(Error::Failed(format!("{e}; nothing was changed")));
+        }
+    }
+
+    // 4. Swap, journaled. What exists is looked at only now: a stopped app may have removed
+    // its -wal and -shm.
     let mut moves = Vec::new();
     for suffix in ["-wal", "-shm", "-journal"] {
         let live = with_suffix(&db_live, suffix);
@@ -275,12 +292,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
             staged: Some(stage.join(crate::archive::TOP_UPLOADS)),
         });
     }
-    let mut journal =
-        Journal { archive: name.clone(), phase: Phase::Swapping, moves, stages: stages.clone(), asides };
-    let journal_path = s.state.restore_journal_path();
-    for a in &journal.asides {
-        std::fs::create_dir_all(a).map_err(|e| Error::io(format!("cannot create {}", a.display()), e))?;
-    }
+    journal.moves = moves;
     save_journal(&journal_path, &journal)?;
     log::info!("swapping in the restored data");
     if let Err(e) = swap(&journal) {

@@ -121,7 +121,11 @@ impl Fixture {
     pub fn assert_no_restore_leftovers(&self) {
         for dir in [self.app.database.parent().unwrap(), self.app.uploads.parent().unwrap()] {
             for e in fs::read_dir(dir).unwrap().flatten() {
-                assert!(!e.file_name().to_string_lossy().starts_with(".datavault-"), "left behind: {:?}", e.path());
+                assert!(
+                    !e.file_name().to_string_lossy().starts_with(".datavault-"),
+                    "left behind: {:?}",
+                    e.path()
+                );
             }
         }
     }

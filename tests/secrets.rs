@@ -1,0 +1,69 @@
+//! No secret ever reaches a log line, the catalog, the metrics or the drive: every command
+//! that loads the identity runs at the most verbose level, and everything it leaves behind
+//! is searched for the private key.
+
+mod util;
+
+use std::fs;
+
+use util::Fixture;
+
+#[test]
+fn the_identity_never_appears_in_output_logs_catalog_metrics_or_on_the_drive() {
+    let f = Fixture::new();
+    let text = fs::read_to_string(&f.identity).unwrap();
+    let secret = text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).unwrap().to_string();
+    // The key body too, in any case (bech32 is case-insensitive).
+    let body = secret["AGE-SECRET-KEY-1".len()..].to_ascii_lowercase();
+    let mut seen = String::new();
+    let out = f.path().join("restored");
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["-vv", "backup"],
+        vec!["-vv", "--json", "backup"],
+        vec!["-vv", "verify", "--deep"],
+        vec!["-vv", "drill"],
+        vec!["-vv", "--json", "drill"],
+        vec!["-vv", "restore", "--to", out.to_str().unwrap()],
+        vec!["-vv", "restore", "--yes"],
+        vec!["-vv", "--json", "status"],
+        vec!["-vv", "--json", "audit"],
+        vec!["-vv", "doctor"],
+        vec!["-vv", "list"],
+    ];
+    for args in &runs {
+        let r = f.run(args);
+        assert!(r.code == 0, "datavault {args:?} exited {}: {}", r.code, r.stderr);
+        seen.push_str(&r.stdout);
+        seen.push_str(&r.stderr);
+    }
+    // A failing drill (wrong key) and a broken identity: error paths log too.
+    let other = f.path().join("keys/other.txt");
+    datavault::keys::generate_identity_file(&other).unwrap();
+    let cfg = fs::read_to_string(&f.config).unwrap();
+    fs::write(&f.config, cfg.replace(&f.identity.display().to_string(), &other.display().to_string()))
+        .unwrap();
+    let r = f.run(&["-vv", "drill"]);
+    assert_eq!(r.code, 4);
+    seen.push_str(&r.stderr);
+    fs::write(&f.config, &cfg).unwrap();
+    assert!(seen.len() > 1000, "the runs said something");
+    let mut files = 0;
+    for root in [&f.state, &f.target] {
+        for e in walkdir::WalkDir::new(root).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+            let bytes = fs::read(e.path()).unwrap();
+            let lossy = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+            assert!(!lossy.contains(&body), "the private key is in {}", e.path().display());
+            files += 1;
+        }
+    }
+    assert!(
+        !seen.contains(&secret) && !seen.to_ascii_lowercase().contains(&body),
+        "the private key was printed"
+    );
+    assert!(f.state.join("catalog.db").exists() && f.state.join("datavault.prom").exists());
+    eprintln!(
+        "secrets: {} runs ({} bytes of output) and {files} files in the state folder and on the drive searched",
+        runs.len() + 1,
+        seen.len()
+    );
+}
