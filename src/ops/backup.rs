@@ -11,7 +11,10 @@ use serde::Serialize;
 use crate::archive::write::{ArchiveWriter, WriteError};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{is_disk_full, Error, Result};
-use crate::fsutil::{write_atomic, PartialFile};
+use crate::fsutil::{write_atomic, PartialFile, SteadyWriter};
+
+/// Flush the archive to disk every 16 MiB as it is written (see `SteadyWriter`).
+const FLUSH_EVERY: u64 = 16 << 20;
 use crate::manifest::{
     self, ArchiveKind, CompressionInfo, EncryptionInfo, Manifest, SourceInfo, ARCHIVE_SUFFIX, MANIFEST_SUFFIX,
 };
@@ -37,6 +40,7 @@ pub struct BackupOutcome {
 
 /// The whole `backup` command: lock, archive, prune, catalog.
 pub fn run(env: &Env, opts: &BackupOptions) -> Result<BackupOutcome> {
+    crate::ops::run_in_background_priority();
     let run = Run::start(env, "backup", &opts.trigger, true)?;
     let result = backup_in_run(&run, opts);
     let (status, archive) = match &result {
@@ -131,7 +135,7 @@ pub fn create_archive(
     let archive_path = target_dir.join(&archive_name);
     let mut partial =
         PartialFile::create(&archive_path, 0o600).map_err(|e| output_error_ctx(target_dir, e))?;
-    let out = BufWriter::with_capacity(1 << 20, partial.take_file());
+    let out = BufWriter::with_capacity(1 << 20, SteadyWriter::new(partial.take_file(), FLUSH_EVERY));
     let mut writer = ArchiveWriter::new(out, &s.encryption.recipients, s.compression, env.progress.clone())
         .map_err(|e| write_error(target_dir, e))?;
     env.progress.start("backing up", needed);
@@ -176,7 +180,8 @@ pub fn create_archive(
     };
     let finished = writer.finish(created).map_err(|e| write_error(target_dir, e))?;
     env.progress.finish();
-    let file = finished.output.into_inner().map_err(|e| output_error(target_dir, e.into_error()))?;
+    let file =
+        finished.output.into_inner().map_err(|e| output_error(target_dir, e.into_error()))?.into_inner();
 
     // If the drive was unmounted under us, the rename below would land in the folder on the
     // SD card underneath. The open file still lives on the old device: compare.

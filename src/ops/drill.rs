@@ -34,6 +34,7 @@ pub struct DrillReport {
 }
 
 pub fn run(env: &Env, which: Option<&str>, trigger: &str) -> Result<DrillReport> {
+    crate::ops::run_in_background_priority();
     let run = Run::start(env, "drill", trigger, true)?;
     let result = drill_in_run(&run, which);
     let archive = result.as_ref().ok().map(|r| r.archive.clone());
