@@ -19,7 +19,7 @@ use tar::{EntryType, Header};
 use crate::config::CompressionSettings;
 use crate::error::{Error, Result};
 use crate::fsutil::{drop_from_page_cache, HashingReader, HashingWriter};
-use crate::manifest::{escape_path, DatabaseInfo, EntryKind, EntryRecord, InnerManifest, Skipped, TreeInfo};
+use crate::manifest::{escape_path, DatabaseInfo, EntryKind, EntryRecord, Skipped, TreeInfo};
 use crate::pipe::PipeWriter;
 use crate::progress::Progress;
 use crate::snapshot::{self, SnapshotInfo};
@@ -54,7 +54,9 @@ pub type WResult<T> = std::result::Result<T, WriteError>;
 
 pub struct ArchiveWriter<W: Write + Send + 'static> {
     tar: Stack<W>,
-    entries: Vec<EntryRecord>,
+    /// One compact record per entry, for the inner manifest written at the end (the only
+    /// memory that grows: with the number of files, ~100 bytes each, not with their size).
+    entries: Vec<Rec>,
     changed: Vec<String>,
     skipped: Vec<Skipped>,
     files: u64,
@@ -150,13 +152,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         self.files += 1;
         self.plain_bytes += n;
         let entry_s = escape_path(&entry);
-        self.entries.push(EntryRecord {
-            path: entry_s.clone(),
-            kind: EntryKind::File,
-            size: n,
-            sha256: Some(sha256.clone()),
-            target: None,
-        });
+        self.entries.push(Rec::new(&entry_s, EntryKind::File, n, Some(&sha256), None));
         Ok(DatabaseInfo {
             entry: entry_s,
             size: n,
@@ -220,13 +216,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
                 let mut h = header_from(&meta, EntryType::Directory);
                 h.set_size(0);
                 self.append(&mut h, &dir, io::empty(), item.path())?;
-                self.entries.push(EntryRecord {
-                    path: escape_path(&rel),
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    sha256: None,
-                    target: None,
-                });
+                self.entries.push(Rec::new(&escape_path(&rel), EntryKind::Dir, 0, None, None));
                 info.dirs += 1;
             } else if ft.is_symlink() {
                 let (meta, target) =
@@ -246,13 +236,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
                     .append_link(&mut h, Path::new(std::ffi::OsStr::from_bytes(&rel)), &target)
                     .map_err(|e| classify_append(e, item.path()))?;
                 let t = escape_path(target.as_os_str().as_bytes());
-                self.entries.push(EntryRecord {
-                    path: escape_path(&rel),
-                    kind: EntryKind::Symlink,
-                    size: 0,
-                    sha256: None,
-                    target: Some(t),
-                });
+                self.entries.push(Rec::new(&escape_path(&rel), EntryKind::Symlink, 0, None, Some(&t)));
                 info.symlinks += 1;
                 self.files += 1;
             } else if ft.is_file() {
@@ -338,13 +322,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         }
         self.files += 1;
         self.plain_bytes += n;
-        self.entries.push(EntryRecord {
-            path: shown,
-            kind: EntryKind::File,
-            size: n,
-            sha256: Some(sha256),
-            target: None,
-        });
+        self.entries.push(Rec::new(&shown, EntryKind::File, n, Some(&sha256), None));
         Ok(Some(n))
     }
 
@@ -356,20 +334,23 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
 
     /// Write the inner manifest, finish every stage inside out, and return the output.
     pub fn finish(mut self, created: DateTime<Utc>) -> WResult<Finished<W>> {
-        let inner = InnerManifest {
-            format: crate::manifest::FORMAT_VERSION,
-            created,
-            entries: std::mem::take(&mut self.entries),
-        };
-        let json = serde_json::to_vec(&inner).expect("inner manifest serializes");
+        // Streamed, not built in memory: its length is counted in a first pass, then the tar
+        // header and the JSON go straight into the compressor.
+        let mut counter = CountingSink(0);
+        write_inner_manifest(&mut counter, created, &self.entries).map_err(WriteError::Output)?;
+        let len = counter.0;
         let mut h = Header::new_gnu();
         h.set_entry_type(EntryType::Regular);
         h.set_mode(0o600);
         h.set_mtime(created.timestamp().max(0) as u64);
-        h.set_size(json.len() as u64);
-        self.tar
-            .append_data(&mut h, crate::manifest::INNER_MANIFEST, &json[..])
-            .map_err(WriteError::Output)?;
+        h.set_size(len);
+        h.set_path(crate::manifest::INNER_MANIFEST).map_err(WriteError::Output)?;
+        h.set_cksum();
+        let out = self.tar.get_mut();
+        out.write_all(h.as_bytes()).map_err(WriteError::Output)?;
+        write_inner_manifest(out, created, &self.entries).map_err(WriteError::Output)?;
+        let pad = (512 - (len % 512) as usize) % 512;
+        out.write_all(&[0u8; 512][..pad]).map_err(WriteError::Output)?;
         let zstd = self.tar.into_inner().map_err(WriteError::Output)?;
         let piped = zstd.finish().map_err(WriteError::Output)?;
         let age = piped.finish().map_err(WriteError::Output)?;
@@ -385,6 +366,63 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
             changed: self.changed,
             skipped: self.skipped,
         })
+    }
+}
+
+/// A compact [`EntryRecord`]: the binary hash and boxed strings save half the memory.
+struct Rec {
+    path: Box<str>,
+    kind: EntryKind,
+    size: u64,
+    sha256: Option<[u8; 32]>,
+    target: Option<Box<str>>,
+}
+
+impl Rec {
+    fn new(path: &str, kind: EntryKind, size: u64, sha256_hex: Option<&str>, target: Option<&str>) -> Rec {
+        let sha256 = sha256_hex.map(|h| {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(h, &mut b).expect("our own hex digest");
+            b
+        });
+        Rec { path: path.into(), kind, size, sha256, target: target.map(Into::into) }
+    }
+
+    fn to_record(&self) -> EntryRecord {
+        EntryRecord {
+            path: self.path.to_string(),
+            kind: self.kind.clone(),
+            size: self.size,
+            sha256: self.sha256.map(hex::encode),
+            target: self.target.as_deref().map(str::to_string),
+        }
+    }
+}
+
+/// The inner manifest's JSON, the same document `InnerManifest` serializes to, written one
+/// entry at a time.
+fn write_inner_manifest(w: &mut impl Write, created: DateTime<Utc>, recs: &[Rec]) -> io::Result<()> {
+    write!(w, "{{\"format\":{},\"created\":", crate::manifest::FORMAT_VERSION)?;
+    serde_json::to_writer(&mut *w, &created)?;
+    w.write_all(b",\"entries\":[")?;
+    for (i, r) in recs.iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut *w, &r.to_record())?;
+    }
+    w.write_all(b"]}")
+}
+
+struct CountingSink(u64);
+
+impl Write for CountingSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -496,4 +534,33 @@ pub fn open_output(path: &Path) -> Result<File> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_streamed_inner_manifest_is_the_documented_json() {
+        let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let recs = vec![
+            Rec::new("uploads", EntryKind::Dir, 0, None, None),
+            Rec::new("uploads/a\\\\b \\xff.txt", EntryKind::File, 3, Some(sha), None),
+            Rec::new("uploads/l", EntryKind::Symlink, 0, None, Some("a b")),
+        ];
+        let created: DateTime<Utc> = "2026-11-23T04:00:00.123Z".parse().unwrap();
+        let mut out = Vec::new();
+        write_inner_manifest(&mut out, created, &recs).unwrap();
+        let parsed: crate::manifest::InnerManifest = serde_json::from_slice(&out).unwrap();
+        let expected = crate::manifest::InnerManifest {
+            format: crate::manifest::FORMAT_VERSION,
+            created,
+            entries: recs.iter().map(Rec::to_record).collect(),
+        };
+        assert_eq!(parsed, expected);
+        assert_eq!(parsed.entries[1].sha256.as_deref(), Some(sha));
+        let mut count = CountingSink(0);
+        write_inner_manifest(&mut count, created, &recs).unwrap();
+        assert_eq!(count.0, out.len() as u64);
+    }
 }
