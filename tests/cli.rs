@@ -357,24 +357,12 @@ fn a_mounted_target_too_small_is_refused_before_writing() {
     assert!(f.all_target_files().is_empty());
 }
 
-/// A database writer holding its lock pauses the backup at a known point, with the
-/// `.partial` archive already created: no sleeps needed to hit "mid-run".
-fn pause_backup_mid_run(f: &Fixture) -> (Connection, std::process::Child) {
-    let c = Connection::open(&f.app.database).unwrap();
-    c.execute_batch("PRAGMA journal_mode=DELETE; BEGIN EXCLUSIVE;").unwrap();
-    let child = f.command(&["backup"]).stderr(std::process::Stdio::null()).spawn().unwrap();
-    while !f.all_target_files().iter().any(|n| n.ends_with(".partial")) {
-        std::thread::yield_now();
-    }
-    (c, child)
-}
-
 #[test]
 fn a_backup_killed_mid_run_leaves_no_complete_looking_archive_and_is_cleaned_next_run() {
     let f = Fixture::new();
     f.backup();
     let first = f.all_target_files();
-    let (c, mut child) = pause_backup_mid_run(&f);
+    let (c, mut child) = f.pause_backup_mid_run();
     child.kill().unwrap();
     child.wait().unwrap();
     c.execute_batch("COMMIT").unwrap();
@@ -399,7 +387,7 @@ fn a_disk_that_fills_mid_archive_exits_3_and_leaves_no_partial() {
     let _m = Tmpfs::mount(&f.target, "8m");
     f.backup();
     let before = f.all_target_files();
-    let (c, child) = pause_backup_mid_run(&f);
+    let (c, child) = f.pause_backup_mid_run();
     // Someone else fills the drive while the backup waits for the database.
     let mut filler = fs::File::create(f.target.join("filler")).unwrap();
     let block = vec![0x5a; 64 * 1024];

@@ -341,18 +341,6 @@ fn an_in_place_restore_killed_at_any_moment_leaves_exactly_the_old_or_the_new_st
 
 // ---- 2. the target vanishes -------------------------------------------------------------------
 
-/// A database writer holding its lock pauses the backup with its `.partial` already created
-/// (the trick from tests/cli.rs).
-fn pause_backup_mid_run(f: &Fixture) -> (Connection, std::process::Child) {
-    let c = Connection::open(&f.app.database).unwrap();
-    c.execute_batch("PRAGMA journal_mode=DELETE; BEGIN EXCLUSIVE;").unwrap();
-    let child = f.command(&["backup"]).stderr(Stdio::piped()).spawn().unwrap();
-    while !f.all_target_files().iter().any(|n| n.ends_with(".partial")) {
-        std::thread::yield_now();
-    }
-    (c, child)
-}
-
 #[test]
 fn a_target_unmounted_mid_run_exits_3_and_nothing_lands_on_the_folder_underneath() {
     if !is_root() || emulated() {
@@ -361,7 +349,7 @@ fn a_target_unmounted_mid_run_exits_3_and_nothing_lands_on_the_folder_underneath
     let f = Fixture::with(|c| *c = c.replace("require_mountpoint = false", "require_mountpoint = true"));
     let _m = Tmpfs::mount(&f.target, "64m");
     f.backup();
-    let (c, child) = pause_backup_mid_run(&f);
+    let (c, child) = f.pause_backup_mid_run();
     let st = Command::new("umount").arg("-l").arg(&f.target).status().unwrap();
     assert!(st.success());
     c.execute_batch("COMMIT").unwrap();

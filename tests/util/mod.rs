@@ -130,6 +130,19 @@ impl Fixture {
         }
     }
 
+    /// A database writer holding its lock pauses a backup at a known point, with the
+    /// `.partial` archive already created: no sleeps needed to hit "mid-run". Commit the
+    /// returned connection's transaction to let the backup go on.
+    pub fn pause_backup_mid_run(&self) -> (rusqlite::Connection, std::process::Child) {
+        let c = rusqlite::Connection::open(&self.app.database).unwrap();
+        c.execute_batch("PRAGMA journal_mode=DELETE; BEGIN EXCLUSIVE;").unwrap();
+        let child = self.command(&["backup"]).stderr(Stdio::piped()).spawn().unwrap();
+        while !self.all_target_files().iter().any(|n| n.ends_with(".partial")) {
+            std::thread::yield_now();
+        }
+        (c, child)
+    }
+
     pub fn backup(&self) -> serde_json::Value {
         let r = self.expect(&["--json", "backup"], 0);
         serde_json::from_str(&r.stdout).unwrap()
