@@ -22,4 +22,5 @@ pub mod pipe;
 pub mod progress;
 pub mod retention;
 pub mod snapshot;
+pub mod store;
 pub mod target;
