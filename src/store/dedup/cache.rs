@@ -1,0 +1,517 @@
+//! The local cache (SQLite, in the state folder): where each chunk is, and which upload files
+//! are unchanged since the last backup.
+//!
+//! It only ever saves time. The drive is the truth: [`Cache::sync`] compares the cache with
+//! the index files and packs on the drive before every use, drops what vanished and loads
+//! what appeared; a cache that cannot be opened is deleted and rebuilt. Memory does not grow
+//! with the store: rows live on disk and SQLite's page cache is capped at 4 MiB. On disk it
+//! costs about 70 bytes per chunk (docs/format.md).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::format::{self, IndexFile, MAX_BLOB, MAX_CHUNK, MAX_INDEX_BLOBS, MAX_PACK};
+use super::key::ChunkId;
+use super::{read_error, Store};
+use crate::error::{Context, Error, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS index_files(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, partial INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, idx INTEGER NOT NULL, pack INTEGER NOT NULL, off INTEGER NOT NULL,
+    len INTEGER NOT NULL, plain INTEGER NOT NULL, PRIMARY KEY(id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files(path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, chunks BLOB NOT NULL, run INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending(id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS live(id BLOB PRIMARY KEY) WITHOUT ROWID;
+";
+const SCHEMA_VERSION: &str = "1";
+
+/// Where a chunk is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobLoc {
+    pub pack: [u8; 32],
+    pub offset: u64,
+    pub length: u64,
+    pub plain: u64,
+}
+
+/// What [`Cache::sync`] found.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    pub index_files_loaded: u64,
+    pub index_files_dropped: u64,
+    pub packs_missing: u64,
+    /// Index files that are damaged (bad hash, bad JSON, impossible ranges): not trusted.
+    pub bad_index_files: Vec<(String, String)>,
+}
+
+/// A file's identity for the file cache: unchanged when all of these are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+}
+
+impl FileStat {
+    pub fn from_metadata(m: &std::fs::Metadata) -> FileStat {
+        use std::os::unix::fs::MetadataExt;
+        FileStat {
+            size: m.len(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+            inode: m.ino(),
+        }
+    }
+}
+
+pub struct Cache {
+    pub(crate) conn: Connection,
+}
+
+/// An index file as checked: packs with their blobs, ids binary.
+pub(crate) struct ParsedIndex {
+    pub packs: Vec<ParsedPack>,
+}
+
+pub(crate) struct ParsedPack {
+    pub hash: [u8; 32],
+    pub size: u64,
+    pub blobs: Vec<(ChunkId, u64, u64, u64)>,
+}
+
+/// Check an index file's bytes against its name and every rule a reader relies on.
+pub(crate) fn parse_index(name_hex: &str, bytes: &[u8]) -> std::result::Result<ParsedIndex, String> {
+    if super::sha256_hex(bytes) != name_hex {
+        return Err("its SHA-256 differs from its name (damaged)".into());
+    }
+    let f: IndexFile = serde_json::from_slice(bytes).map_err(|e| format!("is not a valid index ({e})"))?;
+    if f.format > format::STORE_FORMAT {
+        return Err(format!("format {} is newer than this datavault understands", f.format));
+    }
+    let mut total = 0usize;
+    let mut packs = Vec::with_capacity(f.packs.len());
+    for p in f.packs {
+        let hash = format::parse_hex32(&p.pack).ok_or("names an invalid pack")?;
+        if p.size > MAX_PACK {
+            return Err(format!("pack {} declares {} bytes, more than any pack", p.pack, p.size));
+        }
+        total += p.blobs.len();
+        if total > MAX_INDEX_BLOBS {
+            return Err("lists more blobs than any index file holds".into());
+        }
+        let mut end = 0u64;
+        let mut blobs = Vec::with_capacity(p.blobs.len());
+        for b in p.blobs {
+            let id = format::parse_hex32(&b.0).ok_or("lists an invalid chunk id")?;
+            let (off, len, plain) = (b.1, b.2, b.3);
+            let within =
+                off >= end && len > 0 && len <= MAX_BLOB && off.checked_add(len).is_some_and(|e| e <= p.size);
+            if !within || plain > MAX_CHUNK {
+                return Err(format!("pack {}: blob at {off}+{len} is out of range or overlaps", p.pack));
+            }
+            end = off + len;
+            blobs.push((id, off, len, plain));
+        }
+        packs.push(ParsedPack { hash, size: p.size, blobs });
+    }
+    Ok(ParsedIndex { packs })
+}
+
+/// Every pack on the drive and its size. Packs sit in 256 folders by their first two digits.
+pub(crate) fn list_packs(store: &Store) -> Result<HashMap<[u8; 32], u64>> {
+    let mut out = HashMap::new();
+    let loc = store.location();
+    for i in 0..=255u8 {
+        let dir = format!("{}/{i:02x}", format::PACKS_DIR);
+        for o in store.backend().list(&dir).map_err(|e| read_error(&loc, &dir, &e))? {
+            if let Some(h) =
+                format::parse_hex32(&o.name).filter(|_| o.name.starts_with(&dir[dir.len() - 2..]))
+            {
+                out.insert(h, o.size);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Index file names on the drive (hex, without `.json`).
+pub(crate) fn list_index_names(store: &Store) -> Result<Vec<String>> {
+    let loc = store.location();
+    let list =
+        store.backend().list(format::INDEX_DIR).map_err(|e| read_error(&loc, format::INDEX_DIR, &e))?;
+    Ok(list
+        .into_iter()
+        .filter_map(|o| o.name.strip_suffix(".json").filter(|h| format::is_hex64(h)).map(str::to_string))
+        .collect())
+}
+
+impl Cache {
+    /// Open (or create) the cache at `path`; a damaged or foreign file is replaced.
+    pub fn open(path: &Path) -> Result<Cache> {
+        match Cache::try_open(path) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                log::warn!("{}: cache unusable ({e}); rebuilding it from the drive", path.display());
+                for suffix in ["", "-wal", "-shm", "-journal"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(p);
+                }
+                Cache::try_open(path)
+            }
+        }
+    }
+
+    /// A cache that lives in memory only (tests, one-off reads).
+    pub fn open_in_memory() -> Result<Cache> {
+        let conn = Connection::open_in_memory().context(|| "cannot open an in-memory cache".into())?;
+        Cache::setup(conn)
+    }
+
+    fn try_open(path: &Path) -> Result<Cache> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let conn = Connection::open(path).context(|| format!("cannot open the cache {}", path.display()))?;
+        Cache::setup(conn)
+    }
+
+    fn setup(conn: Connection) -> Result<Cache> {
+        let ctx = || "cannot set up the cache".to_string();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-4096; PRAGMA temp_store=FILE;",
+        )
+        .context(ctx)?;
+        conn.execute_batch(SCHEMA).context(ctx)?;
+        let version: Option<String> = conn
+            .query_row("SELECT v FROM meta WHERE k='schema'", [], |r| r.get(0))
+            .optional()
+            .context(ctx)?;
+        match version.as_deref() {
+            Some(SCHEMA_VERSION) => {}
+            None => {
+                conn.execute("INSERT INTO meta(k, v) VALUES ('schema', ?1)", [SCHEMA_VERSION])
+                    .context(ctx)?;
+            }
+            Some(v) => return Err(Error::Failed(format!("cache schema {v} is not ours"))),
+        }
+        // Quick sanity: a torn or foreign file fails here and is rebuilt.
+        let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).context(ctx)?;
+        if ok != "ok" {
+            return Err(Error::Failed(format!("cache check failed: {ok}")));
+        }
+        Ok(Cache { conn })
+    }
+
+    fn meta(&self, k: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT v FROM meta WHERE k=?1", [k], |r| r.get(0))
+            .optional()
+            .context(|| "cache".into())
+    }
+
+    fn set_meta(&self, k: &str, v: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v=excluded.v",
+                [k, v],
+            )
+            .map(|_| ())
+            .context(|| "cache".into())
+    }
+
+    fn wipe(&self, tables: &str) -> Result<()> {
+        self.conn.execute_batch(tables).context(|| "cannot clear the cache".into())
+    }
+
+    /// Bring the chunk index up to date with the drive. Cheap when nothing changed: one
+    /// listing of the index folder and of the 256 pack folders.
+    pub fn sync(&mut self, store: &Store) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        if self.meta("store_id")?.as_deref() != Some(store.config().store_id.as_str()) {
+            // Another drive (or a new store on it): nothing here describes it.
+            self.wipe("DELETE FROM blobs; DELETE FROM packs; DELETE FROM index_files; DELETE FROM files;")?;
+            self.set_meta("store_id", &store.config().store_id)?;
+        }
+        let packs_on_drive = list_packs(store)?;
+        let names = list_index_names(store)?;
+        let tx = self.conn.unchecked_transaction().context(|| "cache".into())?;
+        report.packs_missing = self.drop_vanished_packs(&packs_on_drive)?;
+        report.index_files_dropped = self.drop_vanished_index_files(&names)?;
+        for name in &names {
+            let known: bool = self
+                .conn
+                .query_row("SELECT count(*) FROM index_files WHERE name=?1", [name], |r| r.get::<_, i64>(0))
+                .context(|| "cache".into())?
+                > 0;
+            if known {
+                continue;
+            }
+            let path = format::index_path(name);
+            let parsed = store
+                .backend()
+                .read_small(&path, format::MAX_INDEX_FILE)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_index(name, &b));
+            match parsed {
+                Ok(p) => {
+                    self.load_index(name, &p, Some(&packs_on_drive))?;
+                    report.index_files_loaded += 1;
+                }
+                Err(why) => {
+                    log::warn!("{path}: {why}; not used (run `datavault verify --all`)");
+                    report.bad_index_files.push((name.clone(), why));
+                }
+            }
+        }
+        tx.commit().context(|| "cache".into())?;
+        Ok(report)
+    }
+
+    fn drop_vanished_packs(&self, on_drive: &HashMap<[u8; 32], u64>) -> Result<u64> {
+        let ctx = || "cache".to_string();
+        let rows: Vec<(i64, Vec<u8>, i64)> = {
+            let mut st = self.conn.prepare("SELECT id, hash, size FROM packs").context(ctx)?;
+            let it = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).context(ctx)?;
+            it.collect::<rusqlite::Result<_>>().context(ctx)?
+        };
+        let mut gone = 0;
+        for (id, hash, size) in rows {
+            let Ok(h) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
+            if on_drive.get(&h) == Some(&(size as u64)) {
+                continue;
+            }
+            gone += 1;
+            // Its index files are reloaded (minus this pack) when it comes back.
+            self.conn
+                .execute("UPDATE index_files SET partial=1 WHERE id IN (SELECT DISTINCT idx FROM blobs WHERE pack=?1)", [id])
+                .context(ctx)?;
+            self.conn.execute("DELETE FROM blobs WHERE pack=?1", [id]).context(ctx)?;
+            self.conn.execute("DELETE FROM packs WHERE id=?1", [id]).context(ctx)?;
+        }
+        Ok(gone)
+    }
+
+    fn drop_vanished_index_files(&self, names: &[String]) -> Result<u64> {
+        let ctx = || "cache".to_string();
+        let present: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let rows: Vec<(i64, String, i64)> = {
+            let mut st = self.conn.prepare("SELECT id, name, partial FROM index_files").context(ctx)?;
+            let it = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).context(ctx)?;
+            it.collect::<rusqlite::Result<_>>().context(ctx)?
+        };
+        let mut dropped = 0;
+        for (id, name, partial) in rows {
+            if present.contains(name.as_str()) && partial == 0 {
+                continue;
+            }
+            dropped += 1;
+            self.conn.execute("DELETE FROM blobs WHERE idx=?1", [id]).context(ctx)?;
+            self.conn.execute("DELETE FROM index_files WHERE id=?1", [id]).context(ctx)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Record an index file. With `packs_on_drive`, blobs of packs that are not there (or
+    /// not at their indexed size) are left out and the file is marked for a later retry.
+    pub(crate) fn load_index(
+        &self,
+        name: &str,
+        parsed: &ParsedIndex,
+        packs_on_drive: Option<&HashMap<[u8; 32], u64>>,
+    ) -> Result<()> {
+        let ctx = || "cache".to_string();
+        self.conn.execute("INSERT OR IGNORE INTO index_files(name) VALUES (?1)", [name]).context(ctx)?;
+        let idx: i64 = self
+            .conn
+            .query_row("SELECT id FROM index_files WHERE name=?1", [name], |r| r.get(0))
+            .context(ctx)?;
+        let mut partial = false;
+        for p in &parsed.packs {
+            if packs_on_drive.is_some_and(|d| d.get(&p.hash) != Some(&p.size)) {
+                partial = true;
+                continue;
+            }
+            let pack_id = self.pack_id(&p.hash, p.size)?;
+            let mut st = self
+                .conn
+                .prepare_cached("INSERT OR IGNORE INTO blobs(id, idx, pack, off, len, plain) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .context(ctx)?;
+            for (id, off, len, plain) in &p.blobs {
+                st.execute(params![&id[..], idx, pack_id, *off as i64, *len as i64, *plain as i64])
+                    .context(ctx)?;
+            }
+        }
+        if partial {
+            self.conn.execute("UPDATE index_files SET partial=1 WHERE id=?1", [idx]).context(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Forget an index file (GC deleted it).
+    pub(crate) fn forget_index(&self, name: &str) -> Result<()> {
+        let ctx = || "cache".to_string();
+        let idx: Option<i64> = self
+            .conn
+            .query_row("SELECT id FROM index_files WHERE name=?1", [name], |r| r.get(0))
+            .optional()
+            .context(ctx)?;
+        if let Some(idx) = idx {
+            self.conn.execute("DELETE FROM blobs WHERE idx=?1", [idx]).context(ctx)?;
+            self.conn.execute("DELETE FROM index_files WHERE id=?1", [idx]).context(ctx)?;
+        }
+        Ok(())
+    }
+
+    fn pack_id(&self, hash: &[u8; 32], size: u64) -> Result<i64> {
+        let ctx = || "cache".to_string();
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO packs(hash, size) VALUES (?1, ?2)",
+                params![&hash[..], size as i64],
+            )
+            .context(ctx)?;
+        self.conn.query_row("SELECT id FROM packs WHERE hash=?1", [&hash[..]], |r| r.get(0)).context(ctx)
+    }
+
+    /// Where a chunk is, if any loaded index has it.
+    pub fn locate(&self, id: &ChunkId) -> Result<Option<BlobLoc>> {
+        let ctx = || "cache".to_string();
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT p.hash, b.off, b.len, b.plain FROM blobs b JOIN packs p ON p.id=b.pack WHERE b.id=?1 LIMIT 1",
+            )
+            .context(ctx)?;
+        st.query_row([&id[..]], |r| {
+            let hash: Vec<u8> = r.get(0)?;
+            Ok(BlobLoc {
+                pack: hash.as_slice().try_into().unwrap_or([0; 32]),
+                offset: r.get::<_, i64>(1)? as u64,
+                length: r.get::<_, i64>(2)? as u64,
+                plain: r.get::<_, i64>(3)? as u64,
+            })
+        })
+        .optional()
+        .context(ctx)
+    }
+
+    pub(crate) fn is_stored(&self, id: &ChunkId) -> Result<bool> {
+        let mut st =
+            self.conn.prepare_cached("SELECT 1 FROM blobs WHERE id=?1 LIMIT 1").context(|| "cache".into())?;
+        st.exists([&id[..]]).context(|| "cache".into())
+    }
+
+    pub(crate) fn is_pending(&self, id: &ChunkId) -> Result<bool> {
+        let mut st =
+            self.conn.prepare_cached("SELECT 1 FROM pending WHERE id=?1").context(|| "cache".into())?;
+        st.exists([&id[..]]).context(|| "cache".into())
+    }
+
+    pub(crate) fn add_pending(&self, id: &ChunkId) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO pending(id) VALUES (?1)")
+            .context(|| "cache".into())?;
+        st.execute([&id[..]]).map(|_| ()).context(|| "cache".into())
+    }
+
+    /// Start a backup run: clears the pending set, ties the file cache to the chunk key (a
+    /// new key makes new ids: the old file entries would name chunks by the old ones).
+    pub(crate) fn begin_run(&self, key_fingerprint: &str) -> Result<i64> {
+        if self.meta("key")?.as_deref() != Some(key_fingerprint) {
+            self.wipe("DELETE FROM files;")?;
+            self.set_meta("key", key_fingerprint)?;
+        }
+        self.wipe("DELETE FROM pending;")?;
+        let run = self.meta("run")?.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0) + 1;
+        self.set_meta("run", &run.to_string())?;
+        Ok(run)
+    }
+
+    /// The chunks of an unchanged file, if the cache knows it and every chunk is stored.
+    pub(crate) fn unchanged_file(&self, path: &[u8], stat: &FileStat) -> Result<Option<Vec<ChunkId>>> {
+        let ctx = || "cache".to_string();
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT size, mtime_ns, ctime_ns, ino, chunks FROM files WHERE path=?1")
+            .context(ctx)?;
+        let row: Option<(i64, i64, i64, i64, Vec<u8>)> = st
+            .query_row([path], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .optional()
+            .context(ctx)?;
+        let Some((size, mtime, ctime, ino, chunks)) = row else { return Ok(None) };
+        let same = size as u64 == stat.size
+            && mtime == stat.mtime_ns
+            && ctime == stat.ctime_ns
+            && ino as u64 == stat.inode;
+        if !same || chunks.len() % 32 != 0 {
+            return Ok(None);
+        }
+        let ids: Vec<ChunkId> = chunks.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect();
+        for id in &ids {
+            if !self.is_stored(id)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(ids))
+    }
+
+    pub(crate) fn record_file(
+        &self,
+        path: &[u8],
+        stat: &FileStat,
+        chunks: &[ChunkId],
+        run: i64,
+    ) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO files(path, size, mtime_ns, ctime_ns, ino, chunks, run) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(path) DO UPDATE SET size=excluded.size, mtime_ns=excluded.mtime_ns, ctime_ns=excluded.ctime_ns,
+                 ino=excluded.ino, chunks=excluded.chunks, run=excluded.run",
+            )
+            .context(|| "cache".into())?;
+        st.execute(params![
+            path,
+            stat.size as i64,
+            stat.mtime_ns,
+            stat.ctime_ns,
+            stat.inode as i64,
+            chunks.concat(),
+            run
+        ])
+        .map(|_| ())
+        .context(|| "cache".into())
+    }
+
+    pub(crate) fn touch_file(&self, path: &[u8], run: i64) -> Result<()> {
+        let mut st =
+            self.conn.prepare_cached("UPDATE files SET run=?2 WHERE path=?1").context(|| "cache".into())?;
+        st.execute(params![path, run]).map(|_| ()).context(|| "cache".into())
+    }
+
+    /// Drop file entries the last run did not see (deleted uploads).
+    pub(crate) fn end_run(&self, run: i64) -> Result<()> {
+        self.conn.execute("DELETE FROM files WHERE run<>?1", [run]).map(|_| ()).context(|| "cache".into())?;
+        self.wipe("DELETE FROM pending;")
+    }
+
+    /// Chunks, packs and file entries known (for reports and the bytes-per-chunk figure).
+    pub fn counts(&self) -> Result<(u64, u64, u64)> {
+        let q = |sql: &str| -> Result<u64> {
+            self.conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64).context(|| "cache".into())
+        };
+        Ok((
+            q("SELECT count(*) FROM blobs")?,
+            q("SELECT count(*) FROM packs")?,
+            q("SELECT count(*) FROM files")?,
+        ))
+    }
+}

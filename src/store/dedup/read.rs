@@ -1,0 +1,521 @@
+//! Reading a snapshot back: entries in order, each checked before it is handed out, and for
+//! files a `Read` of verified bytes.
+//!
+//! Before the first entry: the manifest is parsed, the tree's and the refs' SHA-256 and
+//! sizes match it, every chunk the refs name is in the index (the cache, synced with the
+//! drive) within its pack. The tree is then decrypted as a stream; each line is bounded in
+//! size, each path goes through `archive::entry_path` and the tree order rules
+//! ([`super::order`]: sorted, no duplicates, ancestors are folders), every count and size
+//! is bounded by the manifest. Each chunk is read from its pack, its length checked,
+//! decrypted, decompressed with its declared size as a hard cap, and its keyed hash compared
+//! with its id before a byte of it is returned. `next_entry` returning `None` is the proof
+//! that the whole snapshot was consistent: the end line, the manifest's counts, every ref
+//! used, the database's SHA-256.
+//!
+//! age releases plaintext before its last chunk is authenticated: callers extract only into
+//! staging and trust nothing until `None` (the same rule as `archive::read`).
+
+use std::io::{self, BufRead, BufReader, Read};
+
+use sha2::Digest;
+
+use super::blob::{open_blob, BlobError};
+use super::cache::Cache;
+use super::format::{self, SnapshotManifest, TreeEntry, TreeKind, TreeLine};
+use super::key::{ChunkId, ChunkKey};
+use super::order::TreeOrder;
+use super::write::EntryMeta;
+use super::{read_error, Identities, Store};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// One checked entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The path's bytes (`uploads/a/b.jpg`) and its components, as `archive::entry_path` gives.
+    pub path: Vec<u8>,
+    pub parts: Vec<Vec<u8>>,
+    pub kind: TreeKind,
+    pub meta: EntryMeta,
+    /// Files: content length (what [`SnapshotReader::content`] yields).
+    pub size: u64,
+    /// Symlinks: the target's bytes.
+    pub target: Option<Vec<u8>>,
+}
+
+/// The error inside an `io::Error` from [`Content`]: the store's verdict.
+#[derive(Debug)]
+pub struct ContentError(pub Error);
+
+impl std::fmt::Display for ContentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for ContentError {}
+
+/// Turn an error from [`Content::read`] back into the store's error (integrity, cancelled...).
+pub fn content_error(snapshot: &str, e: io::Error) -> Error {
+    let is_ours = e.get_ref().is_some_and(|r| r.is::<ContentError>());
+    if is_ours {
+        let inner = e.into_inner().expect("checked").downcast::<ContentError>().expect("checked");
+        return inner.0;
+    }
+    Error::integrity(snapshot, format!("cannot read its content ({e})"))
+}
+
+struct FileState {
+    /// Chunk ids still to read from the entry line (then `more` lines).
+    ids: std::vec::IntoIter<String>,
+    chunks_left: u64,
+    bytes_left: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    /// The database entry's SHA-256, compared with the manifest at the end.
+    sha: Option<sha2::Sha256>,
+}
+
+pub struct SnapshotReader<'a> {
+    store: Store,
+    cache: &'a Cache,
+    identities: &'a Identities,
+    progress: &'a dyn Progress,
+    manifest: SnapshotManifest,
+    name: String,
+    lines: BufReader<Box<dyn Read + Send + 'a>>,
+    line: Vec<u8>,
+    key: ChunkKey,
+    refs: Vec<ChunkId>,
+    used: Vec<bool>,
+    order: TreeOrder,
+    file: Option<FileState>,
+    entries: u64,
+    files: u64,
+    bytes: u64,
+    chunk_refs: u64,
+    db_seen: bool,
+    done: bool,
+}
+
+impl<'a> SnapshotReader<'a> {
+    /// Open snapshot `name` (its stem). Fails, naming what, if anything about it is off.
+    pub fn open(
+        store: &Store,
+        cache: &'a mut Cache,
+        name: &str,
+        identities: &'a Identities,
+        progress: &'a dyn Progress,
+    ) -> Result<SnapshotReader<'a>> {
+        let manifest = store.read_manifest(name)?;
+        check_tree_file(store, name, &manifest)?;
+        let refs = read_refs(store, name, &manifest)?;
+        cache.sync(store)?;
+        let cache: &'a Cache = cache;
+        for id in &refs {
+            if cache.locate(id)?.is_none() {
+                return Err(Error::integrity(
+                    name,
+                    format!(
+                        "needs chunk {} which no index on the drive holds (a pack or index file is missing)",
+                        hex::encode(id)
+                    ),
+                ));
+            }
+        }
+        let (lines, key) = open_tree(store, name, &manifest, identities)?;
+        let used = vec![false; refs.len()];
+        Ok(SnapshotReader {
+            store: store.clone(),
+            cache,
+            identities,
+            progress,
+            name: name.to_string(),
+            manifest,
+            lines,
+            line: Vec::new(),
+            key,
+            refs,
+            used,
+            order: TreeOrder::default(),
+            file: None,
+            entries: 0,
+            files: 0,
+            bytes: 0,
+            chunk_refs: 0,
+            db_seen: false,
+            done: false,
+        })
+    }
+
+    pub fn manifest(&self) -> &SnapshotManifest {
+        &self.manifest
+    }
+
+    fn bad(&self, why: impl std::fmt::Display) -> Error {
+        Error::integrity(
+            &self.name,
+            format!("unsafe or damaged snapshot refused: {why}; nothing was restored from it"),
+        )
+    }
+
+    /// The next entry, or `None` once the whole snapshot has been checked. Unread content
+    /// of the previous file is read (and verified) first.
+    pub fn next_entry(&mut self) -> Result<Option<Entry>> {
+        if self.done {
+            return Ok(None);
+        }
+        if self.file.is_some() {
+            let mut sink = io::sink();
+            io::copy(&mut self.content(), &mut sink).map_err(|e| content_error(&self.name, e))?;
+            self.end_file()?;
+        }
+        match self.read_line()? {
+            TreeLine::Entry(e) => self.entry(e).map(Some),
+            TreeLine::End { entries, chunk_refs, bytes } => {
+                self.finish(entries, chunk_refs, bytes)?;
+                Ok(None)
+            }
+            TreeLine::Header { .. } => Err(self.bad("a second tree header")),
+            TreeLine::More { .. } => Err(self.bad("chunk ids without a file")),
+        }
+    }
+
+    /// The content of the file entry just returned: verified bytes, `size` of them.
+    pub fn content(&mut self) -> Content<'_, 'a> {
+        Content { reader: self }
+    }
+
+    fn read_line(&mut self) -> Result<TreeLine> {
+        self.line.clear();
+        let n = (&mut self.lines)
+            .take(format::MAX_TREE_LINE as u64 + 1)
+            .read_until(b'\n', &mut self.line)
+            .map_err(|e| tree_error(&self.name, &e))?;
+        if n == 0 {
+            return Err(self.bad("the tree ends without its end line (truncated)"));
+        }
+        if self.line.last() != Some(&b'\n') {
+            return Err(self.bad("a tree line is too long"));
+        }
+        serde_json::from_slice(&self.line).map_err(|e| self.bad(format!("a tree line is not valid ({e})")))
+    }
+
+    fn entry(&mut self, e: TreeEntry) -> Result<Entry> {
+        self.entries += 1;
+        if self.entries > self.manifest.entries {
+            return Err(self.bad("more entries than the manifest lists"));
+        }
+        let path = format::unescape_path(&e.path)
+            .ok_or_else(|| self.bad(format!("badly escaped path {:?}", e.path)))?;
+        let parts = crate::archive::entry_path(&path).map_err(|why| self.bad(why))?;
+        self.order.next(&parts, e.kind).map_err(|why| self.bad(why))?;
+        let shown = &e.path;
+        if e.mode > 0o7777 || e.mtime_ns > 999_999_999 {
+            return Err(self.bad(format!("{shown} has an impossible mode or time")));
+        }
+        let target = match (&e.kind, &e.target) {
+            (TreeKind::Symlink, Some(t)) => {
+                let t = format::unescape_path(t)
+                    .ok_or_else(|| self.bad(format!("{shown}: badly escaped target")))?;
+                if t.is_empty() || t.contains(&0) {
+                    return Err(self.bad(format!("symlink with an invalid target {shown}")));
+                }
+                Some(t)
+            }
+            (TreeKind::Symlink, None) => return Err(self.bad(format!("symlink without a target {shown}"))),
+            (_, Some(_)) => return Err(self.bad(format!("{shown} is no symlink but has a target"))),
+            (_, None) => None,
+        };
+        if e.kind != TreeKind::File && (e.size != 0 || e.nchunks != 0 || !e.chunks.is_empty()) {
+            return Err(self.bad(format!("{shown} is no file but has content")));
+        }
+        if e.kind != TreeKind::Dir {
+            self.files += 1;
+        }
+        if e.kind == TreeKind::File {
+            self.start_file(&e, &path)?;
+        }
+        let meta = EntryMeta { mode: e.mode, uid: e.uid, gid: e.gid, mtime: e.mtime, mtime_ns: e.mtime_ns };
+        Ok(Entry { path, parts, kind: e.kind, meta, size: e.size, target })
+    }
+
+    fn start_file(&mut self, e: &TreeEntry, path: &[u8]) -> Result<()> {
+        let shown = &e.path;
+        let bytes_room = self.manifest.plain_bytes - self.bytes.min(self.manifest.plain_bytes);
+        let refs_room = self.manifest.chunk_refs - self.chunk_refs.min(self.manifest.chunk_refs);
+        if e.size > bytes_room {
+            return Err(self.bad(format!("{shown} declares {} bytes, more than the snapshot holds", e.size)));
+        }
+        if e.nchunks > refs_room
+            || (e.chunks.len() as u64) > e.nchunks
+            || e.chunks.len() > format::MAX_LINE_CHUNKS
+        {
+            return Err(self.bad(format!("{shown} declares more chunks than the snapshot holds")));
+        }
+        if (e.size == 0) != (e.nchunks == 0) || e.nchunks > e.size {
+            return Err(self.bad(format!("{shown}: its size and chunk count disagree")));
+        }
+        self.bytes += e.size;
+        self.chunk_refs += e.nchunks;
+        let db_entry = self.manifest.database.as_ref().map(|d| d.entry.as_str());
+        let is_db = db_entry == Some(e.path.as_str());
+        if is_db {
+            self.db_seen = true;
+            if self.manifest.database.as_ref().map(|d| d.size) != Some(e.size) {
+                return Err(self.bad(format!("database {shown} is not the size the manifest says")));
+            }
+        }
+        let _ = path;
+        self.file = Some(FileState {
+            ids: e.chunks.clone().into_iter(),
+            chunks_left: e.nchunks,
+            bytes_left: e.size,
+            buf: Vec::new(),
+            pos: 0,
+            sha: is_db.then(sha2::Sha256::new),
+        });
+        Ok(())
+    }
+
+    /// The next chunk of the current file, verified; `None` at its end.
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>> {
+        let Some(f) = self.file.as_mut() else { return Ok(None) };
+        if f.chunks_left == 0 {
+            return Ok(None);
+        }
+        let hex_id = match f.ids.next() {
+            Some(h) => h,
+            None => match self.read_line()? {
+                TreeLine::More { chunks }
+                    if !chunks.is_empty() && chunks.len() <= format::MAX_LINE_CHUNKS =>
+                {
+                    let f = self.file.as_mut().expect("checked");
+                    if chunks.len() as u64 > f.chunks_left {
+                        return Err(self.bad("more chunk ids than the file declares"));
+                    }
+                    f.ids = chunks.into_iter();
+                    f.ids.next().expect("not empty")
+                }
+                _ => return Err(self.bad("a file's chunk list ends early")),
+            },
+        };
+        let id = format::parse_hex32(&hex_id).ok_or_else(|| self.bad("an invalid chunk id"))?;
+        let Ok(slot) = self.refs.binary_search(&id) else {
+            return Err(self.bad(format!("chunk {hex_id} is not in the snapshot's refs")));
+        };
+        self.used[slot] = true;
+        let loc =
+            self.cache.locate(&id)?.ok_or_else(|| self.bad(format!("chunk {hex_id} is in no index")))?;
+        let f = self.file.as_mut().expect("checked");
+        if loc.plain == 0 || loc.plain > f.bytes_left || (f.chunks_left == 1 && loc.plain != f.bytes_left) {
+            return Err(self.bad(format!("chunk {hex_id}: its length does not fit the file's size")));
+        }
+        let pack = hex::encode(loc.pack);
+        let blob = self
+            .store
+            .backend()
+            .read_range(&format::pack_path(&pack), loc.offset, loc.length)
+            .map_err(|e| read_error(&self.store.location(), &format::pack_path(&pack), &e))
+            .map_err(|e| Error::integrity(&self.name, format!("chunk {hex_id}: {e}")))?;
+        let plain = open_blob(&blob, &id, loc.plain, &self.key, self.identities).map_err(|e| match e {
+            BlobError::WrongKey => Error::integrity(&self.name, wrong_key(&self.manifest)),
+            BlobError::Damaged(m) => Error::integrity(
+                &self.name,
+                format!("damaged: chunk {hex_id} in pack {pack} {m}; use another snapshot"),
+            ),
+        })?;
+        let f = self.file.as_mut().expect("checked");
+        f.chunks_left -= 1;
+        f.bytes_left -= plain.len() as u64;
+        if let Some(sha) = f.sha.as_mut() {
+            sha.update(&plain);
+        }
+        Ok(Some(plain))
+    }
+
+    fn end_file(&mut self) -> Result<()> {
+        let Some(f) = self.file.take() else { return Ok(()) };
+        if f.chunks_left != 0 || f.bytes_left != 0 || f.ids.len() != 0 {
+            return Err(self.bad("a file's content does not add up to its size"));
+        }
+        if let Some(sha) = f.sha {
+            let want = self.manifest.database.as_ref().map(|d| d.sha256.as_str()).unwrap_or("");
+            if hex::encode(sha.finalize()) != want {
+                return Err(self.bad("the database's SHA-256 differs from the manifest"));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, entries: u64, chunk_refs: u64, bytes: u64) -> Result<()> {
+        let m = &self.manifest;
+        let agree = entries == self.entries
+            && chunk_refs == self.chunk_refs
+            && bytes == self.bytes
+            && m.entries == self.entries
+            && m.chunk_refs == self.chunk_refs
+            && m.plain_bytes == self.bytes
+            && m.files == self.files;
+        if !agree {
+            return Err(self.bad("its counts differ from its end line or its manifest (entries missing?)"));
+        }
+        if m.database.is_some() && !self.db_seen {
+            return Err(self.bad("the database the manifest names is not in the tree"));
+        }
+        if self.used.iter().any(|u| !u) {
+            return Err(self.bad("its refs list chunks the tree does not use"));
+        }
+        // The very end: age authenticates its last chunk and zstd checks its frame only here.
+        let mut rest = Vec::new();
+        (&mut self.lines).take(1).read_to_end(&mut rest).map_err(|e| tree_error(&self.name, &e))?;
+        if !rest.is_empty() {
+            return Err(self.bad("data after the tree's end line"));
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+/// The verified content of one file.
+pub struct Content<'r, 'a> {
+    reader: &'r mut SnapshotReader<'a>,
+}
+
+impl Read for Content<'_, '_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let r = &mut *self.reader;
+        if r.progress.cancelled() {
+            return Err(io::Error::other(ContentError(Error::Failed(format!(
+                "reading {}: {}",
+                r.name,
+                crate::progress::Cancelled
+            )))));
+        }
+        loop {
+            let Some(f) = r.file.as_mut() else { return Ok(0) };
+            if f.pos < f.buf.len() {
+                let n = out.len().min(f.buf.len() - f.pos);
+                out[..n].copy_from_slice(&f.buf[f.pos..f.pos + n]);
+                f.pos += n;
+                r.progress.advance(n as u64);
+                return Ok(n);
+            }
+            match r.next_chunk() {
+                Ok(Some(chunk)) => {
+                    let f = r.file.as_mut().expect("in a file");
+                    f.buf = chunk;
+                    f.pos = 0;
+                }
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(io::Error::other(ContentError(e))),
+            }
+        }
+    }
+}
+
+fn wrong_key(m: &SnapshotManifest) -> String {
+    format!(
+        "wrong key: it was encrypted to {} and none of the identities given opens it; use the matching identity file",
+        m.encryption.recipients.join(", ")
+    )
+}
+
+fn tree_error(name: &str, e: &io::Error) -> Error {
+    Error::integrity(name, format!("its tree is damaged ({e}); use another snapshot"))
+}
+
+/// The tree file's size and SHA-256 against the manifest, before anything of it is used.
+fn check_tree_file(store: &Store, name: &str, m: &SnapshotManifest) -> Result<()> {
+    let path = format::tree_path(name);
+    let (mut r, len) = store.backend().open(&path).map_err(|e| read_error(&store.location(), &path, &e))?;
+    if len != m.tree.size {
+        return Err(Error::integrity(
+            name,
+            format!("its tree is {len} bytes, the manifest says {} (damaged)", m.tree.size),
+        ));
+    }
+    let mut h = crate::fsutil::HashingReader::new((&mut r).take(m.tree.size));
+    io::copy(&mut h, &mut io::sink()).map_err(|e| read_error(&store.location(), &path, &e))?;
+    if h.finish().0 != m.tree.sha256 {
+        return Err(Error::integrity(
+            name,
+            "its tree's SHA-256 differs from the manifest: damaged or replaced; use another snapshot",
+        ));
+    }
+    Ok(())
+}
+
+/// The refs file, checked against the manifest.
+pub(crate) fn read_refs(store: &Store, name: &str, m: &SnapshotManifest) -> Result<Vec<ChunkId>> {
+    let path = format::refs_path(name);
+    let bytes = store
+        .backend()
+        .read_small(&path, m.refs.size)
+        .map_err(|e| read_error(&store.location(), &path, &e))?;
+    if bytes.len() as u64 != m.refs.size || super::sha256_hex(&bytes) != m.refs.sha256 {
+        return Err(Error::integrity(
+            name,
+            "its refs file's SHA-256 differs from the manifest: damaged; use another snapshot",
+        ));
+    }
+    let refs = format::decode_refs(&bytes)
+        .map_err(|e| Error::integrity(name, format!("its refs file is not valid: {e}")))?;
+    if refs.len() as u64 != m.chunks {
+        return Err(Error::integrity(
+            name,
+            "its refs file does not hold the number of chunks the manifest says",
+        ));
+    }
+    Ok(refs)
+}
+
+type Lines<'a> = BufReader<Box<dyn Read + Send + 'a>>;
+
+/// Decrypt the tree and read its header: the chunk key comes from there.
+fn open_tree<'a>(
+    store: &Store,
+    name: &str,
+    m: &SnapshotManifest,
+    identities: &Identities,
+) -> Result<(Lines<'a>, ChunkKey)> {
+    let path = format::tree_path(name);
+    let (r, _) = store.backend().open(&path).map_err(|e| read_error(&store.location(), &path, &e))?;
+    let dec = age::Decryptor::new_buffered(BufReader::new(r.take(m.tree.size)))
+        .map_err(|e| age_error(name, m, e))?;
+    let plain = dec
+        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| age_error(name, m, e))?;
+    let zstd = zstd::stream::read::Decoder::new(plain).map_err(|e| tree_error(name, &e))?;
+    let mut lines: Lines<'a> = BufReader::with_capacity(64 << 10, Box::new(zstd));
+    let mut first = Vec::new();
+    (&mut lines)
+        .take(format::MAX_TREE_LINE as u64 + 1)
+        .read_until(b'\n', &mut first)
+        .map_err(|e| tree_error(name, &e))?;
+    let bad = |why: &str| Error::integrity(name, format!("unsafe or damaged snapshot refused: {why}"));
+    let header: TreeLine = serde_json::from_slice(&first).map_err(|_| bad("its tree has no valid header"))?;
+    let TreeLine::Header { format: f, snapshot, store_id, chunk_key } = header else {
+        return Err(bad("its tree does not start with a header"));
+    };
+    if f > format::STORE_FORMAT {
+        return Err(bad("its tree's format is newer than this datavault understands; upgrade datavault"));
+    }
+    if snapshot != name || store_id != store.config().store_id {
+        return Err(bad("its tree belongs to another snapshot or store"));
+    }
+    let key = ChunkKey::from_hex(&chunk_key).ok_or_else(|| bad("its tree holds no valid chunk key"))?;
+    Ok((lines, key))
+}
+
+fn age_error(name: &str, m: &SnapshotManifest, e: age::DecryptError) -> Error {
+    use age::DecryptError as D;
+    let msg = match e {
+        D::NoMatchingKeys => wrong_key(m),
+        D::InvalidHeader | D::UnknownFormat => {
+            "damaged: its tree is not a readable age file; use another snapshot".into()
+        }
+        D::InvalidMac => "damaged: its tree's age header failed authentication; use another snapshot".into(),
+        other => format!("cannot decrypt its tree ({other}); use another snapshot"),
+    };
+    Error::integrity(name, msg)
+}
