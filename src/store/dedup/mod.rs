@@ -127,6 +127,15 @@ impl Store {
 
     /// Open the store, creating `store/config.json` on a drive that has none.
     pub fn open_or_create(backend: Arc<dyn Backend>, chunker: ChunkerParams) -> Result<Store> {
+        Store::open_or_create_with(backend, chunker, DEFAULT_PACK_TARGET)
+    }
+
+    /// Like [`Store::open_or_create`] with another pack size (tests, benchmarks).
+    pub fn open_or_create_with(
+        backend: Arc<dyn Backend>,
+        chunker: ChunkerParams,
+        pack_target: u64,
+    ) -> Result<Store> {
         if let Some(s) = Store::open(backend.clone())? {
             return Ok(s);
         }
@@ -138,8 +147,9 @@ impl Store {
             store_id: hex::encode(id),
             created: chrono::Utc::now(),
             chunker,
-            pack_target: DEFAULT_PACK_TARGET,
+            pack_target,
         };
+        check_config(&config).map_err(Error::Failed)?;
         let mut bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
         bytes.push(b'\n');
         let loc = backend.location();
@@ -268,7 +278,7 @@ fn check_config(c: &StoreConfig) -> std::result::Result<(), String> {
     if c.store_id.len() != 32 || !c.store_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("has no valid store_id".into());
     }
-    if !(1 << 20..=64 << 20).contains(&c.pack_target) {
+    if !(64 << 10..=64 << 20).contains(&c.pack_target) {
         return Err(format!("pack_target {} is out of range", c.pack_target));
     }
     c.chunker.check()

@@ -77,7 +77,13 @@ pub struct WriterOptions {
     /// zstd level (1-19).
     pub level: i32,
     pub progress: Arc<dyn Progress>,
+    /// Files changed less than this long before the run began are read again next time
+    /// rather than trusted by their timestamps (see `trust_before_ns`); [`RACY_WINDOW_MS`].
+    pub racy_window_ms: u64,
 }
+
+/// A second: far more than any filesystem clock tick (ext4's coarse clock: 1-10 ms).
+pub const RACY_WINDOW_MS: u64 = 1000;
 
 /// The secret-free facts only the caller knows, for the manifest.
 #[derive(Debug, Clone)]
@@ -192,7 +198,7 @@ impl<'c> SnapshotWriter<'c> {
             refs: Vec::new(),
             run,
             started: Instant::now(),
-            trust_before_ns: now_ns.saturating_sub(1_000_000_000),
+            trust_before_ns: now_ns.saturating_sub(opts.racy_window_ms.saturating_mul(1_000_000) as i64),
             entries: 0,
             files: 0,
             plain_bytes: 0,
