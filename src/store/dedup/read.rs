@@ -317,13 +317,29 @@ impl<'a> SnapshotReader<'a> {
             .read_range(&format::pack_path(&pack), loc.offset, loc.length)
             .map_err(|e| read_error(&self.store.location(), &format::pack_path(&pack), &e))
             .map_err(|e| Error::integrity(&self.name, format!("chunk {hex_id}: {e}")))?;
-        let plain = open_blob(&blob, &id, loc.plain, &self.key, self.identities).map_err(|e| match e {
-            BlobError::WrongKey => Error::integrity(&self.name, wrong_key(&self.manifest)),
-            BlobError::Damaged(m) => Error::integrity(
-                &self.name,
-                format!("damaged: chunk {hex_id} in pack {pack} {m}; use another snapshot"),
-            ),
-        })?;
+        let plain = match open_blob(&blob, &id, loc.plain, &self.key, self.identities) {
+            Ok(p) => p,
+            // A flipped byte in a blob's age header reads as "no matching key": the pack's
+            // SHA-256 tells damage from a really wrong key.
+            Err(BlobError::WrongKey) => {
+                let size = self.store.backend().size(&format::pack_path(&pack)).ok().flatten().unwrap_or(0);
+                return Err(
+                    match super::verify::check_pack(&self.store, &pack, size, &crate::progress::NoProgress) {
+                        Err(why) => Error::integrity(
+                            &self.name,
+                            format!("damaged: pack {pack} {why}; use another snapshot"),
+                        ),
+                        Ok(()) => Error::integrity(&self.name, wrong_key(&self.manifest)),
+                    },
+                );
+            }
+            Err(BlobError::Damaged(m)) => {
+                return Err(Error::integrity(
+                    &self.name,
+                    format!("damaged: chunk {hex_id} in pack {pack} {m}; use another snapshot"),
+                ))
+            }
+        };
         let f = self.file.as_mut().expect("checked");
         f.chunks_left -= 1;
         f.bytes_left -= plain.len() as u64;
