@@ -18,6 +18,10 @@
 #   BENCH_LOAD_TIMEOUT_MIN=30        a backup under load is DNF after
 #   BENCH_LOAD_TIMEOUT_FACTOR=3        max(MIN, FACTOR x its idle wall time) seconds
 #   BENCH_RESULTS=bench/results      where PROFILE.md / PROFILE.json go
+#   BENCH_SCENARIO=day2              the second day (issue #9): backup, bench/day2.py, backup into
+#                                    the same OUTDIR, restore + verify, prune; peers
+#                                    BENCH_DAY2_PEERS (restic,borg,datavault-engine), target peer
+#                                    BENCH_DAY2_TARGET; results/PROFILE-day2.{md,json}
 #   BENCH_DEST=loop                  loop: OUTDIRs on a loop-mounted ext4 image (a separate
 #                                    filesystem, like the USB drive); dir: same filesystem
 set -euo pipefail
@@ -112,7 +116,15 @@ if [ "${BENCH_DEST:-loop}" = loop ]; then
 	fi
 fi
 
-# 4. measure
+# 4. measure (BENCH_SCENARIO=day2: the second-day scenario of issue #9, lib/day2.py)
+if [ "${BENCH_SCENARIO:-}" = day2 ]; then
+	python3 "$HERE/lib/day2.py" --profile "$PROFILE" --workload "$WL" --pristine "$PRISTINE" \
+		--data "$DATA" --dest "$DEST" --results "${BENCH_RESULTS:-$HERE/results}" \
+		--peers "${BENCH_DAY2_PEERS:-restic,borg,datavault-engine}" --target-peer "${BENCH_DAY2_TARGET:-datavault-engine}" \
+		--repeats "${BENCH_REPEATS:-3}" --machine "$(nproc) cores, $(uname -r)"
+	awk -v a="$STARTED" -v b="$(date +%s.%N)" 'BEGIN { printf "bench/run.sh total: %.0f s\n", b - a }'
+	exit 0
+fi
 python3 "$HERE/lib/harness.py" --profile "$PROFILE" --workload "$WL" --pristine "$PRISTINE" \
 	--data "$DATA" --dest "$DEST" --dest-desc "$DEST_DESC" --results "${BENCH_RESULTS:-$HERE/results}" \
 	--peers "$PEERS" --baseline "${BENCH_BASELINE:-pipeline}" --target-peer "${BENCH_TARGET_PEER:-datavault}" \

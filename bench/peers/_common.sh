@@ -3,11 +3,16 @@
 #   NAME.sh backup  WORKDIR OUTDIR     back up WORKDIR/app.db (live, WAL mode) and
 #                                      WORKDIR/uploads/ into OUTDIR (created empty)
 #   NAME.sh restore OUTDIR  RESTOREDIR restore into RESTOREDIR/app.db + RESTOREDIR/uploads/
+#   NAME.sh prune   OUTDIR             second-day scenario (BENCH_SCENARIO=day2): keep only the
+#                                      newest backup in OUTDIR and give the space back
 #   NAME.sh drill   OUTDIR  SCRATCHDIR only for peers that set PEER_DRILL=1 before sourcing
 #                                      this file (and declare "drill" in their bench-caps line):
 #                                      prove the backup restores, using SCRATCHDIR (created
 #                                      empty) for anything extracted; leave the live data alone
 # Exit 0 on success, non-zero on any failure (a restore must fail on a bad archive).
+# BENCH_INCREMENTAL=1 (the second-day scenario): `backup` may find OUTDIR holding the first
+# backup (add to it, like a nightly run), and $BENCH_PEER_STATE is a folder that survives
+# between the runs of one peer (tool caches: what a real machine keeps between nights).
 # A peer declares what it does in one comment line the harness reads (see ../README.md):
 #   # bench-caps: encrypted fsync drill
 set -euo pipefail
@@ -21,6 +26,9 @@ need_cmd() { for c in "$@"; do command -v "$c" >/dev/null || die "$c not found (
 # Scratch space for tool caches/config (restic cache, BORG_BASE_DIR); removed on exit.
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/peer-$PEER.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
+# Tool caches: per invocation, or kept between the two backups of the second-day scenario.
+CACHES=${BENCH_PEER_STATE:-$SCRATCH}
+mkdir -p "$CACHES"
 
 # phase NAME CMD...: run CMD and, if BENCH_PHASE_LOG is set, append "NAME<TAB>seconds".
 phase() {
@@ -50,8 +58,13 @@ db_snapshot() {
 
 # check_args: validate the common command line, set CMD SRC DST.
 check_args() {
-	local usage="usage: $PEER.sh backup WORKDIR OUTDIR | restore OUTDIR RESTOREDIR"
+	local usage="usage: $PEER.sh backup WORKDIR OUTDIR | restore OUTDIR RESTOREDIR | prune OUTDIR"
 	[ "${PEER_DRILL:-0}" = 1 ] && usage+=" | drill OUTDIR SCRATCHDIR"
+	if [ "${1:-}" = prune ] && [ $# -eq 2 ]; then
+		CMD=prune SRC=$(realpath -m "$2") DST=
+		[ -d "$SRC" ] || die "backup directory $SRC not found"
+		return
+	fi
 	[ $# -eq 3 ] || die "$usage"
 	CMD=$1 SRC=$(realpath -m "$2") DST=$(realpath -m "$3")
 	case $CMD in
@@ -67,5 +80,6 @@ check_args() {
 	*) die "unknown command '$CMD' ($usage)" ;;
 	esac
 	mkdir -p "$DST"
+	[ "$CMD" = backup ] && [ "${BENCH_INCREMENTAL:-0}" = 1 ] && return
 	[ -z "$(ls -A "$DST")" ] || die "$DST is not empty"
 }

@@ -14,6 +14,11 @@
 # $DATAVAULT_STATE_DIR, default $TMPDIR/datavault-state: the harness gives backup, restore and
 # drill of one run the same TMPDIR, so they share a catalog like on the Pi.
 # Binary: $DATAVAULT_BIN, default <repo>/target/release/datavault (run.sh builds it if missing).
+# Snapshots (#9): DATAVAULT_SNAPSHOTS=1 appends $DATAVAULT_SNAPSHOT_TOML to the config (the
+#   key that selects deduplicated snapshots; set the default below once the command has it);
+#   DATAVAULT_EXTRA_TOML is appended in any case. In the second-day scenario the state folder
+#   (catalog, chunk cache) lives in $BENCH_PEER_STATE, kept between the two backups, and
+#   `prune` keeps the newest backup only (keep_last = 1).
 # shellcheck disable=SC2034 # read by check_args in _common.sh
 PEER_DRILL=1
 . "$(dirname "$0")/_common.sh"
@@ -23,7 +28,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DV=${DATAVAULT_BIN:-$REPO/target/release/datavault}
 [ -x "$DV" ] || die "$DV not found: build it with 'cargo build --release' in $REPO (bench/run.sh does) or set DATAVAULT_BIN"
 IDENTITY=$(realpath "$BENCH_AGE_IDENTITY")
-STATE=${DATAVAULT_STATE_DIR:-${TMPDIR:-/tmp}/datavault-state}
+STATE=${DATAVAULT_STATE_DIR:-${BENCH_PEER_STATE:-${TMPDIR:-/tmp}}/datavault-state}
 mkdir -p "$STATE"
 STATE=$(realpath "$STATE")
 
@@ -57,7 +62,13 @@ $drill_scratch
 
 [state]
 dir = "$STATE"
+${RETENTION:-}
+${DATAVAULT_EXTRA_TOML:-}
 EOF
+	if [ "${DATAVAULT_SNAPSHOTS:-0}" = 1 ]; then
+		printf '%s\n' "${DATAVAULT_SNAPSHOT_TOML:-[store]
+format = \"snapshots\"}" >>"$SCRATCH/datavault.toml"
+	fi
 }
 dv() { "$DV" --config "$SCRATCH/datavault.toml" "$@"; }
 
@@ -91,5 +102,11 @@ drill)
 	[ -n "$secs" ] && note drill_recovery_seconds "$secs"
 	[ $rc -eq 0 ] || die "datavault drill exited $rc"
 	grep -q '"passed": *true' "$SCRATCH/drill.json" || die "drill did not report passed"
+	;;
+prune)
+	RETENTION=$'[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0'
+	config "$SRC" "/nonexistent/bench-source/app.db" "/nonexistent/bench-source/uploads"
+	phase prune dv --json prune >"$SCRATCH/prune.json"
+	cat "$SCRATCH/prune.json"
 	;;
 esac

@@ -111,7 +111,7 @@ mod tests {
         assert!(bad(&[up, ("uploads/l", TreeKind::Symlink)], "uploads/l/x", TreeKind::File).contains("below"));
         assert!(bad(&[up, ("uploads/f", TreeKind::File)], "uploads/f/x", TreeKind::File).contains("below"));
         assert!(bad(&[up], "uploads/a/b", TreeKind::File).contains("below"));
-        assert!(bad(&[], "db/x/y", TreeKind::File).contains("database"));
+        assert!(bad(&[], "db/x", TreeKind::Dir).contains("database"));
         assert!(bad(&[], "raw/l", TreeKind::Symlink).contains("symlink"));
         assert!(bad(&[], "uploads", TreeKind::File).contains("top-level"));
         let mut o = TreeOrder::default();

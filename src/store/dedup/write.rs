@@ -24,7 +24,7 @@ use sha2::Digest;
 
 use super::blob::Sealer;
 use super::cache::{parse_index, Cache, FileStat, ParsedIndex};
-use super::chunker::{cdc_error, content_defined, read_full};
+use super::chunker::{read_full, CdcChunker};
 use super::format::{
     self, IndexBlob, IndexFile, IndexPack, ObjectRef, SnapshotManifest, TreeEntry, TreeKind, TreeLine,
 };
@@ -42,8 +42,6 @@ use crate::store::backend::{Backend, NewObject};
 /// A new index file after this many packs: a killed backup loses at most this much work
 /// for deduplication (its packs are then unindexed garbage).
 const PACKS_PER_INDEX: usize = 32;
-/// Files are read this much at a time by the chunker (its buffer is the max chunk size).
-const READ_SLICE: usize = 256 << 10;
 
 /// The metadata of an entry, from `lstat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -154,6 +152,8 @@ pub struct SnapshotWriter<'c> {
     chunk_refs: u64,
     database: Option<DatabaseInfo>,
     in_transaction: bool,
+    /// One chunker buffer (the max chunk size) for every file of the run.
+    chunker: Option<CdcChunker>,
 }
 
 /// The tree as it is written: JSON lines -> zstd -> age -> SHA-256 -> the store.
@@ -205,6 +205,7 @@ impl<'c> SnapshotWriter<'c> {
             chunk_refs: 0,
             database: None,
             in_transaction: true,
+            chunker: None,
         })
     }
 
@@ -267,20 +268,29 @@ impl<'c> SnapshotWriter<'c> {
         let mut ids = Vec::new();
         let mut size = 0u64;
         {
-            let limited = Watched { inner: (&mut *reader).take(expected_size), progress: &*progress };
-            let chunker = content_defined(
-                io::BufReader::with_capacity(READ_SLICE, limited),
-                &self.store.config().chunker,
-            );
-            for chunk in chunker {
-                let chunk = match chunk.map_err(cdc_error) {
-                    Ok(c) => c,
-                    Err(e) if is_cancel(&e) => return Err(write_error(&self.store.location(), e)),
-                    Err(e) => return Ok(FileOutcome::Unreadable(e)),
+            let mut limited = Watched { inner: (&mut *reader).take(expected_size), progress: &*progress };
+            let mut chunker =
+                self.chunker.take().unwrap_or_else(|| CdcChunker::new(&self.store.config().chunker));
+            chunker.reset();
+            let res = loop {
+                let chunk = match chunker.next_chunk(&mut limited) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
                 };
-                size += chunk.data.len() as u64;
-                ids.push(self.key.id(&chunk.data));
-                self.store_chunk(*ids.last().expect("pushed"), chunk.data)?;
+                size += chunk.len() as u64;
+                let id = self.key.id(chunk);
+                ids.push(id);
+                if let Err(e) = self.store_chunk_ref(id, chunk) {
+                    self.chunker = Some(chunker);
+                    return Err(e);
+                }
+            };
+            self.chunker = Some(chunker);
+            match res {
+                Ok(()) => {}
+                Err(e) if is_cancel(&e) => return Err(write_error(&self.store.location(), e)),
+                Err(e) => return Ok(FileOutcome::Unreadable(e)),
             }
         }
         let grew = match reader.read(&mut [0u8; 1]) {
@@ -403,12 +413,28 @@ impl<'c> SnapshotWriter<'c> {
         Ok(parts)
     }
 
-    /// Queue a chunk for the packer unless the store (or this run) has it already.
-    fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
-        self.drain_index_messages()?;
-        if self.cache.is_stored(&id)? || self.cache.is_pending(&id)? {
+    /// Like `store_chunk`, copying the chunk only when it is new.
+    fn store_chunk_ref(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
+        if self.is_known(&id)? {
             return Ok(());
         }
+        self.send_new(id, data.to_vec())
+    }
+
+    /// Queue a chunk for the packer unless the store (or this run) has it already.
+    fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
+        if self.is_known(&id)? {
+            return Ok(());
+        }
+        self.send_new(id, data)
+    }
+
+    fn is_known(&mut self, id: &ChunkId) -> Result<bool> {
+        self.drain_index_messages()?;
+        Ok(self.cache.is_stored(id)? || self.cache.is_pending(id)?)
+    }
+
+    fn send_new(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         self.cache.add_pending(&id)?;
         let sent =
             self.to_packer.as_ref().map(|tx| tx.send(ToPacker::Chunk(id, data)).is_ok()).unwrap_or(false);
