@@ -1,11 +1,13 @@
 //! Making a snapshot: the primitives the backup's walker calls, in walk order.
 //!
-//! Two threads. The caller's thread reads, cuts chunks, hashes them (keyed BLAKE3), asks the
-//! cache whether each is stored already and writes the tree. A packer thread compresses and
-//! encrypts each new chunk into a blob, appends it to a pack buffered in memory (its name is
-//! its SHA-256), writes full packs, and after every 32 packs an index file naming them. The
-//! channel between them holds two chunks, so memory is fixed: at most about 2 chunks in
-//! flight, one pack (8 MiB target) and the compressor's context.
+//! The caller's thread reads, cuts chunks, hashes them (keyed BLAKE3), asks the cache whether
+//! each is stored already and writes the tree. Sealer threads (one per core, at most four)
+//! compress and encrypt each new chunk into a blob: one age file per chunk makes sealing the
+//! costly step (an X25519 agreement per chunk), and blobs may go into packs in any order. A
+//! packer thread appends blobs to a pack buffered in memory (its name is its SHA-256),
+//! writes full packs, and after every 32 packs an index file naming them. Channels hold one
+//! chunk and two blobs, so memory is fixed: a few chunks in flight, one pack (8 MiB target)
+//! and the compressors' contexts.
 //!
 //! Durability order, the whole crash-safety argument: packs (each fsynced and renamed by
 //! the backend) -> the index file naming them -> the tree -> the refs -> the manifest. A
@@ -106,9 +108,16 @@ pub enum FileOutcome {
     Unreadable(io::Error),
 }
 
-enum ToPacker {
+enum ToSealer {
     Chunk(ChunkId, Vec<u8>),
     Finish,
+}
+
+enum Sealed {
+    /// A chunk id, its blob and its plaintext length.
+    Blob(ChunkId, Vec<u8>, u64),
+    /// A sealer saw `Finish`: when all have, the packer writes its last pack and index.
+    Done,
 }
 
 /// An index file the packer wrote (durably), for the cache.
@@ -134,8 +143,9 @@ pub struct SnapshotWriter<'c> {
     level: i32,
     recipients: Vec<String>,
     tree: Option<TreeStream>,
-    to_packer: Option<SyncSender<ToPacker>>,
+    to_packer: Option<SyncSender<ToSealer>>,
     from_packer: Receiver<IndexWritten>,
+    sealers: Vec<JoinHandle<io::Result<()>>>,
     packer: Option<JoinHandle<io::Result<PackerTotals>>>,
     order: TreeOrder,
     /// Every chunk id referenced, repeats included until `finish` sorts them: 32 bytes a
@@ -170,14 +180,8 @@ impl<'c> SnapshotWriter<'c> {
         let run = cache.begin_run(&opts.chunk_key.fingerprint())?;
         let stem = unique_stem(store, opts.kind, opts.created)?;
         let tree = open_tree(store.backend(), &store.config().store_id, &stem, &opts)?;
-        let (to_packer, rx) = sync_channel::<ToPacker>(2);
-        let (index_tx, from_packer) = sync_channel::<IndexWritten>(64);
-        let sealer = Sealer::new(&opts.recipients, opts.level).map_err(|e| write_error(&loc, e))?;
-        let packer = Packer { backend: store.clone(), sealer, target: store.config().pack_target, index_tx };
-        let handle = std::thread::Builder::new()
-            .name("datavault-packer".into())
-            .spawn(move || packer.run(rx))
-            .map_err(|e| Error::io("cannot start the packer thread", e))?;
+        let (to_packer, sealers, from_packer, handle) =
+            start_threads(store, &opts).map_err(|e| write_error(&loc, e))?;
         cache.conn.execute_batch("BEGIN").map_err(|e| Error::sqlite("cache", e))?;
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         Ok(SnapshotWriter {
@@ -193,6 +197,7 @@ impl<'c> SnapshotWriter<'c> {
             tree: Some(tree),
             to_packer: Some(to_packer),
             from_packer,
+            sealers,
             packer: Some(handle),
             order: TreeOrder::default(),
             refs: Vec::new(),
@@ -437,7 +442,7 @@ impl<'c> SnapshotWriter<'c> {
     fn send_new(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         self.cache.add_pending(&id)?;
         let sent =
-            self.to_packer.as_ref().map(|tx| tx.send(ToPacker::Chunk(id, data)).is_ok()).unwrap_or(false);
+            self.to_packer.as_ref().map(|tx| tx.send(ToSealer::Chunk(id, data)).is_ok()).unwrap_or(false);
         if !sent {
             return Err(self.packer_error());
         }
@@ -457,10 +462,17 @@ impl<'c> SnapshotWriter<'c> {
         self.cache.load_index(&w.name, &w.parsed, None)
     }
 
-    /// The packer stopped: its error says why.
+    /// A sealer or the packer stopped: the first error says why.
     fn packer_error(&mut self) -> Error {
         self.to_packer = None;
         let loc = self.store.location();
+        for h in self.sealers.drain(..) {
+            match h.join() {
+                Ok(Err(e)) => return write_error(&loc, e),
+                Err(_) => return Error::Failed("a sealer thread panicked".into()),
+                Ok(Ok(())) => {}
+            }
+        }
         match self.packer.take().map(|h| h.join()) {
             Some(Ok(Err(e))) => write_error(&loc, e),
             Some(Err(_)) => Error::Failed("the packer thread panicked".into()),
@@ -577,11 +589,27 @@ impl<'c> SnapshotWriter<'c> {
     }
 
     fn stop_packer(&mut self) -> Result<PackerTotals> {
-        let sent = self.to_packer.take().map(|tx| tx.send(ToPacker::Finish).is_ok()).unwrap_or(false);
+        let mut sent = true;
+        if let Some(tx) = self.to_packer.as_ref() {
+            for _ in 0..self.sealers.len() {
+                sent &= tx.send(ToSealer::Finish).is_ok();
+            }
+        }
+        if !sent {
+            return Err(self.packer_error());
+        }
+        self.to_packer = None;
         let loc = self.store.location();
+        for h in self.sealers.drain(..) {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(write_error(&loc, e)),
+                Err(_) => return Err(Error::Failed("a sealer thread panicked".into())),
+            }
+        }
         let joined = self.packer.take().map(|h| h.join());
         let totals = match joined {
-            Some(Ok(Ok(t))) if sent => t,
+            Some(Ok(Ok(t))) => t,
             Some(Ok(Err(e))) => return Err(write_error(&loc, e)),
             Some(Err(_)) => return Err(Error::Failed("the packer thread panicked".into())),
             _ => return Err(Error::Failed("the packer thread stopped".into())),
@@ -598,6 +626,9 @@ impl Drop for SnapshotWriter<'_> {
         // Unfinished: the packer stops without writing another pack, the tree's partial
         // file goes, and the cache forgets this run's pending chunks.
         self.to_packer = None;
+        for h in self.sealers.drain(..) {
+            let _ = h.join();
+        }
         if let Some(h) = self.packer.take() {
             let _ = h.join();
         }
@@ -696,33 +727,77 @@ pub(crate) fn put(backend: &dyn Backend, path: &str, bytes: &[u8]) -> io::Result
     obj.commit()
 }
 
-// ---- the packer thread -------------------------------------------------------------------------
+// ---- the sealer and packer threads -------------------------------------------------------------
+
+type Threads = (
+    SyncSender<ToSealer>,
+    Vec<JoinHandle<io::Result<()>>>,
+    Receiver<IndexWritten>,
+    JoinHandle<io::Result<PackerTotals>>,
+);
+
+/// One sealer per core (at most four: beyond that the single packer's SHA-256 and writes
+/// are the limit), and the packer.
+fn start_threads(store: &Store, opts: &WriterOptions) -> io::Result<Threads> {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
+    let (to_sealers, rx) = sync_channel::<ToSealer>(1);
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    let (sealed_tx, sealed_rx) = sync_channel::<Sealed>(2);
+    let mut sealers = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let mut sealer = Sealer::new(&opts.recipients, opts.level)?;
+        let (rx, tx) = (rx.clone(), sealed_tx.clone());
+        sealers.push(std::thread::Builder::new().name(format!("datavault-sealer-{i}")).spawn(move || {
+            loop {
+                let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                match msg {
+                    Ok(ToSealer::Chunk(id, data)) => {
+                        let blob = sealer.seal(&data)?;
+                        if tx.send(Sealed::Blob(id, blob, data.len() as u64)).is_err() {
+                            return Ok(()); // the packer stopped; it has the error
+                        }
+                    }
+                    Ok(ToSealer::Finish) => {
+                        let _ = tx.send(Sealed::Done);
+                        return Ok(());
+                    }
+                    Err(_) => return Ok(()), // the writer was dropped
+                }
+            }
+        })?);
+    }
+    drop(sealed_tx);
+    let (index_tx, from_packer) = sync_channel::<IndexWritten>(64);
+    let chunk_max = u64::from(store.config().chunker.files_max.max(store.config().chunker.database_fixed));
+    let packer = Packer { store: store.clone(), target: store.config().pack_target, chunk_max, index_tx };
+    let handle = std::thread::Builder::new()
+        .name("datavault-packer".into())
+        .spawn(move || packer.run(sealed_rx, workers))?;
+    Ok((to_sealers, sealers, from_packer, handle))
+}
 
 struct Packer {
-    backend: Store,
-    sealer: Sealer,
+    store: Store,
     target: u64,
+    chunk_max: u64,
     index_tx: SyncSender<IndexWritten>,
 }
 
 impl Packer {
-    fn run(mut self, rx: Receiver<ToPacker>) -> io::Result<PackerTotals> {
+    fn run(self, rx: Receiver<Sealed>, sealers: usize) -> io::Result<PackerTotals> {
         let mut totals = PackerTotals::default();
-        let mut pack: Vec<u8> = Vec::new();
+        // Reserved once: a pack closes at the target plus at most one blob; never regrown.
+        let mut pack: Vec<u8> =
+            Vec::with_capacity((self.target + self.chunk_max + self.chunk_max / 64 + (64 << 10)) as usize);
         let mut blobs: Vec<IndexBlob> = Vec::new();
         let mut index: Vec<IndexPack> = Vec::new();
+        let mut done = 0;
         loop {
             match rx.recv() {
-                Ok(ToPacker::Chunk(id, data)) => {
-                    let blob = self.sealer.seal(&data)?;
-                    blobs.push(IndexBlob(
-                        hex::encode(id),
-                        pack.len() as u64,
-                        blob.len() as u64,
-                        data.len() as u64,
-                    ));
-                    drop(data);
+                Ok(Sealed::Blob(id, blob, plain)) => {
+                    blobs.push(IndexBlob(hex::encode(id), pack.len() as u64, blob.len() as u64, plain));
                     pack.extend_from_slice(&blob);
+                    drop(blob);
                     totals.chunks += 1;
                     if pack.len() as u64 >= self.target {
                         index.push(self.write_pack(&mut pack, &mut blobs, &mut totals)?);
@@ -731,7 +806,11 @@ impl Packer {
                         }
                     }
                 }
-                Ok(ToPacker::Finish) => {
+                Ok(Sealed::Done) => {
+                    done += 1;
+                    if done < sealers {
+                        continue;
+                    }
                     if !pack.is_empty() {
                         index.push(self.write_pack(&mut pack, &mut blobs, &mut totals)?);
                     }
@@ -740,7 +819,7 @@ impl Packer {
                     }
                     return Ok(totals);
                 }
-                // The writer was dropped unfinished: write nothing more.
+                // The writer was dropped unfinished (or a sealer failed): write nothing more.
                 Err(_) => return Err(io::Error::other("the snapshot was abandoned")),
             }
         }
@@ -753,13 +832,10 @@ impl Packer {
         totals: &mut PackerTotals,
     ) -> io::Result<IndexPack> {
         let name = super::sha256_hex(pack);
-        put(self.backend.backend(), &format::pack_path(&name), pack)?;
+        put(self.store.backend(), &format::pack_path(&name), pack)?;
         totals.bytes += pack.len() as u64;
         let entry = IndexPack { pack: name, size: pack.len() as u64, blobs: std::mem::take(blobs) };
         pack.clear();
-        if pack.capacity() > (self.target as usize) * 2 {
-            pack.shrink_to(self.target as usize + (1 << 20));
-        }
         Ok(entry)
     }
 
@@ -767,7 +843,7 @@ impl Packer {
         let file = IndexFile { format: format::STORE_FORMAT, packs: std::mem::take(index) };
         let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
         let name = super::sha256_hex(&bytes);
-        put(self.backend.backend(), &format::index_path(&name), &bytes)?;
+        put(self.store.backend(), &format::index_path(&name), &bytes)?;
         totals.bytes += bytes.len() as u64;
         let parsed = parse_index(&name, &bytes).map_err(io::Error::other)?;
         // The writer loads it into the cache; if it is gone, it failed and will say so.
