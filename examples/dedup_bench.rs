@@ -263,7 +263,9 @@ fn dbchunks(day1: &Path, day2: &Path) -> Result<()> {
     println!("strategy\tchunks_day1\tnew_chunks\tnew_raw_bytes\tnew_stored_bytes\tstored_day1");
     let fixed = [4096usize, 8192, 16384, 32768, 65536];
     let cdc = [(2048usize, 8192usize, 32768usize), (4096, 16384, 65536), (16384, 65536, 262144)];
-    let mut rows: Vec<(String, Vec<Vec<u8>>, Vec<Vec<u8>>)> = Vec::new();
+    // (strategy, day one's chunks, day two's chunks)
+    type Cuts = Vec<Vec<u8>>;
+    let mut rows: Vec<(String, Cuts, Cuts)> = Vec::new();
     for f in fixed {
         rows.push((
             format!("fixed {} KiB", f >> 10),

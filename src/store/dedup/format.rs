@@ -74,7 +74,7 @@ impl Default for ChunkerParams {
         ChunkerParams {
             files_min: 256 << 10,
             files_avg: 1 << 20,
-            files_max: 4 << 20,
+            files_max: 2 << 20,
             database_fixed: 16 << 10,
         }
     }

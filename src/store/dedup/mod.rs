@@ -264,9 +264,9 @@ impl Store {
     }
 }
 
-/// Packs close at 8 MiB: few files on the drive (50 for the medium bench's first backup),
+/// Packs close at 4 MiB: few files on the drive (about 100 for the medium bench's first backup),
 /// and a pack buffered in memory while its SHA-256 (its name) is computed stays small.
-pub const DEFAULT_PACK_TARGET: u64 = 8 << 20;
+pub const DEFAULT_PACK_TARGET: u64 = 4 << 20;
 
 fn check_config(c: &StoreConfig) -> std::result::Result<(), String> {
     if c.format > format::STORE_FORMAT {

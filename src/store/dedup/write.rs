@@ -742,7 +742,7 @@ fn start_threads(store: &Store, opts: &WriterOptions) -> io::Result<Threads> {
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
     let (to_sealers, rx) = sync_channel::<ToSealer>(1);
     let rx = Arc::new(std::sync::Mutex::new(rx));
-    let (sealed_tx, sealed_rx) = sync_channel::<Sealed>(2);
+    let (sealed_tx, sealed_rx) = sync_channel::<Sealed>(1);
     let mut sealers = Vec::with_capacity(workers);
     for i in 0..workers {
         let mut sealer = Sealer::new(&opts.recipients, opts.level)?;
