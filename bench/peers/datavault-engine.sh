@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench-caps: encrypted fsync
 # datavault-engine: the deduplicated snapshot engine (src/store/dedup, #9) before the commands
-# use it, through examples/dedup_bench.rs: the database via sqlite_dbpage in fixed 16 KiB
+# use it, through examples/dedup_bench.rs: the database via sqlite_dbpage in fixed 8 KiB
 # chunks, uploads in FastCDC chunks, age per chunk, packs + index + tree + refs + manifest.
 # State (chunk key, SQLite cache) in $BENCH_PEER_STATE (kept between the second-day backups).
 # Binary: $DATAVAULT_ENGINE_BIN, default <repo>/target/release/examples/dedup_bench

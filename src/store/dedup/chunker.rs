@@ -1,7 +1,7 @@
 //! Where chunks are cut.
 //!
 //! * Files (uploads, raw): FastCDC v2020 (crate `fastcdc`), so an insertion in the middle of
-//!   a file moves only the chunks around it. 256 KiB / 1 MiB / 4 MiB: most uploads are a
+//!   a file moves only the chunks around it. 256 KiB / 1 MiB / 2 MiB: most uploads are a
 //!   single chunk; big ones dedupe by the MiB.
 //! * The database: its page stream cut every `database_fixed` bytes. SQLite never moves a
 //!   page, so fixed, page-aligned chunks see a changed page as one changed chunk and never

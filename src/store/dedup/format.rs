@@ -29,7 +29,7 @@ pub const MAX_CHUNK: u64 = 16 << 20;
 /// A stored blob: the compressed chunk (zstd's bound is +0.4 %) plus age's header (about
 /// 200 bytes per recipient) and 16 bytes per 64 KiB. 1 MiB of slack covers 4,000 recipients.
 pub const MAX_BLOB: u64 = MAX_CHUNK + MAX_CHUNK / 128 + (1 << 20);
-/// Packs close at the configured target (default 8 MiB); one blob may overshoot it.
+/// Packs close at the configured target (default 4 MiB); one blob may overshoot it.
 pub const MAX_PACK: u64 = (64 << 20) + MAX_BLOB;
 pub const MAX_CONFIG: u64 = 64 << 10;
 pub const MAX_INDEX_FILE: u64 = 32 << 20;
@@ -75,7 +75,7 @@ impl Default for ChunkerParams {
             files_min: 256 << 10,
             files_avg: 1 << 20,
             files_max: 2 << 20,
-            database_fixed: 16 << 10,
+            database_fixed: 8 << 10,
         }
     }
 }

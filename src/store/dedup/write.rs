@@ -6,7 +6,7 @@
 //! costly step (an X25519 agreement per chunk), and blobs may go into packs in any order. A
 //! packer thread appends blobs to a pack buffered in memory (its name is its SHA-256),
 //! writes full packs, and after every 32 packs an index file naming them. Channels hold one
-//! chunk and two blobs, so memory is fixed: a few chunks in flight, one pack (8 MiB target)
+//! chunk and one blob, so memory is fixed: a few chunks in flight, one pack (4 MiB target)
 //! and the compressors' contexts.
 //!
 //! Durability order, the whole crash-safety argument: packs (each fsynced and renamed by
