@@ -33,7 +33,10 @@
 //!   `Unreadable` instead of failing, so the walker lists it under `skipped`).
 //!   [`write::SnapshotWriter::finish`] takes the secret-free facts only the caller knows
 //!   ([`write::SnapshotMeta`]) and returns the [`SnapshotManifest`]. Dropped unfinished, the
-//!   writer leaves nothing that looks complete.
+//!   writer leaves nothing that looks complete. `WriterOptions::racy_window_ms` is
+//!   [`write::RACY_WINDOW_MS`] in production (files changed within a second of the run are
+//!   not trusted by their timestamps next time); errors from `add_*` are already classed
+//!   (drive full or gone: 3; database unreadable: 5; cancelled: `Failed`).
 //! * **list / status / catalog / metrics**: [`Store::list_snapshots`] gives a
 //!   [`SnapshotListing`] per stem (manifest or the problem), like `manifest::scan_target`.
 //!   Stems are today's (`manifest::archive_stem`), so retention sees archives and snapshots
@@ -44,11 +47,15 @@
 //!   (`--all`: every pack, index and snapshot).
 //! * **verify --deep, drill, restore --to, in-place restore**: [`read::SnapshotReader::open`]
 //!   with the identities, then `next_entry()` until `None`: each [`read::Entry`] is checked
-//!   (path via `archive::entry_path`, order, ancestors are folders, counts); for a file,
-//!   `reader.content()` is a `Read` of verified bytes (every chunk decrypted, decompressed
-//!   with a cap, hashed against its id). The lead's extractor keeps doing the writing
-//!   (`O_EXCL|O_NOFOLLOW`, room checks, staging); `verify --deep` drains into `io::sink()`.
-//!   The end of the stream (`None`) is the proof: counts, sizes and refs match the manifest.
+//!   (path via `archive::entry_path`, order, ancestors are folders, counts) and carries
+//!   `parts` (for `archive::join` onto the staging root), `kind`, `meta` (mode, uid, gid,
+//!   mtime with nanoseconds), `size`, `target`; for a file, `reader.content()` is a `Read`
+//!   of verified bytes (every chunk decrypted, decompressed with a cap, hashed against its
+//!   id); map its `io::Error`s with [`read::content_error`] (integrity, or cancelled). The
+//!   extractor keeps doing the writing as for archives (`O_EXCL|O_NOFOLLOW`, room checks
+//!   with `size`, folder modes last, one `syncfs`); `verify --deep` drains into
+//!   `io::sink()`. Only the end of the stream (`None`) proves the whole snapshot: counts,
+//!   sizes, refs and the database's SHA-256 against the manifest; until then, staging only.
 //!   The pre-restore safety copy is a snapshot like any other (`ArchiveKind::PreRestore`).
 //! * **prune**: [`gc::forget`] each snapshot retention drops (manifest first), then
 //!   [`gc::plan`] + [`gc::GcPlan::execute`] (`--dry-run` prints the plan: bytes freed,
