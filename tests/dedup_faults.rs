@@ -59,6 +59,10 @@ impl NewObject for FaultyObject {
         self.owner.step()?;
         self.inner.commit()
     }
+    fn commit_as(self: Box<Self>, path: &str) -> io::Result<()> {
+        self.owner.step()?;
+        self.inner.commit_as(path)
+    }
 }
 
 impl Backend for Faulty {

@@ -67,6 +67,11 @@ pub trait Backend: Send + Sync {
 /// A file being written. `commit` makes it visible under its final name, durably.
 pub trait NewObject: Write + Send {
     fn commit(self: Box<Self>) -> io::Result<()>;
+
+    /// Like `commit`, but under another path, for a file whose name is known only once its
+    /// content is (a pack is named by its SHA-256 and written as it is made, not buffered).
+    /// The new path's missing folders are created.
+    fn commit_as(self: Box<Self>, path: &str) -> io::Result<()>;
 }
 
 /// Carried inside an `io::Error` when the drive was unmounted or replaced while we wrote to
@@ -155,31 +160,7 @@ impl LocalBackend {
 
     /// Open the folder holding `path`'s last component, creating missing folders if asked.
     fn parent_fd<'p>(&self, path: &'p str, create: bool) -> io::Result<(OwnedFd, &'p str)> {
-        let parts = check_path(path)?;
-        let (name, dirs) = parts.split_last().expect("check_path gives at least one component");
-        let mut fd = rustix::fs::openat(&self.root_fd, ".", DIR_FLAGS, Mode::empty())?;
-        for d in dirs {
-            let next = match rustix::fs::openat(&fd, *d, DIR_FLAGS, Mode::empty()) {
-                Err(rustix::io::Errno::NOENT) if create => {
-                    match rustix::fs::mkdirat(&fd, *d, Mode::from_raw_mode(0o700)) {
-                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                    // The new folder's name must survive a power cut before anything in it.
-                    rustix::fs::fsync(&fd)?;
-                    rustix::fs::openat(&fd, *d, DIR_FLAGS, Mode::empty())
-                }
-                other => other,
-            };
-            fd = next.map_err(|e| match e {
-                rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => invalid(format!(
-                    "{} is a symlink or not a folder; refusing to follow it",
-                    self.show(path)
-                )),
-                e => e.into(),
-            })?;
-        }
-        Ok((fd, name))
+        parent_fd(&self.root_fd, &self.root, path, create)
     }
 
     /// Open a regular file for reading, never following a link or blocking on a FIFO.
@@ -318,6 +299,7 @@ impl Backend for LocalBackend {
         Ok(Box::new(LocalObject {
             backend_root: self.root.clone(),
             root_id: self.root_id,
+            root_fd: self.root_fd.try_clone()?,
             dir,
             name: name.to_string(),
             partial,
@@ -339,6 +321,41 @@ impl Backend for LocalBackend {
     }
 }
 
+/// Open the folder holding `path`'s last component below `root_fd`, one component at a time
+/// and never through a link, creating missing folders if asked.
+fn parent_fd<'p>(
+    root_fd: &OwnedFd,
+    root: &Path,
+    path: &'p str,
+    create: bool,
+) -> io::Result<(OwnedFd, &'p str)> {
+    let parts = check_path(path)?;
+    let (name, dirs) = parts.split_last().expect("check_path gives at least one component");
+    let mut fd = rustix::fs::openat(root_fd, ".", DIR_FLAGS, Mode::empty())?;
+    for d in dirs {
+        let next = match rustix::fs::openat(&fd, *d, DIR_FLAGS, Mode::empty()) {
+            Err(rustix::io::Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(&fd, *d, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                // The new folder's name must survive a power cut before anything in it.
+                rustix::fs::fsync(&fd)?;
+                rustix::fs::openat(&fd, *d, DIR_FLAGS, Mode::empty())
+            }
+            other => other,
+        };
+        fd = next.map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => invalid(format!(
+                "{} is a symlink or not a folder; refusing to follow it",
+                root.join(path).display()
+            )),
+            e => e.into(),
+        })?;
+    }
+    Ok((fd, name))
+}
+
 fn same_folder(path: &Path, id: (u64, u64)) -> bool {
     std::fs::metadata(path).map(|m| (m.dev(), m.ino()) == id).unwrap_or(false)
 }
@@ -347,6 +364,8 @@ fn same_folder(path: &Path, id: (u64, u64)) -> bool {
 struct LocalObject {
     backend_root: PathBuf,
     root_id: (u64, u64),
+    /// For `commit_as`: the new path is resolved from the root like any other.
+    root_fd: OwnedFd,
     dir: OwnedFd,
     name: String,
     partial: String,
@@ -362,8 +381,9 @@ impl Write for LocalObject {
     }
 }
 
-impl NewObject for LocalObject {
-    fn commit(mut self: Box<Self>) -> io::Result<()> {
+impl LocalObject {
+    /// The data on disk, and the drive still the one we opened.
+    fn sync_checked(&mut self) -> io::Result<()> {
         let file = self.writer.take().expect("open until commit").into_inner();
         file.sync_all()?;
         // If the drive was unmounted under us, our descriptors still lead to the detached
@@ -372,9 +392,27 @@ impl NewObject for LocalObject {
         if !same_fs || !same_folder(&self.backend_root, self.root_id) {
             return Err(io::Error::other(DriveGone));
         }
+        Ok(())
+    }
+}
+
+impl NewObject for LocalObject {
+    fn commit(mut self: Box<Self>) -> io::Result<()> {
+        self.sync_checked()?;
         rustix::fs::renameat(&self.dir, self.partial.as_str(), &self.dir, self.name.as_str())?;
         rustix::fs::fsync(&self.dir)?;
         self.partial.clear();
+        Ok(())
+    }
+
+    fn commit_as(mut self: Box<Self>, path: &str) -> io::Result<()> {
+        let (new_dir, new_name) = parent_fd(&self.root_fd, &self.backend_root, path, true)?;
+        self.sync_checked()?;
+        rustix::fs::renameat(&self.dir, self.partial.as_str(), &new_dir, new_name)?;
+        // The new name first (what makes the file exist), then the old folder's entry gone.
+        rustix::fs::fsync(&new_dir)?;
+        self.partial.clear();
+        rustix::fs::fsync(&self.dir)?;
         Ok(())
     }
 }
@@ -496,6 +534,13 @@ impl NewObject for MemoryObject {
         backend.put(&path, bytes);
         Ok(())
     }
+
+    fn commit_as(self: Box<Self>, path: &str) -> io::Result<()> {
+        check_path(path)?;
+        let MemoryObject { backend, bytes, .. } = *self;
+        backend.put(path, bytes);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -528,6 +573,14 @@ mod tests {
             o.write_all(b"half").unwrap();
         }
         assert_eq!(b.size("b.json").unwrap(), None);
+        // Committed under another name, in a folder that did not exist: only that name.
+        let mut o = b.create("packs/tmp-1").unwrap();
+        o.write_all(b"named later").unwrap();
+        o.commit_as("packs/cd/cdef").unwrap();
+        assert_eq!(b.read_small("packs/cd/cdef", 100).unwrap(), b"named later");
+        assert_eq!(b.list("packs").unwrap(), []);
+        assert!(b.create("packs/tmp-2").unwrap().commit_as("../x").is_err());
+        assert_eq!(b.list("packs").unwrap(), []);
         b.remove("a.json").unwrap();
         b.remove("a.json").unwrap();
         assert_eq!(b.size("a.json").unwrap(), None);
