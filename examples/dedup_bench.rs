@@ -183,10 +183,11 @@ fn restore(out: &Path, dest: &Path, state: &Path) -> Result<()> {
     let t0 = Instant::now();
     let store = open_store(out)?;
     let mut cache = Cache::open(&state.join("dedup-cache.db"))?;
-    let ids =
-        datavault::keys::load_identities(std::env::var("BENCH_AGE_IDENTITY").ok().as_deref().map(Path::new))?;
+    let ids = Arc::new(datavault::keys::load_identities(
+        std::env::var("BENCH_AGE_IDENTITY").ok().as_deref().map(Path::new),
+    )?);
     let newest = store.list_snapshots()?.into_iter().find(|l| l.is_complete()).expect("a complete snapshot");
-    let mut r = SnapshotReader::open(&store, &mut cache, &newest.name, &ids, &NoProgress)?;
+    let mut r = SnapshotReader::open(&store, &mut cache, &newest.name, ids, &NoProgress)?;
     let mut bytes = 0u64;
     while let Some(e) = r.next_entry()? {
         let mut p = dest.to_path_buf();

@@ -32,8 +32,9 @@ impl Keys {
         let recipient = identity.to_public();
         Keys { identity, recipient }
     }
-    pub fn ids(&self) -> Identities {
-        vec![Box::new(self.identity.clone())]
+    /// Shared: the reader's read-ahead threads use them too.
+    pub fn ids(&self) -> std::sync::Arc<Identities> {
+        std::sync::Arc::new(vec![Box::new(self.identity.clone())])
     }
 }
 
@@ -181,8 +182,14 @@ pub fn walk(w: &mut SnapshotWriter<'_>, root: &Path, stats: &mut WalkStats) -> R
 
 /// What a restore into staging does (simplified: the lead's extractor adds room checks,
 /// owners, folder modes last and the journal).
-pub fn restore(store: &Store, cache: &mut Cache, name: &str, ids: &Identities, dest: &Path) -> Result<u64> {
-    let mut r = SnapshotReader::open(store, cache, name, ids, &NoProgress)?;
+pub fn restore(
+    store: &Store,
+    cache: &mut Cache,
+    name: &str,
+    ids: &std::sync::Arc<Identities>,
+    dest: &Path,
+) -> Result<u64> {
+    let mut r = SnapshotReader::open(store, cache, name, ids.clone(), &NoProgress)?;
     let mut n = 0;
     while let Some(e) = r.next_entry()? {
         let mut p = dest.to_path_buf();
@@ -210,8 +217,13 @@ pub fn restore(store: &Store, cache: &mut Cache, name: &str, ids: &Identities, d
 }
 
 /// Read a whole snapshot, writing nothing (verify --deep).
-pub fn read_all(store: &Store, cache: &mut Cache, name: &str, ids: &Identities) -> Result<u64> {
-    let mut r = SnapshotReader::open(store, cache, name, ids, &NoProgress)?;
+pub fn read_all(
+    store: &Store,
+    cache: &mut Cache,
+    name: &str,
+    ids: &std::sync::Arc<Identities>,
+) -> Result<u64> {
+    let mut r = SnapshotReader::open(store, cache, name, ids.clone(), &NoProgress)?;
     let mut bytes = 0;
     while let Some(_e) = r.next_entry()? {
         bytes += io::copy(&mut r.content(), &mut io::sink()).map_err(|err| content_error(name, err))?;

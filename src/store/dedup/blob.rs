@@ -1,19 +1,61 @@
-//! One stored chunk: `age(zstd(chunk))`, a complete age file of its own.
+//! One stored chunk: `age(zstd(chunk))`, a complete, standard age file of its own, whose
+//! file key is shared by every blob of its pack.
 //!
 //! Why one age file per chunk rather than one per pack: the Pi repacks (copies ciphertext
 //! ranges from pack to pack) without any key, and in an emergency a blob cut out of a pack
-//! with `dd` is `age -d | zstd -d` away from the chunk. The price is age's header (about
-//! 200 bytes and one X25519 agreement per recipient) per chunk.
+//! with `dd` is `age -d | zstd -d` away from the chunk.
+//!
+//! Why one *file key* per pack ([`PackKey`]): an age file made by `age::Encryptor` draws a
+//! fresh file key and wraps it for every recipient, an X25519 agreement each (ephemeral
+//! key generation + Diffie-Hellman), and whoever opens it does one more. At 8 KiB database
+//! chunks that was ~16,000 agreements for a medium first backup and as many for its restore:
+//! the costliest step of both. A pack instead draws one random 16-byte file key K, wraps it
+//! once per recipient, and writes the resulting age header (stanzas and header MAC, which
+//! depend only on K and the stanzas) in front of every blob it holds. Each blob then carries
+//! its own fresh 16-byte nonce and the STREAM payload under
+//! `HKDF-SHA-256(ikm = K, salt = nonce, info = "payload")`, exactly as age's spec lays out a
+//! file (C2SP age, "Payload"), so each blob stays a file any age implementation opens.
+//!
+//! Why sharing K is safe: age itself derives the payload key from the file key and a random
+//! nonce precisely so that the payload key is fresh per file; the spec's file key is
+//! single-use only in the sense that (K, nonce) must never repeat. Here the nonce is 128
+//! random bits per blob, so two blobs of a pack get the same payload key with probability
+//! about n²/2¹²⁹ (for a 4 MiB pack of 8 KiB chunks, n ≈ 1,000: ~10⁻³³), and HKDF makes
+//! payload keys of different nonces independent. ChaCha20-Poly1305 nonces inside a payload
+//! are its STREAM counter, unique per key. The header MAC is the same for every blob of a
+//! pack because the header is: it authenticates the stanzas under K, as in any age file.
+//! What K's reuse does reveal: that blobs share a pack, which their offsets in the
+//! (secret-free) index say anyway. Whoever holds an identity can open every blob of the
+//! pack, as they could before. Tests check that no two blobs of a store share a nonce.
+//!
+//! Decryption uses age's own [`age::Decryptor`] (it checks the header MAC and the STREAM);
+//! [`KeyCache`] is an [`age::Identity`] that remembers which file key a stanza unwraps to,
+//! so opening the blobs of a pack costs one agreement, not one per blob.
 //!
 //! Every chunk is compressed, also the incompressible ones: zstd 3 passes random data at
 //! 2.8 GB/s here (and stores it in raw blocks, +0.002 %), so a "stored raw" marker would save
 //! about 0.15 s on the medium bench's 350 MB of random uploads and cost a second code path in
 //! the format and in the emergency script (docs/format.md).
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use age_core::format::{FileKey, Stanza, FILE_KEY_BYTES};
+use age_core::secrecy::{ExposeSecret, SecretBox};
+use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::ChaCha20Poly1305;
+use zeroize::Zeroizing;
 
 use super::key::{ChunkId, ChunkKey};
 use super::Identities;
+
+/// age's STREAM chunk: 64 KiB of plaintext, 16 bytes of tag.
+const STREAM_CHUNK: usize = 64 << 10;
+const TAG: usize = 16;
+/// The per-file nonce in front of the payload.
+pub const NONCE_BYTES: usize = 16;
 
 /// Why a blob did not open. The reader turns these into integrity errors naming the chunk.
 #[derive(Debug)]
@@ -33,33 +75,198 @@ impl std::fmt::Display for BlobError {
     }
 }
 
-/// Compression and encryption of chunks, with the compressor's context kept between them.
+/// The file key of one pack, and the age header (with its MAC) every blob of it starts with.
+pub struct PackKey {
+    file_key: FileKey,
+    header: Vec<u8>,
+}
+
+impl PackKey {
+    /// A random file key wrapped once for each recipient.
+    pub fn new(recipients: &[age::x25519::Recipient]) -> std::io::Result<PackKey> {
+        if recipients.is_empty() {
+            return Err(std::io::Error::other("cannot set up encryption: no recipients"));
+        }
+        let file_key = FileKey::init_with_mut(|k| super::key::getrandom_bytes(k));
+        let mut stanzas = Vec::new();
+        for r in recipients {
+            let (s, _labels) = age::Recipient::wrap_file_key(r, &file_key)
+                .map_err(|e| std::io::Error::other(format!("cannot set up encryption: {e}")))?;
+            stanzas.extend(s);
+        }
+        let header = header_bytes(&file_key, &stanzas);
+        Ok(PackKey { file_key, header })
+    }
+
+    /// The header bytes (`age-encryption.org/v1` to the MAC line's newline).
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+}
+
+/// age v1 header: version line, one stanza per recipient (body base64 wrapped at 64
+/// columns, last line short, possibly empty), then `---` and the MAC:
+/// HMAC-SHA-256 keyed with HKDF-SHA-256(ikm = file key, salt = "", info = "header") over
+/// everything up to and including `---`.
+fn header_bytes(file_key: &FileKey, stanzas: &[Stanza]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut h = b"age-encryption.org/v1\n".to_vec();
+    for s in stanzas {
+        h.extend_from_slice(b"->");
+        for word in std::iter::once(&s.tag).chain(&s.args) {
+            h.push(b' ');
+            h.extend_from_slice(word.as_bytes());
+        }
+        h.push(b'\n');
+        let body = BASE64_STANDARD_NO_PAD.encode(&s.body);
+        let mut rest = body.as_bytes();
+        while rest.len() >= 64 {
+            h.extend_from_slice(&rest[..64]);
+            h.push(b'\n');
+            rest = &rest[64..];
+        }
+        h.extend_from_slice(rest);
+        h.push(b'\n');
+    }
+    h.extend_from_slice(b"---");
+    let mac_key = Zeroizing::new(age_core::primitives::hkdf(&[], b"header", file_key.expose_secret()));
+    let mut mac = <hmac::Hmac<sha2_10::Sha256> as Mac>::new_from_slice(&mac_key[..]).expect("any key length");
+    mac.update(&h);
+    h.push(b' ');
+    h.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(mac.finalize().into_bytes()).as_bytes());
+    h.push(b'\n');
+    h
+}
+
+/// Compression and encryption of chunks, with the compressor's context and buffers kept
+/// between them.
 pub struct Sealer {
     compressor: zstd::bulk::Compressor<'static>,
-    recipients: Vec<age::x25519::Recipient>,
+    compressed: Vec<u8>,
 }
 
 impl Sealer {
-    pub fn new(recipients: &[age::x25519::Recipient], level: i32) -> std::io::Result<Sealer> {
+    pub fn new(level: i32) -> std::io::Result<Sealer> {
         let mut compressor = zstd::bulk::Compressor::new(level)?;
         // The content size in the frame header lets `zstd -d` and our reader size the output;
         // no frame checksum: the keyed hash checks every byte anyway.
         compressor.include_contentsize(true)?;
         compressor.include_checksum(false)?;
-        Ok(Sealer { compressor, recipients: recipients.to_vec() })
+        Ok(Sealer { compressor, compressed: Vec::new() })
     }
 
-    /// The blob for `chunk`, ready to be appended to a pack.
-    pub fn seal(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
-        let compressed = self.compressor.compress(chunk)?;
-        let encryptor =
-            age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
-                .map_err(|e| std::io::Error::other(format!("cannot set up encryption: {e}")))?;
-        let mut out = Vec::with_capacity(compressed.len() + 256 * self.recipients.len() + 64);
-        let mut w = encryptor.wrap_output(&mut out)?;
-        w.write_all(&compressed)?;
-        w.finish()?;
+    /// Write the blob for `chunk` (under the pack's key) to `out`; returns its length.
+    pub fn seal_into(&mut self, pack: &PackKey, chunk: &[u8], out: &mut dyn Write) -> std::io::Result<u64> {
+        self.compressed.clear();
+        self.compressed.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+        self.compressor.compress_to_buffer(chunk, &mut self.compressed)?;
+        out.write_all(&pack.header)?;
+        let mut nonce = [0u8; NONCE_BYTES];
+        super::key::getrandom_bytes(&mut nonce);
+        out.write_all(&nonce)?;
+        let payload_key =
+            Zeroizing::new(age_core::primitives::hkdf(&nonce, b"payload", pack.file_key.expose_secret()));
+        let stream = stream_seal(&payload_key, &mut self.compressed, out)?;
+        Ok((pack.header.len() + NONCE_BYTES) as u64 + stream)
+    }
+
+    /// The blob for `chunk` in a buffer of its own (tests, small uses).
+    pub fn seal(&mut self, pack: &PackKey, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(chunk.len() + pack.header.len() + 64);
+        self.seal_into(pack, chunk, &mut out)?;
         Ok(out)
+    }
+}
+
+/// age's STREAM (C2SP age, "Payload"): ChaCha20-Poly1305 over 64 KiB chunks, nonce = 11-byte
+/// big-endian counter || 0x01 for the last chunk, 0x00 otherwise. The last chunk is never
+/// empty unless the whole plaintext is. Encrypts `plain` in place (it is scratch).
+fn stream_seal(key: &[u8; 32], plain: &mut [u8], out: &mut dyn Write) -> std::io::Result<u64> {
+    let cipher = ChaCha20Poly1305::new(key.into());
+    let pieces = plain.len().div_ceil(STREAM_CHUNK).max(1);
+    let mut written = 0u64;
+    let mut rest = plain;
+    for counter in 0..pieces as u64 {
+        let take = rest.len().min(STREAM_CHUNK);
+        let (piece, tail) = rest.split_at_mut(take);
+        rest = tail;
+        let mut nonce = [0u8; 12];
+        nonce[3..11].copy_from_slice(&counter.to_be_bytes());
+        nonce[11] = u8::from(counter + 1 == pieces as u64);
+        let tag = cipher
+            .encrypt_in_place_detached((&nonce).into(), &[], piece)
+            .map_err(|_| std::io::Error::other("encryption failed"))?;
+        out.write_all(piece)?;
+        out.write_all(&tag)?;
+        written += (piece.len() + TAG) as u64;
+    }
+    Ok(written)
+}
+
+/// An [`age::Identity`] over the given identities that remembers, for each stanza it has
+/// seen, the file key it unwraps to (or that none of them opens it). All blobs of a pack
+/// share their header, so a pack costs one X25519 agreement per restore instead of one per
+/// blob. Sound because unwrapping is a pure function of the identity and the stanza's bytes
+/// (tag, arguments, body): the same stanza always gives the same file key, and age's
+/// Decryptor still checks every blob's header MAC and payload with it. The file keys stay in
+/// secret (zeroized) boxes and go when the cache is dropped with its reader; at most
+/// [`KeyCache::MAX_KEYS`] are kept (the reader meets packs in order, so forgetting all at
+/// that point costs at most one agreement per pack again).
+pub struct KeyCache {
+    identities: Arc<Identities>,
+    keys: Mutex<KeyMap>,
+}
+
+/// Stanza bytes -> the file key it unwraps to, or `None`: none of our identities opens it.
+type KeyMap = HashMap<Vec<u8>, Option<SecretBox<[u8; FILE_KEY_BYTES]>>>;
+
+impl KeyCache {
+    pub const MAX_KEYS: usize = 4096;
+
+    pub fn new(identities: Arc<Identities>) -> KeyCache {
+        KeyCache { identities, keys: Mutex::new(HashMap::new()) }
+    }
+
+    fn slot(stanza: &Stanza) -> Vec<u8> {
+        // NUL never occurs in a tag or an argument (printable ASCII): an unambiguous key.
+        let mut k = Vec::with_capacity(stanza.tag.len() + 64 + stanza.body.len());
+        for word in std::iter::once(&stanza.tag).chain(&stanza.args) {
+            k.extend_from_slice(word.as_bytes());
+            k.push(0);
+        }
+        k.push(0);
+        k.extend_from_slice(&stanza.body);
+        k
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyMap> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl age::Identity for KeyCache {
+    fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
+        let slot = KeyCache::slot(stanza);
+        if let Some(known) = self.lock().get(&slot) {
+            return known
+                .as_ref()
+                .map(|k| Ok(FileKey::init_with_mut(|fk| fk.copy_from_slice(k.expose_secret()))));
+        }
+        // Not under the lock: two threads may both do this agreement once; no harm.
+        let res = self.identities.iter().find_map(|i| i.unwrap_stanza(stanza));
+        let remembered = match &res {
+            Some(Ok(fk)) => Some(Some(SecretBox::new(Box::new(*fk.expose_secret())))),
+            None => Some(None),
+            Some(Err(_)) => None,
+        };
+        if let Some(r) = remembered {
+            let mut keys = self.lock();
+            if keys.len() >= KeyCache::MAX_KEYS {
+                keys.clear();
+            }
+            keys.insert(slot, r);
+        }
+        res
     }
 }
 
@@ -70,11 +277,10 @@ pub fn open_blob(
     id: &ChunkId,
     plain_len: u64,
     key: &ChunkKey,
-    identities: &Identities,
+    identity: &dyn age::Identity,
 ) -> Result<Vec<u8>, BlobError> {
     let decryptor = age::Decryptor::new(blob).map_err(age_error)?;
-    let mut reader =
-        decryptor.decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity)).map_err(age_error)?;
+    let mut reader = decryptor.decrypt(std::iter::once(identity)).map_err(age_error)?;
     // The compressed form is never longer than the blob: a bound a hostile blob cannot move.
     let mut compressed = Vec::with_capacity(blob.len());
     reader
@@ -132,34 +338,116 @@ fn age_error(e: age::DecryptError) -> BlobError {
 mod tests {
     use super::*;
 
-    fn keys() -> (age::x25519::Identity, Identities) {
+    fn keys() -> (age::x25519::Identity, Arc<Identities>) {
         let id = age::x25519::Identity::generate();
         let ids: Identities = vec![Box::new(id.clone())];
-        (id, ids)
+        (id, Arc::new(ids))
+    }
+
+    /// age's own reader, no cache: what any age implementation sees.
+    fn plain_age(blob: &[u8], id: &age::x25519::Identity) -> Result<Vec<u8>, age::DecryptError> {
+        let d = age::Decryptor::new(blob)?;
+        let mut r = d.decrypt(std::iter::once(id as &dyn age::Identity))?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).map_err(age::DecryptError::from)?;
+        Ok(out)
     }
 
     #[test]
     fn a_blob_opens_only_whole_and_with_its_id() {
         let (id, ids) = keys();
+        let cache = KeyCache::new(ids);
         let key = ChunkKey::random();
-        let mut sealer = Sealer::new(&[id.to_public()], 3).unwrap();
+        let pack = PackKey::new(&[id.to_public()]).unwrap();
+        let mut sealer = Sealer::new(3).unwrap();
         let chunk = b"hello hello hello hello".repeat(100);
-        let blob = sealer.seal(&chunk).unwrap();
+        let blob = sealer.seal(&pack, &chunk).unwrap();
+        assert!(blob.starts_with(pack.header()));
         let cid = key.id(&chunk);
-        assert_eq!(open_blob(&blob, &cid, chunk.len() as u64, &key, &ids).unwrap(), chunk);
-        assert!(matches!(
-            open_blob(&blob, &[0; 32], chunk.len() as u64, &key, &ids),
-            Err(BlobError::Damaged(_))
-        ));
-        assert!(open_blob(&blob, &cid, chunk.len() as u64 - 1, &key, &ids).is_err());
-        assert!(open_blob(&blob, &cid, chunk.len() as u64 + 1, &key, &ids).is_err());
-        assert!(open_blob(&blob[..blob.len() - 1], &cid, chunk.len() as u64, &key, &ids).is_err());
-        let mut flipped = blob.clone();
-        let last = flipped.len() - 3;
-        flipped[last] ^= 1;
-        assert!(open_blob(&flipped, &cid, chunk.len() as u64, &key, &ids).is_err());
+        let n = chunk.len() as u64;
+        assert_eq!(open_blob(&blob, &cid, n, &key, &cache).unwrap(), chunk);
+        assert!(matches!(open_blob(&blob, &[0; 32], n, &key, &cache), Err(BlobError::Damaged(_))));
+        assert!(open_blob(&blob, &cid, n - 1, &key, &cache).is_err());
+        assert!(open_blob(&blob, &cid, n + 1, &key, &cache).is_err());
+        assert!(open_blob(&blob[..blob.len() - 1], &cid, n, &key, &cache).is_err());
         let (_, other) = keys();
-        assert!(matches!(open_blob(&blob, &cid, chunk.len() as u64, &key, &other), Err(BlobError::WrongKey)));
+        let other = KeyCache::new(other);
+        assert!(matches!(open_blob(&blob, &cid, n, &key, &other), Err(BlobError::WrongKey)));
+    }
+
+    #[test]
+    fn blobs_of_a_pack_share_the_header_and_differ_in_nonce_and_open_with_plain_age() {
+        let (id, _) = keys();
+        let pack = PackKey::new(&[id.to_public()]).unwrap();
+        let mut sealer = Sealer::new(3).unwrap();
+        let mut nonces = std::collections::HashSet::new();
+        let h = pack.header().len();
+        // Sizes around STREAM's 64 KiB boundaries, compressible and not.
+        let mut rnd = vec![0u8; (3 * STREAM_CHUNK) + 7];
+        super::super::key::getrandom_bytes(&mut rnd);
+        for len in [1, 100, STREAM_CHUNK - 20, STREAM_CHUNK, STREAM_CHUNK + 1, 2 * STREAM_CHUNK, rnd.len()] {
+            for chunk in [rnd[..len].to_vec(), vec![7u8; len]] {
+                let blob = sealer.seal(&pack, &chunk).unwrap();
+                assert_eq!(&blob[..h], pack.header());
+                assert!(nonces.insert(blob[h..h + NONCE_BYTES].to_vec()), "nonce reused");
+                let z = plain_age(&blob, &id).unwrap();
+                assert_eq!(zstd::bulk::decompress(&z, len).unwrap(), chunk);
+            }
+        }
+        // Another pack: another file key, another header.
+        let pack2 = PackKey::new(&[id.to_public()]).unwrap();
+        assert_ne!(pack.header(), pack2.header());
+    }
+
+    #[test]
+    fn a_flipped_byte_in_header_nonce_or_payload_fails() {
+        let (id, ids) = keys();
+        let key = ChunkKey::random();
+        let pack = PackKey::new(&[id.to_public()]).unwrap();
+        let mut sealer = Sealer::new(3).unwrap();
+        let chunk = vec![42u8; 100_000];
+        let blob = sealer.seal(&pack, &chunk).unwrap();
+        let cid = key.id(&chunk);
+        let h = pack.header().len();
+        // In the stanza's body, in the MAC, in the nonce, in the payload, in the last tag.
+        let body_at = blob.iter().position(|&b| b == b'\n').unwrap() + 60;
+        for at in [30, body_at, h - 5, h + 3, h + NONCE_BYTES + 10, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[at] ^= 0x01;
+            let cache = KeyCache::new(ids.clone());
+            assert!(open_blob(&bad, &cid, chunk.len() as u64, &key, &cache).is_err(), "flip at {at}");
+            assert!(plain_age(&bad, &id).is_err(), "plain age, flip at {at}");
+        }
+    }
+
+    #[test]
+    fn a_header_for_two_recipients_opens_with_each_and_the_cache_unwraps_once() {
+        let (a, _) = keys();
+        let (b, _) = keys();
+        let key = ChunkKey::random();
+        let pack = PackKey::new(&[a.to_public(), b.to_public()]).unwrap();
+        let mut sealer = Sealer::new(3).unwrap();
+        let chunks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 9000]).collect();
+        let blobs: Vec<Vec<u8>> = chunks.iter().map(|c| sealer.seal(&pack, c).unwrap()).collect();
+        for who in [&a, &b] {
+            let counting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let ids: Identities = vec![Box::new(Counting(who.clone(), counting.clone()))];
+            let cache = KeyCache::new(Arc::new(ids));
+            for (c, blob) in chunks.iter().zip(&blobs) {
+                assert_eq!(&open_blob(blob, &key.id(c), c.len() as u64, &key, &cache).unwrap(), c);
+                assert!(plain_age(blob, who).is_ok());
+            }
+            // Two stanzas, each tried once at most; then every blob from the cache.
+            assert!(counting.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+        }
+    }
+
+    struct Counting(age::x25519::Identity, Arc<std::sync::atomic::AtomicUsize>);
+    impl age::Identity for Counting {
+        fn unwrap_stanza(&self, s: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.unwrap_stanza(s)
+        }
     }
 
     #[test]

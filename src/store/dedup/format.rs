@@ -254,6 +254,11 @@ pub fn manifest_path(stem: &str) -> String {
 pub fn pack_path(hex: &str) -> String {
     format!("{PACKS_DIR}/{}/{hex}", &hex[..2])
 }
+/// Where a pack is written until its SHA-256 (its name) is known: the backend's `.partial`
+/// of this path (gc removes a killed run's).
+pub fn pack_tmp_path(random_hex: &str) -> String {
+    format!("{PACKS_DIR}/tmp-{random_hex}")
+}
 pub fn index_path(hex: &str) -> String {
     format!("{INDEX_DIR}/{hex}.json")
 }

@@ -221,7 +221,7 @@ fn leftover_snapshot_files(store: &Store, plan: &mut GcPlan) -> Result<()> {
             plan.leftover_bytes += o.size;
         }
     }
-    let mut dirs = vec!["store".to_string(), format::INDEX_DIR.to_string()];
+    let mut dirs = vec!["store".to_string(), format::INDEX_DIR.to_string(), format::PACKS_DIR.to_string()];
     dirs.extend((0..=255u8).map(|i| format!("{}/{i:02x}", format::PACKS_DIR)));
     for dir in dirs {
         for o in store.backend().list(&dir).map_err(|e| read_error(&loc, &dir, &e))? {

@@ -2,15 +2,16 @@
 //!
 //! The caller's thread reads, cuts chunks, hashes them (keyed BLAKE3), asks the cache whether
 //! each is stored already and writes the tree. Sealer threads (one per core, at most four)
-//! compress and encrypt each new chunk into a blob: one age file per chunk makes sealing the
-//! costly step (an X25519 agreement per chunk), and blobs may go into packs in any order. A
-//! packer thread appends blobs to a pack buffered in memory (its name is its SHA-256),
-//! writes full packs, and after every 32 packs an index file naming them. Channels hold one
-//! chunk and one blob, so memory is fixed: a few chunks in flight, one pack (4 MiB target)
-//! and the compressors' contexts.
+//! each keep a pack of their own open: they compress each new chunk and encrypt it into a
+//! blob under that pack's age file key (blob.rs: one X25519 wrap per pack and recipient,
+//! not per chunk), and write it straight to the pack's temporary file on the drive, hashing
+//! as they go; a full pack is committed under its SHA-256 and handed to the indexer thread,
+//! which writes an index file after every 32 packs. Memory is fixed and small: a chunk in
+//! the channel, and per sealer a chunk, its compressed form, a 256 KiB write buffer and the
+//! compressor's context; no pack is held in memory.
 //!
-//! Durability order, the whole crash-safety argument: packs (each fsynced and renamed by
-//! the backend) -> the index file naming them -> the tree -> the refs -> the manifest. A
+//! Durability order, the whole crash-safety argument: packs (each fsynced and renamed from
+//! its temporary name by the backend) -> the index file naming them -> the tree -> the refs -> the manifest. A
 //! kill before the manifest leaves no snapshot, only unreferenced packs, index files and a
 //! tree without manifest, which `gc` removes; nothing that existed before is touched.
 
@@ -24,7 +25,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use sha2::Digest;
 
-use super::blob::Sealer;
+use super::blob::{PackKey, Sealer};
 use super::cache::{parse_index, Cache, FileStat, ParsedIndex};
 use super::chunker::{read_full, CdcChunker};
 use super::format::{
@@ -113,21 +114,22 @@ enum ToSealer {
     Finish,
 }
 
-enum Sealed {
-    /// A chunk id, its blob and its plaintext length.
-    Blob(ChunkId, Vec<u8>, u64),
-    /// A sealer saw `Finish`: when all have, the packer writes its last pack and index.
+enum ToIndexer {
+    /// A pack a sealer made durable under its name.
+    Pack(IndexPack),
+    /// A sealer saw `Finish` and closed its last pack: when all have, the indexer writes
+    /// the last index file.
     Done,
 }
 
-/// An index file the packer wrote (durably), for the cache.
+/// An index file the indexer wrote (durably), for the cache.
 struct IndexWritten {
     name: String,
     parsed: ParsedIndex,
 }
 
 #[derive(Default)]
-struct PackerTotals {
+struct Totals {
     bytes: u64,
     chunks: u64,
 }
@@ -143,10 +145,10 @@ pub struct SnapshotWriter<'c> {
     level: i32,
     recipients: Vec<String>,
     tree: Option<TreeStream>,
-    to_packer: Option<SyncSender<ToSealer>>,
-    from_packer: Receiver<IndexWritten>,
+    to_sealers: Option<SyncSender<ToSealer>>,
+    from_indexer: Receiver<IndexWritten>,
     sealers: Vec<JoinHandle<io::Result<()>>>,
-    packer: Option<JoinHandle<io::Result<PackerTotals>>>,
+    indexer: Option<JoinHandle<io::Result<Totals>>>,
     order: TreeOrder,
     /// Every chunk id referenced, repeats included until `finish` sorts them: 32 bytes a
     /// chunk of this snapshot (the medium bench: ~10k chunks, 320 KB).
@@ -180,7 +182,7 @@ impl<'c> SnapshotWriter<'c> {
         let run = cache.begin_run(&opts.chunk_key.fingerprint())?;
         let stem = unique_stem(store, opts.kind, opts.created)?;
         let tree = open_tree(store.backend(), &store.config().store_id, &stem, &opts)?;
-        let (to_packer, sealers, from_packer, handle) =
+        let (to_sealers, sealers, from_indexer, handle) =
             start_threads(store, &opts).map_err(|e| write_error(&loc, e))?;
         cache.conn.execute_batch("BEGIN").map_err(|e| Error::sqlite("cache", e))?;
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
@@ -195,10 +197,10 @@ impl<'c> SnapshotWriter<'c> {
             level: opts.level,
             recipients: opts.recipients.iter().map(|r| r.to_string()).collect(),
             tree: Some(tree),
-            to_packer: Some(to_packer),
-            from_packer,
+            to_sealers: Some(to_sealers),
+            from_indexer,
             sealers,
-            packer: Some(handle),
+            indexer: Some(handle),
             order: TreeOrder::default(),
             refs: Vec::new(),
             run,
@@ -426,7 +428,7 @@ impl<'c> SnapshotWriter<'c> {
         self.send_new(id, data.to_vec())
     }
 
-    /// Queue a chunk for the packer unless the store (or this run) has it already.
+    /// Queue a chunk for the sealers unless the store (or this run) has it already.
     fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         if self.is_known(&id)? {
             return Ok(());
@@ -442,16 +444,16 @@ impl<'c> SnapshotWriter<'c> {
     fn send_new(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         self.cache.add_pending(&id)?;
         let sent =
-            self.to_packer.as_ref().map(|tx| tx.send(ToSealer::Chunk(id, data)).is_ok()).unwrap_or(false);
+            self.to_sealers.as_ref().map(|tx| tx.send(ToSealer::Chunk(id, data)).is_ok()).unwrap_or(false);
         if !sent {
-            return Err(self.packer_error());
+            return Err(self.thread_error());
         }
         Ok(())
     }
 
     fn drain_index_messages(&mut self) -> Result<()> {
         loop {
-            match self.from_packer.try_recv() {
+            match self.from_indexer.try_recv() {
                 Ok(w) => self.take_index(w)?,
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return Ok(()),
             }
@@ -462,9 +464,9 @@ impl<'c> SnapshotWriter<'c> {
         self.cache.load_index(&w.name, &w.parsed, None)
     }
 
-    /// A sealer or the packer stopped: the first error says why.
-    fn packer_error(&mut self) -> Error {
-        self.to_packer = None;
+    /// A sealer or the indexer stopped: the first error says why.
+    fn thread_error(&mut self) -> Error {
+        self.to_sealers = None;
         let loc = self.store.location();
         for h in self.sealers.drain(..) {
             match h.join() {
@@ -473,10 +475,10 @@ impl<'c> SnapshotWriter<'c> {
                 Ok(Ok(())) => {}
             }
         }
-        match self.packer.take().map(|h| h.join()) {
+        match self.indexer.take().map(|h| h.join()) {
             Some(Ok(Err(e))) => write_error(&loc, e),
-            Some(Err(_)) => Error::Failed("the packer thread panicked".into()),
-            _ => Error::Failed("the packer thread stopped".into()),
+            Some(Err(_)) => Error::Failed("the indexer thread panicked".into()),
+            _ => Error::Failed("the indexer thread stopped".into()),
         }
     }
 
@@ -521,7 +523,7 @@ impl<'c> SnapshotWriter<'c> {
     /// which makes the snapshot exist.
     pub fn finish(mut self, meta: SnapshotMeta) -> Result<SnapshotManifest> {
         let loc = self.store.location();
-        let totals = self.stop_packer()?;
+        let totals = self.stop_threads()?;
         self.tree_line(&TreeLine::End {
             entries: self.entries,
             chunk_refs: self.chunk_refs,
@@ -588,17 +590,17 @@ impl<'c> SnapshotWriter<'c> {
         Ok(manifest)
     }
 
-    fn stop_packer(&mut self) -> Result<PackerTotals> {
+    fn stop_threads(&mut self) -> Result<Totals> {
         let mut sent = true;
-        if let Some(tx) = self.to_packer.as_ref() {
+        if let Some(tx) = self.to_sealers.as_ref() {
             for _ in 0..self.sealers.len() {
                 sent &= tx.send(ToSealer::Finish).is_ok();
             }
         }
         if !sent {
-            return Err(self.packer_error());
+            return Err(self.thread_error());
         }
-        self.to_packer = None;
+        self.to_sealers = None;
         let loc = self.store.location();
         for h in self.sealers.drain(..) {
             match h.join() {
@@ -607,14 +609,14 @@ impl<'c> SnapshotWriter<'c> {
                 Err(_) => return Err(Error::Failed("a sealer thread panicked".into())),
             }
         }
-        let joined = self.packer.take().map(|h| h.join());
+        let joined = self.indexer.take().map(|h| h.join());
         let totals = match joined {
             Some(Ok(Ok(t))) => t,
             Some(Ok(Err(e))) => return Err(write_error(&loc, e)),
-            Some(Err(_)) => return Err(Error::Failed("the packer thread panicked".into())),
-            _ => return Err(Error::Failed("the packer thread stopped".into())),
+            Some(Err(_)) => return Err(Error::Failed("the indexer thread panicked".into())),
+            _ => return Err(Error::Failed("the indexer thread stopped".into())),
         };
-        while let Ok(w) = self.from_packer.try_recv() {
+        while let Ok(w) = self.from_indexer.try_recv() {
             self.take_index(w)?;
         }
         Ok(totals)
@@ -623,13 +625,13 @@ impl<'c> SnapshotWriter<'c> {
 
 impl Drop for SnapshotWriter<'_> {
     fn drop(&mut self) {
-        // Unfinished: the packer stops without writing another pack, the tree's partial
+        // Unfinished: the sealers drop their open packs, the indexer writes no more index, the tree's partial
         // file goes, and the cache forgets this run's pending chunks.
-        self.to_packer = None;
+        self.to_sealers = None;
         for h in self.sealers.drain(..) {
             let _ = h.join();
         }
-        if let Some(h) = self.packer.take() {
+        if let Some(h) = self.indexer.take() {
             let _ = h.join();
         }
         if self.in_transaction {
@@ -727,92 +729,168 @@ pub(crate) fn put(backend: &dyn Backend, path: &str, bytes: &[u8]) -> io::Result
     obj.commit()
 }
 
-// ---- the sealer and packer threads -------------------------------------------------------------
+// ---- the sealer and indexer threads ------------------------------------------------------------
 
 type Threads = (
     SyncSender<ToSealer>,
     Vec<JoinHandle<io::Result<()>>>,
     Receiver<IndexWritten>,
-    JoinHandle<io::Result<PackerTotals>>,
+    JoinHandle<io::Result<Totals>>,
 );
 
-/// One sealer per core (at most four: beyond that the single packer's SHA-256 and writes
-/// are the limit), and the packer.
+/// One sealer per core (at most four: beyond that the caller's thread, which reads, cuts
+/// and hashes, is the limit), each with a pack of its own, and the indexer.
 fn start_threads(store: &Store, opts: &WriterOptions) -> io::Result<Threads> {
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
     let (to_sealers, rx) = sync_channel::<ToSealer>(1);
     let rx = Arc::new(std::sync::Mutex::new(rx));
-    let (sealed_tx, sealed_rx) = sync_channel::<Sealed>(1);
+    let (packs_tx, packs_rx) = sync_channel::<ToIndexer>(PACKS_PER_INDEX);
     let mut sealers = Vec::with_capacity(workers);
     for i in 0..workers {
-        let mut sealer = Sealer::new(&opts.recipients, opts.level)?;
-        let (rx, tx) = (rx.clone(), sealed_tx.clone());
-        sealers.push(std::thread::Builder::new().name(format!("datavault-sealer-{i}")).spawn(move || {
-            loop {
-                let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                match msg {
-                    Ok(ToSealer::Chunk(id, data)) => {
-                        let blob = sealer.seal(&data)?;
-                        if tx.send(Sealed::Blob(id, blob, data.len() as u64)).is_err() {
-                            return Ok(()); // the packer stopped; it has the error
-                        }
-                    }
-                    Ok(ToSealer::Finish) => {
-                        let _ = tx.send(Sealed::Done);
-                        return Ok(());
-                    }
-                    Err(_) => return Ok(()), // the writer was dropped
-                }
-            }
-        })?);
+        let worker = PackSealer {
+            store: store.clone(),
+            recipients: opts.recipients.clone(),
+            target: store.config().pack_target,
+            sealer: Sealer::new(opts.level)?,
+            open: None,
+            to_indexer: packs_tx.clone(),
+        };
+        let rx = rx.clone();
+        sealers.push(
+            std::thread::Builder::new()
+                .name(format!("datavault-sealer-{i}"))
+                .spawn(move || worker.run(&rx))?,
+        );
     }
-    drop(sealed_tx);
-    let (index_tx, from_packer) = sync_channel::<IndexWritten>(64);
-    let chunk_max = u64::from(store.config().chunker.files_max.max(store.config().chunker.database_fixed));
-    let packer = Packer { store: store.clone(), target: store.config().pack_target, chunk_max, index_tx };
+    drop(packs_tx);
+    let (index_tx, from_indexer) = sync_channel::<IndexWritten>(64);
+    let indexer = Indexer { store: store.clone(), index_tx };
     let handle = std::thread::Builder::new()
-        .name("datavault-packer".into())
-        .spawn(move || packer.run(sealed_rx, workers))?;
-    Ok((to_sealers, sealers, from_packer, handle))
+        .name("datavault-indexer".into())
+        .spawn(move || indexer.run(packs_rx, workers))?;
+    Ok((to_sealers, sealers, from_indexer, handle))
 }
 
-struct Packer {
+/// A pack being written: straight to the drive under a temporary name, hashed on the way
+/// (its SHA-256 is its name, known only at the end), so no pack is ever held in memory.
+struct OpenPack {
+    key: PackKey,
+    out: crate::fsutil::HashingWriter<io::BufWriter<Box<dyn NewObject>>>,
+    len: u64,
+    blobs: Vec<IndexBlob>,
+}
+
+/// A sealer thread: compresses and encrypts chunks into blobs of its own open pack, under
+/// that pack's file key (one X25519 wrap per recipient and pack: blob.rs), and closes the
+/// pack at the target size. Packs fill in parallel, so their blobs are in no global order.
+struct PackSealer {
     store: Store,
+    recipients: Vec<age::x25519::Recipient>,
     target: u64,
-    chunk_max: u64,
+    sealer: Sealer,
+    open: Option<OpenPack>,
+    to_indexer: SyncSender<ToIndexer>,
+}
+
+/// A pack closes before it holds this many blobs, so an index file never needs more than
+/// [`format::MAX_INDEX_BLOBS`] for [`PACKS_PER_INDEX`] packs... or closes early (indexer).
+const MAX_PACK_BLOBS: usize = format::MAX_INDEX_BLOBS / 4;
+
+impl PackSealer {
+    fn run(mut self, rx: &std::sync::Mutex<Receiver<ToSealer>>) -> io::Result<()> {
+        loop {
+            let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            match msg {
+                Ok(ToSealer::Chunk(id, data)) => {
+                    self.add(&id, &data)?;
+                    drop(data);
+                    let full = self
+                        .open
+                        .as_ref()
+                        .is_some_and(|p| p.len >= self.target || p.blobs.len() >= MAX_PACK_BLOBS);
+                    if full {
+                        self.close_pack()?;
+                    }
+                }
+                Ok(ToSealer::Finish) => {
+                    self.close_pack()?;
+                    let _ = self.to_indexer.send(ToIndexer::Done);
+                    return Ok(());
+                }
+                // The writer was dropped unfinished: the open pack's partial file goes.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
+    fn add(&mut self, id: &ChunkId, data: &[u8]) -> io::Result<()> {
+        if self.open.is_none() {
+            let mut tmp = [0u8; 16];
+            super::key::getrandom_bytes(&mut tmp);
+            let obj = self.store.backend().create(&format::pack_tmp_path(&hex::encode(tmp)))?;
+            self.open = Some(OpenPack {
+                key: PackKey::new(&self.recipients)?,
+                out: crate::fsutil::HashingWriter::new(io::BufWriter::with_capacity(PACK_WRITE_BUF, obj)),
+                len: 0,
+                blobs: Vec::new(),
+            });
+        }
+        let p = self.open.as_mut().expect("opened above");
+        let len = self.sealer.seal_into(&p.key, data, &mut p.out)?;
+        p.blobs.push(IndexBlob(hex::encode(id), p.len, len, data.len() as u64));
+        p.len += len;
+        Ok(())
+    }
+
+    /// Make the open pack durable under its name and tell the indexer.
+    fn close_pack(&mut self) -> io::Result<()> {
+        let Some(p) = self.open.take() else { return Ok(()) };
+        let (buffered, name, size) = p.out.finish();
+        debug_assert_eq!(size, p.len);
+        let obj = buffered.into_inner().map_err(|e| e.into_error())?;
+        obj.commit_as(&format::pack_path(&name))?;
+        // No indexer: the writer failed or was dropped, and has the error.
+        let _ = self.to_indexer.send(ToIndexer::Pack(IndexPack { pack: name, size, blobs: p.blobs }));
+        Ok(())
+    }
+}
+
+/// Writes go to the drive in pieces this big (the backend's own writes are unbuffered).
+const PACK_WRITE_BUF: usize = 256 << 10;
+
+/// Writes an index file after every [`PACKS_PER_INDEX`] packs the sealers made durable, and
+/// one for the rest when every sealer is done.
+struct Indexer {
+    store: Store,
     index_tx: SyncSender<IndexWritten>,
 }
 
-impl Packer {
-    fn run(self, rx: Receiver<Sealed>, sealers: usize) -> io::Result<PackerTotals> {
-        let mut totals = PackerTotals::default();
-        // Reserved once: a pack closes at the target plus at most one blob; never regrown.
-        let mut pack: Vec<u8> =
-            Vec::with_capacity((self.target + self.chunk_max + self.chunk_max / 64 + (64 << 10)) as usize);
-        let mut blobs: Vec<IndexBlob> = Vec::new();
+impl Indexer {
+    fn run(self, rx: Receiver<ToIndexer>, sealers: usize) -> io::Result<Totals> {
+        let mut totals = Totals::default();
         let mut index: Vec<IndexPack> = Vec::new();
+        let mut blobs = 0usize;
         let mut done = 0;
         loop {
             match rx.recv() {
-                Ok(Sealed::Blob(id, blob, plain)) => {
-                    blobs.push(IndexBlob(hex::encode(id), pack.len() as u64, blob.len() as u64, plain));
-                    pack.extend_from_slice(&blob);
-                    drop(blob);
-                    totals.chunks += 1;
-                    if pack.len() as u64 >= self.target {
-                        index.push(self.write_pack(&mut pack, &mut blobs, &mut totals)?);
-                        if index.len() >= PACKS_PER_INDEX {
-                            self.write_index(&mut index, &mut totals)?;
-                        }
+                Ok(ToIndexer::Pack(p)) => {
+                    if blobs + p.blobs.len() > format::MAX_INDEX_BLOBS {
+                        self.write_index(&mut index, &mut totals)?;
+                        blobs = 0;
+                    }
+                    totals.bytes += p.size;
+                    totals.chunks += p.blobs.len() as u64;
+                    blobs += p.blobs.len();
+                    index.push(p);
+                    if index.len() >= PACKS_PER_INDEX {
+                        self.write_index(&mut index, &mut totals)?;
+                        blobs = 0;
                     }
                 }
-                Ok(Sealed::Done) => {
+                Ok(ToIndexer::Done) => {
                     done += 1;
                     if done < sealers {
                         continue;
-                    }
-                    if !pack.is_empty() {
-                        index.push(self.write_pack(&mut pack, &mut blobs, &mut totals)?);
                     }
                     if !index.is_empty() {
                         self.write_index(&mut index, &mut totals)?;
@@ -825,21 +903,7 @@ impl Packer {
         }
     }
 
-    fn write_pack(
-        &self,
-        pack: &mut Vec<u8>,
-        blobs: &mut Vec<IndexBlob>,
-        totals: &mut PackerTotals,
-    ) -> io::Result<IndexPack> {
-        let name = super::sha256_hex(pack);
-        put(self.store.backend(), &format::pack_path(&name), pack)?;
-        totals.bytes += pack.len() as u64;
-        let entry = IndexPack { pack: name, size: pack.len() as u64, blobs: std::mem::take(blobs) };
-        pack.clear();
-        Ok(entry)
-    }
-
-    fn write_index(&self, index: &mut Vec<IndexPack>, totals: &mut PackerTotals) -> io::Result<()> {
+    fn write_index(&self, index: &mut Vec<IndexPack>, totals: &mut Totals) -> io::Result<()> {
         let file = IndexFile { format: format::STORE_FORMAT, packs: std::mem::take(index) };
         let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
         let name = super::sha256_hex(&bytes);
