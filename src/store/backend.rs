@@ -56,12 +56,43 @@ pub trait Backend: Send + Sync {
     /// Exactly `len` bytes at `offset` (`UnexpectedEof` if the file is shorter).
     fn read_range(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>>;
 
+    /// A file opened once for many range reads: a restore takes a pack's blobs one by one, in
+    /// increasing order. On a local drive that matters: each `read_range` opens the file
+    /// anew, and a fresh open file has no readahead, so every blob (3 KB for a database
+    /// chunk) was a small synchronous read; one open file per pack lets the kernel see the
+    /// sequential reads and read ahead (and saves five `openat`s a blob). The default reads
+    /// the whole file into memory: right for small test backends, wrong for real ones.
+    fn open_ranges(&self, path: &str) -> io::Result<Arc<dyn RangeFile>> {
+        let (mut r, len) = self.open(path)?;
+        let mut bytes = Vec::with_capacity(len.min(1 << 30) as usize);
+        r.read_to_end(&mut bytes)?;
+        Ok(Arc::new(BytesFile(bytes)))
+    }
+
     /// A new file at `path`, invisible until [`NewObject::commit`]; dropped uncommitted,
     /// it leaves nothing that looks complete. Missing folders are created.
     fn create(&self, path: &str) -> io::Result<Box<dyn NewObject>>;
 
     /// Remove a file, durably. Removing a missing file is not an error.
     fn remove(&self, path: &str) -> io::Result<()>;
+}
+
+/// A file open for range reads ([`Backend::open_ranges`]); shareable between threads.
+pub trait RangeFile: Send + Sync {
+    /// Exactly `len` bytes at `offset` (`UnexpectedEof` if the file is shorter).
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>>;
+}
+
+/// A whole file in memory.
+struct BytesFile(Vec<u8>);
+
+impl RangeFile for BytesFile {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.0.len() as u64).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "range beyond the end of the file")
+        })?;
+        Ok(self.0[offset as usize..end as usize].to_vec())
+    }
 }
 
 /// A file being written. `commit` makes it visible under its final name, durably.
@@ -184,6 +215,13 @@ impl LocalBackend {
         self.root.join(path).display().to_string()
     }
 
+    fn open_local(&self, path: &str) -> io::Result<LocalFile> {
+        let file = self.open_regular(path)?;
+        // Packs never change once named: the size when opened is the size.
+        let size = file.metadata()?.len();
+        Ok(LocalFile { file, size, shown: self.show(path) })
+    }
+
     /// Is the configured path still the folder we opened?
     pub fn still_mounted(&self) -> bool {
         same_folder(&self.root, self.root_id)
@@ -269,20 +307,11 @@ impl Backend for LocalBackend {
     }
 
     fn read_range(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        let file = self.open_regular(path)?;
-        let size = file.metadata()?.len();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{} is {size} bytes; {len} bytes at offset {offset} are beyond its end",
-                    self.show(path)
-                ),
-            ));
-        }
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        self.open_local(path)?.read_range(offset, len)
+    }
+
+    fn open_ranges(&self, path: &str) -> io::Result<Arc<dyn RangeFile>> {
+        Ok(Arc::new(self.open_local(path)?))
     }
 
     fn create(&self, path: &str) -> io::Result<Box<dyn NewObject>> {
@@ -358,6 +387,30 @@ fn parent_fd<'p>(
 
 fn same_folder(path: &Path, id: (u64, u64)) -> bool {
     std::fs::metadata(path).map(|m| (m.dev(), m.ino()) == id).unwrap_or(false)
+}
+
+/// A regular file of the drive, open for range reads.
+struct LocalFile {
+    file: File,
+    size: u64,
+    shown: String,
+}
+
+impl RangeFile for LocalFile {
+    fn read_range(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} is {} bytes; {len} bytes at offset {offset} are beyond its end",
+                    self.shown, self.size
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
 }
 
 /// A file being written on the local drive under `<name>.partial`.
