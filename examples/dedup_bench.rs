@@ -211,14 +211,17 @@ fn restore(out: &Path, dest: &Path, state: &Path) -> Result<()> {
                 if let Some(parent) = p.parent() {
                     fs::create_dir_all(parent).map_err(io_err)?;
                 }
-                let mut f = fs::OpenOptions::new()
+                let f = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .open(&p)
                     .map_err(io_err)?;
+                // io::copy reads straight into a BufWriter's buffer: 256 KiB writes, not 8 KiB.
+                let mut f = io::BufWriter::with_capacity(256 << 10, f);
                 bytes +=
                     io::copy(&mut r.content(), &mut f).map_err(|err| content_error(&newest.name, err))?;
+                f.into_inner().map_err(|e| io_err(e.into_error()))?;
             }
         }
     }

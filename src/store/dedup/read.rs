@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 
 use sha2::Digest;
 
-use super::blob::{open_blob, BlobError, KeyCache};
+use super::blob::{BlobError, KeyCache, Opener};
 use super::cache::{BlobLoc, Cache};
 use super::format::{self, SnapshotManifest, TreeEntry, TreeKind, TreeLine};
 use super::key::{ChunkId, ChunkKey};
@@ -42,6 +42,7 @@ use super::write::EntryMeta;
 use super::{read_error, Identities, Store};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+use crate::store::backend::RangeFile;
 
 /// One checked entry.
 #[derive(Debug, Clone)]
@@ -91,8 +92,12 @@ struct FileState {
 
 pub struct SnapshotReader<'a> {
     store: Store,
-    cache: &'a Cache,
+    /// Where each ref is, found once at open: no cache query per chunk.
+    locs: Locations,
     keys: Arc<KeyCache>,
+    packs: Arc<OpenPacks>,
+    /// For chunks read-ahead did not fetch.
+    opener: Option<Opener>,
     progress: &'a dyn Progress,
     manifest: SnapshotManifest,
     name: String,
@@ -139,26 +144,18 @@ impl<'a> SnapshotReader<'a> {
         check_tree_file(store, name, &manifest)?;
         let refs = read_refs(store, name, &manifest)?;
         cache.sync(store)?;
-        let cache: &'a Cache = cache;
-        for id in &refs {
-            if cache.locate(id)?.is_none() {
-                return Err(Error::integrity(
-                    name,
-                    format!(
-                        "needs chunk {} which no index on the drive holds (a pack or index file is missing)",
-                        hex::encode(id)
-                    ),
-                ));
-            }
-        }
+        let locs = Locations::find(cache, name, &refs)?;
         let keys = Arc::new(KeyCache::new(identities));
         let (lines, key) = open_tree(store, name, &manifest, &keys)?;
         let used = vec![false; refs.len()];
-        let ahead = ReadAhead::start(store, &keys, &key);
+        let packs = Arc::new(OpenPacks::new(store));
+        let ahead = ReadAhead::start(&packs, &keys, &key);
         Ok(SnapshotReader {
             store: store.clone(),
-            cache,
+            locs,
             keys,
+            packs,
+            opener: Opener::new().ok(),
             progress,
             name: name.to_string(),
             manifest,
@@ -276,10 +273,10 @@ impl<'a> SnapshotReader<'a> {
     fn fill_ahead(&mut self) {
         while self.ahead.has_room() {
             if let Some(id) = self.ahead.pending.pop_front() {
-                match self.cache.locate(&id) {
-                    Ok(Some(loc)) => self.ahead.submit(id, loc),
+                match self.refs.binary_search(&id) {
+                    Ok(slot) => self.ahead.submit(id, self.locs.get(slot)),
                     // The reader will say what is wrong when it gets there.
-                    _ => self.ahead.stop(),
+                    Err(_) => self.ahead.stop(),
                 }
                 continue;
             }
@@ -396,8 +393,7 @@ impl<'a> SnapshotReader<'a> {
             return Err(self.bad(format!("chunk {hex_id} is not in the snapshot's refs")));
         };
         self.used[slot] = true;
-        let loc =
-            self.cache.locate(&id)?.ok_or_else(|| self.bad(format!("chunk {hex_id} is in no index")))?;
+        let loc = self.locs.get(slot);
         let f = self.file.as_mut().expect("checked");
         if loc.plain == 0 || loc.plain > f.bytes_left || (f.chunks_left == 1 && loc.plain != f.bytes_left) {
             return Err(self.bad(format!("chunk {hex_id}: its length does not fit the file's size")));
@@ -406,7 +402,10 @@ impl<'a> SnapshotReader<'a> {
         self.fill_ahead();
         let fetched = match self.ahead.take(&id) {
             Some(f) => f,
-            None => fetch(&self.store, &self.keys, &self.key, &id, &loc),
+            None => match self.opener.as_mut() {
+                Some(o) => fetch(&self.packs, &self.keys, o, &self.key, &id, &loc),
+                None => Fetched::Blob(BlobError::Damaged("no zstd decompressor".into())),
+            },
         };
         self.fill_ahead();
         let plain = match fetched {
@@ -641,14 +640,104 @@ enum Fetched {
 
 /// Read one blob from its pack and open it (decrypt, decompress with its length as a cap,
 /// keyed hash against `id`): on a read-ahead worker or, when read-ahead missed, the reader.
-fn fetch(store: &Store, keys: &KeyCache, key: &ChunkKey, id: &ChunkId, loc: &BlobLoc) -> Fetched {
-    let path = format::pack_path(&hex::encode(loc.pack));
-    match store.backend().read_range(&path, loc.offset, loc.length) {
-        Ok(blob) => match open_blob(&blob, id, loc.plain, key, keys) {
+fn fetch(
+    packs: &OpenPacks,
+    keys: &KeyCache,
+    opener: &mut Opener,
+    key: &ChunkKey,
+    id: &ChunkId,
+    loc: &BlobLoc,
+) -> Fetched {
+    match packs.read(loc) {
+        Ok(blob) => match opener.open(&blob, id, loc.plain, key, keys) {
             Ok(p) => Fetched::Plain(p),
             Err(e) => Fetched::Blob(e),
         },
         Err(e) => Fetched::Read(e),
+    }
+}
+
+/// Where a snapshot's chunks are, in the order of its refs: a pack number, offset, stored
+/// length and plain length, 16 bytes a chunk (plus 32 a pack).
+struct Locations {
+    packs: Vec<[u8; 32]>,
+    at: Vec<[u32; 4]>,
+}
+
+impl Locations {
+    /// Look every ref up in the cache; one missing or out of range refuses the snapshot.
+    fn find(cache: &Cache, name: &str, refs: &[ChunkId]) -> Result<Locations> {
+        let mut numbers: std::collections::HashMap<[u8; 32], u32> = Default::default();
+        let mut locs = Locations { packs: Vec::new(), at: Vec::with_capacity(refs.len()) };
+        for id in refs {
+            let missing = || {
+                Error::integrity(
+                    name,
+                    format!(
+                        "needs chunk {} which no index on the drive holds (a pack or index file is missing)",
+                        hex::encode(id)
+                    ),
+                )
+            };
+            let loc = cache.locate(id)?.ok_or_else(missing)?;
+            let pack = *numbers.entry(loc.pack).or_insert_with(|| {
+                locs.packs.push(loc.pack);
+                locs.packs.len() as u32 - 1
+            });
+            // Packs are at most format::MAX_PACK (< 4 GiB) long: all of it fits 32 bits.
+            let fit = |v: u64| {
+                u32::try_from(v).map_err(|_| Error::integrity(name, "an index entry is out of range"))
+            };
+            locs.at.push([pack, fit(loc.offset)?, fit(loc.length)?, fit(loc.plain)?]);
+        }
+        Ok(locs)
+    }
+
+    fn get(&self, slot: usize) -> BlobLoc {
+        let [pack, offset, length, plain] = self.at[slot];
+        BlobLoc {
+            pack: self.packs[pack as usize],
+            offset: offset.into(),
+            length: length.into(),
+            plain: plain.into(),
+        }
+    }
+}
+
+/// The packs last read from, kept open (shared by the reader and its workers): one open and
+/// sequential reads per pack rather than an open per blob (see `Backend::open_ranges`).
+struct OpenPacks {
+    store: Store,
+    open: Mutex<VecDeque<OpenPack>>,
+}
+
+type OpenPack = ([u8; 32], Arc<dyn RangeFile>);
+
+/// Packs kept open: the sealers fill one pack each at a time, so a snapshot's chunks come
+/// from a few packs at once.
+const OPEN_PACKS: usize = 8;
+
+impl OpenPacks {
+    fn new(store: &Store) -> OpenPacks {
+        OpenPacks { store: store.clone(), open: Mutex::new(VecDeque::new()) }
+    }
+
+    fn read(&self, loc: &BlobLoc) -> io::Result<Vec<u8>> {
+        let lock = || self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let known = lock().iter().find(|(h, _)| *h == loc.pack).map(|(_, f)| f.clone());
+        let file = match known {
+            Some(f) => f,
+            None => {
+                let f = self.store.backend().open_ranges(&format::pack_path(&hex::encode(loc.pack)))?;
+                let mut open = lock();
+                open.push_back((loc.pack, f.clone()));
+                if open.len() > OPEN_PACKS {
+                    open.pop_front();
+                }
+                f
+            }
+        };
+        file.read_range(loc.offset, loc.length)
     }
 }
 
@@ -670,18 +759,19 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    fn start(store: &Store, keys: &Arc<KeyCache>, key: &ChunkKey) -> ReadAhead {
+    fn start(packs: &Arc<OpenPacks>, keys: &Arc<KeyCache>, key: &ChunkKey) -> ReadAhead {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
-            let (store, keys, key, rx) = (store.clone(), keys.clone(), key.clone(), rx.clone());
+            let (packs, keys, key, rx) = (packs.clone(), keys.clone(), key.clone(), rx.clone());
+            let Ok(mut opener) = Opener::new() else { break };
             let spawned =
                 std::thread::Builder::new().name(format!("datavault-reader-{i}")).spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(job) = job else { return };
-                    let _ = job.reply.send(fetch(&store, &keys, &key, &job.id, &job.loc));
+                    let _ = job.reply.send(fetch(&packs, &keys, &mut opener, &key, &job.id, &job.loc));
                 });
             // No thread: fewer workers, or none (the reader then fetches every chunk itself).
             if let Ok(h) = spawned {
