@@ -13,8 +13,9 @@
 //! store/snapshots/<stem>.json       secret-free manifest, written LAST: the snapshot exists
 //! ```
 //!
-//! A blob is `age(zstd(chunk))` ([`blob`]); a chunk id is the keyed BLAKE3 of the chunk
-//! ([`key`]). Packs and index files are durable before the tree, refs and manifest that
+//! A blob is `age(zstd(chunk))`, a complete age file whose file key is shared by the blobs
+//! of its pack, each with its own random nonce ([`blob`]: one X25519 wrap per pack, not per
+//! chunk); a chunk id is the keyed BLAKE3 of the chunk ([`key`]). Packs and index files are durable before the tree, refs and manifest that
 //! need them; a kill at any moment leaves at worst unreferenced packs (garbage for [`gc`]).
 //!
 //! # The API, and where the lead wires it in
@@ -46,7 +47,9 @@
 //!   indexed and in range, and every pack holding them hashed) or [`verify::verify_store`]
 //!   (`--all`: every pack, index and snapshot).
 //! * **verify --deep, drill, restore --to, in-place restore**: [`read::SnapshotReader::open`]
-//!   with the identities, then `next_entry()` until `None`: each [`read::Entry`] is checked
+//!   with the identities in an `Arc` (`Arc::new(keys::load_identities(..)?)`: the reader's
+//!   read-ahead threads decrypt with them; pass `&*ids` where the archive reader wants
+//!   `&Identities`), then `next_entry()` until `None`: each [`read::Entry`] is checked
 //!   (path via `archive::entry_path`, order, ancestors are folders, counts) and carries
 //!   `parts` (for `archive::join` onto the staging root), `kind`, `meta` (mode, uid, gid,
 //!   mtime with nanoseconds), `size`, `target`; for a file, `reader.content()` is a `Read`
@@ -60,6 +63,11 @@
 //! * **prune**: [`gc::forget`] each snapshot retention drops (manifest first), then
 //!   [`gc::plan`] + [`gc::GcPlan::execute`] (`--dry-run` prints the plan: bytes freed,
 //!   extra space needed). Only under the run lock, with no writer running.
+//!
+//! Threads: a writer runs one sealer per core (at most four) and an indexer; a reader runs
+//! one read-ahead worker per core (at most four). Both stop when finished or dropped. A new
+//! [`Backend`] (S3...) must implement `NewObject::commit_as` (packs are streamed under a
+//! temporary name and named by their SHA-256 at the end).
 //!
 //! Errors are `crate::error::Error`: damaged or hostile store content is `Integrity` (4),
 //! a full or vanished drive `TargetNotReady` (3), key files `Key` (2).
@@ -271,8 +279,8 @@ impl Store {
     }
 }
 
-/// Packs close at 4 MiB: few files on the drive (about 100 for the medium bench's first backup),
-/// and a pack buffered in memory while its SHA-256 (its name) is computed stays small.
+/// Packs close at 4 MiB: few files on the drive (about 100 for the medium bench's first backup,
+/// so about 100 X25519 wraps per recipient), each streamed to the drive as it is made.
 pub const DEFAULT_PACK_TARGET: u64 = 4 << 20;
 
 fn check_config(c: &StoreConfig) -> std::result::Result<(), String> {
