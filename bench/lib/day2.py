@@ -88,6 +88,7 @@ def one(a, peer: str, rep: int) -> dict:
     r["size2"] = du(out)
     rdir = os.path.join(tmp, "restore")
     rs = timed([script, "restore", out, rdir], dict(env, BENCH_INCREMENTAL="0"), os.path.join(run, "restore"))
+    rs["sync"] = syncfs(rdir) if os.path.isdir(rdir) else 0.0
     ver = subprocess.run([sys.executable, os.path.join(BENCH, "verify.py"), rdir, work, "--mode", "quiet"],
                          capture_output=True, text=True)
     r["verified"] = rs["rc"] == 0 and ver.returncode == 0
@@ -132,6 +133,7 @@ def summarize(runs: list, peers: list) -> dict:
             "second_rss_mib": max(r["backup2"]["rss_mib"] for r in rs),
             "first_rss_mib": max(r["backup1"]["rss_mib"] for r in rs),
             "restore_wall": med([r["restore"]["wall"] for r in rs]),
+            "restore_durable": med([r["restore"]["wall"] + r["restore"].get("sync", 0.0) for r in rs]),
             "prune_wall": med([r["prune"]["wall"] for r in rs]),
             "freed_bytes": med([r["size2"] - r["size3"] for r in rs]),
             "after_prune_over_first": med([r["size3"] / r["size1"] for r in rs]),
@@ -167,11 +169,18 @@ def render(meta: dict, s: dict, target: str) -> str:
             if s.get(peer):
                 out.append(f"| second backup wall vs {peer}'s second | < 1× | "
                            f"{t['second_wall'] / s[peer]['second_wall']:.3f}× ({t['second_wall']:.2f} s vs {s[peer]['second_wall']:.2f} s) |")
+        p = s.get("pipeline")
+        if p:
+            out.append(f"| first backup durable vs pipeline's | ≤ 0.8× | {t['first_durable'] / p['first_durable']:.3f}× "
+                       f"({t['first_durable']:.2f} s vs {p['first_durable']:.2f} s) |")
+            out.append(f"| restore (verified) + syncfs vs pipeline's | ≤ 0.8× | "
+                       f"{t['restore_durable'] / p['restore_durable']:.3f}× "
+                       f"({t['restore_durable']:.2f} s vs {p['restore_durable']:.2f} s) |")
         out.append(f"| bytes added vs first backup | ≤ 5 % | {100 * t['added_share']:.2f} % |")
         if s.get("restic"):
             out.append(f"| bytes added vs restic's | ≤ 1.2× | {t['added_bytes'] / s['restic']['added_bytes']:.3f}× |")
         out.append(f"| drive after pruning to one snapshot vs one full backup | ≤ 1.1× | {t['after_prune_over_first']:.3f}× |")
-        out.append(f"| peak RSS, second backup | ≤ 40 MiB (medium) | {t['second_rss_mib']:.1f} MiB |")
+        out.append(f"| peak RSS, first / second backup | ≤ 40 MiB (medium) | {t['first_rss_mib']:.1f} / {t['second_rss_mib']:.1f} MiB |")
     return "\n".join(out) + "\n"
 
 
