@@ -1,7 +1,7 @@
 //! Reading an archive back: decrypt, decompress, check every entry, and either only hash it
 //! (`verify --deep`) or write it into a staging folder (drill, restore).
 //!
-//! Two facts shape this code (../shared/NOTES.md):
+//! Two facts shape this code (docs/facts.md):
 //! * age releases plaintext before the end of the stream is authenticated, so nothing read
 //!   here is trusted until the whole stream was consumed, the archive's SHA-256 matched its
 //!   manifest and every entry matched the inner manifest. Extraction therefore only ever goes
@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,10 +24,9 @@ use crate::archive::{entry_path, join};
 use crate::error::{is_disk_full, Error, Result};
 use crate::fsutil::{HashingReader, SharedHash, SharedHashingReader};
 use crate::keys::Identities;
-use crate::manifest::{
-    escape_path, EntryKind, EntryRecord, InnerManifest, Listing, Manifest, INNER_MANIFEST,
-};
+use crate::manifest::{escape_path, EntryKind, EntryRecord, InnerManifest, Manifest, INNER_MANIFEST};
 use crate::progress::Progress;
+use crate::store::{Listing, Store};
 
 /// The inner manifest is small (a record per file); anything bigger is hostile.
 const MAX_INNER_MANIFEST: u64 = 512 << 20;
@@ -58,6 +57,38 @@ impl ExtractPlan {
     fn root_for(&self, top: &[u8]) -> Option<&Path> {
         self.routes.iter().find(|(t, _)| t.as_bytes() == top).map(|(_, p)| p.as_path())
     }
+
+    /// Refuse, before a byte is written, an archive whose content cannot fit where it goes
+    /// with room to spare. With the running total checked against the same figure during
+    /// extraction, no archive can fill a disk: an in-place restore stages beside the live
+    /// data while the app still runs, and must never starve it.
+    pub fn check_room(&self, plain_bytes: u64) -> Result<()> {
+        let mut seen = Vec::new();
+        for (_, root) in &self.routes {
+            let dir = root.ancestors().find(|a| a.is_dir()).unwrap_or(root);
+            let Ok(st) = rustix::fs::statvfs(dir) else { continue };
+            if seen.contains(&st.f_fsid) {
+                continue;
+            }
+            seen.push(st.f_fsid);
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let size = st.f_blocks.saturating_mul(st.f_frsize);
+            // Leave the larger of 64 MiB and 2 % of the filesystem to whoever else uses it.
+            let reserve = (64u64 << 20).max(size / 50).min(size / 4);
+            if plain_bytes.saturating_add(reserve) > free {
+                return Err(Error::target(
+                    dir,
+                    format!(
+                        "not enough space: the archive holds {} and {} are free (keeping {} for the system); free space or restore with --to onto a bigger disk",
+                        crate::target::human_bytes(plain_bytes),
+                        crate::target::human_bytes(free),
+                        crate::target::human_bytes(reserve)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a successful read proved.
@@ -73,6 +104,7 @@ pub struct ReadReport {
 
 /// Read the whole archive described by `listing`; extract it when `plan` is given.
 pub fn read_archive(
+    store: &Store,
     listing: &Listing,
     identities: &Identities,
     identity_path: &Path,
@@ -85,7 +117,11 @@ pub fn read_archive(
         (_, Some(p)) => return Err(Error::integrity(&name, p.clone())),
         (None, None) => return Err(Error::integrity(&name, "has no manifest")),
     };
-    let file = File::open(&listing.archive_path)
+    if let Some(plan) = plan {
+        plan.check_room(manifest.plain_bytes)?;
+    }
+    let (file, len) = store
+        .open_archive(listing)
         .map_err(|e| Error::integrity(&name, format!("cannot open the archive file: {e}")))?;
     let hash = SharedHash::default();
     let mut reader = Reader {
@@ -104,10 +140,10 @@ pub fn read_archive(
     progress.finish();
     let inner = match result {
         Ok(inner) => inner,
-        Err(e) => return Err(explain_with_checksum(&listing.archive_path, manifest, &hash, e)),
+        Err(e) => return Err(explain_with_checksum(store, listing, len, manifest, &hash, e)),
     };
     // The archive file's own checksum, over every byte of it.
-    let total = finish_hash(&listing.archive_path, &hash)
+    finish_hash(store, listing, len, &hash)
         .map_err(|e| Error::integrity(&name, format!("cannot read the archive file: {e}")))?;
     if hash.hex() != manifest.archive_sha256 {
         return Err(Error::integrity(
@@ -132,13 +168,20 @@ pub fn read_archive(
         plain_bytes: reader.plain_bytes,
         inner,
         archive_sha256: hash.hex(),
-        archive_bytes: total,
+        archive_bytes: len,
     })
 }
 
 /// When decryption or decompression fails half-way, tell the operator whether the file
 /// itself is damaged (checksum mismatch) or was made unreadable some other way.
-fn explain_with_checksum(path: &Path, manifest: &Manifest, hash: &SharedHash, e: Error) -> Error {
+fn explain_with_checksum(
+    store: &Store,
+    listing: &Listing,
+    len: u64,
+    manifest: &Manifest,
+    hash: &SharedHash,
+    e: Error,
+) -> Error {
     let Error::Integrity { archive, message } = e else { return e };
     if message.contains("unsafe") {
         return Error::Integrity { archive, message };
@@ -147,8 +190,8 @@ fn explain_with_checksum(path: &Path, manifest: &Manifest, hash: &SharedHash, e:
     // checksum tells damage from a really wrong key (tests/hostile_archives.rs).
     let cause =
         if message.contains("wrong key") { "its age header opens with no identity given" } else { &message };
-    match finish_hash(path, hash) {
-        Ok(_) if hash.hex() != manifest.archive_sha256 => Error::Integrity {
+    match finish_hash(store, listing, len, hash) {
+        Ok(()) if hash.hex() != manifest.archive_sha256 => Error::Integrity {
             archive,
             message: format!("damaged: its SHA-256 differs from the manifest ({cause}); use another archive"),
         },
@@ -157,21 +200,13 @@ fn explain_with_checksum(path: &Path, manifest: &Manifest, hash: &SharedHash, e:
 }
 
 /// Hash whatever part of the file the decryption stack did not read (trailing bytes).
-fn finish_hash(path: &Path, hash: &SharedHash) -> io::Result<u64> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    if hash.bytes() < len {
-        f.seek(SeekFrom::Start(hash.bytes()))?;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-        }
+fn finish_hash(store: &Store, listing: &Listing, len: u64, hash: &SharedHash) -> io::Result<()> {
+    while hash.bytes() < len {
+        let n = (len - hash.bytes()).min(1 << 20);
+        let chunk = store.read_archive_range(listing, hash.bytes(), n)?;
+        hash.update(&chunk);
     }
-    Ok(len)
+    Ok(())
 }
 
 /// A folder's mode, mtime and owner, applied once its content is written.
@@ -207,7 +242,7 @@ fn damaged(name: &str, e: &io::Error) -> Error {
 impl Reader<'_> {
     fn run(
         &mut self,
-        file: File,
+        file: Box<dyn Read + Send>,
         hash: SharedHash,
         identities: &Identities,
         identity_path: &Path,
@@ -282,7 +317,7 @@ impl Reader<'_> {
     }
 
     fn read_inner<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<InnerManifest> {
-        let size = entry.header().size().unwrap_or(u64::MAX);
+        let size = entry.size();
         if size > MAX_INNER_MANIFEST {
             return Err(unsafe_entry(self.name, format!("inner manifest declares {size} bytes")));
         }
@@ -320,6 +355,11 @@ impl Reader<'_> {
             }
         }
         let top = parts[0].as_slice();
+        if parts.len() == 1 && etype != EntryType::Directory {
+            // A top-level `uploads` that is a symlink or a file would be swapped in as the
+            // live uploads folder: a link leading out of it, or a file where a folder must be.
+            return Err(unsafe_entry(name, format!("top-level {shown} is not a folder")));
+        }
         if etype == EntryType::Symlink && top != crate::archive::TOP_UPLOADS.as_bytes() {
             return Err(unsafe_entry(name, format!("symlink outside uploads {shown}")));
         }
@@ -333,11 +373,13 @@ impl Reader<'_> {
         let Some(plan) = self.plan else { return Ok(None) };
         match plan.root_for(&parts[0]) {
             Some(root) => Ok(Some(join(root, parts))),
-            None => Err(Error::Failed(format!(
-                "archive {}: holds {} entries, which this restore cannot place",
+            None => Err(Error::integrity(
                 self.name,
-                String::from_utf8_lossy(&parts[0])
-            ))),
+                format!(
+                    "holds {}/ entries, which an in-place restore cannot place (only a safety copy of a damaged database has them); restore it with --to DIR",
+                    escape_path(&parts[0])
+                ),
+            )),
         }
     }
 
@@ -396,25 +438,27 @@ impl Reader<'_> {
 
     fn file<R: Read>(&mut self, parts: &[Vec<u8>], entry: &mut tar::Entry<R>) -> Result<()> {
         let key = parts.join(&b'/');
-        let size = entry.header().size().map_err(|e| damaged(self.name, &e))?;
+        // `entry.size()`, not the header's: a PAX record may override the ustar size field,
+        // and that is the size the tar reader will actually hand out.
+        let size = entry.size();
         let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
         let mtime = entry.header().mtime().unwrap_or(0);
         let owner = (entry.header().uid().ok(), entry.header().gid().ok());
+        let budget = self.manifest.plain_bytes.saturating_sub(self.plain_bytes);
+        if size > budget {
+            return Err(unsafe_entry(
+                self.name,
+                format!(
+                    "{} declares {size} bytes, more than what is left of the {} bytes its manifest says the whole archive holds",
+                    escape_path(&key),
+                    self.manifest.plain_bytes
+                ),
+            ));
+        }
         let mut out = match self.dest(parts)? {
             None => None,
             Some(dest) => {
                 ensure_parent(&dest)?;
-                if size > self.manifest.plain_bytes {
-                    return Err(unsafe_entry(
-                        self.name,
-                        format!(
-                            "{} declares {size} bytes, more than the whole archive holds ({})",
-                            escape_path(&key),
-                            self.manifest.plain_bytes
-                        ),
-                    ));
-                }
-                check_room(&dest, size)?;
                 Some((create_file(&dest)?, dest))
             }
         };
@@ -557,38 +601,4 @@ fn create_file(dest: &Path) -> Result<File> {
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(dest)
         .map_err(|e| write_error(dest, e))
-}
-
-/// Refuse an entry whose declared size cannot fit, before writing a byte of it: a hostile
-/// archive could otherwise declare terabytes and fill the disk.
-fn check_room(dest: &Path, size: u64) -> Result<()> {
-    if size < (64 << 20) {
-        return Ok(());
-    }
-    let dir = dest.parent().unwrap_or(dest);
-    if let Ok(st) = rustix::fs::statvfs(dir) {
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
-        if size > free {
-            return Err(Error::target(
-                dir,
-                format!("not enough space: an entry needs {size} bytes and {free} are free; free space or use a bigger disk"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Remove a staging folder left by an interrupted drill or restore.
-pub fn remove_staging(dir: &Path) {
-    if dir.exists() {
-        // Folders extracted read-only would stop remove_dir_all: make them writable first.
-        for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
-            if e.file_type().is_dir() {
-                let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o700));
-            }
-        }
-        if let Err(e) = fs::remove_dir_all(dir) {
-            log::warn!("cannot remove {}: {e}", dir.display());
-        }
-    }
 }

@@ -89,7 +89,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         let piped = PipeWriter::new(encrypted, PIPE_CHUNK, PIPE_DEPTH);
         let mut zstd =
             zstd::stream::write::Encoder::new(piped, compression.level).map_err(WriteError::Output)?;
-        // Without the frame checksum a flipped byte decompresses silently (NOTES.md).
+        // Without the frame checksum a flipped byte decompresses silently (docs/facts.md).
         zstd.include_checksum(true).map_err(WriteError::Output)?;
         if compression.threads > 1 {
             zstd.multithread(compression.threads).map_err(WriteError::Output)?;

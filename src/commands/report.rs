@@ -5,12 +5,14 @@ use std::path::Path;
 
 use datavault::catalog::Catalog;
 use datavault::error::{exit, Error, Result};
-use datavault::manifest::{format_time, Listing};
+use datavault::manifest::format_time;
 use datavault::ops::{self, backup::BackupOptions, Env};
 use datavault::retention::ArchiveKind;
+use datavault::store::Listing;
 use datavault::target::human_bytes;
 
 use crate::cli::Ui;
+use crate::commands::{error_line, printable};
 use crate::commands::{json, out};
 
 fn kind_name(k: ArchiveKind) -> &'static str {
@@ -95,7 +97,7 @@ fn row(l: &Listing) -> ListRow<'_> {
 }
 
 pub fn list(env: &Env, ui: &Ui) -> Result<u8> {
-    let listings = ops::listings(env)?;
+    let (_, listings) = ops::listings(env)?;
     if let Ok(c) = Catalog::open(&env.settings.state.catalog_path()) {
         ops::sync_catalog(&c, &listings);
     }
@@ -151,7 +153,7 @@ pub fn verify(env: &Env, archive: Option<&str>, all: bool, deep: bool, ui: &Ui) 
     }
     if code != 0 {
         let first = results.iter().find(|r| !r.ok).expect("a failure exists");
-        eprintln!("datavault: error: archive {}: {}", first.archive, first.message);
+        error_line(&format!("archive {}: {}", first.archive, first.message));
     }
     Ok(code)
 }
@@ -177,7 +179,10 @@ pub fn drill(env: &Env, archive: Option<&str>, trigger: &str, ui: &Ui) -> Result
     if r.passed {
         Ok(exit::SUCCESS)
     } else {
-        eprintln!("datavault: error: archive {}: DRILL FAILED; run `datavault verify --all --deep` and check the newest archives", r.archive);
+        error_line(&format!(
+            "archive {}: DRILL FAILED; run `datavault verify --all --deep` and check the newest archives",
+            r.archive
+        ));
         Ok(exit::INTEGRITY)
     }
 }
@@ -186,10 +191,13 @@ pub fn restore(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, u
     let o = match to {
         Some(dir) => ops::restore::to_dir(env, archive, dir)?,
         None => {
+            // Decided once: what the operator confirms is what is restored, even if a backup
+            // finishes in between.
+            let chosen = ops::restore::choose(env, archive)?;
             if !yes {
-                confirm(env, archive)?;
+                confirm(env, &chosen)?;
             }
-            ops::restore::in_place(env, archive)?
+            ops::restore::in_place(env, Some(&chosen.name))?
         }
     };
     if ui.json {
@@ -220,22 +228,21 @@ pub fn restore(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, u
 }
 
 /// In-place restore replaces live data: ask on a terminal, refuse elsewhere.
-fn confirm(env: &Env, archive: Option<&str>) -> Result<()> {
+fn confirm(env: &Env, l: &Listing) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         return Err(Error::Usage(
             "restore in place replaces the live data: run it on a terminal to confirm, or pass --yes".into(),
         ));
     }
-    let listings = ops::listings(env)?;
-    let l = ops::select(&listings, archive, ops::Pick::NewestComplete)?;
     let created = l.created().map(format_time).unwrap_or_default();
-    eprint!(
+    let prompt = format!(
         "This replaces the live data ({}{}) with {} (created {created}).\n\
          The current data is saved first as a PRE-RESTORE archive. Type 'restore' to go on: ",
         env.settings.source.database.display(),
         env.settings.source.uploads.as_ref().map(|u| format!(", {}", u.display())).unwrap_or_default(),
         l.name,
     );
+    eprint!("{}", printable(&prompt));
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer).map_err(|e| Error::Usage(format!("no answer: {e}")))?;

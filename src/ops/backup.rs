@@ -2,7 +2,6 @@
 //! then apply the retention policy.
 
 use std::io::BufWriter;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,15 +10,10 @@ use serde::Serialize;
 use crate::archive::write::{ArchiveWriter, WriteError};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{is_disk_full, Error, Result};
-use crate::fsutil::{write_atomic, PartialFile, SteadyWriter};
-
-/// Flush the archive to disk every 16 MiB as it is written (see `SteadyWriter`).
-const FLUSH_EVERY: u64 = 16 << 20;
-use crate::manifest::{
-    self, ArchiveKind, CompressionInfo, EncryptionInfo, Manifest, SourceInfo, ARCHIVE_SUFFIX, MANIFEST_SUFFIX,
-};
+use crate::manifest::{self, ArchiveKind, CompressionInfo, EncryptionInfo, Manifest, SourceInfo};
 use crate::ops::{now, prune, Env, Run};
 use crate::snapshot;
+use crate::store::ARCHIVE_SUFFIX;
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -71,7 +65,7 @@ fn backup_in_run(run: &Run, opts: &BackupOptions) -> Result<BackupOutcome> {
     let env = run.env;
     let previous_newest = crate::ops::listings(env)
         .ok()
-        .and_then(|ls| ls.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max());
+        .and_then(|(_, ls)| ls.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max());
     let mut outcome = create_archive(run, opts, false)?.expect("a backup always has a database");
     outcome.cleaned = Vec::new();
 
@@ -125,17 +119,15 @@ pub fn create_archive(
     };
 
     let needed = estimate_size(db_path, uploads.map(|p| p.as_path()));
-    crate::target::require_writable(&s.target, &env.system_root, needed)?;
+    let store = env.store_for_writing(needed)?;
     let target_dir = &s.target.path;
-    let cleaned = crate::ops::clean_target(target_dir);
+    let cleaned = store.clean();
 
     let created = now();
-    let stem = unique_stem(target_dir, opts.kind, created);
+    let stem = store.new_stem(opts.kind, created)?;
     let archive_name = format!("{stem}{ARCHIVE_SUFFIX}");
-    let archive_path = target_dir.join(&archive_name);
-    let mut partial =
-        PartialFile::create(&archive_path, 0o600).map_err(|e| output_error_ctx(target_dir, e))?;
-    let out = BufWriter::with_capacity(1 << 20, SteadyWriter::new(partial.take_file(), FLUSH_EVERY));
+    let object = store.create_archive(&stem).map_err(|e| output_error(target_dir, e))?;
+    let out = BufWriter::with_capacity(1 << 20, object);
     let mut writer = ArchiveWriter::new(out, &s.encryption.recipients, s.compression, env.progress.clone())
         .map_err(|e| write_error(target_dir, e))?;
     env.progress.start("backing up", needed);
@@ -180,18 +172,9 @@ pub fn create_archive(
     };
     let finished = writer.finish(created).map_err(|e| write_error(target_dir, e))?;
     env.progress.finish();
-    let file =
-        finished.output.into_inner().map_err(|e| output_error(target_dir, e.into_error()))?.into_inner();
-
-    // If the drive was unmounted under us, the rename below would land in the folder on the
-    // SD card underneath. The open file still lives on the old device: compare.
-    let file_dev = file.metadata().map(|m| m.dev()).ok();
-    let dir_dev = std::fs::metadata(target_dir).map(|m| m.dev()).ok();
-    if file_dev.is_none() || file_dev != dir_dev {
-        return Err(Error::target(target_dir, "the drive was unmounted during the backup; nothing was written; mount it and run the backup again"));
-    }
-    partial.put_file(file);
-    partial.commit().map_err(|e| output_error_ctx(target_dir, e))?;
+    let object = finished.output.into_inner().map_err(|e| output_error(target_dir, e.into_error()))?;
+    // Durable, and still on the drive we started on (see `LocalBackend`): only then named.
+    object.commit().map_err(|e| output_error(target_dir, e))?;
 
     let manifest = Manifest {
         format: manifest::FORMAT_VERSION,
@@ -224,16 +207,7 @@ pub fn create_archive(
         skipped: finished.skipped,
     };
     // The manifest is written last: it is what makes the archive complete.
-    let manifest_path = target_dir.join(format!("{stem}{MANIFEST_SUFFIX}"));
-    write_atomic(&manifest_path, &manifest.to_json(), 0o600).map_err(|e| output_error_ctx(target_dir, e))?;
-
-    let listing = manifest::Listing {
-        name: archive_name.clone(),
-        archive_path: archive_path.clone(),
-        manifest_path,
-        manifest: Some(manifest.clone()),
-        problem: None,
-    };
+    let listing = store.publish_manifest(&manifest).map_err(|e| output_error(target_dir, e))?;
     if let Some(rec) = crate::ops::archive_record(&listing) {
         if let Err(e) = run.catalog.upsert_archive(&rec) {
             log::warn!("cannot record the archive in the catalog: {e}");
@@ -244,6 +218,7 @@ pub fn create_archive(
         manifest.archive_size, manifest.files, manifest.archive_sha256, manifest.duration_ms
     );
     let _ = run.catalog.record_event(Some(run.id), now(), Event::BackupCreated, Some(&archive_name), &detail);
+    let archive_path = target_dir.join(&archive_name);
     log::info!(
         "archive written: {} ({})",
         archive_path.display(),
@@ -256,21 +231,6 @@ pub fn create_archive(
         prune_skipped: None,
         cleaned,
     }))
-}
-
-/// `backup-<time>`, or `backup-<time>-2`... if two archives are made in the same millisecond.
-fn unique_stem(dir: &Path, kind: ArchiveKind, created: chrono::DateTime<chrono::Utc>) -> String {
-    let base = manifest::archive_stem(kind, created);
-    let mut stem = base.clone();
-    let mut n = 1;
-    while dir.join(format!("{stem}{ARCHIVE_SUFFIX}")).exists()
-        || dir.join(format!("{stem}{MANIFEST_SUFFIX}")).exists()
-        || dir.join(format!("{stem}{ARCHIVE_SUFFIX}{}", crate::fsutil::PARTIAL_SUFFIX)).exists()
-    {
-        n += 1;
-        stem = format!("{base}-{n}");
-    }
-    stem
 }
 
 /// Upper bound of the archive's size: the data itself (uploads are mostly incompressible)
@@ -302,19 +262,14 @@ fn write_error(target_dir: &Path, e: WriteError) -> Error {
 }
 
 fn output_error(target_dir: &Path, e: std::io::Error) -> Error {
-    if is_disk_full(&e) {
+    if crate::store::backend::is_drive_gone(&e) {
+        Error::target(target_dir, "the drive was unmounted during the backup; nothing was written; mount it and run the backup again")
+    } else if is_disk_full(&e) {
         Error::target(target_dir, "the drive filled up during the backup; the partial archive was removed; run `datavault prune` or use a bigger drive")
     } else if matches!(e.raw_os_error(), Some(5) | Some(19) | Some(6) | Some(2)) {
         // EIO, ENODEV, ENXIO, ENOENT: the USB drive went away.
         Error::target(target_dir, format!("the drive stopped answering during the backup ({e}); check the USB cable and mount, then back up again"))
     } else {
         Error::io(format!("cannot write the archive to {}", target_dir.display()), e)
-    }
-}
-
-fn output_error_ctx(target_dir: &Path, e: Error) -> Error {
-    match e {
-        Error::Io { source, .. } => output_error(target_dir, source),
-        other => other,
     }
 }

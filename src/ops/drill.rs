@@ -10,9 +10,10 @@ use std::time::Instant;
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::archive::read::{read_archive, remove_staging, ExtractPlan};
+use crate::archive::read::{read_archive, ExtractPlan};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{Error, Result};
+use crate::fsutil::remove_tree;
 use crate::ops::{now, Env, Run};
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +57,7 @@ pub fn run(env: &Env, which: Option<&str>, trigger: &str) -> Result<DrillReport>
 fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
-    let listings = crate::ops::listings(env)?;
+    let (store, listings) = crate::ops::listings(env)?;
     crate::ops::sync_catalog(&run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
@@ -69,7 +70,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     if let Ok(rd) = std::fs::read_dir(&scratch_root) {
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with("run-") {
-                remove_staging(&e.path());
+                remove_tree(&e.path());
             }
         }
     }
@@ -87,6 +88,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
 
     let mut checks = Vec::new();
     let read = read_archive(
+        &store,
         listing,
         &identities,
         &identity_path,
@@ -114,7 +116,9 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
 
     let manifest = listing.manifest.as_ref().expect("selected archives are complete");
     if let Some(db) = &manifest.database {
-        let db_path = scratch.join(&db.entry);
+        use std::os::unix::ffi::OsStrExt;
+        let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(&name, e))?;
+        let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
         checks.extend(check_database(&db_path, &env.settings.drill.checks));
     } else {
         checks.push(Check {
@@ -194,6 +198,6 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        remove_staging(&self.0);
+        remove_tree(&self.0);
     }
 }

@@ -10,10 +10,10 @@ pub mod doctor;
 pub mod drill;
 pub mod prune;
 pub mod restore;
+pub mod service;
 pub mod status;
 pub mod verify;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -22,8 +22,9 @@ use crate::catalog::{ArchiveRecord, ArchiveStatus, Catalog, RunStatus};
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::lock::RunLock;
-use crate::manifest::{self, Listing};
+use crate::manifest;
 use crate::progress::Progress;
+use crate::store::{self, Listing, Store};
 use crate::target::SystemRoot;
 
 /// What every operation needs from the outside world.
@@ -36,6 +37,18 @@ pub struct Env {
 impl Env {
     pub fn new(settings: Settings, progress: Arc<dyn Progress>) -> Env {
         Env { settings, system_root: SystemRoot::from_env(), progress }
+    }
+
+    /// The archives on the USB drive, once the drive is known to be there and readable.
+    pub fn store_for_reading(&self) -> Result<Store> {
+        crate::target::require_readable(&self.settings.target, &self.system_root)?;
+        Store::open_local(&self.settings.target.path)
+    }
+
+    /// The USB drive, once it is known to be the right, mounted drive with `needed` bytes free.
+    pub fn store_for_writing(&self, needed: u64) -> Result<Store> {
+        crate::target::require_writable(&self.settings.target, &self.system_root, needed)?;
+        Store::open_local(&self.settings.target.path)
     }
 }
 
@@ -97,8 +110,14 @@ impl<'e> Run<'e> {
     /// the run, and clean up after any interrupted run.
     pub fn start(env: &'e Env, command: &str, trigger: &str, locked: bool) -> Result<Run<'e>> {
         let state = &env.settings.state;
+        if locked {
+            // Root deletes and renames what the state folder's journal names, and writes
+            // through its lock file: nobody else may write there.
+            crate::config::check_state_dir(&state.dir)?;
+            crate::config::check_layout(&env.settings)?;
+        }
         let lock = if locked { Some(RunLock::acquire(&state.lock_path(), command)?) } else { None };
-        let catalog = Catalog::open(&state.catalog_path())?;
+        let catalog = Catalog::open_or_rebuild(&state.catalog_path())?;
         let t = now();
         if locked {
             let n = catalog.close_interrupted_runs(t)?;
@@ -129,10 +148,11 @@ impl<'e> Run<'e> {
     }
 }
 
-/// Archives on the target (newest first), after checking the target can be read.
-pub fn listings(env: &Env) -> Result<Vec<Listing>> {
-    crate::target::require_readable(&env.settings.target, &env.system_root)?;
-    manifest::scan_target(&env.settings.target.path)
+/// The drive's store and its archives (newest first), after checking the drive can be read.
+pub fn listings(env: &Env) -> Result<(Store, Vec<Listing>)> {
+    let store = env.store_for_reading()?;
+    let listings = store.scan()?;
+    Ok((store, listings))
 }
 
 /// Which archive a command works on when none is named.
@@ -148,7 +168,7 @@ pub enum Pick {
 /// Pick an archive by name, or by the default rule.
 pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> Result<&'l Listing> {
     if let Some(w) = wanted {
-        return manifest::find(listings, w).ok_or_else(|| {
+        return store::find(listings, w).ok_or_else(|| {
             Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them"))
         });
     }
@@ -188,7 +208,7 @@ pub fn archive_record(l: &Listing) -> Option<ArchiveRecord> {
     let m = l.manifest.as_ref()?;
     Some(ArchiveRecord {
         name: l.name.clone(),
-        path: l.archive_path.display().to_string(),
+        path: l.archive_path(),
         kind: m.kind,
         size: m.archive_size,
         created_at: m.created,
@@ -216,31 +236,4 @@ pub fn sync_catalog(catalog: &Catalog, listings: &[Listing]) {
         }
         Err(e) => log::warn!("cannot update the catalog: {e}"),
     }
-}
-
-/// Remove what interrupted runs left on the target: `*.partial` files and archives whose
-/// manifest was never written. Only names we create are touched.
-pub fn clean_target(dir: &Path) -> Vec<String> {
-    let mut removed = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return removed };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.starts_with("backup-") || name.starts_with("pre-restore-");
-        if !ours {
-            continue;
-        }
-        let orphan = name
-            .strip_suffix(manifest::ARCHIVE_SUFFIX)
-            .map(|stem| !dir.join(format!("{stem}{}", manifest::MANIFEST_SUFFIX)).exists())
-            .unwrap_or(false);
-        if (name.ends_with(crate::fsutil::PARTIAL_SUFFIX) || orphan) && std::fs::remove_file(e.path()).is_ok()
-        {
-            log::info!("removed {name}, left by an interrupted run");
-            removed.push(name);
-        }
-    }
-    if !removed.is_empty() {
-        let _ = crate::fsutil::fsync_dir(dir);
-    }
-    removed
 }

@@ -41,7 +41,7 @@ pub fn run(env: &Env) -> Result<Status> {
     let target_problems = target.problems(&s.target);
     let catalog = Catalog::open(&s.state.catalog_path())?;
     let listings = if target.exists {
-        crate::manifest::scan_target(&s.target.path).unwrap_or_default()
+        crate::store::Store::open_local(&s.target.path).and_then(|st| st.scan()).unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -88,6 +88,11 @@ pub fn run(env: &Env) -> Result<Status> {
         }
         _ => {}
     }
+    if let Some(archive) = interrupted_restore(&s.state.restore_journal_path()) {
+        next.push(format!(
+            "an interrupted restore of {archive} was found: the next datavault run that takes the lock (backup, drill, prune, restore) finishes or undoes it; run `datavault backup` now"
+        ));
+    }
     let incomplete = listings.len() - complete.len();
     if incomplete > 0 {
         next.push(format!("{incomplete} archive(s) are incomplete or damaged: see `datavault list`; `datavault prune` removes them"));
@@ -105,4 +110,11 @@ pub fn run(env: &Env) -> Result<Status> {
         running,
         next_steps: next,
     })
+}
+
+/// The archive named by a restore journal left behind, if there is one.
+pub fn interrupted_restore(journal: &std::path::Path) -> Option<String> {
+    let bytes = crate::fsutil::read_regular(journal, 1 << 20).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Some(v["archive"].as_str().unwrap_or("an unknown archive").to_string())
 }
