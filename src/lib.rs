@@ -8,6 +8,7 @@ pub mod agent;
 pub mod archive;
 pub mod catalog;
 pub mod config;
+pub mod crashpoint;
 pub mod demo;
 pub mod error;
 pub mod fsutil;

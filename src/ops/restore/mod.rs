@@ -3,36 +3,45 @@
 //! `--to DIR` extracts into an empty folder and touches nothing else. In place (the disaster
 //! case) the order is what keeps data safe:
 //!
-//! 1. extract into staging folders beside the live paths (same filesystem, so the swap is a
-//!    rename) and verify everything: archive checksum, every file hash, `integrity_check`,
-//!    the drill's SQL checks. A bad archive stops here; live data was not touched.
-//! 2. take a PRE-RESTORE safety archive of the current state onto the target;
-//! 3. run the stop command;
-//! 4. swap: move the live database (and its stale -wal/-shm) and uploads aside, rename the
-//!    staged ones in. Each step is recorded first in a journal in the state folder;
-//! 5. run the start command; if it fails, put the previous state back and start again.
+//! 1. plan and preflight ([`plan`]): refuse up front what would make the swap fail half-way
+//!    or move what it must not (a mount point as uploads or inside it, a symlinked database);
+//! 2. extract into staging folders beside the live paths (same filesystem, so the swap is a
+//!    rename) and verify everything: archive checksum, every file hash, `integrity_check`, the
+//!    drill's SQL checks. A bad archive stops here; nothing live was touched;
+//! 3. journal `stopping`, run the stop command (with a timeout), then take the PRE-RESTORE
+//!    safety archive: after the stop, so what the app wrote while stopping is in it;
+//! 4. journal `swapping` with every rename, then swap ([`swap`]);
+//! 5. journal `swapped`, run the start command; if it fails: journal `rolling_back`, stop,
+//!    put the previous data back, start again.
 //!
-//! If power is cut during step 4, the next datavault run finds the journal and rolls the swap
-//! back, so the live data is always exactly the old state or exactly the restored one.
+//! Each journal phase is durable before the renames it guards ([`journal`]), so the next
+//! locked run after a power cut finishes or undoes the restore: the live data is always
+//! exactly the old state or exactly the restored one.
 
-use std::os::fd::AsFd;
+mod journal;
+mod plan;
+mod swap;
+
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::archive::read::{read_archive, remove_staging, ExtractPlan};
+use crate::archive::read::{read_archive, ExtractPlan, ReadReport};
 use crate::catalog::{Event, RunStatus};
+use crate::crashpoint::crash_point;
 use crate::error::{Error, Result};
-use crate::fsutil::{fsync_dir, write_atomic};
-use crate::manifest::ArchiveKind;
+use crate::fsutil::{fsync_dir, remove_tree};
+use crate::manifest::{unescape_path, ArchiveKind, Manifest};
 use crate::ops::backup::{create_archive, BackupOptions};
 use crate::ops::drill::{check_database, Check};
+use crate::ops::service::{self, Which};
 use crate::ops::{now, Env, Run};
-
-const STAGE_PREFIX: &str = ".datavault-restore-";
-const ASIDE_PREFIX: &str = ".datavault-old-";
+use crate::store::{Listing, Store};
+use journal::{Journal, Phase};
+pub use plan::RestorePlan;
+use plan::{STAGED_DB, STAGE_PREFIX};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreOutcome {
@@ -46,6 +55,14 @@ pub struct RestoreOutcome {
     pub seconds: f64,
 }
 
+/// The archive an in-place restore brings back when none is named: the newest complete
+/// backup. The operator confirms this name and it is passed down unchanged, so a backup
+/// finishing meanwhile cannot change what is restored.
+pub fn choose(env: &Env, which: Option<&str>) -> Result<Listing> {
+    let (_, listings) = crate::ops::listings(env)?;
+    crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete).cloned()
+}
+
 /// `restore --to DIR`: into an empty folder; needs no lock, changes nothing else.
 pub fn to_dir(env: &Env, which: Option<&str>, dir: &Path) -> Result<RestoreOutcome> {
     let run = Run::start(env, "restore", "manual", false)?;
@@ -57,35 +74,15 @@ pub fn to_dir(env: &Env, which: Option<&str>, dir: &Path) -> Result<RestoreOutco
 fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOutcome> {
     let env = run.env;
     let started = Instant::now();
-    match std::fs::read_dir(dir) {
-        Ok(mut rd) => {
-            if rd.next().is_some() {
-                return Err(Error::Usage(format!(
-                    "{} is not empty; restore --to needs an empty or new folder",
-                    dir.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display())))?,
-        Err(e) => return Err(Error::Usage(format!("cannot use {}: {e}", dir.display()))),
-    }
-    let listings = crate::ops::listings(env)?;
+    prepare_empty_dir(dir)?;
+    let (store, listings) = crate::ops::listings(env)?;
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
-    let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
-    let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
     let stage = dir.join(format!("{STAGE_PREFIX}{}", run.id));
-    let report = read_archive(
-        listing,
-        &identities,
-        &identity_path,
-        Some(&ExtractPlan::into_dir(&stage)),
-        &*env.progress,
-    );
+    let report = read_into(env, &store, listing, &ExtractPlan::into_dir(&stage));
     let report = match report {
         Ok(r) => r,
         Err(e) => {
-            remove_staging(&stage);
+            remove_tree(&stage);
             return Err(e);
         }
     };
@@ -98,13 +95,24 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
             .map_err(|e| Error::io(format!("cannot move into {}", to.display()), e))?;
         destination.push(to);
     }
-    remove_staging(&stage);
+    remove_tree(&stage);
     fsync_dir(dir)?;
     let manifest = listing.manifest.as_ref().expect("complete");
     let checks = match &manifest.database {
-        Some(db) => check_database(&dir.join(&db.entry), &[]),
+        Some(db) => check_database(&dir.join(entry_path(&listing.name, &db.entry)?), &[]),
         None => Vec::new(),
     };
+    if let Some(bad) = checks.iter().find(|c| !c.ok) {
+        return Err(Error::integrity(
+            &listing.name,
+            format!(
+                "restored into {}, but the database fails {}: {}; the files are there for inspection; try an older archive",
+                dir.display(),
+                bad.name,
+                bad.detail
+            ),
+        ));
+    }
     Ok(RestoreOutcome {
         archive: listing.name.clone(),
         in_place: false,
@@ -117,32 +125,33 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
     })
 }
 
-/// One rename of the swap. `staged` is None for files that are only moved aside (-wal, -shm).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Move {
-    live: PathBuf,
-    aside: PathBuf,
-    staged: Option<PathBuf>,
-    had_live: bool,
+fn prepare_empty_dir(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir).map(|mut rd| rd.next().is_none()) {
+        Ok(false) => Err(Error::Usage(format!(
+            "{} is not empty; restore --to needs an empty or new folder",
+            dir.display()
+        ))),
+        Ok(true) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display()))),
+        Err(e) => Err(Error::Usage(format!("cannot use {}: {e}", dir.display()))),
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Phase {
-    Swapping,
-    Swapped,
+/// The archive's database entry as a path (entries are stored escaped).
+fn entry_path(archive: &str, entry: &str) -> Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = unescape_path(entry).map_err(|e| Error::integrity(archive, format!("manifest: {e}")))?;
+    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&raw)))
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Journal {
-    archive: String,
-    phase: Phase,
-    moves: Vec<Move>,
-    stages: Vec<PathBuf>,
-    asides: Vec<PathBuf>,
+fn read_into(env: &Env, store: &Store, listing: &Listing, plan: &ExtractPlan) -> Result<ReadReport> {
+    let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
+    let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
+    read_archive(store, listing, &identities, &identity_path, Some(plan), &*env.progress)
 }
 
-/// In place: the disaster case. The caller has confirmed with the operator.
+/// In place: the disaster case. `which` is the archive the operator confirmed (see [`choose`]).
 pub fn in_place(env: &Env, which: Option<&str>) -> Result<RestoreOutcome> {
     let run = Run::start(env, "restore", "manual", true)?;
     let result = in_place_in_run(&run, which);
@@ -154,175 +163,53 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     let env = run.env;
     let s = &env.settings;
     let started = Instant::now();
-    let listings = crate::ops::listings(env)?;
+    let (store, listings) = crate::ops::listings(env)?;
     crate::ops::sync_catalog(&run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let name = listing.name.clone();
     let manifest = listing.manifest.clone().ok_or_else(|| Error::integrity(&name, "has no manifest"))?;
-    let Some(db_info) = &manifest.database else {
+    if manifest.database.is_none() {
         return Err(Error::Usage(format!(
             "{name} holds no database snapshot (a raw safety copy); restore it with --to DIR and copy the files by hand"
         )));
-    };
-    let identities = crate::keys::load_identities(s.encryption.identity.as_deref())?;
-    let identity_path = s.encryption.identity.clone().unwrap_or_default();
-
-    let db_live = s.source.database.clone();
-    let db_parent = parent_of(&db_live)?;
-    let uploads_live = s.source.uploads.clone().filter(|_| manifest.uploads.is_some());
-    let uploads_parent = uploads_live.as_deref().map(parent_of).transpose()?;
-    let tag = format!("{}", run.id);
-    let db_stage = db_parent.join(format!("{STAGE_PREFIX}{tag}"));
-    let uploads_stage = uploads_parent.as_ref().map(|p| p.join(format!("{STAGE_PREFIX}{tag}")));
-    let mut stages = vec![db_stage.clone()];
-    if let Some(u) = &uploads_stage {
-        if u != &db_stage {
-            stages.push(u.clone());
-        }
     }
-    let cleanup = StageCleanup(stages.clone());
-
-    // 1. Extract and verify everything before touching anything live.
-    let mut routes = vec![(crate::archive::TOP_DB.to_string(), db_stage.clone())];
-    if let Some(u) = &uploads_stage {
-        routes.push((crate::archive::TOP_UPLOADS.to_string(), u.clone()));
-    } else if manifest.uploads.is_some() {
+    if manifest.uploads.is_some() && s.source.uploads.is_none() {
         log::warn!("{name} holds uploads but source.uploads is not configured: they are not restored");
-        routes.push((crate::archive::TOP_UPLOADS.to_string(), db_stage.join("ignored")));
     }
-    let plan = ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root(), durable: true };
-    for st in &stages {
-        std::fs::create_dir(st)
-            .map_err(|e| Error::io(format!("cannot create staging folder {}", st.display()), e))?;
-    }
-    log::info!("verifying and staging {name}");
-    let report = read_archive(listing, &identities, &identity_path, Some(&plan), &*env.progress)?;
-    let staged_db = db_stage.join(&db_info.entry);
-    let checks = check_database(&staged_db, &s.drill.checks);
-    if let Some(bad) = checks.iter().find(|c| !c.ok) {
-        return Err(Error::integrity(
-            &name,
-            format!("the restored database fails {}: {}; live data was not touched", bad.name, bad.detail),
-        ));
-    }
-    let staged_db_final = db_stage.join("restored.db");
-    // A WAL-mode copy we opened for the checks may have grown -wal/-shm: fold them in.
-    checkpoint_and_close(&staged_db)?;
-    std::fs::rename(&staged_db, &staged_db_final)
-        .map_err(|e| Error::io("cannot prepare the staged database", e))?;
+    let plan = RestorePlan::new(s, &name, run.id, manifest.uploads.is_some())?;
+    plan.preflight(&env.system_root, s)?;
 
-    // 2. Safety copy of what is live now.
-    log::info!("taking a PRE-RESTORE safety backup of the current data");
-    let opts = BackupOptions {
-        kind: ArchiveKind::PreRestore,
-        trigger: "restore".into(),
-        comment: Some(format!("before restoring {name}")),
-    };
-    let pre = create_archive(run, &opts, true).map_err(|e| match e {
-        Error::TargetNotReady { path, message } => Error::TargetNotReady {
-            path,
-            message: format!(
-                "{message} (the PRE-RESTORE safety backup could not be written; nothing was changed)"
-            ),
-        },
-        Error::Source { path, message } => Error::Source {
-            path,
-            message: format!("{message} (during the PRE-RESTORE safety backup; nothing was changed)"),
-        },
-        other => Error::Failed(format!("the PRE-RESTORE safety backup failed, nothing was changed: {other}")),
-    })?;
-    let pre_name = pre.as_ref().map(|p| p.manifest.archive.clone());
-    if pre_name.is_none() {
-        log::warn!("no live data found: nothing to save before restoring");
-    }
+    let staged = Staged::create(&plan)?;
+    let (report, checks) = stage_and_verify(env, &store, listing, &manifest, &plan)?;
 
-    // 3. Stop the application. The journal is written first, with no moves yet: a run cut
-    // off from here on is repaired by the next run, which removes the staging and aside
-    // folders and starts the application again (tests/faults.rs found both left behind).
-    let db_aside = db_parent.join(format!("{ASIDE_PREFIX}{tag}"));
-    let uploads_aside = uploads_parent.as_ref().map(|p| p.join(format!("{ASIDE_PREFIX}{tag}")));
-    let mut asides = vec![db_aside.clone()];
-    if let Some(u) = &uploads_aside {
-        if u != &db_aside {
-            asides.push(u.clone());
-        }
-    }
-    let mut journal = Journal {
-        archive: name.clone(),
-        phase: Phase::Swapping,
-        moves: Vec::new(),
-        stages: stages.clone(),
-        asides,
-    };
     let journal_path = s.state.restore_journal_path();
-    save_journal(&journal_path, &journal)?;
+    let mut journal = plan.journal();
+    journal.enter(Phase::Stopping, &journal_path)?;
     for a in &journal.asides {
-        std::fs::create_dir_all(a).map_err(|e| Error::io(format!("cannot create {}", a.display()), e))?;
+        // Listed in the journal first, so a cut from here on is cleaned up by the next run.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(a)
+            .map_err(|e| Error::io(format!("cannot create {}", a.display()), e))?;
     }
-    if let Some(svc) = &s.service {
-        if let Err(e) = run_command("stop", &svc.stop_command) {
-            finish_journal(&journal_path, &journal);
-            return Err(Error::Failed(format!("{e}; nothing was changed")));
+    let pre_name = match stop_and_save(run, &name) {
+        Ok(p) => p,
+        Err(e) => {
+            finish(&journal_path, &journal, Ending::NothingMoved);
+            return Err(e);
         }
-    }
+    };
 
-    // 4. Swap, journaled. What exists is looked at only now: a stopped app may have removed
-    // its -wal and -shm.
-    let mut moves = Vec::new();
-    for suffix in ["-wal", "-shm", "-journal"] {
-        let live = with_suffix(&db_live, suffix);
-        moves.push(Move {
-            aside: db_aside.join(live.file_name().unwrap()),
-            had_live: exists(&live),
-            live,
-            staged: None,
-        });
-    }
-    moves.push(Move {
-        aside: db_aside.join(db_live.file_name().unwrap()),
-        had_live: exists(&db_live),
-        live: db_live.clone(),
-        staged: Some(staged_db_final.clone()),
-    });
-    if let (Some(live), Some(stage), Some(aside)) = (&uploads_live, &uploads_stage, &uploads_aside) {
-        moves.push(Move {
-            aside: aside.join("uploads"),
-            had_live: exists(live),
-            live: live.clone(),
-            staged: Some(stage.join(crate::archive::TOP_UPLOADS)),
-        });
-    }
-    journal.moves = moves;
-    save_journal(&journal_path, &journal)?;
+    journal.moves = plan.moves(plan.uploads.as_ref().map(|u| u.stage.join(crate::archive::TOP_UPLOADS)));
+    journal.enter(Phase::Swapping, &journal_path)?;
     log::info!("swapping in the restored data");
-    if let Err(e) = swap(&journal) {
+    if let Err(e) = swap::swap(&journal) {
         log::error!("swap failed ({e}); putting the previous data back");
-        rollback(&journal);
-        finish_journal(&journal_path, &journal);
-        start_after_rollback(run, &name);
-        return Err(Error::Failed(format!(
-            "restore failed while swapping ({e}); the previous data was put back"
-        )));
+        return Err(undo(run, &mut journal, &journal_path, &format!("restore failed while swapping ({e})")));
     }
-    journal.phase = Phase::Swapped;
-    save_journal(&journal_path, &journal)?;
-
-    // 5. Start the application; undo everything if it will not start.
-    if let Some(svc) = &s.service {
-        if let Err(e) = run_command("start", &svc.start_command) {
-            log::error!("{e}; putting the previous data back");
-            let _ = run_command("stop", &svc.stop_command);
-            journal.phase = Phase::Swapping;
-            rollback(&journal);
-            finish_journal(&journal_path, &journal);
-            start_after_rollback(run, &name);
-            return Err(Error::Failed(format!(
-                "{e} after the restore; the previous data was put back and the application started again"
-            )));
-        }
-    }
-    finish_journal(&journal_path, &journal);
-    drop(cleanup);
+    journal.enter(Phase::Swapped, &journal_path)?;
+    start_or_undo(run, &mut journal, &journal_path)?;
+    drop(staged);
     let detail = format!(
         "restored {} files, {} bytes; safety copy {}",
         report.files,
@@ -333,7 +220,9 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     Ok(RestoreOutcome {
         archive: name,
         in_place: true,
-        destination: std::iter::once(db_live).chain(uploads_live).collect(),
+        destination: std::iter::once(plan.database.live.clone())
+            .chain(plan.uploads.map(|u| u.live))
+            .collect(),
         pre_restore_archive: pre_name,
         files: report.files,
         bytes: report.plain_bytes,
@@ -342,30 +231,236 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     })
 }
 
+/// Step 2: extract into the staging folders and prove it all before anything live moves.
+fn stage_and_verify(
+    env: &Env,
+    store: &Store,
+    listing: &Listing,
+    manifest: &Manifest,
+    plan: &RestorePlan,
+) -> Result<(ReadReport, Vec<Check>)> {
+    let name = &listing.name;
+    let mut routes = vec![(crate::archive::TOP_DB.to_string(), plan.database.stage.clone())];
+    match &plan.uploads {
+        Some(u) => routes.push((crate::archive::TOP_UPLOADS.to_string(), u.stage.clone())),
+        // Verified all the same, into a folder deleted with the staging.
+        None if manifest.uploads.is_some() => {
+            routes.push((crate::archive::TOP_UPLOADS.to_string(), plan.database.stage.join("ignored")))
+        }
+        None => {}
+    }
+    let extract = ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root(), durable: true };
+    log::info!("verifying and staging {name}");
+    let report = read_into(env, store, listing, &extract)?;
+    let db = manifest.database.as_ref().expect("checked by the caller");
+    let staged_db = plan.database.stage.join(entry_path(name, &db.entry)?);
+    let checks = check_database(&staged_db, &env.settings.drill.checks);
+    if let Some(bad) = checks.iter().find(|c| !c.ok) {
+        return Err(Error::integrity(
+            name,
+            format!("the restored database fails {}: {}; live data was not touched", bad.name, bad.detail),
+        ));
+    }
+    if let Some(u) = &plan.uploads {
+        let staged = u.stage.join(crate::archive::TOP_UPLOADS);
+        if !std::fs::symlink_metadata(&staged).map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(Error::integrity(name, "its uploads are not a folder; live data was not touched"));
+        }
+    }
+    // A WAL-mode copy we opened for the checks may have grown -wal/-shm: fold them in.
+    checkpoint_and_close(&staged_db)?;
+    std::fs::rename(&staged_db, plan.database.stage.join(STAGED_DB))
+        .map_err(|e| Error::io("cannot prepare the staged database", e))?;
+    Ok((report, checks))
+}
+
+/// Step 3: stop the app, then save what is live now. On failure the app is started again.
+fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
+    let s = &run.env.settings;
+    if let Some(svc) = &s.service {
+        if let Err(e) = service::run(svc, Which::Stop) {
+            // A stop that failed or hung may have half-stopped the app: bring it back.
+            let _ = restart(run);
+            return Err(Error::Failed(format!("{e}; nothing was changed")));
+        }
+    }
+    crash_point("restore: app stopped");
+    log::info!("taking a PRE-RESTORE safety backup of the current data");
+    let opts = BackupOptions {
+        kind: ArchiveKind::PreRestore,
+        trigger: "restore".into(),
+        comment: Some(format!("before restoring {name}")),
+    };
+    let pre = create_archive(run, &opts, true).map_err(|e| {
+        let _ = restart(run);
+        match e {
+            Error::TargetNotReady { path, message } => Error::TargetNotReady {
+                path,
+                message: format!(
+                    "{message} (the PRE-RESTORE safety backup could not be written; nothing was changed)"
+                ),
+            },
+            Error::Source { path, message } => Error::Source {
+                path,
+                message: format!("{message} (during the PRE-RESTORE safety backup; nothing was changed)"),
+            },
+            other => {
+                Error::Failed(format!("the PRE-RESTORE safety backup failed, nothing was changed: {other}"))
+            }
+        }
+    })?;
+    crash_point("restore: safety copy written");
+    let pre_name = pre.map(|p| p.manifest.archive);
+    if pre_name.is_none() {
+        log::warn!("no live data found: nothing to save before restoring");
+    }
+    Ok(pre_name)
+}
+
+/// The swap is done: start the app on the restored data and finish, or, if it will not
+/// start, put the previous data back.
+fn start_or_undo(run: &Run, journal: &mut Journal, journal_path: &Path) -> Result<()> {
+    if let Some(svc) = &run.env.settings.service {
+        if let Err(e) = service::run(svc, Which::Start) {
+            log::error!("{e}; putting the previous data back");
+            return Err(undo(run, journal, journal_path, &format!("{e} after the restore")));
+        }
+        crash_point("restore: app started");
+    }
+    finish(journal_path, journal, Ending::Restored);
+    Ok(())
+}
+
+/// Put the previous data back after a failed swap or start; returns the error to report.
+fn undo(run: &Run, journal: &mut Journal, journal_path: &Path, what_failed: &str) -> Error {
+    if let Err(e) = journal.enter(Phase::RollingBack, journal_path) {
+        // Without a durable journal a cut now could not be repaired: stop here, change nothing.
+        return Error::Failed(format!(
+            "{what_failed}; and the restore journal cannot be written ({e}): the restored data is live, the previous data is in {}",
+            journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if let Some(svc) = &run.env.settings.service {
+        if let Err(e) = service::run(svc, Which::Stop) {
+            log::warn!("{e}");
+        }
+    }
+    let problems = swap::rollback(journal);
+    let ending = if problems.is_empty() { Ending::RolledBack } else { Ending::RollbackIncomplete };
+    finish(journal_path, journal, ending);
+    let _ = run.catalog.record_event(
+        Some(run.id),
+        now(),
+        Event::RestoreRolledBack,
+        Some(&journal.archive),
+        "restore undone",
+    );
+    if !problems.is_empty() {
+        return Error::Failed(format!(
+            "{what_failed}; putting the previous data back failed ({}): it is in {}; put it back by hand",
+            problems.join("; "),
+            journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    match restart(run) {
+        Ok(()) => Error::Failed(format!(
+            "{what_failed}; the previous data was put back and the application started again"
+        )),
+        Err(e) => Error::Failed(format!(
+            "{what_failed}; the previous data was put back, but the application did not start again ({e}): start it by hand"
+        )),
+    }
+}
+
+/// Run the start command, if there is one.
+fn restart(run: &Run) -> std::result::Result<(), String> {
+    match &run.env.settings.service {
+        Some(svc) => {
+            service::run(svc, Which::Start).inspect_err(|e| log::error!("{e}: start the application by hand"))
+        }
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Stopped before any rename: staging goes, the (empty) aside folders go.
+    NothingMoved,
+    /// The restored data is live; the replaced data is in the safety archive: everything goes.
+    Restored,
+    /// The previous data is back: staging (with the undone restored data) goes, and the aside
+    /// folders, now empty.
+    RolledBack,
+    /// Something could not be put back: the aside folders stay, with it.
+    RollbackIncomplete,
+}
+
+/// The restore is over, one way or the other: clean up, then remove the journal.
+fn finish(journal_path: &Path, j: &Journal, ending: Ending) {
+    for d in &j.stages {
+        remove_tree(d);
+    }
+    for d in &j.asides {
+        match ending {
+            Ending::Restored => remove_tree(d),
+            Ending::RollbackIncomplete => {
+                log::warn!("{} holds data that could not be put back; check it by hand", d.display())
+            }
+            // Never remove_tree here: if anything is still inside, it is the previous data.
+            Ending::NothingMoved | Ending::RolledBack => {
+                if let Err(e) = std::fs::remove_dir(d) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        log::warn!("{} is not empty ({e}); check it and delete it by hand", d.display());
+                    }
+                }
+            }
+        }
+    }
+    swap::sync_parents(j);
+    for d in j.stages.iter().chain(&j.asides) {
+        if let Some(p) = d.parent() {
+            let _ = fsync_dir(p);
+        }
+    }
+    if ending != Ending::RollbackIncomplete {
+        let _ = std::fs::remove_file(journal_path);
+        if let Some(p) = journal_path.parent() {
+            let _ = fsync_dir(p);
+        }
+    }
+    crash_point("restore: finished");
+}
+
 /// Called at the start of every locked run: finish or undo a restore that was cut off.
 pub fn recover_interrupted(run: &Run) -> Result<()> {
-    let path = run.env.settings.state.restore_journal_path();
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            remove_stale_stages(run);
-            return Ok(());
-        }
-        Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+    let s = &run.env.settings;
+    let path = s.state.restore_journal_path();
+    let Some(mut journal) = Journal::load(&path, s)? else {
+        remove_stale_stages(run);
+        return Ok(());
     };
-    let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Failed(format!(
-            "the restore journal {} is unreadable ({e}); inspect the .datavault-old-* folders beside the live data by hand",
-            path.display()
-        ))
-    })?;
-    match journal.phase {
-        Phase::Swapping => {
+    let ending = match journal.phase {
+        Phase::Stopping => {
+            log::warn!(
+                "a restore of {} was interrupted before it changed anything: cleaning up",
+                journal.archive
+            );
+            Ending::NothingMoved
+        }
+        Phase::Swapping | Phase::RollingBack => {
             log::warn!(
                 "an interrupted restore of {} was found: putting the previous data back",
                 journal.archive
             );
-            rollback(&journal);
+            if journal.phase == Phase::Swapping {
+                journal.enter(Phase::RollingBack, &path)?;
+            } else if let Some(svc) = &s.service {
+                // Cut while undoing a failed start: the app may be half up on the restored data.
+                if let Err(e) = service::run(svc, Which::Stop) {
+                    log::warn!("{e}");
+                }
+            }
+            let problems = swap::rollback(&journal);
             let _ = run.catalog.record_event(
                 Some(run.id),
                 now(),
@@ -373,20 +468,38 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
                 Some(&journal.archive),
                 "interrupted restore rolled back at the next run",
             );
+            if problems.is_empty() {
+                Ending::RolledBack
+            } else {
+                Ending::RollbackIncomplete
+            }
         }
-        Phase::Swapped => log::warn!("an interrupted restore of {} was found: finishing it", journal.archive),
-    }
-    finish_journal(&path, &journal);
-    if let Some(svc) = &run.env.settings.service {
-        // The application was stopped by the interrupted restore.
-        if let Err(e) = run_command("start", &svc.start_command) {
-            log::error!("{e}");
+        Phase::Swapped => {
+            // The restored data is live; whether the app started on it is not known: start
+            // it, and if it will not start, undo the restore as the interrupted run would have.
+            log::warn!("an interrupted restore of {} was found: finishing it", journal.archive);
+            return start_or_undo(run, &mut journal, &path).or_else(|e| {
+                log::error!("{e}");
+                Ok(())
+            });
         }
+    };
+    finish(&path, &journal, ending);
+    if ending == Ending::RollbackIncomplete {
+        return Err(Error::Failed(format!(
+            "an interrupted restore of {} could not be fully undone; the previous data is in {}: put it back by hand, then delete {}",
+            journal.archive,
+            journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", "),
+            path.display()
+        )));
     }
+    // The application was stopped by the interrupted restore.
+    let _ = restart(run);
     Ok(())
 }
 
-/// Staging folders of a restore killed before its swap began: plaintext, never live data.
+/// Staging folders of a restore killed before its journal was written: plaintext, never
+/// live data. Only our own names, never through a link (see [`remove_tree`]).
 fn remove_stale_stages(run: &Run) {
     let src = &run.env.settings.source;
     let parents =
@@ -397,8 +510,8 @@ fn remove_stale_stages(run: &Run) {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(STAGE_PREFIX) {
                 log::info!("removing {}, left by an interrupted restore", e.path().display());
-                remove_staging(&e.path());
-            } else if name.starts_with(ASIDE_PREFIX) {
+                remove_tree(&e.path());
+            } else if name.starts_with(plan::ASIDE_PREFIX) {
                 log::warn!(
                     "{} holds data set aside by an earlier restore; check it and delete it by hand",
                     e.path().display()
@@ -406,114 +519,6 @@ fn remove_stale_stages(run: &Run) {
             }
         }
     }
-}
-
-/// The renames of the swap, in order: each live path aside, then its staged one in.
-fn swap_steps(j: &Journal) -> Vec<(&Path, &Path)> {
-    let mut steps = Vec::new();
-    for m in &j.moves {
-        if m.had_live {
-            steps.push((m.live.as_path(), m.aside.as_path()));
-        }
-        if let Some(staged) = &m.staged {
-            steps.push((staged.as_path(), m.live.as_path()));
-        }
-    }
-    steps
-}
-
-fn swap(j: &Journal) -> std::io::Result<()> {
-    for (from, to) in swap_steps(j) {
-        std::fs::rename(from, to)?;
-    }
-    sync_parents(j);
-    Ok(())
-}
-
-/// Undo whatever part of the swap happened; safe to run on any state the swap can be cut in.
-fn rollback(j: &Journal) {
-    for m in j.moves.iter().rev() {
-        let live_is_new = if exists(&m.aside) {
-            true
-        } else {
-            !m.had_live && exists(&m.live) && m.staged.as_ref().map(|s| !exists(s)).unwrap_or(false)
-        };
-        if live_is_new && exists(&m.live) {
-            let res = match &m.staged {
-                Some(s) => std::fs::rename(&m.live, s),
-                None => std::fs::remove_file(&m.live),
-            };
-            if let Err(e) = res {
-                log::error!("cannot move {} out of the way: {e}", m.live.display());
-                continue;
-            }
-        }
-        if exists(&m.aside) {
-            if let Err(e) = std::fs::rename(&m.aside, &m.live) {
-                log::error!("cannot put {} back from {}: {e}", m.live.display(), m.aside.display());
-            }
-        }
-    }
-    sync_parents(j);
-}
-
-/// Remove staging and aside folders, then the journal: the restore is over either way.
-fn finish_journal(path: &Path, j: &Journal) {
-    for d in j.stages.iter().chain(&j.asides) {
-        remove_staging(d);
-    }
-    sync_parents(j);
-    let _ = std::fs::remove_file(path);
-    if let Some(p) = path.parent() {
-        let _ = fsync_dir(p);
-    }
-}
-
-fn start_after_rollback(run: &Run, name: &str) {
-    let _ =
-        run.catalog.record_event(Some(run.id), now(), Event::RestoreRolledBack, Some(name), "restore undone");
-    if let Some(svc) = &run.env.settings.service {
-        if let Err(e) = run_command("start", &svc.start_command) {
-            log::error!("{e}: start the application by hand");
-        }
-    }
-}
-
-fn sync_parents(j: &Journal) {
-    for m in &j.moves {
-        if let Some(p) = m.live.parent() {
-            let _ = fsync_dir(p);
-        }
-    }
-}
-
-fn save_journal(path: &Path, j: &Journal) -> Result<()> {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).map_err(|e| Error::io(format!("cannot create {}", p.display()), e))?;
-    }
-    write_atomic(path, &serde_json::to_vec_pretty(j).expect("journal serializes"), 0o600)
-}
-
-fn exists(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok()
-}
-
-fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-fn parent_of(p: &Path) -> Result<PathBuf> {
-    let parent = p
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| Error::Usage(format!("{} has no parent folder", p.display())))?;
-    if !parent.is_dir() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::source(parent, format!("cannot create the folder to restore into: {e}")))?;
-    }
-    Ok(parent.to_path_buf())
 }
 
 /// Fold a staged WAL database's -wal into the main file, so the file we rename in is whole.
@@ -524,127 +529,37 @@ fn checkpoint_and_close(db: &Path) -> Result<()> {
         .map_err(|e| Error::sqlite("cannot checkpoint the staged database", e))?;
     drop(conn);
     for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(with_suffix(db, suffix));
+        let _ = std::fs::remove_file(plan::with_suffix(db, suffix));
     }
     Ok(())
 }
 
-/// Run a configured service command through `sh -c`, its output going to our stderr so
-/// `--json` output on stdout stays clean.
-pub fn run_command(what: &str, cmd: &str) -> std::result::Result<(), String> {
-    log::info!("running the {what} command: {cmd}");
-    let stdout =
-        std::io::stderr().as_fd().try_clone_to_owned().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
-    match Command::new("sh").arg("-c").arg(cmd).stdin(Stdio::null()).stdout(stdout).status() {
-        Ok(st) if st.success() => Ok(()),
-        Ok(st) => Err(format!("the {what} command `{cmd}` failed ({st})")),
-        Err(e) => Err(format!("the {what} command `{cmd}` could not run: {e}")),
+/// The staging folders, created private; removed however the restore ends (plaintext).
+struct Staged(Vec<PathBuf>);
+
+impl Staged {
+    fn create(plan: &RestorePlan) -> Result<Staged> {
+        let mut staged = Staged(Vec::new());
+        for st in plan.stages() {
+            if let Some(parent) = st.parent().filter(|p| !p.is_dir()) {
+                // A fresh Pi: the app's folders may not exist yet.
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    Error::source(parent, format!("cannot create the folder to restore into: {e}"))
+                })?;
+            }
+            std::fs::create_dir(&st)
+                .map_err(|e| Error::io(format!("cannot create staging folder {}", st.display()), e))?;
+            let _ = std::fs::set_permissions(&st, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+            staged.0.push(st);
+        }
+        Ok(staged)
     }
 }
 
-/// Removes staging folders however the restore ends (they hold plaintext).
-struct StageCleanup(Vec<PathBuf>);
-
-impl Drop for StageCleanup {
+impl Drop for Staged {
     fn drop(&mut self) {
         for d in &self.0 {
-            remove_staging(d);
+            remove_tree(d);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state(root: &Path) -> Vec<(String, String)> {
-        let mut v: Vec<_> = walkdir::WalkDir::new(root)
-            .sort_by_file_name()
-            .into_iter()
-            .flatten()
-            .filter(|e| e.file_type().is_file())
-            .map(|e| {
-                let rel = e.path().strip_prefix(root).unwrap().display().to_string();
-                (rel, std::fs::read_to_string(e.path()).unwrap())
-            })
-            .collect();
-        v.retain(|(p, _)| !p.starts_with(".datavault-"));
-        v
-    }
-
-    /// Cut the swap after every possible rename: rollback always gives exactly the old state.
-    #[test]
-    fn rollback_restores_the_old_state_after_a_cut_at_any_step() {
-        for had_wal in [true, false] {
-            let steps = {
-                let (_d, j) = setup(had_wal);
-                swap_steps(&j).len()
-            };
-            for cut in 0..=steps {
-                let (dir, j) = setup(had_wal);
-                let before = state(dir.path());
-                for (from, to) in swap_steps(&j).into_iter().take(cut) {
-                    std::fs::rename(from, to).unwrap();
-                }
-                rollback(&j);
-                assert_eq!(state(dir.path()), before, "cut after {cut} of {steps} renames (wal: {had_wal})");
-                // And the complete swap gives exactly the new state.
-                swap(&j).unwrap();
-                let after = state(dir.path());
-                assert!(after.contains(&("data/app.db".into(), "new db".into())), "{after:?}");
-                assert!(
-                    !after.iter().any(|(p, _)| p == "data/app.db-wal"),
-                    "stale WAL moved away: {after:?}"
-                );
-                assert!(after.contains(&("uploads/b.txt".into(), "new upload".into())), "{after:?}");
-            }
-        }
-    }
-
-    fn setup(had_wal: bool) -> (tempfile::TempDir, Journal) {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        let w = |rel: &str, text: &str| {
-            let path = p.join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        };
-        w("data/app.db", "old db");
-        if had_wal {
-            w("data/app.db-wal", "old wal");
-        }
-        w("uploads/a.txt", "old upload");
-        w("data/.datavault-restore-1/restored.db", "new db");
-        w(".datavault-restore-1/uploads/b.txt", "new upload");
-        std::fs::create_dir_all(p.join("data/.datavault-old-1")).unwrap();
-        std::fs::create_dir_all(p.join(".datavault-old-1")).unwrap();
-        let live_db = p.join("data/app.db");
-        let mut moves: Vec<Move> = ["-wal", "-shm", "-journal"]
-            .iter()
-            .map(|sfx| {
-                let live = with_suffix(&live_db, sfx);
-                Move {
-                    aside: p.join("data/.datavault-old-1").join(live.file_name().unwrap()),
-                    had_live: exists(&live),
-                    live,
-                    staged: None,
-                }
-            })
-            .collect();
-        moves.push(Move {
-            live: live_db.clone(),
-            aside: p.join("data/.datavault-old-1/app.db"),
-            staged: Some(p.join("data/.datavault-restore-1/restored.db")),
-            had_live: true,
-        });
-        moves.push(Move {
-            live: p.join("uploads"),
-            aside: p.join(".datavault-old-1/uploads"),
-            staged: Some(p.join(".datavault-restore-1/uploads")),
-            had_live: true,
-        });
-        let j =
-            Journal { archive: "a".into(), phase: Phase::Swapping, moves, stages: vec![], asides: vec![] };
-        (dir, j)
     }
 }
