@@ -261,6 +261,36 @@ impl Catalog {
         Ok(Catalog { conn, path: path.to_path_buf() })
     }
 
+    /// Open the catalog, and if its file is damaged (a failing SD card: the very disaster the
+    /// drive is there for), move it aside with a warning and start a new one. The manifests
+    /// on the drive are the source of truth: the next scan imports every archive again; only
+    /// the history of runs starts over (the damaged file is kept for inspection).
+    pub fn open_or_rebuild(path: &Path) -> Result<Catalog> {
+        let damage = match Catalog::open(path) {
+            Ok(c) => match c.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+                Ok(ok) if ok == "ok" => return Ok(c),
+                Ok(problem) => problem,
+                Err(e) if is_damage(&e) => e.to_string(),
+                Err(e) => return Err(Error::sqlite(c.what("checking it"), e)),
+            },
+            Err(Error::Sqlite { source, .. }) if is_damage(&source) => source.to_string(),
+            Err(e) => return Err(e),
+        };
+        let aside = format!("{}.damaged-{}", path.display(), Utc::now().format("%Y%m%dT%H%M%SZ"));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = format!("{}{suffix}", path.display());
+            if std::path::Path::new(&from).exists() {
+                std::fs::rename(&from, format!("{aside}{suffix}"))
+                    .context(|| format!("catalog {}: cannot move the damaged file aside", path.display()))?;
+            }
+        }
+        log::warn!(
+            "catalog {} is damaged ({damage}); moved aside to {aside}: a new one is rebuilt from the manifests on the drive",
+            path.display()
+        );
+        Catalog::open(path)
+    }
+
     /// Where this catalog lives.
     pub fn path(&self) -> &Path {
         &self.path
@@ -523,6 +553,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
     }
     tx.commit().context(doing)
+}
+
+/// SQLite's way of saying the file is not (or no longer) a database.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

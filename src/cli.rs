@@ -202,7 +202,7 @@ pub fn report(e: &Error) {
         }
         source = s.source();
     }
-    eprintln!("datavault: error: {}", line.replace('\n', " "));
+    commands::error_line(&line);
 }
 
 fn init_logging(cli: &Cli) {
@@ -221,7 +221,7 @@ fn init_logging(cli: &Cli) {
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);
-    let _ = WriteLogger::init(level, b.build(), std::io::stderr());
+    let _ = WriteLogger::init(level, b.build(), commands::PrintableStderr);
 }
 
 fn load(cli: &Cli) -> Result<Settings> {

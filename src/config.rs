@@ -87,6 +87,9 @@ pub struct CompressionSettings {
 pub struct ServiceSettings {
     pub stop_command: String,
     pub start_command: String,
+    /// A stop or start command still running after this long is killed and counts as failed:
+    /// a hung stop must not hold the run lock (and the app's data) forever.
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +223,7 @@ struct RawRetention {
 struct RawService {
     stop_command: Spanned<String>,
     start_command: Spanned<String>,
+    timeout_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -248,8 +252,9 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 
 impl Settings {
     pub fn load(path: &Path) -> Result<Settings> {
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
+        let text = match crate::fsutil::read_regular(path, 1 << 20) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map_err(|_| Error::config(path, "is not UTF-8 text; it should be a TOML file"))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::config(
                     path,
@@ -346,6 +351,10 @@ impl Settings {
             Some(s) => Some(ServiceSettings {
                 stop_command: v.nonempty("service.stop_command", &s.stop_command)?,
                 start_command: v.nonempty("service.start_command", &s.start_command)?,
+                timeout: std::time::Duration::from_secs(match &s.timeout_seconds {
+                    None => DEFAULT_SERVICE_TIMEOUT_SECONDS,
+                    Some(t) => v.int_in("service.timeout_seconds", t, 1, 3600)? as u64,
+                }),
             }),
         };
 
@@ -435,13 +444,14 @@ impl Settings {
                 ));
             }
         }
-        if target.path.starts_with(&state.dir) || state.dir.starts_with(&target.path) {
-            // The catalog must survive the loss of the USB drive and vice versa.
-            return Err(Error::config(
-                path,
-                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive",
-            ));
-        }
+        let layout = Layout {
+            database: database.clone(),
+            uploads: uploads.clone(),
+            target: target.path.clone(),
+            state: state.dir.clone(),
+            scratch: drill.scratch_dir.clone(),
+        };
+        layout.check().map_err(|m| Error::config(path, m))?;
 
         Ok(Settings {
             path: path.to_path_buf(),
@@ -457,6 +467,191 @@ impl Settings {
             agent,
         })
     }
+}
+
+pub const DEFAULT_SERVICE_TIMEOUT_SECONDS: u64 = 120;
+
+/// Where everything is, to check that the paths stay out of each other's way.
+///
+/// An in-place restore renames the database (with its -wal, -shm, -journal) and the uploads
+/// folder aside and deletes them at the end: anything inside those (the backup drive mounted
+/// in uploads, the state folder with the restore journal, a drill's scratch) would move and
+/// be deleted with them. A backup drive inside uploads also puts every earlier archive into
+/// each new one. So each of target, state and scratch must be outside the moved paths, and
+/// the app's data off the backup drive and out of the state folder.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub database: PathBuf,
+    pub uploads: Option<PathBuf>,
+    pub target: PathBuf,
+    pub state: PathBuf,
+    pub scratch: Option<PathBuf>,
+}
+
+impl Layout {
+    /// The paths an in-place restore moves, with their keys.
+    fn moved(&self) -> Vec<(String, PathBuf)> {
+        let mut v = vec![("source.database".to_string(), self.database.clone())];
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = self.database.as_os_str().to_owned();
+            p.push(suffix);
+            v.push((format!("source.database's {suffix} file"), PathBuf::from(p)));
+        }
+        if let Some(u) = &self.uploads {
+            v.push(("source.uploads".to_string(), u.clone()));
+        }
+        v
+    }
+
+    /// Ok, or the first overlap as a message naming both keys and the fix.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let mut ours = vec![
+            ("target.path", &self.target, "keep the backups on the USB drive"),
+            ("state.dir", &self.state, "keep the catalog and the restore journal in their own folder"),
+        ];
+        if let Some(s) = &self.scratch {
+            ours.push(("drill.scratch_dir", s, "drills extract plaintext there"));
+        }
+        for (key, path, why) in &ours {
+            for (moved_key, moved) in self.moved() {
+                if path.starts_with(&moved) {
+                    return Err(format!(
+                        "{key} ({}) is inside {moved_key} ({}): a restore would move it away with the app's data and delete it, and backups would copy it; {why}, outside the app's data",
+                        path.display(),
+                        moved.display()
+                    ));
+                }
+                if moved.starts_with(path) {
+                    return Err(format!(
+                        "{moved_key} ({}) is inside {key} ({}): keep the app's data out of datavault's own folders",
+                        moved.display(),
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if self.target.starts_with(&self.state) || self.state.starts_with(&self.target) {
+            // The catalog must survive the loss of the USB drive and vice versa.
+            return Err(
+                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive".into(),
+            );
+        }
+        if let Some(s) = &self.scratch {
+            if s.starts_with(&self.state) || self.state.starts_with(s) {
+                return Err(
+                    "drill.scratch_dir and state.dir overlap; give the drills their own folder".into()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The same rules on the paths as they really are (symlinks on the way resolved), and no
+    /// symlink as the database itself.
+    pub fn resolved(&self) -> std::result::Result<Layout, String> {
+        if let Ok(m) = fs::symlink_metadata(&self.database) {
+            if m.file_type().is_symlink() {
+                let real = fs::canonicalize(&self.database)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "a missing file".into());
+                return Err(format!(
+                    "source.database {} is a symlink (to {real}); datavault reads and replaces real files only: set source.database = \"{real}\"",
+                    self.database.display()
+                ));
+            }
+        }
+        Ok(Layout {
+            database: resolve(&self.database),
+            uploads: self.uploads.as_deref().map(resolve),
+            target: resolve(&self.target),
+            state: resolve(&self.state),
+            scratch: self.scratch.as_deref().map(resolve),
+        })
+    }
+}
+
+/// The path with its existing part resolved (symlinks followed), the rest appended.
+fn resolve(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = p;
+    loop {
+        if let Ok(real) = fs::canonicalize(at) {
+            let mut out = real;
+            for c in missing.iter().rev() {
+                out.push(c);
+            }
+            return out;
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// Check the settings' paths as they are on disk now (locked runs and `doctor`).
+pub fn check_layout(s: &Settings) -> Result<()> {
+    let layout = Layout {
+        database: s.source.database.clone(),
+        uploads: s.source.uploads.clone(),
+        target: s.target.path.clone(),
+        state: s.state.dir.clone(),
+        scratch: s.drill.scratch_dir.clone(),
+    };
+    layout.resolved().and_then(|l| l.check()).map_err(|m| Error::config(&s.path, m))
+}
+
+/// The state folder holds the run lock and the restore journal, whose paths root renames and
+/// deletes: it must be datavault's alone. Created private if missing; refused if another
+/// user owns it or others may write in it.
+pub fn check_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if fs::symlink_metadata(dir).is_err() {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        b.create(dir).map_err(|e| {
+            Error::config(
+                dir,
+                format!("cannot create the state folder: {e}; check state.dir and permissions"),
+            )
+        })?;
+    }
+    match state_dir_problem(dir) {
+        Some(problem) => Err(Error::config(dir, problem)),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with the state folder, if anything (read-only: for `doctor` too).
+pub fn state_dir_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(format!("cannot read the state folder: {e}")),
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if !m.is_dir() {
+        return Some("state.dir is not a folder; point it at a folder for datavault's state".into());
+    }
+    if m.uid() != me {
+        return Some(format!(
+            "the state folder is owned by uid {}, not by the user running datavault (uid {me}); run `chown {me} {}` or choose another state.dir",
+            m.uid(),
+            dir.display()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Some(format!(
+            "others may write in the state folder (mode {:o}); run `chmod 700 {}`",
+            m.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    None
 }
 
 /// `threads = 0`: one zstd worker per core, at most 4. Not the default: on 2 cores the
@@ -481,15 +676,24 @@ impl Validator<'_> {
     }
 
     fn abs_path(&self, key: &str, value: &Spanned<String>) -> Result<PathBuf> {
-        let p = PathBuf::from(value.get_ref());
-        if value.get_ref().is_empty() || !p.is_absolute() {
-            return Err(self.err(
-                key,
-                value.span().start,
-                format!("{:?} must be an absolute path (starting with /)", value.get_ref()),
-            ));
+        let text = value.get_ref();
+        let p = PathBuf::from(text);
+        let why = if text.is_empty() || !p.is_absolute() {
+            Some("must be an absolute path (starting with /)")
+        } else if text.contains('\0') {
+            Some("contains a NUL byte")
+        } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+            // `..` would defeat the overlap checks below (and means something else once a
+            // folder on the way is a symlink).
+            Some("must not contain '..'; write the path it leads to")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(self.err(key, value.span().start, format!("{text:?} {why}")));
         }
-        Ok(p)
+        // Lexically normal: no `.` components, no doubled or trailing slashes.
+        Ok(p.components().collect())
     }
 
     fn int_in(&self, key: &str, value: &Spanned<i64>, min: i64, max: i64) -> Result<i64> {

@@ -34,6 +34,9 @@ pub fn init(config: &Path, keygen: bool, ui: &Ui) -> Result<u8> {
     let dir = config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::config(config, format!("cannot create its folder: {e}")))?;
+    // The config only takes absolute paths: the identity beside it is named by its real path.
+    let dir = &std::fs::canonicalize(dir)
+        .map_err(|e| Error::config(config, format!("cannot resolve its folder: {e}")))?;
     let mut text = TEMPLATE.to_string();
     let mut recipient = None;
     if keygen {

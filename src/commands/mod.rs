@@ -19,8 +19,32 @@ use serde::Serialize;
 
 use datavault::progress::Progress;
 
+/// Text safe to show on a terminal: control characters (escape sequences that could rewrite
+/// the screen or the window title, from a crafted manifest or file name) are shown escaped.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// The one error line a command ends with, on stderr.
+pub fn error_line(text: &str) {
+    eprintln!("datavault: error: {}", printable(&text.replace('\n', " ")));
+}
+
 /// Write to stdout; a closed pipe (`datavault list | head -1`) is not an error.
 pub fn out(text: &str) {
+    let text = printable(text);
     let mut o = std::io::stdout().lock();
     if let Err(e) = o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -33,6 +57,21 @@ pub fn json<T: Serialize>(v: &T) {
     let mut s = serde_json::to_string_pretty(v).expect("results serialize");
     s.push('\n');
     out(&s);
+}
+
+/// stderr for the logger, with control characters escaped (log lines quote manifests and
+/// file names from the drive).
+pub struct PrintableStderr;
+
+impl std::io::Write for PrintableStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(printable(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// A progress bar on a terminal.

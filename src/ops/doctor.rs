@@ -67,6 +67,7 @@ pub fn run(config_path: &Path, probe_gpio: &dyn Fn(&Settings) -> Vec<Check>) -> 
     };
     let env = Env::new(settings, std::sync::Arc::new(crate::progress::NoProgress));
     let s = &env.settings;
+    checks.extend(layout_checks(&env));
 
     // Source.
     checks.push(match crate::snapshot::open(&s.source.database) {
@@ -101,7 +102,8 @@ pub fn run(config_path: &Path, probe_gpio: &dyn Fn(&Settings) -> Vec<Check>) -> 
     }
 
     // Target.
-    let listings = crate::manifest::scan_target(&s.target.path).unwrap_or_default();
+    let listings =
+        crate::store::Store::open_local(&s.target.path).and_then(|st| st.scan()).unwrap_or_default();
     let last_size = listings.iter().find_map(|l| l.manifest.as_ref().map(|m| m.archive_size));
     match crate::target::inspect(&s.target, &env.system_root) {
         Err(e) => checks.push(fail("target", e.to_string(), e.exit_code())),
@@ -178,8 +180,11 @@ pub fn run(config_path: &Path, probe_gpio: &dyn Fn(&Settings) -> Vec<Check>) -> 
         Some(h) => ok("lock", format!("a run is in progress: {h}")),
         None => ok("lock", "free (flock: a killed run never leaves it stale)"),
     });
-    if s.state.restore_journal_path().exists() {
-        checks.push(warn("restore", "an interrupted restore was found; the next run finishes or undoes it"));
+    if let Some(a) = crate::ops::status::interrupted_restore(&s.state.restore_journal_path()) {
+        checks.push(warn(
+            "restore",
+            format!("an interrupted restore of {a} was found; the next run finishes or undoes it"),
+        ));
     }
     match Catalog::open(&s.state.catalog_path()) {
         Err(e) => checks.push(fail("catalog", e.to_string(), e.exit_code())),
@@ -228,4 +233,26 @@ pub fn run(config_path: &Path, probe_gpio: &dyn Fn(&Settings) -> Vec<Check>) -> 
     }
     let ok_all = checks.iter().all(|c| c.level != Level::Fail);
     Report { ok: ok_all, checks }
+}
+
+/// Where things are: paths that overlap, a symlinked database, a state folder others can
+/// write, and what would stop an in-place restore (a mount point as or inside uploads).
+fn layout_checks(env: &Env) -> Vec<Check> {
+    let s = &env.settings;
+    let mut checks = Vec::new();
+    checks.push(match crate::config::check_layout(s) {
+        Ok(()) => ok("layout", "database, uploads, target, state and scratch stay out of each other's way"),
+        Err(e) => fail("layout", e.to_string(), e.exit_code()),
+    });
+    checks.push(match crate::config::state_dir_problem(&s.state.dir) {
+        None => ok("state folder", format!("{} is datavault's alone", s.state.dir.display())),
+        Some(p) => fail("state folder", p, exit::USAGE),
+    });
+    if let Ok(plan) = crate::ops::restore::RestorePlan::new(s, "-", 0, true) {
+        checks.push(match plan.preflight(&env.system_root, s) {
+            Ok(()) => ok("restore in place", "the live paths can be swapped atomically"),
+            Err(e) => warn("restore in place", format!("would be refused: {e}")),
+        });
+    }
+    checks
 }
