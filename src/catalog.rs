@@ -325,7 +325,7 @@ impl Catalog {
         id: i64,
         at: DateTime<Utc>,
         status: RunStatus,
-        error: Option<&Error>,
+        error: Option<&crate::ops::RunError>,
         archive: Option<&str>,
     ) -> Result<()> {
         let changed = self
@@ -337,14 +337,14 @@ impl Catalog {
                     id,
                     ts(at),
                     status.as_str(),
-                    error.map(|e| e.to_string()),
-                    error.map(|e| e.kind()),
+                    error.map(|e| e.message.as_str()),
+                    error.map(|e| e.kind),
                     archive
                 ],
             )
             .context(|| self.what(format!("recording the end of run {id}")))?;
         if changed == 0 {
-            return Err(Error::Failed(self.what(format!("no run with id {id} to end"))));
+            return Err(Error::Catalog(self.what(format!("no run with id {id} to end"))));
         }
         Ok(())
     }
@@ -397,7 +397,7 @@ impl Catalog {
 
     fn one_archive(&self, name: &str, changed: usize) -> Result<()> {
         if changed == 0 {
-            return Err(Error::Failed(
+            return Err(Error::Catalog(
                 self.what(format!("no archive named {name}; sync the catalog with the target first")),
             ));
         }
@@ -533,7 +533,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
                 .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
                 .context(doing)?;
             if tables > 0 {
-                return Err(Error::Failed(format!(
+                return Err(Error::Catalog(format!(
                     "catalog {}: this SQLite file has tables but is not a datavault catalog; \
                      check state.dir in the config",
                     path.display()
@@ -544,7 +544,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
         SCHEMA_VERSION => {}
         v => {
-            return Err(Error::Failed(format!(
+            return Err(Error::Catalog(format!(
                 "catalog {}: schema version {v} is not one this datavault understands ({SCHEMA_VERSION}); \
                  run the datavault that wrote it, or move the file aside: a new catalog is rebuilt \
                  from the manifests on the USB drive",
@@ -759,7 +759,7 @@ mod tests {
         cat.end_run(ok, at(20, 3), RunStatus::Success, None, Some("a1.age")).unwrap();
         let bad = cat.begin_run("backup", "manual", "alice", "pi", at(21, 2)).unwrap();
         let err = Error::target(Path::new("/mnt/datavault"), "not mounted; plug in the USB drive");
-        cat.end_run(bad, at(21, 2), RunStatus::Failed, Some(&err), None).unwrap();
+        cat.end_run(bad, at(21, 2), RunStatus::Failed, Some(&crate::ops::RunError::of(&err)), None).unwrap();
 
         let runs = cat.runs(10).unwrap();
         assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [bad, ok]);

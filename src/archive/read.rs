@@ -473,7 +473,7 @@ impl Reader<'_> {
             };
             self.progress.advance(n as u64);
             if self.progress.cancelled() {
-                return Err(Error::Failed(format!("reading {}: {}", self.name, crate::progress::Cancelled)));
+                return Err(Error::Cancelled(format!("reading {}", self.name)));
             }
             if let Some((f, dest)) = out.as_mut() {
                 f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;

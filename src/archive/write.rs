@@ -5,7 +5,7 @@
 //! of files. Each stage that needs finishing is finished in [`ArchiveWriter::finish`], inside
 //! out; forgetting age's `finish()` would drop the last chunk and make the archive unreadable.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::{Metadata, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -17,7 +17,7 @@ use rusqlite::Connection;
 use tar::{EntryType, Header};
 
 use crate::config::CompressionSettings;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::fsutil::{drop_from_page_cache, HashingReader, HashingWriter};
 use crate::manifest::{escape_path, DatabaseInfo, EntryKind, EntryRecord, Skipped, TreeInfo};
 use crate::pipe::PipeWriter;
@@ -431,7 +431,7 @@ impl Write for CountingSink {
 /// else is the output.
 fn classify_append(e: io::Error, source: &Path) -> WriteError {
     if e.get_ref().map(|r| r.is::<crate::progress::Cancelled>()).unwrap_or(false) {
-        return WriteError::Other(Error::Failed(format!("backup {}", crate::progress::Cancelled)));
+        return WriteError::Other(Error::Cancelled("backup".into()));
     }
     if let Some(p) = e.get_ref().and_then(|r| r.downcast_ref::<snapshot::PageReadError>()) {
         return WriteError::Other(Error::source(source, p.to_string()));
@@ -524,16 +524,6 @@ where
 
 fn reader_error<R: Read>(r: &mut HashingReader<ExactSize<R>>) -> Option<io::Error> {
     r.inner_mut().error.take()
-}
-
-/// Open the archive's output file for writing on the target.
-pub fn open_output(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -5,9 +5,12 @@
 //! the audit catalog, first repairs what an interrupted earlier run left behind (partial
 //! files, a half-done restore), and on the way out writes the metrics file.
 
+pub mod audit;
 pub mod backup;
 pub mod doctor;
 pub mod drill;
+pub mod health;
+pub mod list;
 pub mod prune;
 pub mod restore;
 pub mod service;
@@ -26,6 +29,40 @@ use crate::manifest;
 use crate::progress::Progress;
 use crate::store::{self, Listing, Store};
 use crate::target::SystemRoot;
+
+/// What started a run: recorded in the catalog and the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// Someone at a terminal.
+    Manual,
+    /// The daily systemd timer.
+    Timer,
+    /// The push button (or SIGUSR1 to the agent).
+    Button,
+    /// The drill at boot.
+    Boot,
+    /// The safety copy an in-place restore takes first.
+    Restore,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Timer => "timer",
+            Trigger::Button => "button",
+            Trigger::Boot => "boot",
+            Trigger::Restore => "restore",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What every operation needs from the outside world.
 pub struct Env {
@@ -108,7 +145,7 @@ pub struct Run<'e> {
 impl<'e> Run<'e> {
     /// Take the lock (unless `locked` is false: read-only commands), open the catalog, record
     /// the run, and clean up after any interrupted run.
-    pub fn start(env: &'e Env, command: &str, trigger: &str, locked: bool) -> Result<Run<'e>> {
+    pub fn start(env: &'e Env, command: &str, trigger: Trigger, locked: bool) -> Result<Run<'e>> {
         let state = &env.settings.state;
         if locked {
             // Root deletes and renames what the state folder's journal names, and writes
@@ -125,7 +162,7 @@ impl<'e> Run<'e> {
                 log::warn!("{n} earlier run(s) were interrupted (power cut or kill); cleaning up after them");
             }
         }
-        let id = catalog.begin_run(command, trigger, &user(), &host(), t)?;
+        let id = catalog.begin_run(command, trigger.as_str(), &user(), &host(), t)?;
         let run = Run { env, catalog, id, _lock: lock };
         if locked {
             restore::recover_interrupted(&run)?;
@@ -133,18 +170,38 @@ impl<'e> Run<'e> {
         Ok(run)
     }
 
-    /// Record how the run ended and refresh the metrics file. Never hides the run's own error.
+    /// Record how the run ended (success, or its error) and refresh the metrics file.
     pub fn end<T>(self, result: &Result<T>, status_on_ok: RunStatus, archive: Option<&str>) {
-        let (status, err) = match result {
-            Ok(_) => (status_on_ok, None),
-            Err(e) => (RunStatus::Failed, Some(e)),
-        };
-        if let Err(e) = self.catalog.end_run(self.id, now(), status, err, archive) {
+        match result {
+            Ok(_) => self.end_as(status_on_ok, None, archive),
+            Err(e) => self.end_as(RunStatus::Failed, Some(RunError::of(e)), archive),
+        }
+    }
+
+    /// Record an explicit ending: a run that completed but failed its purpose (a drill whose
+    /// checks failed) is `Failed` with its reason, without an `Error` to show for it.
+    pub fn end_as(self, status: RunStatus, error: Option<RunError>, archive: Option<&str>) {
+        if let Err(e) = self.catalog.end_run(self.id, now(), status, error.as_ref(), archive) {
             log::warn!("cannot record the run in the catalog: {e}");
         }
-        if let Err(e) = crate::metrics::write(&self.env.settings.state.metrics_path(), &self.catalog) {
+        let s = &self.env.settings;
+        if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, s.agent.max_age_hours) {
             log::warn!("cannot write metrics: {e}");
         }
+    }
+}
+
+/// Why a run failed, as the catalog records it.
+#[derive(Debug, Clone)]
+pub struct RunError {
+    /// The error's class ([`Error::kind`]).
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl RunError {
+    pub fn of(e: &Error) -> RunError {
+        RunError { kind: e.kind(), message: e.to_string() }
     }
 }
 

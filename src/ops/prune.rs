@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::catalog::{ArchiveStatus, Event, RunStatus};
 use crate::error::{Error, Result};
-use crate::ops::{now, Env, Run};
+use crate::ops::{now, Env, Run, Trigger};
 use crate::retention::{Candidate, Decision};
 
 #[derive(Debug, Clone, Serialize)]
@@ -20,14 +20,14 @@ pub struct PruneOutcome {
 }
 
 pub fn run(env: &Env, dry_run: bool) -> Result<PruneOutcome> {
-    let run = Run::start(env, "prune", "manual", true)?;
+    let run = Run::start(env, "prune", Trigger::Manual, true)?;
     let result = (|| {
         let (_, listings) = crate::ops::listings(env)?;
         let newest = listings.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max();
         if let crate::retention::ClockCheck::Suspicious(why) =
             crate::retention::check_clock(now(), newest, crate::ops::build_time())
         {
-            return Err(Error::Failed(format!("refusing to prune: {why}")));
+            return Err(Error::Clock(format!("refusing to prune: {why}")));
         }
         prune_in_run(&run, dry_run)
     })();

@@ -37,7 +37,7 @@ use crate::manifest::{unescape_path, ArchiveKind, Manifest};
 use crate::ops::backup::{create_archive, BackupOptions};
 use crate::ops::drill::{check_database, Check};
 use crate::ops::service::{self, Which};
-use crate::ops::{now, Env, Run};
+use crate::ops::{now, Env, Run, Trigger};
 use crate::store::{Listing, Store};
 use journal::{Journal, Phase};
 pub use plan::RestorePlan;
@@ -65,7 +65,7 @@ pub fn choose(env: &Env, which: Option<&str>) -> Result<Listing> {
 
 /// `restore --to DIR`: into an empty folder; needs no lock, changes nothing else.
 pub fn to_dir(env: &Env, which: Option<&str>, dir: &Path) -> Result<RestoreOutcome> {
-    let run = Run::start(env, "restore", "manual", false)?;
+    let run = Run::start(env, "restore", Trigger::Manual, false)?;
     let result = to_dir_in_run(&run, which, dir);
     run.end(&result, RunStatus::Success, result.as_ref().ok().map(|o| o.archive.as_str()));
     result
@@ -153,7 +153,7 @@ fn read_into(env: &Env, store: &Store, listing: &Listing, plan: &ExtractPlan) ->
 
 /// In place: the disaster case. `which` is the archive the operator confirmed (see [`choose`]).
 pub fn in_place(env: &Env, which: Option<&str>) -> Result<RestoreOutcome> {
-    let run = Run::start(env, "restore", "manual", true)?;
+    let run = Run::start(env, "restore", Trigger::Manual, true)?;
     let result = in_place_in_run(&run, which);
     run.end(&result, RunStatus::Success, result.as_ref().ok().map(|o| o.archive.as_str()));
     result
@@ -281,33 +281,19 @@ fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
         if let Err(e) = service::run(svc, Which::Stop) {
             // A stop that failed or hung may have half-stopped the app: bring it back.
             let _ = restart(run);
-            return Err(Error::Failed(format!("{e}; nothing was changed")));
+            return Err(Error::Restore(format!("{e}; nothing was changed")));
         }
     }
     crash_point("restore: app stopped");
     log::info!("taking a PRE-RESTORE safety backup of the current data");
     let opts = BackupOptions {
         kind: ArchiveKind::PreRestore,
-        trigger: "restore".into(),
+        trigger: Trigger::Restore,
         comment: Some(format!("before restoring {name}")),
     };
-    let pre = create_archive(run, &opts, true).map_err(|e| {
+    let pre = create_archive(run, &opts).map_err(|e| {
         let _ = restart(run);
-        match e {
-            Error::TargetNotReady { path, message } => Error::TargetNotReady {
-                path,
-                message: format!(
-                    "{message} (the PRE-RESTORE safety backup could not be written; nothing was changed)"
-                ),
-            },
-            Error::Source { path, message } => Error::Source {
-                path,
-                message: format!("{message} (during the PRE-RESTORE safety backup; nothing was changed)"),
-            },
-            other => {
-                Error::Failed(format!("the PRE-RESTORE safety backup failed, nothing was changed: {other}"))
-            }
-        }
+        e.note("the PRE-RESTORE safety backup could not be written; nothing was changed")
     })?;
     crash_point("restore: safety copy written");
     let pre_name = pre.map(|p| p.manifest.archive);
@@ -335,7 +321,7 @@ fn start_or_undo(run: &Run, journal: &mut Journal, journal_path: &Path) -> Resul
 fn undo(run: &Run, journal: &mut Journal, journal_path: &Path, what_failed: &str) -> Error {
     if let Err(e) = journal.enter(Phase::RollingBack, journal_path) {
         // Without a durable journal a cut now could not be repaired: stop here, change nothing.
-        return Error::Failed(format!(
+        return Error::Restore(format!(
             "{what_failed}; and the restore journal cannot be written ({e}): the restored data is live, the previous data is in {}",
             journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
         ));
@@ -356,17 +342,17 @@ fn undo(run: &Run, journal: &mut Journal, journal_path: &Path, what_failed: &str
         "restore undone",
     );
     if !problems.is_empty() {
-        return Error::Failed(format!(
+        return Error::Restore(format!(
             "{what_failed}; putting the previous data back failed ({}): it is in {}; put it back by hand",
             problems.join("; "),
             journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
         ));
     }
     match restart(run) {
-        Ok(()) => Error::Failed(format!(
+        Ok(()) => Error::Restore(format!(
             "{what_failed}; the previous data was put back and the application started again"
         )),
-        Err(e) => Error::Failed(format!(
+        Err(e) => Error::Restore(format!(
             "{what_failed}; the previous data was put back, but the application did not start again ({e}): start it by hand"
         )),
     }
@@ -486,7 +472,7 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
     };
     finish(&path, &journal, ending);
     if ending == Ending::RollbackIncomplete {
-        return Err(Error::Failed(format!(
+        return Err(Error::Restore(format!(
             "an interrupted restore of {} could not be fully undone; the previous data is in {}: put it back by hand, then delete {}",
             journal.archive,
             journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", "),
