@@ -266,6 +266,8 @@ impl Settings {
         Settings::parse(path, &text)
     }
 
+    /// Parse and validate: each section in its own function below, then the rules across
+    /// sections (the paths' layout).
     pub fn parse(path: &Path, text: &str) -> Result<Settings> {
         let v = Validator { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -275,31 +277,81 @@ impl Settings {
                 e.span().and_then(|s| key_at(text, s.start)).map(|k| format!("{k}: ")).unwrap_or_default();
             Error::config(path, format!("{line}{key}{}", e.message().trim().replace('\n', " ")))
         })?;
-
-        let source = raw.source.get_ref();
-        let database = v.abs_path("source.database", &source.database)?;
-        let uploads = source.uploads.as_ref().map(|u| v.abs_path("source.uploads", u)).transpose()?;
-
-        let target = raw.target.get_ref();
-        let target = TargetSettings {
-            path: v.abs_path("target.path", &target.path)?,
-            require_mountpoint: target.require_mountpoint.unwrap_or(true),
-            require_luks: target.require_luks.unwrap_or(true),
-            marker_id: target.marker_id.as_ref().map(|m| v.nonempty("target.marker_id", m)).transpose()?,
+        let settings = Settings {
+            path: path.to_path_buf(),
+            source: v.source(raw.source.get_ref())?,
+            target: v.target(raw.target.get_ref())?,
+            encryption: v.encryption(raw.encryption.get_ref())?,
+            compression: v.compression(raw.compression.as_ref())?,
+            retention: v.retention(raw.retention.as_ref())?,
+            service: raw.service.as_ref().map(|s| v.service(s)).transpose()?,
+            drill: v.drill(raw.drill.as_ref())?,
+            state: StateSettings {
+                dir: match &raw.state {
+                    None => PathBuf::from("/var/lib/datavault"),
+                    Some(s) => v.abs_path("state.dir", &s.dir)?,
+                },
+            },
+            gpio: v.gpio(raw.gpio.as_ref())?,
+            agent: AgentSettings {
+                max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
+                    None => 26,
+                    Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
+                },
+            },
         };
+        settings.layout().check().map_err(|m| Error::config(path, m))?;
+        Ok(settings)
+    }
 
-        let enc = raw.encryption.get_ref();
-        if enc.recipients.get_ref().is_empty() {
-            return Err(v.err(
+    /// Where everything is, for the overlap rules.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            database: self.source.database.clone(),
+            uploads: self.source.uploads.clone(),
+            target: self.target.path.clone(),
+            state: self.state.dir.clone(),
+            scratch: self.drill.scratch_dir.clone(),
+        }
+    }
+}
+
+impl Validator<'_> {
+    fn source(&self, raw: &RawSource) -> Result<SourceSettings> {
+        let database = self.abs_path("source.database", &raw.database)?;
+        let uploads = raw.uploads.as_ref().map(|u| self.abs_path("source.uploads", u)).transpose()?;
+        if let Some(u) = &uploads {
+            if u == &database || database.starts_with(u) {
+                return Err(Error::config(
+                    self.path,
+                    "source.uploads contains source.database; point uploads at the folder of user files only",
+                ));
+            }
+        }
+        Ok(SourceSettings { database, uploads })
+    }
+
+    fn target(&self, raw: &RawTarget) -> Result<TargetSettings> {
+        Ok(TargetSettings {
+            path: self.abs_path("target.path", &raw.path)?,
+            require_mountpoint: raw.require_mountpoint.unwrap_or(true),
+            require_luks: raw.require_luks.unwrap_or(true),
+            marker_id: raw.marker_id.as_ref().map(|m| self.nonempty("target.marker_id", m)).transpose()?,
+        })
+    }
+
+    fn encryption(&self, raw: &RawEncryption) -> Result<EncryptionSettings> {
+        if raw.recipients.get_ref().is_empty() {
+            return Err(self.err(
                 "encryption.recipients",
-                enc.recipients.span().start,
+                raw.recipients.span().start,
                 "is empty; put at least one age public key (age1...) there, from `datavault keygen`",
             ));
         }
         let mut recipients = Vec::new();
-        for (i, r) in enc.recipients.get_ref().iter().enumerate() {
+        for (i, r) in raw.recipients.get_ref().iter().enumerate() {
             let parsed = age::x25519::Recipient::from_str(r.get_ref().trim()).map_err(|_| {
-                v.err(
+                self.err(
                     &format!("encryption.recipients[{i}]"),
                     r.span().start,
                     format!(
@@ -310,161 +362,114 @@ impl Settings {
             })?;
             recipients.push(parsed);
         }
-        let identity = enc.identity.as_ref().map(|p| v.abs_path("encryption.identity", p)).transpose()?;
+        let identity = raw.identity.as_ref().map(|p| self.abs_path("encryption.identity", p)).transpose()?;
+        Ok(EncryptionSettings { recipients, identity })
+    }
 
-        let compression = match &raw.compression {
-            None => CompressionSettings { level: 3, threads: 1 },
-            Some(c) => {
-                let level = match &c.level {
-                    None => 3,
-                    Some(l) => v.int_in("compression.level", l, 1, 19)? as i32,
-                };
-                let threads = match &c.threads {
-                    None => 1,
-                    Some(t) => match v.int_in("compression.threads", t, 0, 64)? {
-                        0 => default_threads(),
-                        n => n as u32,
-                    },
-                };
-                CompressionSettings { level, threads }
+    fn compression(&self, raw: Option<&RawCompression>) -> Result<CompressionSettings> {
+        let Some(c) = raw else { return Ok(CompressionSettings { level: 3, threads: 1 }) };
+        let level = match &c.level {
+            None => 3,
+            Some(l) => self.int_in("compression.level", l, 1, 19)? as i32,
+        };
+        let threads = match &c.threads {
+            None => 1,
+            Some(t) => match self.int_in("compression.threads", t, 0, 64)? {
+                0 => default_threads(),
+                n => n as u32,
+            },
+        };
+        Ok(CompressionSettings { level, threads })
+    }
+
+    fn retention(&self, raw: Option<&RawRetention>) -> Result<RetentionPolicy> {
+        let mut retention = RetentionPolicy::default();
+        let Some(r) = raw else { return Ok(retention) };
+        let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
+            match f {
+                None => Ok(default),
+                Some(x) => Ok(self.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
             }
         };
+        retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
+        retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
+        retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
+        retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
+        retention.keep_pre_restore =
+            field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
+        Ok(retention)
+    }
 
-        let mut retention = RetentionPolicy::default();
-        if let Some(r) = &raw.retention {
-            let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
-                match f {
-                    None => Ok(default),
-                    Some(x) => Ok(v.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
-                }
-            };
-            retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
-            retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
-            retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
-            retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
-            retention.keep_pre_restore =
-                field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
-        }
-
-        let service = match &raw.service {
-            None => None,
-            Some(s) => Some(ServiceSettings {
-                stop_command: v.nonempty("service.stop_command", &s.stop_command)?,
-                start_command: v.nonempty("service.start_command", &s.start_command)?,
-                timeout: std::time::Duration::from_secs(match &s.timeout_seconds {
-                    None => DEFAULT_SERVICE_TIMEOUT_SECONDS,
-                    Some(t) => v.int_in("service.timeout_seconds", t, 1, 3600)? as u64,
-                }),
+    fn service(&self, s: &RawService) -> Result<ServiceSettings> {
+        Ok(ServiceSettings {
+            stop_command: self.nonempty("service.stop_command", &s.stop_command)?,
+            start_command: self.nonempty("service.start_command", &s.start_command)?,
+            timeout: std::time::Duration::from_secs(match &s.timeout_seconds {
+                None => DEFAULT_SERVICE_TIMEOUT_SECONDS,
+                Some(t) => self.int_in("service.timeout_seconds", t, 1, 3600)? as u64,
             }),
-        };
+        })
+    }
 
-        let drill = match &raw.drill {
-            None => DrillSettings { checks: Vec::new(), scratch_dir: None },
-            Some(d) => DrillSettings {
-                checks: d
-                    .checks
-                    .iter()
-                    .flatten()
-                    .enumerate()
-                    .map(|(i, c)| v.nonempty(&format!("drill.checks[{i}]"), c))
-                    .collect::<Result<_>>()?,
-                scratch_dir: d
-                    .scratch_dir
-                    .as_ref()
-                    .map(|p| v.abs_path("drill.scratch_dir", p))
-                    .transpose()?,
-            },
-        };
+    fn drill(&self, raw: Option<&RawDrill>) -> Result<DrillSettings> {
+        let Some(d) = raw else { return Ok(DrillSettings { checks: Vec::new(), scratch_dir: None }) };
+        Ok(DrillSettings {
+            checks: d
+                .checks
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| self.nonempty(&format!("drill.checks[{i}]"), c))
+                .collect::<Result<_>>()?,
+            scratch_dir: d.scratch_dir.as_ref().map(|p| self.abs_path("drill.scratch_dir", p)).transpose()?,
+        })
+    }
 
-        let state = StateSettings {
-            dir: match &raw.state {
-                None => PathBuf::from("/var/lib/datavault"),
-                Some(s) => v.abs_path("state.dir", &s.dir)?,
-            },
-        };
-
-        let gpio = match &raw.gpio {
-            None => GpioSettings {
+    fn gpio(&self, raw: Option<&RawGpio>) -> Result<GpioSettings> {
+        let Some(g) = raw else {
+            return Ok(GpioSettings {
                 led_pin: None,
                 act_led: false,
                 button_pin: None,
                 debounce: std::time::Duration::from_millis(50),
                 long_press: std::time::Duration::from_secs(3),
-            },
-            Some(g) => {
-                // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
-                let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
-                    p.as_ref().map(|p| v.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
-                };
-                let led_pin = pin("gpio.led_pin", &g.led_pin)?;
-                let button_pin = pin("gpio.button_pin", &g.button_pin)?;
-                if led_pin.is_some() && led_pin == button_pin {
-                    return Err(Error::config(path, "gpio.led_pin and gpio.button_pin are the same pin"));
-                }
-                let ms =
-                    |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
-                        Ok(match x {
-                            None => default,
-                            Some(x) => v.int_in(key, x, min, max)? as u64,
-                        })
-                    };
-                GpioSettings {
-                    led_pin,
-                    act_led: g.act_led.unwrap_or(false),
-                    button_pin,
-                    debounce: std::time::Duration::from_millis(ms(
-                        "gpio.debounce_ms",
-                        &g.debounce_ms,
-                        50,
-                        1,
-                        1000,
-                    )?),
-                    long_press: std::time::Duration::from_millis(ms(
-                        "gpio.long_press_ms",
-                        &g.long_press_ms,
-                        3000,
-                        500,
-                        60_000,
-                    )?),
-                }
-            }
+            });
         };
-        let agent = AgentSettings {
-            max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
-                None => 26,
-                Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
-            },
+        // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
+        let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
+            p.as_ref().map(|p| self.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
         };
-
-        if let Some(u) = &uploads {
-            if u == &database || database.starts_with(u) {
-                return Err(Error::config(
-                    path,
-                    "source.uploads contains source.database; point uploads at the folder of user files only",
-                ));
-            }
+        let led_pin = pin("gpio.led_pin", &g.led_pin)?;
+        let button_pin = pin("gpio.button_pin", &g.button_pin)?;
+        let act_led = g.act_led.unwrap_or(false);
+        if led_pin.is_some() && led_pin == button_pin {
+            return Err(Error::config(self.path, "gpio.led_pin and gpio.button_pin are the same pin"));
         }
-        let layout = Layout {
-            database: database.clone(),
-            uploads: uploads.clone(),
-            target: target.path.clone(),
-            state: state.dir.clone(),
-            scratch: drill.scratch_dir.clone(),
+        if led_pin.is_some() && act_led {
+            // One status LED: two would disagree while the agent switches patterns.
+            return Err(Error::config(
+                self.path,
+                "gpio.led_pin and gpio.act_led are both set; choose one status LED",
+            ));
+        }
+        let ms = |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
+            Ok(match x {
+                None => default,
+                Some(x) => self.int_in(key, x, min, max)? as u64,
+            })
         };
-        layout.check().map_err(|m| Error::config(path, m))?;
-
-        Ok(Settings {
-            path: path.to_path_buf(),
-            source: SourceSettings { database, uploads },
-            target,
-            encryption: EncryptionSettings { recipients, identity },
-            compression,
-            retention,
-            service,
-            drill,
-            state,
-            gpio,
-            agent,
+        Ok(GpioSettings {
+            led_pin,
+            act_led,
+            button_pin,
+            debounce: std::time::Duration::from_millis(ms("gpio.debounce_ms", &g.debounce_ms, 50, 1, 1000)?),
+            long_press: std::time::Duration::from_millis(ms(
+                "gpio.long_press_ms",
+                &g.long_press_ms,
+                3000,
+                500,
+                60_000,
+            )?),
         })
     }
 }
@@ -594,14 +599,7 @@ fn resolve(p: &Path) -> PathBuf {
 
 /// Check the settings' paths as they are on disk now (locked runs and `doctor`).
 pub fn check_layout(s: &Settings) -> Result<()> {
-    let layout = Layout {
-        database: s.source.database.clone(),
-        uploads: s.source.uploads.clone(),
-        target: s.target.path.clone(),
-        state: s.state.dir.clone(),
-        scratch: s.drill.scratch_dir.clone(),
-    };
-    layout.resolved().and_then(|l| l.check()).map_err(|m| Error::config(&s.path, m))
+    s.layout().resolved().and_then(|l| l.check()).map_err(|m| Error::config(&s.path, m))
 }
 
 /// The state folder holds the run lock and the restore journal, whose paths root renames and
@@ -789,6 +787,12 @@ mod tests {
             let m = message(&example().replace(from, to));
             assert!(m.contains(expect) && m.contains("line "), "{to}: {m}");
         }
+    }
+
+    #[test]
+    fn one_status_led_only() {
+        let m = message(&example().replace("act_led = false", "act_led = true\nled_pin = 17"));
+        assert!(m.contains("gpio.led_pin and gpio.act_led"), "{m}");
     }
 
     #[test]

@@ -52,6 +52,44 @@ pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The parent folder and the folder itself, opened for [`remove_tree`]; None when there is
+/// nothing (more) to do: missing, a link or a file (unlinked here), a mount point (kept).
+fn open_for_removal(path: &Path) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let name = path.file_name()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent_fd = rustix::fs::open(parent, DIR_FLAGS.difference(OFlags::NOFOLLOW), Mode::empty()).ok()?;
+    let root = match rustix::fs::openat(&parent_fd, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return None,
+        Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
+            // A symlink or a file where our folder should be: remove the name only.
+            if let Err(e) = rustix::fs::unlinkat(&parent_fd, name, AtFlags::empty()) {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
+            return None;
+        }
+        Err(e) => {
+            log::warn!("cannot remove {}: {e}", path.display());
+            return None;
+        }
+    };
+    let dev = |fd: &std::os::fd::OwnedFd| rustix::fs::fstat(fd).map(|st| st.st_dev).ok();
+    if dev(&parent_fd) != dev(&root) {
+        log::warn!("{} is a mount point: left alone, with what is mounted there", path.display());
+        return None;
+    }
+    Some((parent_fd, root))
+}
+
+const DIR_FLAGS: rustix::fs::OFlags = rustix::fs::OFlags::RDONLY
+    .union(rustix::fs::OFlags::DIRECTORY)
+    .union(rustix::fs::OFlags::NOFOLLOW)
+    .union(rustix::fs::OFlags::CLOEXEC);
+
 /// Remove a folder datavault made (staging, scratch, set-aside data), however hostile what
 /// lies there now.
 ///
@@ -62,38 +100,10 @@ pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
 /// removed: what is mounted there is someone's data. Folders we cannot empty are left with a
 /// warning. Iterative, so a hostile depth cannot overflow the stack.
 pub fn remove_tree(path: &Path) {
-    use rustix::fs::{AtFlags, Mode, OFlags};
-    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    use rustix::fs::{AtFlags, Mode};
+    let Some((parent_fd, root)) = open_for_removal(path) else { return };
     let Some(name) = path.file_name() else { return };
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let Ok(parent_fd) = rustix::fs::open(parent, dir_flags.difference(OFlags::NOFOLLOW), Mode::empty())
-    else {
-        return;
-    };
-    let root = match rustix::fs::openat(&parent_fd, name, dir_flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return,
-        Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
-            // A symlink or a file where our folder should be: remove the name only.
-            if let Err(e) = rustix::fs::unlinkat(&parent_fd, name, AtFlags::empty()) {
-                log::warn!("cannot remove {}: {e}", path.display());
-            }
-            return;
-        }
-        Err(e) => {
-            log::warn!("cannot remove {}: {e}", path.display());
-            return;
-        }
-    };
     let Ok(root_dev) = rustix::fs::fstat(&root).map(|st| st.st_dev) else { return };
-    let parent_dev = rustix::fs::fstat(&parent_fd).map(|st| st.st_dev).ok();
-    if parent_dev != Some(root_dev) {
-        log::warn!("{} is a mount point: left alone, with what is mounted there", path.display());
-        return;
-    }
     // One frame per folder being emptied, from the root down: its entries, its descriptor
     // (to unlink entries in it) and its name in the frame above. A hostile depth runs out of
     // descriptors long before memory: the rest is then left, with a warning.
@@ -141,7 +151,7 @@ pub fn remove_tree(path: &Path) {
                     continue;
                 }
                 let shown = top.shown.join(std::ffi::OsStr::from_bytes(n.to_bytes()));
-                match rustix::fs::openat(&top.fd, n, dir_flags, Mode::empty()) {
+                match rustix::fs::openat(&top.fd, n, DIR_FLAGS, Mode::empty()) {
                     Ok(sub) if rustix::fs::fstat(&sub).map(|st| st.st_dev).ok() == Some(root_dev) => {
                         match frame(sub, n.to_owned(), shown) {
                             Some(f) => stack.push(f),

@@ -82,10 +82,10 @@ fn fixture() -> Fixture {
 
 /// A second config for the same setup with a tighter policy, so prune has work to do.
 fn prune_config(f: &Fixture, keep_last: u32) -> PathBuf {
-    let text =
-        fs::read_to_string(&f.config).unwrap().replace("keep_last = 6", &format!("keep_last = {keep_last}"));
+    let mut t: toml::Table = fs::read_to_string(&f.config).unwrap().parse().unwrap();
+    t["retention"]["keep_last"] = toml::Value::Integer(keep_last.into());
     let p = f.path().join("prune.toml");
-    fs::write(&p, text).unwrap();
+    fs::write(&p, toml::to_string(&t).unwrap()).unwrap();
     p
 }
 
@@ -346,7 +346,8 @@ fn a_target_unmounted_mid_run_exits_3_and_nothing_lands_on_the_folder_underneath
     if !is_root() || emulated() {
         return skip("needs root and a real kernel for mounts (ran natively in CI)");
     }
-    let f = Fixture::with(|c| *c = c.replace("require_mountpoint = false", "require_mountpoint = true"));
+    let f = Fixture::new();
+    f.set("target.require_mountpoint", true);
     let _m = Tmpfs::mount(&f.target, "64m");
     f.backup();
     let (c, child) = f.pause_backup_mid_run();

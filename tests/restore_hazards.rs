@@ -132,22 +132,33 @@ fn item02_a_failed_start_never_leaves_the_restored_wal_beside_the_old_database()
         .unwrap()
         .execute("UPDATE users SET name = 'after the backup'", [])
         .unwrap();
-    // A clean stop: the app checkpoints and removes its -wal and -shm.
+    // The app runs (a marker says so). A clean stop checkpoints and removes its -wal and
+    // -shm; stopping an app that is not running does nothing, like `systemctl stop`.
+    let running = f.path().join("app.running");
+    fs::write(&running, b"").unwrap();
     let stop = app_script(
         &f,
         "stop.py",
-        "c = sqlite3.connect(DB); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()\n\
-         for s in ('-wal', '-shm'):\n    os.path.exists(DB + s) and os.remove(DB + s)",
+        &format!(
+            "if os.path.exists({running:?}):\n\
+             \x20   c = sqlite3.connect(DB); c.execute('PRAGMA wal_checkpoint(TRUNCATE)'); c.close()\n\
+             \x20   for s in ('-wal', '-shm'):\n\
+             \x20       os.path.exists(DB + s) and os.remove(DB + s)\n\
+             \x20   os.remove({running:?})"
+        ),
     );
     // A start that, on the restored data only, writes to the database, leaves its WAL and
-    // fails (on the previous data it starts fine).
+    // dies (on the previous data it starts fine).
     let start = app_script(
         &f,
         "start.py",
-        "c = sqlite3.connect(DB); c.execute('PRAGMA journal_mode=WAL')\n\
-         if c.execute(\"SELECT count(*) FROM users WHERE name = 'after the backup'\").fetchone()[0] == 0:\n\
-         \x20   c.execute(\"INSERT INTO users(name) VALUES ('written by the failed start')\"); c.commit()\n\
-         \x20   os._exit(1)",
+        &format!(
+            "c = sqlite3.connect(DB); c.execute('PRAGMA journal_mode=WAL')\n\
+             if c.execute(\"SELECT count(*) FROM users WHERE name = 'after the backup'\").fetchone()[0] == 0:\n\
+             \x20   c.execute(\"INSERT INTO users(name) VALUES ('written by the failed start')\"); c.commit()\n\
+             \x20   os._exit(1)\n\
+             open({running:?}, 'w').close()"
+        ),
     );
     f.set("service.stop_command", format!("python3 {}", stop.display()));
     f.set("service.start_command", format!("python3 {}", start.display()));
