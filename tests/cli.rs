@@ -635,3 +635,45 @@ fn doctor_lists_every_check_and_fails_only_on_what_stops_a_backup() {
     let r = f.expect(&["doctor"], 3);
     assert!(r.stdout.contains("[FAIL] target"), "{}", r.stdout);
 }
+
+/// The archive the operator confirms is the one restored, even if a backup finishes while
+/// they read the prompt (issue #12: the choice used to be made twice).
+#[test]
+fn the_confirmed_archive_is_the_one_restored() {
+    use std::io::{Read, Write};
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        return util::skip("`script` (util-linux) is needed for a terminal");
+    }
+    let f = Fixture::new();
+    let first = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    // `script` gives datavault a terminal, so it asks instead of refusing.
+    let cmd = format!(
+        "{} --config {} restore",
+        env!("CARGO_BIN_EXE_datavault"),
+        f.config.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("Type 'restore'") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).contains(&first), "{}", String::from_utf8_lossy(&seen));
+    // Meanwhile the timer makes a newer backup.
+    let newer = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    assert_ne!(newer, first);
+    child.stdin.as_mut().unwrap().write_all(b"restore\n").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains(&format!("restored {first}")), "restored what was confirmed: {rest}");
+}
