@@ -25,3 +25,4 @@ pub mod retention;
 pub mod snapshot;
 pub mod store;
 pub mod target;
+pub mod tree;

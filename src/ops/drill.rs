@@ -73,7 +73,11 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
         listing,
         &identities,
         &identity_path,
-        Some(&ExtractPlan { durable: false, ..ExtractPlan::into_dir(&scratch) }),
+        Some(&ExtractPlan {
+            durable: false,
+            room_hint: "set drill.scratch_dir to a folder with more room (the drill extracts there)",
+            ..ExtractPlan::into_dir(&scratch)
+        }),
         &*env.progress,
     );
     let report = match read {

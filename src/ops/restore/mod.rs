@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::archive::read::{read_archive, ExtractPlan, ReadReport};
+use crate::archive::read::{read_archive, ReadReport};
 use crate::catalog::{Event, RunStatus};
 use crate::crashpoint::crash_point;
 use crate::error::{Error, Result};
@@ -39,6 +39,7 @@ use crate::ops::drill::{check_database, Check};
 use crate::ops::service::{self, Which};
 use crate::ops::{now, Env, Run, Trigger};
 use crate::store::{Listing, Store};
+use crate::tree::extract::{ExtractPlan, LiveOwner};
 use journal::{Journal, Phase};
 pub use plan::RestorePlan;
 use plan::{STAGED_DB, STAGE_PREFIX};
@@ -249,7 +250,25 @@ fn stage_and_verify(
         }
         None => {}
     }
-    let extract = ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root(), durable: true };
+    // The restored data gets the owner the live data has now (a new Pi's app user may have
+    // another uid than the old one's).
+    let mut live_owners = Vec::new();
+    for (top, live) in [
+        (crate::archive::TOP_DB, Some(&plan.database.live)),
+        (crate::archive::TOP_UPLOADS, plan.uploads.as_ref().map(|u| &u.live)),
+    ] {
+        if let Some(m) = live.and_then(|l| std::fs::symlink_metadata(l).ok()) {
+            use std::os::unix::fs::MetadataExt;
+            live_owners.push(LiveOwner { top, uid: m.uid(), gid: m.gid() });
+        }
+    }
+    let extract = ExtractPlan {
+        routes,
+        set_owner: rustix::process::geteuid().is_root(),
+        live_owners,
+        durable: true,
+        room_hint: "free space beside the app's data (the restore is staged there before the swap)",
+    };
     log::info!("verifying and staging {name}");
     let report = read_into(env, store, listing, &extract)?;
     let db = manifest.database.as_ref().expect("checked by the caller");
