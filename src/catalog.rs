@@ -267,6 +267,15 @@ impl Catalog {
     /// the history of runs starts over (the damaged file is kept for inspection).
     pub fn open_or_rebuild(path: &Path) -> Result<Catalog> {
         let damage = match Catalog::open(path) {
+            // A full or failing SD card is exactly when a backup to the USB drive matters
+            // most: run with a catalog in memory, and say that this run goes unrecorded.
+            Err(Error::Sqlite { source, .. }) if is_unwritable(&source) => {
+                log::warn!(
+                    "catalog {}: cannot be written ({source}): this run is not recorded in the catalog; free space on the SD card (the state folder's disk)",
+                    path.display()
+                );
+                return Catalog::in_memory(path);
+            }
             Ok(c) => match c.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
                 Ok(ok) if ok == "ok" => return Ok(c),
                 Ok(problem) => problem,
@@ -289,6 +298,13 @@ impl Catalog {
             path.display()
         );
         Catalog::open(path)
+    }
+
+    /// A catalog in memory, standing in for the one at `path` for a single run.
+    fn in_memory(path: &Path) -> Result<Catalog> {
+        let mut conn = Connection::open_in_memory().context(|| "opening a catalog in memory".into())?;
+        migrate(&mut conn, path)?;
+        Ok(Catalog { conn, path: path.to_path_buf() })
     }
 
     /// Where this catalog lives.
@@ -359,6 +375,29 @@ impl Catalog {
                 params![RunStatus::Failed.as_str(), ts(at), INTERRUPTED, RunStatus::Running.as_str()],
             )
             .context(|| self.what("closing interrupted runs"))
+    }
+
+    /// Name the archive a run is about to write, before its first byte: if the run is cut
+    /// off, the next run knows the orphan it left is its own (see [`Catalog::interrupted_archives`]).
+    pub fn set_run_archive(&self, id: i64, archive: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE runs SET archive = ?2 WHERE id = ?1", params![id, archive])
+            .context(|| self.what(format!("recording the archive of run {id}")))?;
+        Ok(())
+    }
+
+    /// Archives named by runs that were cut off: the only orphans (an archive without its
+    /// manifest) datavault may delete. Any other orphan was not made by an interrupted run
+    /// of this catalog (a manifest deleted by hand, another machine's drive): it is kept.
+    pub fn interrupted_archives(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT archive FROM runs WHERE error_kind = ?1 AND archive IS NOT NULL")
+            .context(|| self.what("reading interrupted runs"))?;
+        let rows = stmt
+            .query_map(params![INTERRUPTED], |r| r.get::<_, String>(0))
+            .context(|| self.what("reading interrupted runs"))?;
+        rows.collect::<std::result::Result<_, _>>().context(|| self.what("reading interrupted runs"))
     }
 
     /// Append an event to the audit trail.
@@ -553,6 +592,17 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
     }
     tx.commit().context(doing)
+}
+
+/// The catalog's disk cannot take writes (full, read-only, failing).
+fn is_unwritable(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull)
+            | Some(rusqlite::ErrorCode::SystemIoFailure)
+            | Some(rusqlite::ErrorCode::ReadOnly)
+            | Some(rusqlite::ErrorCode::CannotOpen)
+    )
 }
 
 /// SQLite's way of saying the file is not (or no longer) a database.

@@ -351,8 +351,17 @@ impl Validator<'_> {
         let mut recipients = Vec::new();
         for (i, r) in raw.recipients.get_ref().iter().enumerate() {
             let parsed = age::x25519::Recipient::from_str(r.get_ref().trim()).map_err(|_| {
+                let key = format!("encryption.recipients[{i}]");
+                if r.get_ref().to_ascii_uppercase().contains("AGE-SECRET-KEY") {
+                    // Never echo it: this line goes to the journal every night.
+                    return self.err(
+                        &key,
+                        r.span().start,
+                        "is a PRIVATE key (AGE-SECRET-KEY-...): put the public key (age1...) here, keep the private key off the Pi, and since this one was in the config, consider it exposed",
+                    );
+                }
                 self.err(
-                    &format!("encryption.recipients[{i}]"),
+                    &key,
                     r.span().start,
                     format!(
                         "{:?} is not an age public key (age1...); `datavault keygen --output FILE` makes one",
@@ -554,14 +563,16 @@ impl Layout {
     /// The same rules on the paths as they really are (symlinks on the way resolved), and no
     /// symlink as the database itself.
     pub fn resolved(&self) -> std::result::Result<Layout, String> {
-        if let Ok(m) = fs::symlink_metadata(&self.database) {
-            if m.file_type().is_symlink() {
-                let real = fs::canonicalize(&self.database)
+        for (key, path) in std::iter::once(("source.database", &self.database))
+            .chain(self.uploads.as_ref().map(|u| ("source.uploads", u)))
+        {
+            if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                let real = fs::canonicalize(path)
                     .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "a missing file".into());
+                    .unwrap_or_else(|_| "something missing".into());
                 return Err(format!(
-                    "source.database {} is a symlink (to {real}); datavault reads and replaces real files only: set source.database = \"{real}\"",
-                    self.database.display()
+                    "{key} {} is a symlink (to {real}); datavault reads and replaces real files and folders only: set {key} = \"{real}\"",
+                    path.display()
                 ));
             }
         }

@@ -43,6 +43,11 @@ pub enum Error {
     #[error("archive {archive}: {message}")]
     Integrity { archive: String, message: String },
 
+    /// A disk other than the target filled up or lacks room (the app's disk, while a restore
+    /// stages beside the live data).
+    #[error("disk {path}: {message}")]
+    DiskFull { path: PathBuf, message: String },
+
     /// The database or the uploads folder cannot be read.
     #[error("source {path}: {message}")]
     Source { path: PathBuf, message: String },
@@ -97,7 +102,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config { .. } | Error::Key { .. } => exit::USAGE,
-            Error::TargetNotReady { .. } => exit::TARGET_NOT_READY,
+            Error::TargetNotReady { .. } | Error::DiskFull { .. } => exit::TARGET_NOT_READY,
             Error::Integrity { .. } => exit::INTEGRITY,
             Error::Source { .. } => exit::SOURCE,
             Error::Locked { .. } => exit::LOCKED,
@@ -118,6 +123,7 @@ impl Error {
             Error::Config { .. } => "config",
             Error::Key { .. } => "key",
             Error::TargetNotReady { .. } => "target",
+            Error::DiskFull { .. } => "disk-full",
             Error::Integrity { .. } => "integrity",
             Error::Source { .. } => "source",
             Error::Locked { .. } => "locked",
@@ -139,6 +145,7 @@ impl Error {
             Error::Config { path, message } => Error::Config { path, message: add(message) },
             Error::Key { path, message } => Error::Key { path, message: add(message) },
             Error::TargetNotReady { path, message } => Error::TargetNotReady { path, message: add(message) },
+            Error::DiskFull { path, message } => Error::DiskFull { path, message: add(message) },
             Error::Integrity { archive, message } => Error::Integrity { archive, message: add(message) },
             Error::Source { path, message } => Error::Source { path, message: add(message) },
             Error::Locked { path, holder } => Error::Locked { path, holder: add(holder) },
@@ -169,6 +176,9 @@ impl Error {
     }
     pub fn integrity(archive: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Integrity { archive: archive.into(), message: message.into() }
+    }
+    pub fn disk_full(path: &Path, message: impl Into<String>) -> Self {
+        Error::DiskFull { path: path.to_path_buf(), message: message.into() }
     }
     pub fn source(path: &Path, message: impl Into<String>) -> Self {
         Error::Source { path: path.to_path_buf(), message: message.into() }

@@ -52,6 +52,35 @@ impl SystemRoot {
         self.0.join("proc/self/mountinfo")
     }
 
+    /// Other processes that have any of `files` open ("1234 (node)"), from `/proc/*/fd`.
+    /// How datavault tells a running app before it swaps its database: an app that keeps
+    /// writing to a database renamed away loses every write (red team #8).
+    pub fn processes_using(&self, files: &[PathBuf]) -> Vec<String> {
+        let wanted: Vec<PathBuf> = files.iter().filter_map(|f| fs::canonicalize(f).ok()).collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let me = std::process::id().to_string();
+        let Ok(procs) = fs::read_dir(self.0.join("proc")) else { return Vec::new() };
+        let mut found = Vec::new();
+        for p in procs.flatten() {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+            let uses = fds
+                .flatten()
+                .any(|fd| fs::read_link(fd.path()).map(|t| wanted.contains(&t)).unwrap_or(false));
+            if uses {
+                let comm = fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                found.push(format!("{pid} ({})", comm.trim()));
+            }
+        }
+        found.sort();
+        found
+    }
+
     fn dm_uuid_path(&self, major: u32, minor: u32) -> PathBuf {
         self.0.join(format!("sys/dev/block/{major}:{minor}/dm/uuid"))
     }
@@ -153,8 +182,12 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
     state.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     state.total_bytes = vfs.f_blocks.saturating_mul(vfs.f_frsize);
     // On the drive, so possibly anything: read at most a few KiB of a regular file.
-    state.marker_id = crate::fsutil::read_regular(&canonical.join(MARKER_FILE), 4096)
+    // A link is no marker: it could point to a marker file on another drive.
+    let marker = canonical.join(MARKER_FILE);
+    state.marker_id = std::fs::symlink_metadata(&marker)
         .ok()
+        .filter(|m| m.is_file())
+        .and_then(|_| crate::fsutil::read_regular(&marker, 4096).ok())
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|t| parse_marker(&t));
     Ok(state)

@@ -168,6 +168,67 @@ fn item02_a_failed_start_never_leaves_the_restored_wal_beside_the_old_database()
     assert_eq!(integrity(&f.app.database), "ok", "the old database is whole");
     assert_eq!(f.fingerprint(), before, "exactly the previous data");
     f.assert_no_restore_leftovers();
+    // What the app wrote while it failed to start is not thrown away: it is kept, with the
+    // restored database it wrote to, and the message says where.
+    let undone = f.undone_folders();
+    let db_folder =
+        undone.iter().find(|u| u.parent() == f.app.database.parent()).expect("the database's undone folder");
+    assert!(r.stderr.contains(&db_folder.display().to_string()), "{}", r.stderr);
+    let kept = db_folder.join("app.db");
+    let n: i64 = Connection::open(&kept)
+        .unwrap()
+        .query_row("SELECT count(*) FROM users WHERE name = 'written by the failed start'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1, "the row the app wrote is in the kept database");
+}
+
+/// A power cut in the middle of the swap, then the machine reboots and the app comes up on
+/// whatever is live before datavault repairs the restore: what the app writes then is never
+/// deleted by the repair (red team #3).
+#[test]
+fn item04_writes_made_after_a_power_cut_mid_swap_survive_the_repair() {
+    let f = Fixture::new();
+    f.backup();
+    let mut n = 1;
+    loop {
+        let out =
+            f.command(&["restore", "--yes"]).env("DATAVAULT_CRASH_AFTER", n.to_string()).output().unwrap();
+        if out.status.code().is_some() {
+            break;
+        }
+        // "After the reboot" the app opens its database (creating it if the cut left none)
+        // and writes a row.
+        let c = Connection::open(&f.app.database).unwrap();
+        c.execute_batch("CREATE TABLE IF NOT EXISTS after_reboot(x TEXT)").unwrap();
+        c.execute("INSERT INTO after_reboot VALUES (?1)", [format!("cut {n}")]).unwrap();
+        drop(c);
+        let r = f.run(&["prune", "--dry-run"]);
+        assert_eq!(r.code, 0, "cut {n}: the repair failed: {}", r.stderr);
+        assert_eq!(integrity(&f.app.database), "ok", "cut {n}");
+        let mut dbs = vec![f.app.database.clone()];
+        for u in f.undone_folders() {
+            dbs.extend(
+                fs::read_dir(&u)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().ends_with("app.db")),
+            );
+        }
+        let found = dbs.iter().any(|db| {
+            Connection::open(db)
+                .and_then(|c| {
+                    c.query_row("SELECT count(*) FROM after_reboot WHERE x = ?1", [format!("cut {n}")], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                })
+                .map(|k| k == 1)
+                .unwrap_or(false)
+        });
+        assert!(found, "cut {n}: the row written after the cut is lost (looked in {dbs:?})");
+        n += 1;
+    }
+    assert!(n > 8, "the crash points covered the swap ({n})");
 }
 
 // ---- 3. the safety copy is taken once the app is stopped ----------------------------------------
@@ -292,6 +353,17 @@ fn item06_a_symlinked_database_path_is_refused_with_the_real_path_named() {
     assert!(!f.path().join("service.log").exists());
     let r = f.run(&["doctor"]);
     assert!(r.stdout.contains("symlink"), "doctor says so: {}", r.stdout);
+
+    // The same for uploads: doctor fails (red team #16), backup names the real folder.
+    let g = Fixture::new();
+    let real = g.path().join("real-uploads");
+    fs::rename(&g.app.uploads, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &g.app.uploads).unwrap();
+    let r = g.expect(&["backup"], 2);
+    assert!(r.stderr.contains("symlink") && r.stderr.contains("real-uploads"), "{}", r.stderr);
+    let r = g.run(&["doctor"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stdout.contains("real-uploads"), "{}", r.stdout);
 }
 
 // ---- 7. links planted where datavault cleans up -------------------------------------------------
@@ -645,4 +717,157 @@ fn item17_state_files_keep_their_owner_and_mode() {
     let m = fs::metadata(&f.state).unwrap();
     assert_eq!(m.mode() & 0o077, 0, "state folder is private");
     assert_eq!(m.uid(), rustix::process::geteuid().as_raw());
+}
+
+// ---- the red team's findings on the #11 build (each names its number) ------------------------
+
+#[test]
+fn rt04_a_symlinked_drill_scratch_on_the_drive_is_refused_and_nothing_there_deleted() {
+    let f = Fixture::new();
+    f.backup();
+    let sd = f.path().join("sd-card-projects");
+    fs::create_dir_all(sd.join("run-2024")).unwrap();
+    fs::write(sd.join("run-2024/notes"), b"not datavault's").unwrap();
+    std::os::unix::fs::symlink(&sd, f.target.join(".datavault-drill")).unwrap();
+    let r = f.expect(&["drill"], 3);
+    assert!(r.stderr.contains("link"), "{}", r.stderr);
+    assert_eq!(fs::read(sd.join("run-2024/notes")).unwrap(), b"not datavault's");
+    assert_eq!(fs::read_dir(&sd).unwrap().count(), 1, "nothing extracted onto the SD card");
+}
+
+#[test]
+fn rt05_an_archive_whose_manifest_was_deleted_is_kept_not_cleaned() {
+    let f = Fixture::new();
+    let b = f.backup();
+    let name = b["manifest"]["archive"].as_str().unwrap().to_string();
+    fs::remove_file(f.target.join(name.replace(".tar.zst.age", ".json"))).unwrap();
+    f.backup();
+    f.expect(&["prune"], 0);
+    assert!(f.target.join(&name).exists(), "a whole archive is never deleted for lack of a manifest");
+    let r = f.expect(&["list"], 0);
+    assert!(r.stdout.contains("no manifest"), "{}", r.stdout);
+}
+
+#[test]
+fn rt06_an_archive_dated_in_the_future_is_never_taken_as_the_newest() {
+    let f = Fixture::new();
+    let old = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    // A backup made while the clock ran years ahead: rename it as such, with its manifest.
+    let b = f.backup();
+    let name = b["manifest"]["archive"].as_str().unwrap().to_string();
+    let stem = name.strip_suffix(".tar.zst.age").unwrap();
+    let future = "backup-20310101T000000.000Z";
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.target.join(format!("{stem}.json"))).unwrap()).unwrap();
+    m["archive"] = format!("{future}.tar.zst.age").into();
+    m["created"] = "2031-01-01T00:00:00Z".into();
+    fs::rename(f.target.join(&name), f.target.join(format!("{future}.tar.zst.age"))).unwrap();
+    fs::remove_file(f.target.join(format!("{stem}.json"))).unwrap();
+    fs::write(f.target.join(format!("{future}.json")), serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = f.expect(&["--json", "restore", "--yes"], 0);
+    let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(o["archive"], old.as_str(), "the newest real backup, not the one from 2031");
+    assert!(r.stderr.contains("in the future"), "{}", r.stderr);
+    let r = f.expect(&["status"], 0);
+    assert!(r.stdout.contains("in the future"), "{}", r.stdout);
+}
+
+#[test]
+fn rt07_a_drill_check_that_writes_changes_nothing_and_fails() {
+    let f = Fixture::new();
+    f.backup();
+    f.set("drill.checks", vec!["DELETE FROM users WHERE id > 10 RETURNING 1"]);
+    let live = f.fingerprint();
+    let r = f.expect(&["restore", "--yes"], 4);
+    assert!(r.stderr.contains("readonly") || r.stderr.contains("read-only"), "{}", r.stderr);
+    assert_eq!(f.fingerprint(), live);
+    f.expect(&["drill"], 4);
+}
+
+#[test]
+fn rt08_a_restore_while_the_app_still_has_its_database_open_is_refused() {
+    let f = Fixture::new();
+    f.backup();
+    // The app runs (this process holds the database) and there is no [service] to stop it.
+    f.unset("service");
+    let app = Connection::open(&f.app.database).unwrap();
+    app.execute("UPDATE users SET name = 'live' WHERE id = 1", []).unwrap();
+    let live = f.fingerprint();
+    let r = f.expect(&["restore", "--yes"], 1);
+    assert!(r.stderr.contains("is open by") && r.stderr.contains("[service]"), "{}", r.stderr);
+    assert_eq!(f.fingerprint(), live, "nothing changed");
+    drop(app);
+    f.expect(&["restore", "--yes"], 0);
+}
+
+#[test]
+fn rt10_restore_to_makes_its_folder_private_and_refuses_a_foreign_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    f.backup();
+    let to = f.path().join("restored");
+    f.expect(&["restore", "--to", to.to_str().unwrap()], 0);
+    assert_eq!(fs::metadata(&to).unwrap().permissions().mode() & 0o777, 0o700);
+    let shared = f.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let r = f.expect(&["restore", "--to", shared.to_str().unwrap()], 2);
+    assert!(r.stderr.contains("others may write"), "{}", r.stderr);
+}
+
+#[test]
+fn rt11_a_sparse_upload_does_not_stop_the_backup() {
+    if !is_root() || emulated() {
+        return skip("needs root and a real kernel to mount a tmpfs");
+    }
+    let f = Fixture::new();
+    let usb = Tmpfs::mount(&f.target, "16m");
+    // 256 MiB of holes: sixteen times what the drive holds, and nothing on disk; an app user
+    // could otherwise turn every backup off this way.
+    let big = fs::File::create(f.app.uploads.join("sparse.img")).unwrap();
+    big.set_len(256 << 20).unwrap();
+    drop(big);
+    f.expect(&["backup"], 0);
+    drop(usb);
+}
+
+#[test]
+fn rt13_a_full_state_disk_does_not_stop_the_backup_to_the_drive() {
+    if !is_root() || emulated() {
+        return skip("needs root and a real kernel to mount a tmpfs");
+    }
+    let f = Fixture::new();
+    fs::create_dir_all(&f.state).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs"])
+        .arg(&f.state)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mnt = Tmpfs { path: f.state.clone() };
+    // Fill it to the last byte.
+    let mut filler = fs::File::create(f.state.join("filler")).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut filler, &chunk).is_ok() {}
+    drop(filler);
+    let r = f.run(&["backup"]);
+    drop(mnt);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("not recorded"), "{}", r.stderr);
+    assert_eq!(f.archive_files().len(), 1);
+}
+
+#[test]
+fn rt17_a_drill_without_room_for_its_scratch_is_no_failed_drill() {
+    if !is_root() || emulated() {
+        return skip("needs root and a real kernel to mount a tmpfs");
+    }
+    let f = Fixture::new();
+    f.backup();
+    let small = Tmpfs::mount(&f.path().join("small"), "512k");
+    f.set("drill.scratch_dir", small.path.to_str().unwrap());
+    let r = f.expect(&["drill"], 3);
+    assert!(r.stderr.contains("drill.scratch_dir"), "{}", r.stderr);
+    let audit = f.expect(&["audit"], 0);
+    assert!(!audit.stdout.contains("DRILL_FAILED"), "{}", audit.stdout);
 }

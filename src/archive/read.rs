@@ -108,8 +108,11 @@ fn explain_with_checksum(
     }
     // A flipped byte in the age header's recipient lines reads as "wrong key" to age: the
     // checksum tells damage from a really wrong key (tests/hostile_archives.rs).
-    let cause =
-        if message.contains("wrong key") { "its age header opens with no identity given" } else { &message };
+    let cause = if message.contains("wrong key") {
+        "its age header opens with no identity given"
+    } else {
+        message.trim_end_matches("; use another archive")
+    };
     match finish_hash(store, listing, len, hash) {
         Ok(()) if hash.hex() != manifest.archive_sha256 => Error::Integrity {
             archive,

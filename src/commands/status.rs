@@ -28,6 +28,12 @@ pub fn advice_text(a: &Advice, target: &std::path::Path) -> String {
             "an interrupted restore of {archive} was found: the next datavault run that takes the lock (backup, drill, prune, restore) finishes or undoes it; run `datavault backup` now"
         ),
         Advice::CatalogUnreadable { problem } => format!("the catalog cannot be read ({problem}); run `datavault doctor`"),
+        Advice::ArchivesInFuture { names } => format!(
+            "{} dated in the future (made while the clock was wrong): never taken as the newest, and pruning waits until the clock passes {}; if `date` is right now, delete {} by hand",
+            names.join(", "),
+            if names.len() == 1 { "its date" } else { "their dates" },
+            if names.len() == 1 { "it" } else { "them" }
+        ),
     }
 }
 

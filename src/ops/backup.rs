@@ -188,10 +188,15 @@ pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOu
     let needed = estimate_size(&s.source.database, sources.uploads.as_deref());
     let store = env.store_for_writing(needed)?;
     let target_dir = &s.target.path;
-    let cleaned = store.clean();
+    let cleaned = store.clean(&run.catalog.interrupted_archives().unwrap_or_default());
 
     let created = now();
     let stem = store.new_stem(opts.kind, created)?;
+    // Named in the catalog before the first byte: a run cut off here leaves an orphan the
+    // next run knows is its own to remove.
+    if let Err(e) = run.catalog.set_run_archive(run.id, &format!("{stem}{ARCHIVE_SUFFIX}")) {
+        log::warn!("{e}");
+    }
     let object = store.create_archive(&stem).map_err(|e| output_error(target_dir, e))?;
     let out = BufWriter::with_capacity(1 << 20, object);
     let mut writer = ArchiveWriter::new(out, &s.encryption.recipients, s.compression, env.progress.clone())
@@ -273,7 +278,10 @@ pub fn estimate_size(db: &Path, uploads: Option<&Path>) -> u64 {
         for e in walkdir::WalkDir::new(u).follow_links(false).into_iter().flatten() {
             if let Ok(m) = e.metadata() {
                 if m.is_file() {
-                    total += m.len() + 1024;
+                    // What the file occupies, not its length: a sparse 100 GB file of holes
+                    // compresses to nothing and must not stop every backup (red team #11).
+                    use std::os::unix::fs::MetadataExt;
+                    total += m.len().min(m.blocks().saturating_mul(512)) + 1024;
                 }
             }
         }

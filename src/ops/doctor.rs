@@ -260,7 +260,7 @@ fn layout_checks(env: &Env) -> Vec<Check> {
         None => ok("state folder", format!("{} is datavault's alone", s.state.dir.display())),
         Some(p) => fail("state folder", p, exit::USAGE),
     });
-    if let Ok(plan) = crate::ops::restore::RestorePlan::new(s, "-", 0, true) {
+    if let Ok(plan) = crate::ops::restore::RestorePlan::new(s, "-", "0-0", true) {
         checks.push(match plan.preflight(&env.system_root, s) {
             Ok(()) => ok("restore in place", "the live paths can be swapped atomically"),
             Err(e) => warn("restore in place", format!("would be refused: {e}")),

@@ -64,7 +64,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
 
-    let scratch = prepare_scratch(&env.settings.drill.scratch_dir(&env.settings.target), run.id)?;
+    let scratch = prepare_scratch(&env.settings, run.id)?;
     let _cleanup = Cleanup(scratch.clone());
 
     let mut checks = Vec::new();
@@ -81,11 +81,19 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
         &*env.progress,
     );
     let report = match read {
-        Err(e) => {
-            let detail = e.to_string();
-            let _ = run.catalog.record_event(Some(run.id), now(), Event::DrillFailed, Some(&name), &detail);
+        // Only what the archive is to blame for fails the drill: no room for the scratch
+        // folder or a cancelled run says nothing about whether the backup restores.
+        Err(e @ Error::Integrity { .. }) => {
+            let _ = run.catalog.record_event(
+                Some(run.id),
+                now(),
+                Event::DrillFailed,
+                Some(&name),
+                &e.to_string(),
+            );
             return Err(e);
         }
+        Err(e) => return Err(e),
         Ok(r) => r,
     };
     checks.push(Check {
@@ -128,21 +136,35 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     })
 }
 
-/// A fresh private `run-<id>` folder in the scratch folder, after removing what killed
-/// drills left there (plaintext: never left lying around). Only our own `run-*` folders:
-/// scratch_dir may be a shared folder such as /var/tmp.
-fn prepare_scratch(root: &Path, run_id: i64) -> Result<PathBuf> {
-    if let Ok(rd) = std::fs::read_dir(root) {
+/// Prefix of the folders drills extract into, inside the scratch folder.
+const RUN_PREFIX: &str = "datavault-drill-";
+
+/// A fresh private folder for this drill in the scratch folder, after removing what killed
+/// drills left there (plaintext: never left lying around). Only our own names are removed:
+/// scratch_dir may be a shared folder such as /var/tmp. The default scratch folder is on
+/// the drive, where anyone with the drive could have put a link: it must be a real folder.
+fn prepare_scratch(settings: &crate::config::Settings, run_id: i64) -> Result<PathBuf> {
+    let root = settings.drill.scratch_dir(&settings.target);
+    let default = settings.drill.scratch_dir.is_none();
+    if default && std::fs::symlink_metadata(&root).is_ok_and(|m| !m.is_dir()) {
+        return Err(Error::target(
+            &root,
+            "the drill scratch folder on the drive is a link or a file, not a folder; remove it (datavault never extracts through a link)",
+        ));
+    }
+    if let Ok(rd) = std::fs::read_dir(&root) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("run-") {
+            let n = e.file_name().to_string_lossy().into_owned();
+            // `run-*`: what datavault 0.1 named them, only in its own default folder.
+            if n.starts_with(RUN_PREFIX) || (default && n.starts_with("run-")) {
                 remove_tree(&e.path());
             }
         }
     }
-    std::fs::create_dir_all(root).map_err(|e| {
-        Error::target(root, format!("cannot create the drill scratch folder: {e}; set drill.scratch_dir"))
+    std::fs::create_dir_all(&root).map_err(|e| {
+        Error::target(&root, format!("cannot create the drill scratch folder: {e}; set drill.scratch_dir"))
     })?;
-    let scratch = root.join(format!("run-{run_id}"));
+    let scratch = root.join(format!("{RUN_PREFIX}{run_id}"));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&scratch)
@@ -153,7 +175,12 @@ fn prepare_scratch(root: &Path, run_id: i64) -> Result<PathBuf> {
 /// `integrity_check` plus the configured SQL checks, on a restored database copy.
 pub fn check_database(db_path: &Path, sql_checks: &[String]) -> Vec<Check> {
     let mut checks = Vec::new();
-    let conn = match Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_WRITE) {
+    // Read-write only so that SQLite may open a WAL database without its -shm; query_only
+    // makes every check read-only: a check that writes (a DELETE ... RETURNING 1) must not
+    // change the database an in-place restore is about to swap in (red team #7).
+    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .and_then(|c| c.pragma_update(None, "query_only", true).map(|_| c));
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             checks.push(Check { name: "open database".into(), ok: false, detail: e.to_string() });

@@ -53,6 +53,8 @@ pub struct Health {
     pub running: Option<String>,
     /// The catalog could not be read: what is known comes from the drive alone.
     pub catalog_problem: Option<String>,
+    /// Archives dated in the future (made while the clock was wrong).
+    pub archives_in_future: Vec<String>,
 }
 
 /// What should be done about it, most urgent first. The binary words it.
@@ -68,6 +70,7 @@ pub enum Advice {
     IncompleteArchives { count: usize },
     InterruptedRestore { archive: String },
     CatalogUnreadable { problem: String },
+    ArchivesInFuture { names: Vec<String> },
 }
 
 impl Health {
@@ -91,8 +94,15 @@ impl Health {
             ls.iter()
                 .filter(|l| l.is_complete())
                 .filter(|l| l.manifest.as_ref().map(|m| m.kind) == Some(ArchiveKind::Backup))
+                .filter(|l| !l.created().is_some_and(|c| crate::ops::is_in_future(c, t)))
                 .collect()
         });
+        let future: Vec<String> = listings
+            .iter()
+            .flatten()
+            .filter(|l| l.created().is_some_and(|c| crate::ops::is_in_future(c, t)))
+            .map(|l| l.name.clone())
+            .collect();
         let newest = backups.as_ref().and_then(|b| b.iter().max_by_key(|l| l.created()).copied());
         let last_good_backup = match &backups {
             Some(_) => newest.and_then(|l| l.created()),
@@ -114,6 +124,7 @@ impl Health {
             interrupted_restore: interrupted_restore(&s.state.restore_journal_path()),
             running: crate::lock::holder(&s.state.lock_path()),
             catalog_problem,
+            archives_in_future: future,
         }
     }
 
@@ -153,6 +164,9 @@ impl Health {
         }
         if let Some(p) = &self.catalog_problem {
             v.push(Advice::CatalogUnreadable { problem: p.clone() });
+        }
+        if !self.archives_in_future.is_empty() {
+            v.push(Advice::ArchivesInFuture { names: self.archives_in_future.clone() });
         }
         v
     }

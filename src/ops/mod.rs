@@ -154,6 +154,14 @@ impl<'e> Run<'e> {
             crate::config::check_layout(&env.settings)?;
         }
         let lock = if locked { Some(RunLock::acquire(&state.lock_path(), command)?) } else { None };
+        if locked {
+            // A run killed while writing the journal or the metrics leaves a `.partial`.
+            for e in std::fs::read_dir(&state.dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().ends_with(crate::fsutil::PARTIAL_SUFFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let catalog = Catalog::open_or_rebuild(&state.catalog_path())?;
         let t = now();
         if locked {
@@ -229,7 +237,20 @@ pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> 
             Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them"))
         });
     }
-    let is_backup = |l: &&Listing| l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup);
+    // An archive dated in the future was made while the clock was wrong: "newest" by its
+    // date, it may well be older than the others. It is only ever used by name (red team #6).
+    let t = now();
+    let in_future = |l: &Listing| l.created().is_some_and(|c| is_in_future(c, t));
+    for l in listings.iter().filter(|l| in_future(l)) {
+        log::warn!(
+            "{} is dated {}, in the future: it was made while the clock was wrong, so it is not taken as the newest; name it to use it",
+            l.name,
+            l.created().map(manifest::format_time).unwrap_or_default()
+        );
+    }
+    let is_backup = |l: &&Listing| {
+        l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup) && !in_future(l)
+    };
     let found = match pick {
         Pick::Newest => listings.iter().find(is_backup),
         Pick::NewestComplete => {
@@ -260,6 +281,12 @@ pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> 
     })
 }
 
+/// Dated more than a day after `now`: made while the clock was wrong (or the clock is wrong
+/// now; either way not to be trusted as "the newest").
+pub fn is_in_future(created: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    created > now + chrono::Duration::days(1)
+}
+
 /// The catalog's view of a listing.
 pub fn archive_record(l: &Listing) -> Option<ArchiveRecord> {
     let m = l.manifest.as_ref()?;
@@ -288,7 +315,7 @@ pub fn sync_catalog(catalog: &Catalog, listings: &[Listing]) {
                 log::info!("catalog: {imported} archive(s) found on the drive were added");
             }
             if missing > 0 {
-                log::warn!("catalog: {missing} archive(s) are no longer on the drive");
+                log::warn!("catalog: {missing} archive(s) are no longer on the drive, or no longer complete (see `datavault list`)");
             }
         }
         Err(e) => log::warn!("cannot update the catalog: {e}"),

@@ -43,7 +43,11 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
         crate::target::require_writable(&env.settings.target, &env.system_root, 0)?;
     }
     let (store, listings) = crate::ops::listings(env)?;
-    let cleaned = if dry_run { Vec::new() } else { store.clean() };
+    let cleaned = if dry_run {
+        Vec::new()
+    } else {
+        store.clean(&run.catalog.interrupted_archives().unwrap_or_default())
+    };
     let candidates: Vec<Candidate> = listings
         .iter()
         .filter_map(|l| {

@@ -60,10 +60,10 @@ fn run_command(what: &str, cmd: &str, timeout: Duration) -> std::result::Result<
         Err(_) => {
             log::error!("the {what} command did not finish within {} s: stopping it", timeout.as_secs());
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
-            if rx.recv_timeout(GRACE).is_err() {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                let _ = rx.recv_timeout(GRACE);
-            }
+            // The shell may die on TERM while what it started ignores it: whatever is left of
+            // the group after the grace period is killed, leader gone or not.
+            let _ = rx.recv_timeout(GRACE);
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             return Err(format!(
                 "the {what} command `{cmd}` did not finish within {} s and was killed; fix it, or raise service.timeout_seconds",
                 timeout.as_secs()
@@ -106,6 +106,25 @@ mod tests {
             std::thread::yield_now();
         }
         assert!(!alive(&pid), "the command's child {pid} survived the kill");
+    }
+
+    #[test]
+    fn a_command_that_ignores_sigterm_is_killed_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // The script ignores TERM; the shell that runs it does not (it dies at once).
+        let script = dir.path().join("stop.sh");
+        std::fs::write(&script, format!("trap '' TERM\necho $$ > {}\nsleep 600\n", pidfile.display()))
+            .unwrap();
+        let cmd = format!("sh {}", script.display());
+        let e = run_command("stop", &cmd, Duration::from_millis(500)).unwrap_err();
+        assert!(e.contains("did not finish within"), "{e}");
+        let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alive(&pid) && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert!(!alive(&pid), "the command {pid} survived");
     }
 
     #[test]

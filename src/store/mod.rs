@@ -182,9 +182,12 @@ impl Store {
         listing
     }
 
-    /// Remove what interrupted runs left: `*.partial` files and archives whose manifest was
-    /// never written. Only names we create are touched.
-    pub fn clean(&self) -> Vec<String> {
+    /// Remove what interrupted runs left: `*.partial` files, and archives whose manifest was
+    /// never written *if* `interrupted` names them (the catalog's runs that were cut off).
+    /// Another archive without its manifest is kept and listed as incomplete: its manifest may
+    /// have been deleted by hand, and the archive is still whole. Only names we create are
+    /// touched.
+    pub fn clean(&self, interrupted: &std::collections::HashSet<String>) -> Vec<String> {
         let Ok(objects) = self.backend.list("") else { return Vec::new() };
         let names: std::collections::HashSet<&str> = objects.iter().map(|o| o.name.as_str()).collect();
         let mut removed = Vec::new();
@@ -192,9 +195,10 @@ impl Store {
             if !is_ours(name) {
                 continue;
             }
-            let orphan = name
-                .strip_suffix(ARCHIVE_SUFFIX)
-                .is_some_and(|stem| !names.contains(format!("{stem}{MANIFEST_SUFFIX}").as_str()));
+            let orphan = interrupted.contains(*name)
+                && name
+                    .strip_suffix(ARCHIVE_SUFFIX)
+                    .is_some_and(|stem| !names.contains(format!("{stem}{MANIFEST_SUFFIX}").as_str()));
             if (name.ends_with(PARTIAL_SUFFIX) || orphan) && self.backend.remove(name).is_ok() {
                 log::info!("removed {name}, left by an interrupted run");
                 removed.push(name.to_string());
@@ -315,10 +319,22 @@ mod tests {
         ] {
             m.put(n, b"x".to_vec());
         }
+        m.put("backup-4.tar.zst.age", b"x".to_vec());
         let s = Store::new(Arc::new(m.clone()));
-        assert_eq!(s.clean(), ["backup-2.tar.zst.age", "backup-3.tar.zst.age.partial"]);
+        let interrupted = ["backup-2.tar.zst.age".to_string()].into_iter().collect();
+        assert_eq!(s.clean(&interrupted), ["backup-2.tar.zst.age", "backup-3.tar.zst.age.partial"]);
         let left: Vec<_> = m.snapshot().into_keys().collect();
-        assert_eq!(left, ["backup-1.json", "backup-1.tar.zst.age", "notes.txt", "other.tar.zst.age"]);
+        assert_eq!(
+            left,
+            [
+                "backup-1.json",
+                "backup-1.tar.zst.age",
+                "backup-4.tar.zst.age",
+                "notes.txt",
+                "other.tar.zst.age"
+            ],
+            "an orphan no interrupted run wrote is kept"
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl ExtractPlan {
             // Leave the larger of 64 MiB and 2 % of the filesystem to whoever else uses it.
             let reserve = (64u64 << 20).max(size / 50).min(size / 4);
             if plain_bytes.saturating_add(reserve) > free {
-                return Err(Error::target(
+                return Err(Error::disk_full(
                     dir,
                     format!(
                         "not enough space: the backup holds {} and {} are free (keeping {} for the system); {}",

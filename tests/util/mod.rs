@@ -161,18 +161,33 @@ impl Fixture {
         fingerprint(&self.app.database, Some(&self.app.uploads)).unwrap()
     }
 
-    /// No staging (`.datavault-restore-*`) or aside (`.datavault-old-*`) folder beside the live data.
+    /// No staging (`.datavault-restore-*`) or aside (`.datavault-old-*`) folder beside the
+    /// live data. (`.datavault-undone-*` folders, where a rollback keeps what the app may have
+    /// written, are the owner's to delete: see `undone_folders`.)
     #[track_caller]
     pub fn assert_no_restore_leftovers(&self) {
         for dir in [self.app.database.parent().unwrap(), self.app.uploads.parent().unwrap()] {
             for e in fs::read_dir(dir).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
                 assert!(
-                    !e.file_name().to_string_lossy().starts_with(".datavault-"),
+                    !name.starts_with(".datavault-") || name.starts_with(".datavault-undone-"),
                     "left behind: {:?}",
                     e.path()
                 );
             }
         }
+    }
+
+    /// The `.datavault-undone-*` folders beside the live data.
+    pub fn undone_folders(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = [self.app.database.parent().unwrap(), self.app.uploads.parent().unwrap()]
+            .iter()
+            .flat_map(|d| fs::read_dir(d).unwrap().flatten().map(|e| e.path()))
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".datavault-undone-"))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// A database writer holding its lock pauses a backup at a known point, with the

@@ -11,21 +11,21 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::{ASIDE_PREFIX, STAGE_PREFIX};
+use super::plan::{ASIDE_PREFIX, KEPT_PREFIX, STAGE_PREFIX};
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic;
 
 /// One rename of the swap. `staged` is None for files that are only moved aside (-wal, -shm,
-/// -journal); whatever appears at `live` where nothing was before, and that is not ours, is
-/// moved to `quarantine` by a rollback (it belongs to the restored data being undone).
+/// -journal). What a rollback finds at `live` that is not the previous data, once the app may
+/// have written to it, goes to `kept` (in a `.datavault-undone-*` folder beside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Move {
     pub live: PathBuf,
     pub aside: PathBuf,
     pub staged: Option<PathBuf>,
     pub had_live: bool,
-    pub quarantine: PathBuf,
+    pub kept: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,10 +114,8 @@ impl Journal {
             .collect();
         let ours = |p: &Path, prefix: &str| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let numbered = name
-                .strip_prefix(prefix)
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            numbered && p.parent().is_some_and(|parent| parents.iter().any(|q| q == parent))
+            let tagged = name.strip_prefix(prefix).is_some_and(super::plan::is_tag);
+            tagged && p.parent().is_some_and(|parent| parents.iter().any(|q| q == parent))
         };
         for p in &self.stages {
             if !ours(p, STAGE_PREFIX) {
@@ -146,10 +144,12 @@ impl Journal {
                     m.live.display()
                 ));
             }
-            if !below(&m.aside, &self.asides) || !below(&m.quarantine, &self.stages) {
+            let kept_ok =
+                m.kept.parent().is_some_and(|k| ours(k, KEPT_PREFIX) && k.parent() == m.live.parent());
+            if !below(&m.aside, &self.asides) || !kept_ok {
                 return Err(format!("it moves {} somewhere datavault never would", m.live.display()));
             }
-            if m.staged.as_deref().is_some_and(|st| !st.starts_with_any(&self.stages)) {
+            if m.staged.as_deref().is_some_and(|st| !below(st, &self.stages)) {
                 return Err(format!(
                     "it would swap in {} from outside its staging folders",
                     m.live.display()
@@ -157,15 +157,5 @@ impl Journal {
             }
         }
         Ok(())
-    }
-}
-
-trait StartsWithAny {
-    fn starts_with_any(&self, dirs: &[PathBuf]) -> bool;
-}
-
-impl StartsWithAny for Path {
-    fn starts_with_any(&self, dirs: &[PathBuf]) -> bool {
-        dirs.iter().any(|d| self.starts_with(d) && self != d)
     }
 }

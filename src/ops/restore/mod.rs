@@ -43,6 +43,7 @@ use crate::tree::extract::{ExtractPlan, LiveOwner};
 use journal::{Journal, Phase};
 pub use plan::RestorePlan;
 use plan::{STAGED_DB, STAGE_PREFIX};
+use swap::{Dirs, Undo};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreOutcome {
@@ -126,15 +127,42 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
     })
 }
 
+/// The folder `restore --to` fills: new (created private, 0700: the restored data is as
+/// secret as the app's), or empty and ours alone. A folder another user owns or may write in
+/// is refused: they could rename what root puts there while it is being written.
 fn prepare_empty_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display())));
+        }
+        Err(e) => return Err(Error::Usage(format!("cannot use {}: {e}", dir.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::Usage(format!(
+                "{} is not a folder; restore --to needs an empty or new folder",
+                dir.display()
+            )))
+        }
+        Ok(m) => {
+            let me = rustix::process::geteuid().as_raw();
+            if m.uid() != me || m.mode() & 0o022 != 0 {
+                return Err(Error::Usage(format!(
+                    "{} belongs to another user or others may write in it; restore --to a new folder (datavault creates it private)",
+                    dir.display()
+                )));
+            }
+        }
+    }
     match std::fs::read_dir(dir).map(|mut rd| rd.next().is_none()) {
+        Ok(true) => Ok(()),
         Ok(false) => Err(Error::Usage(format!(
             "{} is not empty; restore --to needs an empty or new folder",
             dir.display()
         ))),
-        Ok(true) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display()))),
         Err(e) => Err(Error::Usage(format!("cannot use {}: {e}", dir.display()))),
     }
 }
@@ -177,7 +205,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     if manifest.uploads.is_some() && s.source.uploads.is_none() {
         log::warn!("{name} holds uploads but source.uploads is not configured: they are not restored");
     }
-    let plan = RestorePlan::new(s, &name, run.id, manifest.uploads.is_some())?;
+    let plan = RestorePlan::new(s, &name, &plan::new_tag(run.id), manifest.uploads.is_some())?;
     plan.preflight(&env.system_root, s)?;
 
     let staged = Staged::create(&plan)?;
@@ -196,7 +224,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     let pre_name = match stop_and_save(run, &name) {
         Ok(p) => p,
         Err(e) => {
-            finish(&journal_path, &journal, Ending::NothingMoved);
+            finish(&journal_path, &journal, Ending::NothingMoved, &[]);
             return Err(e);
         }
     };
@@ -204,12 +232,19 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     journal.moves = plan.moves(plan.uploads.as_ref().map(|u| u.stage.join(crate::archive::TOP_UPLOADS)));
     journal.enter(Phase::Swapping, &journal_path)?;
     log::info!("swapping in the restored data");
-    if let Err(e) = swap::swap(&journal) {
+    let mut dirs = Dirs::open(&journal, &staged.held()).map_err(|e| {
+        finish(&journal_path, &journal, Ending::NothingMoved, &[]);
+        let _ = restart(run);
+        Error::Restore(format!("cannot open the folders of the swap ({e}); nothing was changed"))
+    })?;
+    if let Err(e) = swap::swap(&journal, &dirs) {
         log::error!("swap failed ({e}); putting the previous data back");
-        return Err(undo(run, &mut journal, &journal_path, &format!("restore failed while swapping ({e})")));
+        // The app is stopped and never saw the restored data: nothing of it to keep.
+        let what = format!("restore failed while swapping ({e})");
+        return Err(undo(run, &mut journal, &journal_path, &mut dirs, Undo::Discard, &what));
     }
     journal.enter(Phase::Swapped, &journal_path)?;
-    start_or_undo(run, &mut journal, &journal_path)?;
+    start_or_undo(run, &mut journal, &journal_path, &mut dirs)?;
     drop(staged);
     let detail = format!(
         "restored {} files, {} bytes; safety copy {}",
@@ -303,6 +338,22 @@ fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
             return Err(Error::Restore(format!("{e}; nothing was changed")));
         }
     }
+    // An app still holding its database would go on writing to the old file once it is
+    // renamed aside: every write lost, silently.
+    let db = &s.source.database;
+    let users = run.env.system_root.processes_using(&[db.clone(), plan::with_suffix(db, "-wal")]);
+    if !users.is_empty() {
+        let _ = restart(run);
+        let why = match &s.service {
+            Some(_) => "the stop command ran, but the app still has it open: fix the stop command",
+            None => "stop the app first, or configure [service] so that datavault stops and starts it",
+        };
+        return Err(Error::Restore(format!(
+            "{} is open by {}: {why}; nothing was changed",
+            db.display(),
+            users.join(", ")
+        )));
+    }
     crash_point("restore: app stopped");
     log::info!("taking a PRE-RESTORE safety backup of the current data");
     let opts = BackupOptions {
@@ -312,7 +363,7 @@ fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
     };
     let pre = create_archive(run, &opts).map_err(|e| {
         let _ = restart(run);
-        e.note("the PRE-RESTORE safety backup could not be written; nothing was changed")
+        e.note("the PRE-RESTORE safety backup could not be written, so nothing was changed; to restore anyway, make room for it on the drive (an older archive deleted by hand), or restore with --to DIR and copy the files back")
     })?;
     crash_point("restore: safety copy written");
     let pre_name = pre.map(|p| p.manifest.archive);
@@ -324,25 +375,40 @@ fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
 
 /// The swap is done: start the app on the restored data and finish, or, if it will not
 /// start, put the previous data back.
-fn start_or_undo(run: &Run, journal: &mut Journal, journal_path: &Path) -> Result<()> {
+fn start_or_undo(run: &Run, journal: &mut Journal, journal_path: &Path, dirs: &mut Dirs) -> Result<()> {
     if let Some(svc) = &run.env.settings.service {
         if let Err(e) = service::run(svc, Which::Start) {
             log::error!("{e}; putting the previous data back");
-            return Err(undo(run, journal, journal_path, &format!("{e} after the restore")));
+            // The app ran on the restored data: what it wrote is kept, not deleted.
+            return Err(undo(
+                run,
+                journal,
+                journal_path,
+                dirs,
+                Undo::Keep,
+                &format!("{e} after the restore"),
+            ));
         }
         crash_point("restore: app started");
     }
-    finish(journal_path, journal, Ending::Restored);
+    finish(journal_path, journal, Ending::Restored, &[]);
     Ok(())
 }
 
 /// Put the previous data back after a failed swap or start; returns the error to report.
-fn undo(run: &Run, journal: &mut Journal, journal_path: &Path, what_failed: &str) -> Error {
+fn undo(
+    run: &Run,
+    journal: &mut Journal,
+    journal_path: &Path,
+    dirs: &mut Dirs,
+    mode: Undo,
+    what_failed: &str,
+) -> Error {
     if let Err(e) = journal.enter(Phase::RollingBack, journal_path) {
         // Without a durable journal a cut now could not be repaired: stop here, change nothing.
         return Error::Restore(format!(
             "{what_failed}; and the restore journal cannot be written ({e}): the restored data is live, the previous data is in {}",
-            journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+            list(&journal.asides)
         ));
     }
     if let Some(svc) = &run.env.settings.service {
@@ -350,9 +416,9 @@ fn undo(run: &Run, journal: &mut Journal, journal_path: &Path, what_failed: &str
             log::warn!("{e}");
         }
     }
-    let problems = swap::rollback(journal);
+    let (problems, kept) = swap::rollback(journal, dirs, mode);
     let ending = if problems.is_empty() { Ending::RolledBack } else { Ending::RollbackIncomplete };
-    finish(journal_path, journal, ending);
+    finish(journal_path, journal, ending, &kept);
     let _ = run.catalog.record_event(
         Some(run.id),
         now(),
@@ -364,17 +430,26 @@ fn undo(run: &Run, journal: &mut Journal, journal_path: &Path, what_failed: &str
         return Error::Restore(format!(
             "{what_failed}; putting the previous data back failed ({}): it is in {}; put it back by hand",
             problems.join("; "),
-            journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
+            list(&journal.asides)
         ));
     }
+    let kept_note = if kept.is_empty() {
+        String::new()
+    } else {
+        format!("; the restored data, as the app left it, is kept in {}", list(&kept))
+    };
     match restart(run) {
         Ok(()) => Error::Restore(format!(
-            "{what_failed}; the previous data was put back and the application started again"
+            "{what_failed}; the previous data was put back and the application started again{kept_note}"
         )),
         Err(e) => Error::Restore(format!(
-            "{what_failed}; the previous data was put back, but the application did not start again ({e}): start it by hand"
+            "{what_failed}; the previous data was put back, but the application did not start again ({e}): start it by hand{kept_note}"
         )),
     }
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Run the start command, if there is one.
@@ -400,8 +475,9 @@ enum Ending {
     RollbackIncomplete,
 }
 
-/// The restore is over, one way or the other: clean up, then remove the journal.
-fn finish(journal_path: &Path, j: &Journal, ending: Ending) {
+/// The restore is over, one way or the other: clean up, then remove the journal. `kept`:
+/// folders a rollback kept data in; never removed, the owner is told.
+fn finish(journal_path: &Path, j: &Journal, ending: Ending, kept: &[PathBuf]) {
     for d in &j.stages {
         remove_tree(d);
     }
@@ -421,7 +497,12 @@ fn finish(journal_path: &Path, j: &Journal, ending: Ending) {
             }
         }
     }
-    swap::sync_parents(j);
+    for k in kept {
+        log::warn!(
+            "{} keeps what was live when the restore was undone (the restored data as the app left it): check it, and delete it when you no longer need it",
+            k.display()
+        );
+    }
     for d in j.stages.iter().chain(&j.asides) {
         if let Some(p) = d.parent() {
             let _ = fsync_dir(p);
@@ -444,13 +525,22 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
         remove_stale_stages(run);
         return Ok(());
     };
-    let ending = match journal.phase {
+    // After a power cut the machine may have rebooted and the app come up on whatever was
+    // live: what a rollback moves out of the way is kept, never deleted.
+    let mut dirs = Dirs::open(&journal, &[]).map_err(|e| {
+        Error::Restore(format!(
+            "an interrupted restore of {} cannot be repaired: its folders cannot be opened ({e}); the previous data is in {}",
+            journal.archive,
+            list(&journal.asides)
+        ))
+    })?;
+    let (ending, kept) = match journal.phase {
         Phase::Stopping => {
             log::warn!(
                 "a restore of {} was interrupted before it changed anything: cleaning up",
                 journal.archive
             );
-            Ending::NothingMoved
+            (Ending::NothingMoved, Vec::new())
         }
         Phase::Swapping | Phase::RollingBack => {
             log::warn!(
@@ -465,7 +555,7 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
                     log::warn!("{e}");
                 }
             }
-            let problems = swap::rollback(&journal);
+            let (problems, kept) = swap::rollback(&journal, &mut dirs, Undo::Keep);
             let _ = run.catalog.record_event(
                 Some(run.id),
                 now(),
@@ -473,28 +563,24 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
                 Some(&journal.archive),
                 "interrupted restore rolled back at the next run",
             );
-            if problems.is_empty() {
-                Ending::RolledBack
-            } else {
-                Ending::RollbackIncomplete
-            }
+            (if problems.is_empty() { Ending::RolledBack } else { Ending::RollbackIncomplete }, kept)
         }
         Phase::Swapped => {
             // The restored data is live; whether the app started on it is not known: start
             // it, and if it will not start, undo the restore as the interrupted run would have.
             log::warn!("an interrupted restore of {} was found: finishing it", journal.archive);
-            return start_or_undo(run, &mut journal, &path).or_else(|e| {
+            return start_or_undo(run, &mut journal, &path, &mut dirs).or_else(|e| {
                 log::error!("{e}");
                 Ok(())
             });
         }
     };
-    finish(&path, &journal, ending);
+    finish(&path, &journal, ending, &kept);
     if ending == Ending::RollbackIncomplete {
         return Err(Error::Restore(format!(
             "an interrupted restore of {} could not be fully undone; the previous data is in {}: put it back by hand, then delete {}",
             journal.archive,
-            journal.asides.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join(", "),
+            list(&journal.asides),
             path.display()
         )));
     }
@@ -516,7 +602,7 @@ fn remove_stale_stages(run: &Run) {
             if name.starts_with(STAGE_PREFIX) {
                 log::info!("removing {}, left by an interrupted restore", e.path().display());
                 remove_tree(&e.path());
-            } else if name.starts_with(plan::ASIDE_PREFIX) {
+            } else if name.starts_with(plan::ASIDE_PREFIX) || name.starts_with(plan::KEPT_PREFIX) {
                 log::warn!(
                     "{} holds data set aside by an earlier restore; check it and delete it by hand",
                     e.path().display()
@@ -539,8 +625,10 @@ fn checkpoint_and_close(db: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The staging folders, created private; removed however the restore ends (plaintext).
-struct Staged(Vec<PathBuf>);
+/// The staging folders, created private and held open (the swap takes the restored data
+/// from these very folders, whatever is put in their place meanwhile); removed however the
+/// restore ends (plaintext).
+struct Staged(Vec<(PathBuf, std::os::fd::OwnedFd)>);
 
 impl Staged {
     fn create(plan: &RestorePlan) -> Result<Staged> {
@@ -552,18 +640,23 @@ impl Staged {
                     Error::source(parent, format!("cannot create the folder to restore into: {e}"))
                 })?;
             }
-            std::fs::create_dir(&st)
-                .map_err(|e| Error::io(format!("cannot create staging folder {}", st.display()), e))?;
-            let _ = std::fs::set_permissions(&st, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-            staged.0.push(st);
+            let made = rustix::fs::mkdir(&st, rustix::fs::Mode::from_raw_mode(0o700))
+                .and_then(|_| rustix::fs::open(&st, crate::tree::DIR, rustix::fs::Mode::empty()));
+            let fd = made
+                .map_err(|e| Error::io(format!("cannot create staging folder {}", st.display()), e.into()))?;
+            staged.0.push((st, fd));
         }
         Ok(staged)
+    }
+
+    fn held(&self) -> Vec<(PathBuf, std::os::fd::OwnedFd)> {
+        self.0.iter().filter_map(|(p, fd)| fd.try_clone().ok().map(|fd| (p.clone(), fd))).collect()
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        for d in &self.0 {
+        for (d, _) in &self.0 {
             remove_tree(d);
         }
     }

@@ -15,10 +15,32 @@ use crate::target::SystemRoot;
 
 pub const STAGE_PREFIX: &str = ".datavault-restore-";
 pub const ASIDE_PREFIX: &str = ".datavault-old-";
+/// What a rollback moved out of a live path after the app may have written to it: kept,
+/// never deleted by datavault.
+pub const KEPT_PREFIX: &str = ".datavault-undone-";
+
+/// The part of our folders' names after the prefix: the run id and a random suffix, so
+/// that a leftover (or planted) folder never collides with a new restore's, even after the
+/// catalog (and its run ids) was rebuilt.
+pub fn new_tag(run_id: i64) -> String {
+    let mut r = [0u8; 4];
+    let _ = rustix::rand::getrandom(&mut r, rustix::rand::GetRandomFlags::empty());
+    format!("{run_id}-{}", hex::encode(r))
+}
+
+pub fn is_tag(t: &str) -> bool {
+    let mut parts = t.splitn(2, '-');
+    let id = parts.next().unwrap_or("");
+    let rand = parts.next().unwrap_or("0");
+    !id.is_empty()
+        && id.bytes().all(|b| b.is_ascii_digit())
+        && !rand.is_empty()
+        && rand.bytes().all(|b| b.is_ascii_hexdigit())
+}
 /// Name of the database inside its staging folder once verified and checkpointed.
 pub const STAGED_DB: &str = "restored.db";
 
-/// One live path (the database, or the uploads folder) and its two helper folders.
+/// One live path (the database, or the uploads folder) and its helper folders.
 #[derive(Debug, Clone, Serialize)]
 pub struct Slot {
     pub live: PathBuf,
@@ -26,6 +48,8 @@ pub struct Slot {
     pub stage: PathBuf,
     /// Where the replaced data goes until the restore is over.
     pub aside: PathBuf,
+    /// Where a rollback keeps what it moves out of the live path (created only if needed).
+    pub kept: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,15 +64,16 @@ impl RestorePlan {
     pub fn new(
         settings: &Settings,
         archive: &str,
-        run_id: i64,
+        tag: &str,
         archive_has_uploads: bool,
     ) -> Result<RestorePlan> {
         let slot = |live: &Path| -> Result<Slot> {
             let parent = parent_of(live)?;
             Ok(Slot {
                 live: live.to_path_buf(),
-                stage: parent.join(format!("{STAGE_PREFIX}{run_id}")),
-                aside: parent.join(format!("{ASIDE_PREFIX}{run_id}")),
+                stage: parent.join(format!("{STAGE_PREFIX}{tag}")),
+                aside: parent.join(format!("{ASIDE_PREFIX}{tag}")),
+                kept: parent.join(format!("{KEPT_PREFIX}{tag}")),
             })
         };
         let uploads = match &settings.source.uploads {
@@ -136,7 +161,7 @@ impl RestorePlan {
             moves.push(Move {
                 aside: db.aside.join(&name),
                 had_live: exists(&live),
-                quarantine: db.stage.join(rolled_back(&name)),
+                kept: db.kept.join(&name),
                 live,
                 staged: None,
             });
@@ -145,27 +170,22 @@ impl RestorePlan {
         moves.push(Move {
             aside: db.aside.join(&name),
             had_live: exists(&db.live),
-            quarantine: db.stage.join(rolled_back(&name)),
+            kept: db.kept.join(&name),
             live: db.live.clone(),
             staged: Some(db.stage.join(STAGED_DB)),
         });
         if let (Some(u), Some(staged)) = (&self.uploads, uploads_staged) {
+            let name = u.live.file_name().map(|n| n.to_owned()).unwrap_or_else(|| "uploads".into());
             moves.push(Move {
-                aside: u.aside.join("uploads"),
+                aside: u.aside.join(&name),
                 had_live: exists(&u.live),
-                quarantine: u.stage.join("rolled-back-uploads"),
+                kept: u.kept.join(&name),
                 live: u.live.clone(),
                 staged: Some(staged),
             });
         }
         moves
     }
-}
-
-fn rolled_back(name: &std::ffi::OsStr) -> std::ffi::OsString {
-    let mut n = std::ffi::OsString::from("rolled-back-");
-    n.push(name);
-    n
 }
 
 pub fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
