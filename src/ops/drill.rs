@@ -57,7 +57,12 @@ pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillRepo
 fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
-    let (store, listings) = crate::ops::listings(env)?;
+    let (store, mut listings) = crate::ops::listings(env)?;
+    // The boot drill is often the first run after a power cut: it clears what a cut-off run
+    // left on the drive, so that status and `verify --all` are clean again.
+    if !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {
+        listings = store.scan()?;
+    }
     crate::ops::sync_catalog(&run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
