@@ -158,6 +158,14 @@ pub fn verify(env: &Env, archive: Option<&str>, all: bool, deep: bool, ui: &Ui) 
 
 pub fn drill(env: &Env, archive: Option<&str>, trigger: &str, ui: &Ui) -> Result<u8> {
     let r = ops::drill::run(env, archive, trigger)?;
+    if let Some(why) = &r.nothing_to_drill {
+        if ui.json {
+            json(&r);
+        } else {
+            out(&format!("{why}\n"));
+        }
+        return Ok(exit::SUCCESS);
+    }
     if ui.json {
         json(&r);
     } else {
