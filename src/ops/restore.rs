@@ -359,6 +359,25 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
             path.display()
         ))
     })?;
+    // The first run after a power cut is usually a sandboxed unit (the boot drill), which may
+    // see the app's folders read-only. Half a repair, journal then removed, would leave a mix
+    // of old and restored data for good (seen on the Pi VM, #13): check first, change nothing.
+    if let Some(dir) = unwritable_folder(&journal) {
+        return Err(Error::Failed(format!(
+            "an interrupted restore of {} must be finished, but {} is read-only for this run (a datavault \
+             unit without it in ReadWritePaths=, see datavault-paths.conf); nothing was changed: run \
+             `sudo datavault drill` from a shell to finish it",
+            journal.archive,
+            dir.display()
+        )));
+    }
+    // The app's own unit may have started at boot on the half-swapped data: stop it before
+    // moving files under it (it is started again below).
+    if let Some(svc) = &run.env.settings.service {
+        if let Err(e) = run_command("stop", &svc.stop_command) {
+            log::warn!("{e}; repairing the interrupted restore anyway");
+        }
+    }
     match journal.phase {
         Phase::Swapping => {
             log::warn!(
@@ -384,6 +403,15 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A folder the repair of `j` would rename or delete in that this process cannot write.
+fn unwritable_folder(j: &Journal) -> Option<PathBuf> {
+    let mut dirs: Vec<&Path> = j.moves.iter().filter_map(|m| m.live.parent()).collect();
+    dirs.extend(j.stages.iter().chain(&j.asides).filter_map(|d| d.parent()));
+    dirs.into_iter()
+        .find(|d| d.exists() && rustix::fs::access(*d, rustix::fs::Access::WRITE_OK).is_err())
+        .map(Path::to_path_buf)
 }
 
 /// Staging folders of a restore killed before its swap began: plaintext, never live data.
