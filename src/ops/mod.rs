@@ -112,9 +112,9 @@ impl<'e> Run<'e> {
             if let Err(e) = restore::recover_interrupted(&run) {
                 // Recorded as this run's failure, not left RUNNING for the next run to call
                 // "interrupted".
-                let failed: Result<()> = Err(e);
+                let failed: Result<Run<'e>> = Err(e);
                 run.end(&failed, RunStatus::Failed, None);
-                return Err(failed.unwrap_err());
+                return failed;
             }
         }
         Ok(run)
