@@ -167,6 +167,9 @@ for want in "+ wipefs --all --quiet $dev" \
     "datavault-test UUID=<UUID of the new LUKS header> $etc/datavault/usb.key luks,nofail" \
     "/dev/mapper/datavault-test $mnt ext4 defaults,nofail,noatime,x-systemd.device-timeout=90s 0 2" \
     "$mnt/.datavault-target" \
+    "+ write $etc/systemd/system/$(systemd-escape -p "$mnt").mount.d/datavault.conf: # Written by datavault's setup-usb.sh: see the script. [Mount] LazyUnmount=yes" \
+    "+ write $etc/systemd/system/systemd-cryptsetup@datavault\\x2dtest.service.d/datavault.conf:" \
+    "ExecStopPost=-$(command -v cryptsetup) close --deferred datavault-test" \
     'target.marker_id = "'; do
     grep -qF -- "$want" <<<"$out" && ok "--dry-run prints: $want" || fail "--dry-run does not print: $want"
 done
@@ -222,6 +225,12 @@ check_entries() { # LABEL
         && grep -q '^# <target name>' "$etc/crypttab"; then ok "$1: other entries and comments kept"; else fail "$1: other entries lost"; fi
 }
 check_entries "first run"
+# Unplugged while mounted: a lazy unmount and a deferred close, so nothing stays busy.
+mount_dropin="$etc/systemd/system/$(systemd-escape -p "$mnt").mount.d/datavault.conf"
+crypt_dropin="$etc/systemd/system/systemd-cryptsetup@datavault\x2dtest.service.d/datavault.conf"
+grep -qx 'LazyUnmount=yes' "$mount_dropin" 2>/dev/null && ok "drop-in: the mount unmounts lazily" || fail "no LazyUnmount drop-in at $mount_dropin"
+grep -qx "ExecStopPost=-$(command -v cryptsetup) close --deferred datavault-test" "$crypt_dropin" 2>/dev/null \
+    && ok "drop-in: the mapping is closed deferred when the drive goes" || fail "no deferred-close drop-in at $crypt_dropin"
 [ -f "$etc/crypttab.datavault-bak" ] && grep -qx 'other UUID=1234 none luks' "$etc/crypttab.datavault-bak" \
     && ok "the previous crypttab is kept as crypttab.datavault-bak" || fail "no crypttab backup"
 if [ "$dm" = 1 ]; then
