@@ -334,7 +334,7 @@ if [[ ",$only," == *,cuts,* ]] && [ "$trials" -gt 0 ]; then
             # The guest timed a backup a moment ago, and a dry-run prune (the same listing and
             # decisions, without the deletions). The first fifth of a backup is the process
             # starting, before the run is even recorded.
-            backup) est=${est:-2000}; delay=$(rand_ms $(( est * 11 / 10 )) $(( est / 5 ))) ; aim="backup (took $est ms uncut)" ;;
+            backup) est=${est:-2000}; delay=$(rand_ms $(( est * 9 / 10 )) $(( est / 5 ))) ; aim="backup (took $est ms uncut)" ;;
             prune) est=${est:-1000}; delay=$(rand_ms $(( est * 13 / 10 )) $(( est / 3 ))) ; aim="prune (dry run took $est ms)" ;;
             restore) delay=$(rand_ms $(( restore_ms * 11 / 10 ))) ; aim="restore (took $restore_ms ms uncut)" ;;
             restore-swap)

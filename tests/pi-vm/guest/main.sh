@@ -454,7 +454,6 @@ step_cut() {
         expect_exit 0 "and a backup after it" datavault backup
     fi
 
-    last_run_id >"$OUT/id-before"
     echo "$KIND" >"$OUT/kind"
     # What the cut must find again is what was on the disk: the changes the test made to the
     # live files (written, not synced, like any app's) are made durable first.
@@ -463,6 +462,7 @@ step_cut() {
     case "$KIND" in
         backup)
             state_hash >"$OUT/hash-before"
+            last_run_id >"$OUT/id-before"
             ev "cut-go backup est_ms=$est"
             datavault backup --comment "power-cut trial $n" ;;
         prune)
@@ -472,6 +472,8 @@ step_cut() {
             t0=${EPOCHREALTIME/./}
             datavault --config /etc/datavault/tight.toml prune --dry-run
             t1=${EPOCHREALTIME/./}
+            # (after the dry run, which is a prune run of its own in the catalog)
+            last_run_id >"$OUT/id-before"
             ev "cut-go prune est_ms=$(( (t1 - t0) / 1000 ))"
             datavault --config /etc/datavault/tight.toml prune ;;
         restore|restore-swap)
@@ -481,6 +483,7 @@ step_cut() {
             mutate_app "$n"
             sync
             state_hash >"$OUT/hash-old"
+            last_run_id >"$OUT/id-before"
             ev "cut-go $KIND"
             datavault restore --yes ;;
     esac
