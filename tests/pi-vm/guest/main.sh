@@ -405,7 +405,16 @@ check_after_cut() {
     local leftovers
     leftovers=$(find /srv/app/data /srv/app/storage -maxdepth 1 -name '.datavault-*' -printf '%f ')
     [ -z "$leftovers" ] && ok "no restore leftovers beside the live data" || fail "left beside the live data: $leftovers"
-    expect_exit 0 "every archive on the drive verifies (verify --all)" datavault verify --all
+    # Every complete archive verifies. An archive cut between its rename and its manifest is
+    # listed as incomplete (and verify --all exits 4 for it) until the next backup removes it.
+    local out fails incomplete
+    out=$(datavault verify --all 2>&1)
+    echo "$out"
+    fails=$(grep '^FAIL' <<<"$out" | grep -v 'incomplete: no manifest' || true)
+    incomplete=$(grep -c '^FAIL.*incomplete: no manifest' <<<"$out" || true)
+    [ -z "$fails" ] && ok "every complete archive verifies (verify --all; incomplete ones left by the cut: $incomplete)" \
+        || fail "verify --all: $fails"
+    [ "$incomplete" = 0 ] || echo "$incomplete" >"$OUT/incomplete-after-cut"
     local partials
     partials=$(find "$TARGET" -maxdepth 1 -name '*.partial' | wc -l)
     [ "$partials" = 0 ] && ok "no .partial file left on the drive" || fail "$partials .partial file(s) left"
@@ -443,6 +452,7 @@ step_cut() {
     t1=${EPOCHREALTIME/./}
     est=$(( (t1 - t0) / 1000 ))
     expect_exit 0 "a drill passes" datavault drill
+    [ -z "$PREV" ] || expect_exit 0 "verify --all after that backup (it removed what the cut left)" datavault verify --all
     [ "$KIND" = final ] && return 0
     if [ -z "$PREV" ]; then
         # Calibration: an uncut in-place restore, so the host knows how long the swap window
