@@ -90,6 +90,9 @@ impl SystemRoot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MountEntry {
     pub mount_point: PathBuf,
+    /// The folder of the filesystem that is mounted here: `/`, except for bind mounts.
+    #[serde(skip)]
+    pub fs_root: PathBuf,
     pub major: u32,
     pub minor: u32,
     pub fstype: String,
@@ -172,7 +175,7 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
 
     let mounts = read_mounts(root)?;
     if let Some(mount) = containing_mount(&mounts, &canonical) {
-        state.is_mountpoint = mount.mount_point == canonical;
+        state.is_mountpoint = beneath_self_binds(&mounts, mount).mount_point == canonical;
         state.luks = dm_uuid(root, mount.major, mount.minor)?.filter(|u| u.starts_with("CRYPT-LUKS"));
         state.mount = Some(mount.clone());
     }
@@ -368,6 +371,7 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let is_ro = |options: &str| options.split(',').any(|o| o == "ro");
     Some(MountEntry {
         mount_point: PathBuf::from(OsString::from_vec(unescape(fields[4]))),
+        fs_root: PathBuf::from(OsString::from_vec(unescape(fields[3]))),
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
         fstype: String::from_utf8_lossy(&unescape(fields.get(separator + 1)?)).into_owned(),
@@ -414,6 +418,26 @@ fn containing_mount<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a Mou
         }
     }
     best
+}
+
+/// The mount that `m` merely repeats, if `m` is a folder bind-mounted onto itself: systemd's
+/// `ReadWritePaths=` does that in every datavault unit's sandbox, so an empty `/mnt/datavault`
+/// on the SD card would look like a mount point there (found on the Pi VM, #13: the boot drill
+/// then said "no complete backup" instead of "the drive is not mounted"). A self-bind shows
+/// the very folder that was visible at that path before, from the same device; the real
+/// mount point is the one beneath it. Its options (read-only or not) still apply.
+fn beneath_self_binds<'a>(mounts: &'a [MountEntry], mut m: &'a MountEntry) -> &'a MountEntry {
+    loop {
+        let Some(index) = mounts.iter().position(|x| std::ptr::eq(x, m)) else { return m };
+        let Some(below) = containing_mount(&mounts[..index], &m.mount_point) else { return m };
+        let Ok(rest) = m.mount_point.strip_prefix(&below.mount_point) else { return m };
+        let same_folder =
+            (below.major, below.minor) == (m.major, m.minor) && below.fs_root.join(rest) == m.fs_root;
+        if !same_folder {
+            return m;
+        }
+        m = below;
+    }
 }
 
 /// The device-mapper uuid of a block device, or None when it is not a dm device (no such file).
@@ -538,6 +562,7 @@ mod tests {
             mounts[0],
             MountEntry {
                 mount_point: "/mnt/parent".into(),
+                fs_root: "/mnt1".into(),
                 major: 98,
                 minor: 0,
                 fstype: "ext3".into(),
@@ -551,6 +576,40 @@ mod tests {
         assert!(mounts[1].read_only, "superblock options say ro");
         assert_eq!(mounts[2].fstype, "tmpfs");
         assert_eq!(mounts[2].source, "", "an empty source keeps the fields aligned");
+    }
+
+    /// systemd's `ReadWritePaths=/mnt/datavault` bind-mounts the folder onto itself in the
+    /// units' sandbox (mountinfo from datavault-drill.service on the Pi VM, #13).
+    #[test]
+    fn a_folder_bound_onto_itself_is_not_a_mount_point() {
+        let fx = Fixture::new();
+        // The drive is not mounted: only the SD card's folder, bound onto itself.
+        fx.mountinfo(&format!(
+            "{SD_ROOT}300 22 179:2 {{target}} {{target}} rw,relatime - ext4 /dev/root rw\n"
+        ));
+        let settings = fx.settings(true, true);
+        let state = inspect(&settings, &fx.root()).unwrap();
+        assert!(!state.is_mountpoint, "{state:?}");
+        assert!(not_ready(require_readable(&settings, &fx.root())).contains("not a mount point"));
+        assert!(not_ready(require_writable(&settings, &fx.root(), 0)).contains("not a mount point"));
+
+        // The drive is mounted, and the sandbox binds it onto itself (read-only here: a
+        // ProtectSystem=strict unit without ReadWritePaths= for it).
+        fx.mountinfo(&format!(
+            "{LUKS_DRIVE}301 45 254:0 / {{target}} ro,relatime - ext4 /dev/mapper/datavault rw\n"
+        ))
+        .dm_uuid("254:0", "CRYPT-LUKS2-0123456789abcdef-datavault");
+        let state = inspect(&settings, &fx.root()).unwrap();
+        assert!(state.is_mountpoint && state.luks.is_some(), "{state:?}");
+        assert!(state.mount.as_ref().unwrap().read_only, "the bind's options are what a write meets");
+
+        // A real bind of another folder (the drive mounted elsewhere, a folder of it bound
+        // here) is a mount point.
+        fx.mountinfo(&format!(
+            "{SD_ROOT}46 22 254:0 / /media/usb rw - ext4 /dev/mapper/datavault rw\n\
+             47 22 254:0 /backups {{target}} rw - ext4 /dev/mapper/datavault rw\n"
+        ));
+        assert!(inspect(&settings, &fx.root()).unwrap().is_mountpoint);
     }
 
     #[test]

@@ -8,6 +8,15 @@ use crate::ui::{error_line, json, out, Ui};
 
 pub fn run(env: &Env, archive: Option<&str>, trigger: Trigger, ui: &Ui) -> Result<u8> {
     let r = ops::drill::run(env, archive, trigger)?;
+    if let Some(why) = &r.nothing_to_drill {
+        // The boot drill before the first backup: no alarm (issue #13).
+        if ui.json {
+            json(&r)?;
+        } else {
+            out(&format!("{why}\n"))?;
+        }
+        return Ok(exit::SUCCESS);
+    }
     if ui.json {
         json(&r)?;
     } else {

@@ -28,6 +28,12 @@ pub struct Check {
 pub struct DrillReport {
     pub archive: String,
     pub passed: bool,
+    /// Set when a boot drill found nothing to drill: no archive on the drive and none ever
+    /// recorded in the catalog (a fresh install, before the first backup). Neither a pass nor
+    /// a failure: the run is recorded as WARNING, the command exits 0 (the failure hook must
+    /// not fire on every fresh install) and `status` says "no backup yet" (issue #13).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nothing_to_drill: Option<String>,
     pub checks: Vec<Check>,
     pub files: u64,
     pub bytes: u64,
@@ -38,8 +44,9 @@ pub struct DrillReport {
 pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     crate::ops::run_in_background_priority();
     let run = Run::start(env, "drill", trigger, true)?;
-    let result = drill_in_run(&run, which);
+    let result = drill_in_run(&run, which, trigger);
     match &result {
+        Ok(r) if r.nothing_to_drill.is_some() => run.end(&result, RunStatus::Warning, None),
         // A drill that ran to the end but failed a check is a failed run in the catalog,
         // yet its report is still what the operator needs to see.
         Ok(r) if !r.passed => {
@@ -54,7 +61,10 @@ pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillRepo
     result
 }
 
-fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
+/// What a boot drill says before the first backup (see [`DrillReport::nothing_to_drill`]).
+pub const NO_BACKUP_YET: &str = "no backup yet: nothing to drill; run `datavault backup`";
+
+fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
     let (store, mut listings) = crate::ops::listings(env)?;
@@ -64,6 +74,24 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
         listings = store.scan()?;
     }
     crate::ops::sync_catalog(&run.catalog, &listings);
+    // Only the boot drill, only when nothing was ever there: archives that vanished (the
+    // catalog knows them, now MISSING) or a damaged one still fail loudly below.
+    if which.is_none()
+        && trigger == Trigger::Boot
+        && listings.is_empty()
+        && run.catalog.archives()?.is_empty()
+    {
+        log::warn!("{NO_BACKUP_YET}");
+        return Ok(DrillReport {
+            archive: String::new(),
+            passed: false,
+            nothing_to_drill: Some(NO_BACKUP_YET.into()),
+            checks: Vec::new(),
+            files: 0,
+            bytes: 0,
+            recovery_seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
     let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
@@ -134,6 +162,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     Ok(DrillReport {
         archive: name,
         passed,
+        nothing_to_drill: None,
         checks,
         files: report.files,
         bytes: report.plain_bytes,

@@ -173,7 +173,13 @@ impl<'e> Run<'e> {
         let id = catalog.begin_run(command, trigger.as_str(), &user(), &host(), t)?;
         let run = Run { env, catalog, id, _lock: lock };
         if locked {
-            restore::recover_interrupted(&run)?;
+            if let Err(e) = restore::recover_interrupted(&run) {
+                // Recorded as this run's failure, not left RUNNING for the next run to call
+                // "interrupted".
+                let failed: Result<Run<'e>> = Err(e);
+                run.end(&failed, RunStatus::Failed, None);
+                return failed;
+            }
         }
         Ok(run)
     }

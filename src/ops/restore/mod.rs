@@ -525,6 +525,27 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
         remove_stale_stages(run);
         return Ok(());
     };
+    // The first run after a power cut is usually a sandboxed unit (the boot drill), which may
+    // see the app's folders read-only. Half a repair, journal then removed, would leave a mix
+    // of old and restored data for good (seen on the Pi VM, #13): check first, change nothing.
+    if let Some(dir) = unwritable_folder(&journal) {
+        return Err(Error::Restore(format!(
+            "an interrupted restore of {} must be finished, but {} is read-only for this run (a datavault unit \
+             without it in ReadWritePaths=, see datavault-paths.conf); nothing was changed: run `sudo datavault drill` \
+             from a shell to finish it",
+            journal.archive,
+            dir.display()
+        )));
+    }
+    // The app's own unit may have started at boot on the half-swapped data: stop it before
+    // moving files under it (it is started again at the end).
+    if journal.phase != Phase::Stopping {
+        if let Some(svc) = &s.service {
+            if let Err(e) = service::run(svc, Which::Stop) {
+                log::warn!("{e}; repairing the interrupted restore anyway");
+            }
+        }
+    }
     // After a power cut the machine may have rebooted and the app come up on whatever was
     // live: what a rollback moves out of the way is kept, never deleted.
     let mut dirs = Dirs::open(&journal, &[]).map_err(|e| {
@@ -549,11 +570,6 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
             );
             if journal.phase == Phase::Swapping {
                 journal.enter(Phase::RollingBack, &path)?;
-            } else if let Some(svc) = &s.service {
-                // Cut while undoing a failed start: the app may be half up on the restored data.
-                if let Err(e) = service::run(svc, Which::Stop) {
-                    log::warn!("{e}");
-                }
             }
             let (problems, kept) = swap::rollback(&journal, &mut dirs, Undo::Keep);
             let _ = run.catalog.record_event(
@@ -587,6 +603,15 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
     // The application was stopped by the interrupted restore.
     let _ = restart(run);
     Ok(())
+}
+
+/// A folder the repair of `j` would rename or delete in that this process cannot write.
+fn unwritable_folder(j: &Journal) -> Option<PathBuf> {
+    let mut dirs: Vec<&Path> = j.moves.iter().filter_map(|m| m.live.parent()).collect();
+    dirs.extend(j.stages.iter().chain(&j.asides).filter_map(|d| d.parent()));
+    dirs.into_iter()
+        .find(|d| d.exists() && rustix::fs::access(*d, rustix::fs::Access::WRITE_OK).is_err())
+        .map(Path::to_path_buf)
 }
 
 /// Staging folders of a restore killed before its journal was written: plaintext, never
