@@ -66,6 +66,11 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
         if dry_run {
             continue;
         }
+        // Named first: if this run is cut between the manifest and the archive, the next
+        // run knows the orphan left is its own to remove.
+        if let Err(e) = run.catalog.set_run_archive(run.id, &d.name) {
+            log::warn!("{e}");
+        }
         store.delete(listing)?;
         let _ = run.catalog.set_archive_status(&d.name, ArchiveStatus::Pruned);
         let _ = run.catalog.record_event(

@@ -182,12 +182,12 @@ impl Store {
         listing
     }
 
-    /// Remove what interrupted runs left: `*.partial` files; a manifest whose archive is gone
-    /// (a deletion cut between its two steps: no data is lost with it); and an archive whose
-    /// manifest was never written *if* `interrupted` names it (the catalog's runs that were
-    /// cut off). Another archive without its manifest is kept and listed as incomplete: its
-    /// manifest may have been deleted by hand, and the archive is still whole. Only names
-    /// we create are touched.
+    /// Remove what interrupted runs left: `*.partial` files, and an archive whose manifest is
+    /// missing *if* `interrupted` names it (the catalog's runs that were cut off: a backup
+    /// names its archive before writing it, a prune each archive before deleting it).
+    /// Another archive without its manifest is kept and listed as incomplete: its manifest may
+    /// have been deleted by hand, and the archive is still whole. Only names we create are
+    /// touched.
     pub fn clean(&self, interrupted: &std::collections::HashSet<String>) -> Vec<String> {
         let Ok(objects) = self.backend.list("") else { return Vec::new() };
         let names: std::collections::HashSet<&str> = objects.iter().map(|o| o.name.as_str()).collect();
@@ -196,18 +196,11 @@ impl Store {
             if !is_ours(name) {
                 continue;
             }
-            let orphan_archive = interrupted.contains(*name)
+            let orphan = interrupted.contains(*name)
                 && name
                     .strip_suffix(ARCHIVE_SUFFIX)
                     .is_some_and(|stem| !names.contains(format!("{stem}{MANIFEST_SUFFIX}").as_str()));
-            let orphan_manifest = name.strip_suffix(MANIFEST_SUFFIX).is_some_and(|stem| {
-                let archive = format!("{stem}{ARCHIVE_SUFFIX}");
-                !stem.ends_with(ARCHIVE_SUFFIX)
-                    && !names.contains(archive.as_str())
-                    && !names.contains(format!("{archive}{PARTIAL_SUFFIX}").as_str())
-            });
-            let partial = name.ends_with(PARTIAL_SUFFIX);
-            if (partial || orphan_archive || orphan_manifest) && self.backend.remove(name).is_ok() {
+            if (name.ends_with(PARTIAL_SUFFIX) || orphan) && self.backend.remove(name).is_ok() {
                 log::info!("removed {name}, left by an interrupted run");
                 removed.push(name.to_string());
             }
@@ -269,11 +262,11 @@ impl Store {
         self.backend.read_range(&l.name, offset, len)
     }
 
-    /// Delete an archive: the archive file first (it is then no longer complete, never
-    /// offered for restore), then its manifest. A cut in between leaves a manifest alone,
-    /// which [`Store::clean`] removes: never an archive that nothing would clean.
+    /// Delete an archive: the manifest first (it is then no longer offered for restore),
+    /// then the file. A cut in between leaves an orphan that [`Store::clean`] removes if the
+    /// caller named it in the catalog first (see `Catalog::set_run_archive`).
     pub fn delete(&self, l: &Listing) -> Result<()> {
-        for name in [l.name.clone(), l.manifest_name()] {
+        for name in [l.manifest_name(), l.name.clone()] {
             self.backend.remove(&name).map_err(|e| {
                 if is_disk_full(&e) {
                     self.not_ready(&format!("delete {name}"), e)
@@ -316,33 +309,23 @@ mod tests {
     }
 
     #[test]
-    fn clean_removes_only_our_partials_and_orphans() {
+    fn clean_removes_only_our_partials_and_the_orphans_of_interrupted_runs() {
         let m = MemoryBackend::new();
         for n in [
             "backup-1.tar.zst.age",
             "backup-1.json",
             "backup-2.tar.zst.age",
             "backup-3.tar.zst.age.partial",
+            "backup-4.tar.zst.age",
+            "backup-5.json",
             "notes.txt",
             "other.tar.zst.age",
         ] {
             m.put(n, b"x".to_vec());
         }
-        m.put("backup-4.tar.zst.age", b"x".to_vec());
-        m.put("backup-5.json", b"{}".to_vec());
-        m.put("backup-6.tar.zst.age.partial", b"x".to_vec());
-        m.put("backup-6.json", b"{}".to_vec());
         let s = Store::new(Arc::new(m.clone()));
         let interrupted = ["backup-2.tar.zst.age".to_string()].into_iter().collect();
-        assert_eq!(
-            s.clean(&interrupted),
-            [
-                "backup-2.tar.zst.age",
-                "backup-3.tar.zst.age.partial",
-                "backup-5.json",
-                "backup-6.tar.zst.age.partial"
-            ]
-        );
+        assert_eq!(s.clean(&interrupted), ["backup-2.tar.zst.age", "backup-3.tar.zst.age.partial"]);
         let left: Vec<_> = m.snapshot().into_keys().collect();
         assert_eq!(
             left,
@@ -350,11 +333,11 @@ mod tests {
                 "backup-1.json",
                 "backup-1.tar.zst.age",
                 "backup-4.tar.zst.age",
-                "backup-6.json",
+                "backup-5.json",
                 "notes.txt",
                 "other.tar.zst.age"
             ],
-            "an orphan no interrupted run wrote is kept"
+            "an orphan no interrupted run named is kept, and so is a manifest alone"
         );
     }
 
