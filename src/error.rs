@@ -47,6 +47,11 @@ pub enum Error {
     #[error("source {path}: {message}")]
     Source { path: PathBuf, message: String },
 
+    /// The offsite copy (S3) cannot be reached or used now: server unreachable, DNS, TLS,
+    /// timeout, bucket missing, quota full, clock skew (#10). Same exit code as a missing drive.
+    #[error("offsite {location}: {message}")]
+    OffsiteNotReady { location: String, message: String },
+
     /// Another datavault run holds the lock.
     #[error(
         "another datavault run is in progress ({holder}); lock {path}. Wait for it to finish, then try again"
@@ -79,7 +84,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config { .. } | Error::Key { .. } => exit::USAGE,
-            Error::TargetNotReady { .. } => exit::TARGET_NOT_READY,
+            Error::TargetNotReady { .. } | Error::OffsiteNotReady { .. } => exit::TARGET_NOT_READY,
             Error::Integrity { .. } => exit::INTEGRITY,
             Error::Source { .. } => exit::SOURCE,
             Error::Locked { .. } => exit::LOCKED,
@@ -94,6 +99,7 @@ impl Error {
             Error::Config { .. } => "config",
             Error::Key { .. } => "key",
             Error::TargetNotReady { .. } => "target",
+            Error::OffsiteNotReady { .. } => "offsite",
             Error::Integrity { .. } => "integrity",
             Error::Source { .. } => "source",
             Error::Locked { .. } => "locked",
@@ -159,6 +165,10 @@ mod tests {
             (Error::config(p, "m"), exit::USAGE),
             (Error::target(p, "m"), exit::TARGET_NOT_READY),
             (Error::integrity("a", "m"), exit::INTEGRITY),
+            (
+                Error::OffsiteNotReady { location: "s3://b".into(), message: "m".into() },
+                exit::TARGET_NOT_READY,
+            ),
             (Error::source(p, "m"), exit::SOURCE),
             (Error::Locked { path: p.into(), holder: "pid 1".into() }, exit::LOCKED),
             (Error::Failed("m".into()), exit::FAILURE),

@@ -4,11 +4,13 @@
 mod demo;
 mod doctor;
 mod init;
+mod offsite;
 mod report;
 
 pub use demo::demo;
 pub use doctor::doctor;
 pub use init::{init, keygen};
+pub use offsite::{offsite_prune, offsite_push};
 pub use report::*;
 
 use std::io::Write;
