@@ -258,6 +258,10 @@ fn init_logging(cli: &Cli) {
     if !std::io::stderr().is_terminal() {
         b.set_time_level(LevelFilter::Off);
     }
+    if cli.verbose < 2 {
+        // rust-s3's own lines ("Retrying safe S3 request...") say less than ours; -vv shows them.
+        b.add_filter_ignore_str("s3");
+    }
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);

@@ -43,6 +43,8 @@ pub const STATE_FILE: &str = "offsite-state.json";
 /// Pushes and remote prunes take this lock, not the backup's: a long upload must never make
 /// the nightly backup or a button press wait.
 pub const LOCK_FILE: &str = "offsite.lock";
+/// Multipart uploads started by pushes, so the next one can abort what a killed one left.
+pub const UPLOAD_JOURNAL: &str = "offsite-uploads";
 /// An unfinished upload or an archive without its manifest younger than this may belong to
 /// a push in progress: prune leaves it alone.
 const GRACE_HOURS: i64 = 24;
@@ -171,29 +173,45 @@ pub fn run_push(env: &Env, trigger: &str, dry_run: bool) -> Result<PushOutcome> 
 fn push_in_run(env: &Env, dry_run: bool) -> Result<PushOutcome> {
     let s = &env.settings;
     let (remote, blame) = connect(s)?;
+    let remote = remote.with_upload_journal(s.state.dir.join(UPLOAD_JOURNAL));
     crate::target::require_readable(&s.target, &env.system_root)?;
     let local = LocalBackend::open(&s.target.path)
         .map_err(|e| Error::target(&s.target.path, format!("cannot open the drive: {e}")))?;
     remote.check().map_err(|e| to_error(e, "checking the bucket", &blame))?;
-    let mut aborted = Vec::new();
     // A push killed mid-file left an unfinished upload: abort it (its parts cost storage and
     // are invisible anyway); the file is sent again below. We hold the offsite lock, so no
-    // other push of ours is under way. A credential without ListMultipartUploads or
-    // AbortMultipartUpload only warns: a bucket lifecycle rule can clean up instead.
+    // other push of ours is under way. Found through our journal and, where the server
+    // lists them, ListMultipartUploads. A credential without AbortMultipartUpload only warns:
+    // a bucket lifecycle rule can clean up instead.
+    let mut pending = remote.journaled_uploads();
     match remote.pending_uploads() {
-        Ok(ups) => {
-            for u in ups {
-                if dry_run {
-                    aborted.push(u.path);
-                } else if let Err(e) = remote.abort_upload(&u) {
-                    log::warn!("{}", to_error(e, "cleaning up", &blame));
-                } else {
-                    log::info!("aborted an unfinished upload of {} (started {})", u.path, u.initiated);
-                    aborted.push(u.path);
-                }
+        Ok(ups) => pending.extend(ups),
+        Err(e) => {
+            log::debug!("{}", to_error(e, "listing unfinished uploads (the journal is used instead)", &blame))
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    pending.retain(|u| seen.insert(u.upload_id.clone()));
+    let mut aborted = Vec::new();
+    let mut all_aborted = true;
+    for u in pending {
+        if dry_run {
+            continue;
+        }
+        match remote.abort_upload(&u) {
+            Ok(true) => {
+                log::info!("aborted an unfinished upload of {} (started {})", u.path, u.initiated);
+                aborted.push(u.path);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                all_aborted = false;
+                log::warn!("{}", to_error(e, "cleaning up", &blame));
             }
         }
-        Err(e) => log::warn!("{}", to_error(e, "looking for unfinished uploads", &blame)),
+    }
+    if all_aborted && !dry_run {
+        remote.clear_upload_journal();
     }
     let o = settings(s)?;
     let opts = push::PushOptions { retention: o.retention, dry_run, now: now() };
@@ -303,7 +321,14 @@ fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
         }
     }
     let mut aborted = Vec::new();
-    for u in remote.pending_uploads().map_err(err("listing unfinished uploads"))? {
+    let pending = remote.pending_uploads().unwrap_or_else(|e| {
+        log::warn!(
+            "{}; a bucket lifecycle rule (AbortIncompleteMultipartUpload) can clean them up",
+            to_error(e, "listing unfinished uploads", &blame)
+        );
+        Vec::new()
+    });
+    for u in pending {
         let started = DateTime::parse_from_rfc3339(&u.initiated).map(|d| d.with_timezone(&Utc)).ok();
         if started.is_some_and(|st| t - st > Duration::hours(GRACE_HOURS)) {
             if !dry_run {

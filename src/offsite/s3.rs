@@ -58,6 +58,10 @@ struct Inner {
     part_size: usize,
     parts_in_flight: usize,
     limiter: Option<RateLimiter>,
+    /// Where each multipart upload's id is noted when it starts (`offsite-uploads` in the
+    /// state folder), so the next push can abort what a killed one left even on servers
+    /// whose ListMultipartUploads is missing or broken (rclone's reply lacks IsTruncated).
+    journal: Option<std::path::PathBuf>,
     /// Cleared when the server answers a conditional PUT with 501 NotImplemented (older
     /// Ceph, SeaweedFS): we then rely on the check before writing alone.
     conditional_put: AtomicBool,
@@ -111,9 +115,41 @@ impl S3Backend {
                 part_size: settings.part_size,
                 parts_in_flight: settings.parts_in_flight.max(1),
                 limiter: settings.max_rate.map(RateLimiter::new),
+                journal: None,
                 conditional_put: AtomicBool::new(true),
             }),
         })
+    }
+
+    /// Note every multipart upload this backend starts in `path` (see [`Self::journaled_uploads`]).
+    pub fn with_upload_journal(mut self, path: std::path::PathBuf) -> S3Backend {
+        if let Some(i) = Arc::get_mut(&mut self.inner) {
+            i.journal = Some(path);
+        }
+        self
+    }
+
+    /// Multipart uploads started by earlier runs of this backend (noted in the journal),
+    /// finished or not: aborting a finished one is a harmless "no such upload".
+    pub fn journaled_uploads(&self) -> Vec<PendingUpload> {
+        let Some(j) = &self.inner.journal else { return Vec::new() };
+        let text = std::fs::read_to_string(j).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let (key, id, at) = (f.next()?, f.next()?, f.next().unwrap_or(""));
+                let path = key.strip_prefix(&self.inner.prefix)?.to_string();
+                check_path(&path).ok()?;
+                Some(PendingUpload { path, upload_id: id.to_string(), initiated: at.to_string() })
+            })
+            .collect()
+    }
+
+    /// Forget the journal (after its uploads were aborted).
+    pub fn clear_upload_journal(&self) {
+        if let Some(j) = &self.inner.journal {
+            let _ = std::fs::remove_file(j);
+        }
     }
 
     /// One cheap request that proves the endpoint, the bucket, the credentials and the clock
@@ -143,13 +179,14 @@ impl S3Backend {
             .collect())
     }
 
-    /// Abort an unfinished multipart upload, freeing its parts on the server.
-    pub fn abort_upload(&self, upload: &PendingUpload) -> io::Result<()> {
+    /// Abort an unfinished multipart upload, freeing its parts on the server. `false`: there
+    /// was no such upload (finished, or already gone).
+    pub fn abort_upload(&self, upload: &PendingUpload) -> io::Result<bool> {
         let i = &self.inner;
         let key = i.key(&upload.path)?;
         match i.bucket.abort_upload(&key, &upload.upload_id) {
-            Ok(()) => Ok(()),
-            Err(S3Error::HttpFailWithBody(404, _)) => Ok(()),
+            Ok(()) => Ok(true),
+            Err(S3Error::HttpFailWithBody(404, _)) => Ok(false),
             Err(e) => Err(i.classify(e, "aborting an unfinished upload of", &upload.path)),
         }
     }
@@ -283,6 +320,14 @@ impl Inner {
             }
             K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
                 (e.kind(), format!("the connection to {ep} dropped ({text}); the next push resumes"))
+            }
+            _ if ep.starts_with("https://")
+                && ["certificate", "corrupt message", "handshake", "alert", "tls", "TLS"].iter().any(|w| text.contains(w)) =>
+            {
+                (
+                    K::InvalidData,
+                    format!("TLS with {ep} failed ({text}): check offsite.endpoint (is it really https?), that the server's certificate is valid (a private CA goes in /etc/ssl/certs) and the clock (a Pi without RTC needs NTP synced first)"),
+                )
             }
             _ if text.contains("lookup") || text.contains("resolve") || text.contains("Name or service") => (
                 K::NotFound,
@@ -514,6 +559,9 @@ impl Upload {
                 .bucket
                 .initiate_multipart_upload(&self.key, CONTENT_TYPE)
                 .map_err(|e| self.inner.classify(e, "starting the upload of", &self.path))?;
+            if let Some(j) = &self.inner.journal {
+                note_upload(j, &self.key, &r.upload_id);
+            }
             self.upload_id = Some(r.upload_id);
         }
         while self.in_flight.len() >= self.inner.parts_in_flight {
@@ -603,6 +651,20 @@ impl NewObject for Upload {
             .map_err(|e| i.classify(e, "completing the upload of", &self.path))?;
         self.upload_id = None; // committed: nothing to abort
         Ok(())
+    }
+}
+
+fn note_upload(journal: &std::path::Path, key: &str, id: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let line = format!("{key}\t{id}\t{}\n", chrono::Utc::now().to_rfc3339());
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(journal)
+        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
+    if let Err(e) = written {
+        log::debug!("cannot note the upload in {}: {e}", journal.display());
     }
 }
 
