@@ -488,9 +488,12 @@ pub struct OffsiteSettings {
     pub credentials: Option<PathBuf>,
     /// Upload bytes per second on average (`None`: as fast as the link goes).
     pub max_rate: Option<u64>,
-    /// Multipart part size in bytes (S3's minimum is 5 MiB).
+    /// Multipart part size in bytes (S3's minimum, 5 MiB, is the default: the smallest memory;
+    /// the size doubles every 2,000 parts, so S3's 10,000-part limit allows ~300 GB files).
     pub part_size: usize,
-    /// Parts uploaded at once; memory is about `part_size * (2 * parts_in_flight + 1)`.
+    /// Parts uploaded at once. 1 (the default) sends on the calling thread: memory about
+    /// `2 * part_size`; more use worker threads: about `part_size * (2 * parts_in_flight + 1)`
+    /// plus allocator arenas.
     pub parts_in_flight: usize,
     /// Longest one HTTP request may take (a stalled connection fails after this).
     pub timeout: std::time::Duration,
@@ -566,11 +569,11 @@ fn parse_offsite(v: &Validator, o: &RawOffsite, local: &RetentionPolicy) -> Resu
         },
     };
     let part_size = match &o.part_size_mib {
-        None => 8 << 20,
+        None => 5 << 20,
         Some(p) => (v.int_in("offsite.part_size_mib", p, 5, 512)? as usize) << 20,
     };
     let parts_in_flight = match &o.parts_in_flight {
-        None => 2,
+        None => 1,
         Some(p) => v.int_in("offsite.parts_in_flight", p, 1, 16)? as usize,
     };
     let timeout = std::time::Duration::from_secs(match &o.timeout_secs {
@@ -656,7 +659,7 @@ mod offsite_tests {
         assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("my-bucket", "pis/kitchen"));
         assert_eq!(o.region, "us-east-1");
         assert!(!o.path_style && o.credentials.is_none() && o.max_rate.is_none());
-        assert_eq!((o.part_size, o.parts_in_flight), (8 << 20, 2));
+        assert_eq!((o.part_size, o.parts_in_flight), (5 << 20, 1));
         assert_eq!(o.retention.keep_daily, 9, "the local policy by default");
         let s = with(
             "url = \"s3://b12\"\nendpoint = \"http://127.0.0.1:9000\"\npath_style = true\nmax_rate = 1000000\n\

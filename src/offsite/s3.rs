@@ -20,8 +20,10 @@
 //! - Every PUT carries Content-MD5 and the payload's SHA-256 in its signature, so the server
 //!   rejects bytes damaged in transit.
 //!
-//! Memory: at most `part_size * (2 * parts_in_flight + 1)` for uploads (rust-s3 copies each
-//! part's body once more while sending it), one part size for reads.
+//! Memory: `2 * part_size` for uploads with one part in flight (the default: the part and
+//! rust-s3's copy of it while it is sent, on the calling thread); with more, about
+//! `part_size * (2 * parts_in_flight + 1)` plus the allocator's per-thread arenas. One part
+//! size for reads.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -469,6 +471,7 @@ impl Backend for S3Backend {
             next_part: 1,
             in_flight: Vec::new(),
             parts: Vec::new(),
+            spare: Vec::new(),
             failed: None,
         }))
     }
@@ -529,12 +532,22 @@ struct Upload {
     buf: Vec<u8>,
     upload_id: Option<String>,
     next_part: u32,
-    in_flight: Vec<JoinHandle<io::Result<Part>>>,
+    in_flight: Vec<JoinHandle<io::Result<(Part, Vec<u8>)>>>,
     parts: Vec<Part>,
+    /// Part buffers back from their workers, reused: the same few allocations for the whole
+    /// file keep the allocator from scattering (measured: +10 MiB RSS with fresh ones).
+    spare: Vec<Vec<u8>>,
     failed: Option<io::ErrorKind>,
 }
 
 impl Upload {
+    /// S3 allows at most 10,000 parts, each but the last at least 5 MiB; they need not be
+    /// equal. Doubling every 2,000 parts keeps memory at the minimum for every file a Pi
+    /// makes and still reaches 31 x 2,000 parts of the base size (~300 GB at 5 MiB).
+    fn part_size(&self) -> usize {
+        self.inner.part_size << ((self.next_part - 1) / 2000).min(4)
+    }
+
     fn must_not_exist(&self) -> io::Result<()> {
         let i = &self.inner;
         match i.bucket.head_object(&self.key) {
@@ -564,10 +577,30 @@ impl Upload {
             }
             self.upload_id = Some(r.upload_id);
         }
+        if self.inner.parts_in_flight == 1 {
+            // One part at a time, on this thread: one buffer, reused, plus rust-s3's copy of
+            // it while it is sent. Worker threads each get a malloc arena of their own, which
+            // kept freed 5-8 MiB copies resident: ~10 MiB more at the same parts in flight.
+            let number = self.next_part;
+            self.next_part += 1;
+            let id = self.upload_id.clone().expect("set above");
+            if let Some(l) = &self.inner.limiter {
+                l.take(self.buf.len() as u64);
+            }
+            let part = self
+                .inner
+                .bucket
+                .put_multipart_chunk(&self.buf, &self.key, number, &id, CONTENT_TYPE)
+                .map_err(|e| self.inner.classify(e, &format!("uploading part {number} of"), &self.path))?;
+            self.parts.push(part);
+            self.buf.clear();
+            return Ok(());
+        }
         while self.in_flight.len() >= self.inner.parts_in_flight {
             self.join_oldest()?;
         }
-        let body = std::mem::take(&mut self.buf);
+        let body = std::mem::replace(&mut self.buf, self.spare.pop().unwrap_or_default());
+        self.buf.clear();
         let (inner, key, path) = (self.inner.clone(), self.key.clone(), self.path.clone());
         let id = self.upload_id.clone().expect("set above");
         let number = self.next_part;
@@ -579,6 +612,7 @@ impl Upload {
             inner
                 .bucket
                 .put_multipart_chunk(&body, &key, number, &id, CONTENT_TYPE)
+                .map(|part| (part, body))
                 .map_err(|e| inner.classify(e, &format!("uploading part {number} of"), &path))
         }));
         Ok(())
@@ -586,8 +620,9 @@ impl Upload {
 
     fn join_oldest(&mut self) -> io::Result<()> {
         let h = self.in_flight.remove(0);
-        let part = h.join().map_err(|_| io::Error::other("an upload thread panicked"))??;
+        let (part, buf) = h.join().map_err(|_| io::Error::other("an upload thread panicked"))??;
         self.parts.push(part);
+        self.spare.push(buf);
         Ok(())
     }
 
@@ -602,9 +637,9 @@ impl Write for Upload {
         if let Some(kind) = self.failed {
             return Err(io::Error::new(kind, format!("the upload of {} already failed", self.path)));
         }
-        let part = self.inner.part_size;
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(part);
+        let part = self.part_size();
+        if self.buf.capacity() < part {
+            self.buf.reserve_exact(part - self.buf.len());
         }
         let n = data.len().min(part - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
@@ -650,6 +685,9 @@ impl NewObject for Upload {
             .complete_multipart_upload(&self.key, &id, parts)
             .map_err(|e| i.classify(e, "completing the upload of", &self.path))?;
         self.upload_id = None; // committed: nothing to abort
+        if let Some(j) = &i.journal {
+            forget_upload(j, &id);
+        }
         Ok(())
     }
 }
@@ -668,22 +706,24 @@ fn note_upload(journal: &std::path::Path, key: &str, id: &str) {
     }
 }
 
-fn put_once(i: &Inner, key: &str, path: &str, body: &[u8]) -> io::Result<()> {
-    if i.conditional_put.load(Ordering::Relaxed) {
-        let mut h = http::HeaderMap::new();
-        h.insert(http::header::IF_NONE_MATCH, http::HeaderValue::from_static("*"));
-        match i.bucket.put_object_with_content_type_and_headers(key, body, CONTENT_TYPE, Some(h)) {
-            Ok(_) => return Ok(()),
-            Err(S3Error::HttpFailWithBody(501, _)) => {
-                log::debug!(
-                    "{}: conditional PUT not implemented by the server; checking before writing instead",
-                    i.location
-                );
-                i.conditional_put.store(false, Ordering::Relaxed);
-            }
-            Err(e) => return Err(i.classify(e, "uploading", path)),
-        }
+/// Drop a finished upload from the journal (the file goes when it is empty).
+fn forget_upload(journal: &std::path::Path, id: &str) {
+    let Ok(text) = std::fs::read_to_string(journal) else { return };
+    let rest: String =
+        text.lines().filter(|l| l.split('\t').nth(1) != Some(id)).map(|l| format!("{l}\n")).collect();
+    let done = if rest.is_empty() {
+        std::fs::remove_file(journal)
+    } else {
+        crate::fsutil::write_atomic(journal, rest.as_bytes(), 0o600).map_err(io::Error::other)
+    };
+    if let Err(e) = done {
+        log::debug!("cannot update {}: {e}", journal.display());
     }
+}
+
+fn put_once(i: &Inner, key: &str, path: &str, body: &[u8]) -> io::Result<()> {
+    // Checked first on every server (rclone, older Ceph and SeaweedFS ignore or refuse the
+    // condition below); the condition then closes the race where the server honours it.
     match i.bucket.head_object(key) {
         Ok((_, 200)) => {
             return Err(io::Error::new(
@@ -693,6 +733,21 @@ fn put_once(i: &Inner, key: &str, path: &str, body: &[u8]) -> io::Result<()> {
         }
         Ok(_) | Err(S3Error::HttpFailWithBody(404, _)) => {}
         Err(e) => return Err(i.classify(e, "checking", path)),
+    }
+    if i.conditional_put.load(Ordering::Relaxed) {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::IF_NONE_MATCH, http::HeaderValue::from_static("*"));
+        match i.bucket.put_object_with_content_type_and_headers(key, body, CONTENT_TYPE, Some(h)) {
+            Ok(_) => return Ok(()),
+            Err(S3Error::HttpFailWithBody(501, _)) => {
+                log::debug!(
+                    "{}: conditional PUT not implemented by the server; checking before writing only",
+                    i.location
+                );
+                i.conditional_put.store(false, Ordering::Relaxed);
+            }
+            Err(e) => return Err(i.classify(e, "uploading", path)),
+        }
     }
     i.bucket
         .put_object_with_content_type(key, body, CONTENT_TYPE)
