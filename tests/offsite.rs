@@ -117,6 +117,17 @@ fn a_push_reads_back_identically_through_the_backend_and_restores_with_nothing_b
         fs::read(f.target.join(&names[0])).unwrap()
     );
 
+    // The shallow check (verify --offsite without --deep): all recorded; a truncated object
+    // on the server is caught without downloading anything.
+    let report = datavault::offsite::check::shallow(&remote).unwrap();
+    assert!(report.clean() && report.problems.is_empty() && report.ok == 4, "{report:?}");
+    let victim = server.dir.join(BUCKET).join("pi/kitchen").join(&names[1]);
+    let original = fs::read(&victim).unwrap();
+    fs::write(&victim, &original[..original.len() - 1]).unwrap();
+    let report = datavault::offsite::check::shallow(&remote).unwrap();
+    assert!(!report.clean() && report.problems[0].path == names[1], "{report:?}");
+    fs::write(&victim, &original).unwrap();
+
     // Nothing left to send the second time.
     let r = f.expect(&["--json", "offsite", "push"], 0);
     let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();

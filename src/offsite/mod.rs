@@ -15,6 +15,7 @@
 //! Pushing needs only a put-only credential; pruning the remote runs elsewhere, with a
 //! delete-capable one (docs/offsite.md).
 
+pub mod check;
 pub mod credentials;
 pub mod ledger;
 pub mod push;
