@@ -38,6 +38,9 @@ use crate::progress::Progress;
 use crate::retention::{ArchiveKind, Candidate, RetentionPolicy};
 use crate::store::backend::{join, Backend};
 
+/// Files at least this big get their ledger record written as soon as they are sent.
+const BIG_FILE: u64 = 16 << 20;
+
 /// What one push did, and what the remote still lacks afterwards.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PushReport {
@@ -203,7 +206,9 @@ pub fn push(
                         report.uploaded_bytes += record.size;
                         remote.insert(item.path.clone(), record.size);
                         writer.add(record);
-                        if item.visible || writer.pending() >= FLUSH_EVERY {
+                        // Recorded at once after a visible file, a big one (so a kill never
+                        // makes the next push read a large archive back to adopt it), or a batch.
+                        if item.visible || item.size >= BIG_FILE || writer.pending() >= FLUSH_EVERY {
                             writer.flush(dst)?;
                         }
                     }
