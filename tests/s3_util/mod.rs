@@ -236,8 +236,11 @@ impl<B: Backend + Clone + 'static> Backend for Wrapped<B> {
     }
 }
 
+/// Called at each commit: records it, or fails it on purpose.
+type OnCommit = Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync>;
+
 impl<B: Backend + Clone + 'static> Wrapped<B> {
-    fn clone_dyn(&self) -> Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync> {
+    fn clone_dyn(&self) -> OnCommit {
         let (committed, commits, fail_after) =
             (self.committed.clone(), self.commits.clone(), self.fail_after);
         Arc::new(move |path: &str| {
@@ -254,7 +257,7 @@ impl<B: Backend + Clone + 'static> Wrapped<B> {
 struct WrappedObject {
     inner: Box<dyn NewObject>,
     path: String,
-    w: Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync>,
+    w: OnCommit,
 }
 
 impl Write for WrappedObject {
