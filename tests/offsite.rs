@@ -531,3 +531,41 @@ fn the_engine_does_not_resend_what_the_remote_retention_dropped_nor_a_damaged_ar
     );
     assert_eq!(r.uploaded.len(), 4, "the two good backups travel");
 }
+
+#[test]
+fn a_remote_prune_deletes_manifest_first_merges_the_ledger_and_the_next_push_does_not_undo_it() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pr", "");
+    for _ in 0..3 {
+        f.backup();
+    }
+    f.expect(&["offsite", "push"], 0);
+    assert!(server.keys("pr/offsite-ledger").len() > 1);
+    // The pruning machine's policy: keep only the newest backup remotely.
+    let keep_one = "[offsite.retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0";
+    with_offsite(&f, &server.endpoint(), "pr", keep_one);
+    let r = f.expect(&["--json", "offsite", "prune", "--dry-run"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["deleted"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(
+        server.keys("pr").iter().filter(|k| k.ends_with(".age")).count(),
+        3,
+        "a dry run deletes nothing"
+    );
+    f.expect(&["offsite", "prune"], 0);
+    let keys = server.keys("pr");
+    assert_eq!(keys.iter().filter(|k| k.ends_with(".age")).count(), 1, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.contains("offsite-ledger")).count(), 1, "ledger merged: {keys:?}");
+    // The Pi still has all three locally; its next push (same policy) sends nothing back.
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["uploaded"].as_array().unwrap().len(), 0, "{j}");
+    assert_eq!(j["not_kept_remotely"].as_array().unwrap().len(), 2, "{j}");
+    let remote = s3(&f);
+    let report = datavault::offsite::check::shallow(&remote).unwrap();
+    assert!(
+        report.clean() && report.ok == 2,
+        "records of deleted objects dropped, the rest kept: {report:?}"
+    );
+}
