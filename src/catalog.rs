@@ -261,6 +261,36 @@ impl Catalog {
         Ok(Catalog { conn, path: path.to_path_buf() })
     }
 
+    /// Open the catalog, and if its file is damaged (a failing SD card: the very disaster the
+    /// drive is there for), move it aside with a warning and start a new one. The manifests
+    /// on the drive are the source of truth: the next scan imports every archive again; only
+    /// the history of runs starts over (the damaged file is kept for inspection).
+    pub fn open_or_rebuild(path: &Path) -> Result<Catalog> {
+        let damage = match Catalog::open(path) {
+            Ok(c) => match c.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+                Ok(ok) if ok == "ok" => return Ok(c),
+                Ok(problem) => problem,
+                Err(e) if is_damage(&e) => e.to_string(),
+                Err(e) => return Err(Error::sqlite(c.what("checking it"), e)),
+            },
+            Err(Error::Sqlite { source, .. }) if is_damage(&source) => source.to_string(),
+            Err(e) => return Err(e),
+        };
+        let aside = format!("{}.damaged-{}", path.display(), Utc::now().format("%Y%m%dT%H%M%SZ"));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = format!("{}{suffix}", path.display());
+            if std::path::Path::new(&from).exists() {
+                std::fs::rename(&from, format!("{aside}{suffix}"))
+                    .context(|| format!("catalog {}: cannot move the damaged file aside", path.display()))?;
+            }
+        }
+        log::warn!(
+            "catalog {} is damaged ({damage}); moved aside to {aside}: a new one is rebuilt from the manifests on the drive",
+            path.display()
+        );
+        Catalog::open(path)
+    }
+
     /// Where this catalog lives.
     pub fn path(&self) -> &Path {
         &self.path
@@ -295,7 +325,7 @@ impl Catalog {
         id: i64,
         at: DateTime<Utc>,
         status: RunStatus,
-        error: Option<&Error>,
+        error: Option<&crate::ops::RunError>,
         archive: Option<&str>,
     ) -> Result<()> {
         let changed = self
@@ -307,14 +337,14 @@ impl Catalog {
                     id,
                     ts(at),
                     status.as_str(),
-                    error.map(|e| e.to_string()),
-                    error.map(|e| e.kind()),
+                    error.map(|e| e.message.as_str()),
+                    error.map(|e| e.kind),
                     archive
                 ],
             )
             .context(|| self.what(format!("recording the end of run {id}")))?;
         if changed == 0 {
-            return Err(Error::Failed(self.what(format!("no run with id {id} to end"))));
+            return Err(Error::Catalog(self.what(format!("no run with id {id} to end"))));
         }
         Ok(())
     }
@@ -367,7 +397,7 @@ impl Catalog {
 
     fn one_archive(&self, name: &str, changed: usize) -> Result<()> {
         if changed == 0 {
-            return Err(Error::Failed(
+            return Err(Error::Catalog(
                 self.what(format!("no archive named {name}; sync the catalog with the target first")),
             ));
         }
@@ -503,7 +533,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
                 .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
                 .context(doing)?;
             if tables > 0 {
-                return Err(Error::Failed(format!(
+                return Err(Error::Catalog(format!(
                     "catalog {}: this SQLite file has tables but is not a datavault catalog; \
                      check state.dir in the config",
                     path.display()
@@ -514,7 +544,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
         SCHEMA_VERSION => {}
         v => {
-            return Err(Error::Failed(format!(
+            return Err(Error::Catalog(format!(
                 "catalog {}: schema version {v} is not one this datavault understands ({SCHEMA_VERSION}); \
                  run the datavault that wrote it, or move the file aside: a new catalog is rebuilt \
                  from the manifests on the USB drive",
@@ -523,6 +553,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
     }
     tx.commit().context(doing)
+}
+
+/// SQLite's way of saying the file is not (or no longer) a database.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -721,7 +759,7 @@ mod tests {
         cat.end_run(ok, at(20, 3), RunStatus::Success, None, Some("a1.age")).unwrap();
         let bad = cat.begin_run("backup", "manual", "alice", "pi", at(21, 2)).unwrap();
         let err = Error::target(Path::new("/mnt/datavault"), "not mounted; plug in the USB drive");
-        cat.end_run(bad, at(21, 2), RunStatus::Failed, Some(&err), None).unwrap();
+        cat.end_run(bad, at(21, 2), RunStatus::Failed, Some(&crate::ops::RunError::of(&err)), None).unwrap();
 
         let runs = cat.runs(10).unwrap();
         assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [bad, ok]);

@@ -1,18 +1,17 @@
 //! Command-line definition and dispatch. Kept thin: every command's work is in the library
-//! (`datavault::ops`), its rendering in `commands/`.
+//! (`datavault::ops`), its rendering in `commands/`, the output plumbing in `ui`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use datavault::config::{self, Settings};
-use datavault::error::{exit, Error, Result};
+use datavault::error::{exit, Result};
 use datavault::ops::Env;
-use datavault::progress::{NoProgress, Progress};
 
 use crate::commands;
+use crate::ui::{self, Ui};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -66,13 +65,13 @@ pub enum Trigger {
     Boot,
 }
 
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Manual => "manual",
-            Trigger::Timer => "timer",
-            Trigger::Button => "button",
-            Trigger::Boot => "boot",
+impl From<Trigger> for datavault::ops::Trigger {
+    fn from(t: Trigger) -> Self {
+        match t {
+            Trigger::Manual => datavault::ops::Trigger::Manual,
+            Trigger::Timer => datavault::ops::Trigger::Timer,
+            Trigger::Button => datavault::ops::Trigger::Button,
+            Trigger::Boot => datavault::ops::Trigger::Boot,
         }
     }
 }
@@ -203,11 +202,6 @@ The deduplicated store (store/) is not pruned by this command yet.")]
     },
 }
 
-pub struct Ui {
-    pub json: bool,
-    pub quiet: bool,
-}
-
 pub fn main() -> u8 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -223,26 +217,13 @@ pub fn main() -> u8 {
     let ui = Ui { json: cli.json, quiet: cli.quiet };
     match dispatch(&cli, &ui) {
         Ok(code) => code,
+        // The reader of our stdout went away (`| head`): it has what it wanted.
+        Err(e) if e.is_broken_pipe() => exit::SUCCESS,
         Err(e) => {
-            report(&e);
+            ui::report(&e);
             e.exit_code()
         }
     }
-}
-
-/// One line, naming the thing and the fix; the class is in the exit code.
-pub fn report(e: &Error) {
-    let mut line = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    eprintln!("datavault: error: {}", line.replace('\n', " "));
 }
 
 fn init_logging(cli: &Cli) {
@@ -265,7 +246,7 @@ fn init_logging(cli: &Cli) {
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);
-    let _ = WriteLogger::init(level, b.build(), std::io::stderr());
+    let _ = WriteLogger::init(level, b.build(), ui::PrintableStderr);
 }
 
 fn load(cli: &Cli) -> Result<Settings> {
@@ -273,48 +254,38 @@ fn load(cli: &Cli) -> Result<Settings> {
 }
 
 fn env(cli: &Cli, ui: &Ui) -> Result<Env> {
-    Ok(Env::new(load(cli)?, progress(ui)))
-}
-
-pub fn progress(ui: &Ui) -> Arc<dyn Progress> {
-    if ui.quiet || ui.json || !std::io::stderr().is_terminal() {
-        Arc::new(NoProgress)
-    } else {
-        Arc::new(commands::TtyProgress::default())
-    }
+    Ok(Env::new(load(cli)?, ui.progress()))
 }
 
 fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
+    let config_path = || config::resolve_path(cli.config.as_deref());
     match &cli.command {
-        Command::Init { keygen } => commands::init(&config::resolve_path(cli.config.as_deref()), *keygen, ui),
-        Command::Keygen { output } => commands::keygen(output, ui),
+        Command::Init { keygen } => commands::init::init(&config_path(), *keygen, ui),
+        Command::Keygen { output } => commands::init::keygen(output, ui),
         Command::Backup { trigger, comment } => {
-            commands::backup(&env(cli, ui)?, trigger.as_str(), comment.clone(), ui)
+            commands::backup::run(&env(cli, ui)?, (*trigger).into(), comment.clone(), ui)
         }
-        Command::List => commands::list(&env(cli, ui)?, ui),
+        Command::List => commands::list::run(&env(cli, ui)?, ui),
         Command::Verify { archive, all, deep } => {
-            commands::verify(&env(cli, ui)?, archive.as_deref(), *all, *deep, ui)
+            commands::verify::run(&env(cli, ui)?, archive.as_deref(), *all, *deep, ui)
         }
         Command::Drill { archive, trigger } => {
-            commands::drill(&env(cli, ui)?, archive.as_deref(), trigger.as_str(), ui)
+            commands::drill::run(&env(cli, ui)?, archive.as_deref(), (*trigger).into(), ui)
         }
         Command::Restore { archive, to, yes } => {
-            commands::restore(&env(cli, ui)?, archive.as_deref(), to.as_deref(), *yes, ui)
+            commands::restore::run(&env(cli, ui)?, archive.as_deref(), to.as_deref(), *yes, ui)
         }
-        Command::Prune { dry_run } => commands::prune(&env(cli, ui)?, *dry_run, ui),
-        Command::Status => commands::status(&env(cli, ui)?, ui),
-        Command::Audit { limit } => commands::audit(&env(cli, ui)?, *limit, ui),
+        Command::Prune { dry_run } => commands::prune::run(&env(cli, ui)?, *dry_run, ui),
+        Command::Status => commands::status::run(&env(cli, ui)?, ui),
+        Command::Audit { limit } => commands::audit::run(&env(cli, ui)?, *limit, ui),
         Command::Offsite(OffsiteCommand::Push { dry_run, trigger }) => {
-            commands::offsite_push(&env(cli, ui)?, trigger.as_str(), *dry_run, ui)
+            commands::offsite::push(&env(cli, ui)?, (*trigger).into(), *dry_run, ui)
         }
         Command::Offsite(OffsiteCommand::Prune { dry_run }) => {
-            commands::offsite_prune(&env(cli, ui)?, *dry_run, ui)
+            commands::offsite::prune(&env(cli, ui)?, *dry_run, ui)
         }
-        Command::Demo { keep } => commands::demo(*keep, ui),
-        Command::Doctor => commands::doctor(&config::resolve_path(cli.config.as_deref()), ui),
-        Command::Agent => {
-            datavault::agent::run(&config::resolve_path(cli.config.as_deref()))?;
-            Ok(exit::SUCCESS)
-        }
+        Command::Demo { keep } => commands::demo::run(*keep, ui),
+        Command::Doctor => commands::doctor::run(&config_path(), ui),
+        Command::Agent => commands::agent::run(&config_path()),
     }
 }

@@ -89,6 +89,9 @@ pub struct CompressionSettings {
 pub struct ServiceSettings {
     pub stop_command: String,
     pub start_command: String,
+    /// A stop or start command still running after this long is killed and counts as failed:
+    /// a hung stop must not hold the run lock (and the app's data) forever.
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +226,7 @@ struct RawRetention {
 struct RawService {
     stop_command: Spanned<String>,
     start_command: Spanned<String>,
+    timeout_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -251,8 +255,9 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 
 impl Settings {
     pub fn load(path: &Path) -> Result<Settings> {
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
+        let text = match crate::fsutil::read_regular(path, 1 << 20) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map_err(|_| Error::config(path, "is not UTF-8 text; it should be a TOML file"))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::config(
                     path,
@@ -264,6 +269,8 @@ impl Settings {
         Settings::parse(path, &text)
     }
 
+    /// Parse and validate: each section in its own function below, then the rules across
+    /// sections (the paths' layout).
     pub fn parse(path: &Path, text: &str) -> Result<Settings> {
         let v = Validator { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -273,31 +280,84 @@ impl Settings {
                 e.span().and_then(|s| key_at(text, s.start)).map(|k| format!("{k}: ")).unwrap_or_default();
             Error::config(path, format!("{line}{key}{}", e.message().trim().replace('\n', " ")))
         })?;
-
-        let source = raw.source.get_ref();
-        let database = v.abs_path("source.database", &source.database)?;
-        let uploads = source.uploads.as_ref().map(|u| v.abs_path("source.uploads", u)).transpose()?;
-
-        let target = raw.target.get_ref();
-        let target = TargetSettings {
-            path: v.abs_path("target.path", &target.path)?,
-            require_mountpoint: target.require_mountpoint.unwrap_or(true),
-            require_luks: target.require_luks.unwrap_or(true),
-            marker_id: target.marker_id.as_ref().map(|m| v.nonempty("target.marker_id", m)).transpose()?,
+        let mut settings = Settings {
+            path: path.to_path_buf(),
+            source: v.source(raw.source.get_ref())?,
+            target: v.target(raw.target.get_ref())?,
+            encryption: v.encryption(raw.encryption.get_ref())?,
+            compression: v.compression(raw.compression.as_ref())?,
+            retention: v.retention(raw.retention.as_ref())?,
+            service: raw.service.as_ref().map(|s| v.service(s)).transpose()?,
+            drill: v.drill(raw.drill.as_ref())?,
+            state: StateSettings {
+                dir: match &raw.state {
+                    None => PathBuf::from("/var/lib/datavault"),
+                    Some(s) => v.abs_path("state.dir", &s.dir)?,
+                },
+            },
+            gpio: v.gpio(raw.gpio.as_ref())?,
+            agent: AgentSettings {
+                max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
+                    None => 26,
+                    Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
+                },
+            },
+            offsite: None,
         };
+        settings.offsite =
+            raw.offsite.as_ref().map(|o| parse_offsite(&v, o, &settings.retention)).transpose()?; // #10
+        settings.layout().check().map_err(|m| Error::config(path, m))?;
+        Ok(settings)
+    }
 
-        let enc = raw.encryption.get_ref();
-        if enc.recipients.get_ref().is_empty() {
-            return Err(v.err(
+    /// Where everything is, for the overlap rules.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            database: self.source.database.clone(),
+            uploads: self.source.uploads.clone(),
+            target: self.target.path.clone(),
+            state: self.state.dir.clone(),
+            scratch: self.drill.scratch_dir.clone(),
+        }
+    }
+}
+
+impl Validator<'_> {
+    fn source(&self, raw: &RawSource) -> Result<SourceSettings> {
+        let database = self.abs_path("source.database", &raw.database)?;
+        let uploads = raw.uploads.as_ref().map(|u| self.abs_path("source.uploads", u)).transpose()?;
+        if let Some(u) = &uploads {
+            if u == &database || database.starts_with(u) {
+                return Err(Error::config(
+                    self.path,
+                    "source.uploads contains source.database; point uploads at the folder of user files only",
+                ));
+            }
+        }
+        Ok(SourceSettings { database, uploads })
+    }
+
+    fn target(&self, raw: &RawTarget) -> Result<TargetSettings> {
+        Ok(TargetSettings {
+            path: self.abs_path("target.path", &raw.path)?,
+            require_mountpoint: raw.require_mountpoint.unwrap_or(true),
+            require_luks: raw.require_luks.unwrap_or(true),
+            marker_id: raw.marker_id.as_ref().map(|m| self.nonempty("target.marker_id", m)).transpose()?,
+        })
+    }
+
+    fn encryption(&self, raw: &RawEncryption) -> Result<EncryptionSettings> {
+        if raw.recipients.get_ref().is_empty() {
+            return Err(self.err(
                 "encryption.recipients",
-                enc.recipients.span().start,
+                raw.recipients.span().start,
                 "is empty; put at least one age public key (age1...) there, from `datavault keygen`",
             ));
         }
         let mut recipients = Vec::new();
-        for (i, r) in enc.recipients.get_ref().iter().enumerate() {
+        for (i, r) in raw.recipients.get_ref().iter().enumerate() {
             let parsed = age::x25519::Recipient::from_str(r.get_ref().trim()).map_err(|_| {
-                v.err(
+                self.err(
                     &format!("encryption.recipients[{i}]"),
                     r.span().start,
                     format!(
@@ -308,161 +368,294 @@ impl Settings {
             })?;
             recipients.push(parsed);
         }
-        let identity = enc.identity.as_ref().map(|p| v.abs_path("encryption.identity", p)).transpose()?;
+        let identity = raw.identity.as_ref().map(|p| self.abs_path("encryption.identity", p)).transpose()?;
+        Ok(EncryptionSettings { recipients, identity })
+    }
 
-        let compression = match &raw.compression {
-            None => CompressionSettings { level: 3, threads: 1 },
-            Some(c) => {
-                let level = match &c.level {
-                    None => 3,
-                    Some(l) => v.int_in("compression.level", l, 1, 19)? as i32,
-                };
-                let threads = match &c.threads {
-                    None => 1,
-                    Some(t) => match v.int_in("compression.threads", t, 0, 64)? {
-                        0 => default_threads(),
-                        n => n as u32,
-                    },
-                };
-                CompressionSettings { level, threads }
+    fn compression(&self, raw: Option<&RawCompression>) -> Result<CompressionSettings> {
+        let Some(c) = raw else { return Ok(CompressionSettings { level: 3, threads: 1 }) };
+        let level = match &c.level {
+            None => 3,
+            Some(l) => self.int_in("compression.level", l, 1, 19)? as i32,
+        };
+        let threads = match &c.threads {
+            None => 1,
+            Some(t) => match self.int_in("compression.threads", t, 0, 64)? {
+                0 => default_threads(),
+                n => n as u32,
+            },
+        };
+        Ok(CompressionSettings { level, threads })
+    }
+
+    fn retention(&self, raw: Option<&RawRetention>) -> Result<RetentionPolicy> {
+        let mut retention = RetentionPolicy::default();
+        let Some(r) = raw else { return Ok(retention) };
+        let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
+            match f {
+                None => Ok(default),
+                Some(x) => Ok(self.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
             }
         };
+        retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
+        retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
+        retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
+        retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
+        retention.keep_pre_restore =
+            field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
+        Ok(retention)
+    }
 
-        let mut retention = RetentionPolicy::default();
-        if let Some(r) = &raw.retention {
-            let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
-                match f {
-                    None => Ok(default),
-                    Some(x) => Ok(v.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
-                }
-            };
-            retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
-            retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
-            retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
-            retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
-            retention.keep_pre_restore =
-                field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
-        }
-
-        let service = match &raw.service {
-            None => None,
-            Some(s) => Some(ServiceSettings {
-                stop_command: v.nonempty("service.stop_command", &s.stop_command)?,
-                start_command: v.nonempty("service.start_command", &s.start_command)?,
+    fn service(&self, s: &RawService) -> Result<ServiceSettings> {
+        Ok(ServiceSettings {
+            stop_command: self.nonempty("service.stop_command", &s.stop_command)?,
+            start_command: self.nonempty("service.start_command", &s.start_command)?,
+            timeout: std::time::Duration::from_secs(match &s.timeout_seconds {
+                None => DEFAULT_SERVICE_TIMEOUT_SECONDS,
+                Some(t) => self.int_in("service.timeout_seconds", t, 1, 3600)? as u64,
             }),
-        };
+        })
+    }
 
-        let drill = match &raw.drill {
-            None => DrillSettings { checks: Vec::new(), scratch_dir: None },
-            Some(d) => DrillSettings {
-                checks: d
-                    .checks
-                    .iter()
-                    .flatten()
-                    .enumerate()
-                    .map(|(i, c)| v.nonempty(&format!("drill.checks[{i}]"), c))
-                    .collect::<Result<_>>()?,
-                scratch_dir: d
-                    .scratch_dir
-                    .as_ref()
-                    .map(|p| v.abs_path("drill.scratch_dir", p))
-                    .transpose()?,
-            },
-        };
+    fn drill(&self, raw: Option<&RawDrill>) -> Result<DrillSettings> {
+        let Some(d) = raw else { return Ok(DrillSettings { checks: Vec::new(), scratch_dir: None }) };
+        Ok(DrillSettings {
+            checks: d
+                .checks
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| self.nonempty(&format!("drill.checks[{i}]"), c))
+                .collect::<Result<_>>()?,
+            scratch_dir: d.scratch_dir.as_ref().map(|p| self.abs_path("drill.scratch_dir", p)).transpose()?,
+        })
+    }
 
-        let state = StateSettings {
-            dir: match &raw.state {
-                None => PathBuf::from("/var/lib/datavault"),
-                Some(s) => v.abs_path("state.dir", &s.dir)?,
-            },
-        };
-
-        let gpio = match &raw.gpio {
-            None => GpioSettings {
+    fn gpio(&self, raw: Option<&RawGpio>) -> Result<GpioSettings> {
+        let Some(g) = raw else {
+            return Ok(GpioSettings {
                 led_pin: None,
                 act_led: false,
                 button_pin: None,
                 debounce: std::time::Duration::from_millis(50),
                 long_press: std::time::Duration::from_secs(3),
-            },
-            Some(g) => {
-                // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
-                let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
-                    p.as_ref().map(|p| v.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
-                };
-                let led_pin = pin("gpio.led_pin", &g.led_pin)?;
-                let button_pin = pin("gpio.button_pin", &g.button_pin)?;
-                if led_pin.is_some() && led_pin == button_pin {
-                    return Err(Error::config(path, "gpio.led_pin and gpio.button_pin are the same pin"));
+            });
+        };
+        // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
+        let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
+            p.as_ref().map(|p| self.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
+        };
+        let led_pin = pin("gpio.led_pin", &g.led_pin)?;
+        let button_pin = pin("gpio.button_pin", &g.button_pin)?;
+        let act_led = g.act_led.unwrap_or(false);
+        if led_pin.is_some() && led_pin == button_pin {
+            return Err(Error::config(self.path, "gpio.led_pin and gpio.button_pin are the same pin"));
+        }
+        if led_pin.is_some() && act_led {
+            // One status LED: two would disagree while the agent switches patterns.
+            return Err(Error::config(
+                self.path,
+                "gpio.led_pin and gpio.act_led are both set; choose one status LED",
+            ));
+        }
+        let ms = |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
+            Ok(match x {
+                None => default,
+                Some(x) => self.int_in(key, x, min, max)? as u64,
+            })
+        };
+        Ok(GpioSettings {
+            led_pin,
+            act_led,
+            button_pin,
+            debounce: std::time::Duration::from_millis(ms("gpio.debounce_ms", &g.debounce_ms, 50, 1, 1000)?),
+            long_press: std::time::Duration::from_millis(ms(
+                "gpio.long_press_ms",
+                &g.long_press_ms,
+                3000,
+                500,
+                60_000,
+            )?),
+        })
+    }
+}
+
+pub const DEFAULT_SERVICE_TIMEOUT_SECONDS: u64 = 120;
+
+/// Where everything is, to check that the paths stay out of each other's way.
+///
+/// An in-place restore renames the database (with its -wal, -shm, -journal) and the uploads
+/// folder aside and deletes them at the end: anything inside those (the backup drive mounted
+/// in uploads, the state folder with the restore journal, a drill's scratch) would move and
+/// be deleted with them. A backup drive inside uploads also puts every earlier archive into
+/// each new one. So each of target, state and scratch must be outside the moved paths, and
+/// the app's data off the backup drive and out of the state folder.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub database: PathBuf,
+    pub uploads: Option<PathBuf>,
+    pub target: PathBuf,
+    pub state: PathBuf,
+    pub scratch: Option<PathBuf>,
+}
+
+impl Layout {
+    /// The paths an in-place restore moves, with their keys.
+    fn moved(&self) -> Vec<(String, PathBuf)> {
+        let mut v = vec![("source.database".to_string(), self.database.clone())];
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = self.database.as_os_str().to_owned();
+            p.push(suffix);
+            v.push((format!("source.database's {suffix} file"), PathBuf::from(p)));
+        }
+        if let Some(u) = &self.uploads {
+            v.push(("source.uploads".to_string(), u.clone()));
+        }
+        v
+    }
+
+    /// Ok, or the first overlap as a message naming both keys and the fix.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let mut ours = vec![
+            ("target.path", &self.target, "keep the backups on the USB drive"),
+            ("state.dir", &self.state, "keep the catalog and the restore journal in their own folder"),
+        ];
+        if let Some(s) = &self.scratch {
+            ours.push(("drill.scratch_dir", s, "drills extract plaintext there"));
+        }
+        for (key, path, why) in &ours {
+            for (moved_key, moved) in self.moved() {
+                if path.starts_with(&moved) {
+                    return Err(format!(
+                        "{key} ({}) is inside {moved_key} ({}): a restore would move it away with the app's data and delete it, and backups would copy it; {why}, outside the app's data",
+                        path.display(),
+                        moved.display()
+                    ));
                 }
-                let ms =
-                    |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
-                        Ok(match x {
-                            None => default,
-                            Some(x) => v.int_in(key, x, min, max)? as u64,
-                        })
-                    };
-                GpioSettings {
-                    led_pin,
-                    act_led: g.act_led.unwrap_or(false),
-                    button_pin,
-                    debounce: std::time::Duration::from_millis(ms(
-                        "gpio.debounce_ms",
-                        &g.debounce_ms,
-                        50,
-                        1,
-                        1000,
-                    )?),
-                    long_press: std::time::Duration::from_millis(ms(
-                        "gpio.long_press_ms",
-                        &g.long_press_ms,
-                        3000,
-                        500,
-                        60_000,
-                    )?),
+                if moved.starts_with(path) {
+                    return Err(format!(
+                        "{moved_key} ({}) is inside {key} ({}): keep the app's data out of datavault's own folders",
+                        moved.display(),
+                        path.display()
+                    ));
                 }
             }
-        };
-        let agent = AgentSettings {
-            max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
-                None => 26,
-                Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
-            },
-        };
+        }
+        if self.target.starts_with(&self.state) || self.state.starts_with(&self.target) {
+            // The catalog must survive the loss of the USB drive and vice versa.
+            return Err(
+                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive".into(),
+            );
+        }
+        if let Some(s) = &self.scratch {
+            if s.starts_with(&self.state) || self.state.starts_with(s) {
+                return Err(
+                    "drill.scratch_dir and state.dir overlap; give the drills their own folder".into()
+                );
+            }
+        }
+        Ok(())
+    }
 
-        if let Some(u) = &uploads {
-            if u == &database || database.starts_with(u) {
-                return Err(Error::config(
-                    path,
-                    "source.uploads contains source.database; point uploads at the folder of user files only",
+    /// The same rules on the paths as they really are (symlinks on the way resolved), and no
+    /// symlink as the database itself.
+    pub fn resolved(&self) -> std::result::Result<Layout, String> {
+        if let Ok(m) = fs::symlink_metadata(&self.database) {
+            if m.file_type().is_symlink() {
+                let real = fs::canonicalize(&self.database)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "a missing file".into());
+                return Err(format!(
+                    "source.database {} is a symlink (to {real}); datavault reads and replaces real files only: set source.database = \"{real}\"",
+                    self.database.display()
                 ));
             }
         }
-        if target.path.starts_with(&state.dir) || state.dir.starts_with(&target.path) {
-            // The catalog must survive the loss of the USB drive and vice versa.
-            return Err(Error::config(
-                path,
-                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive",
-            ));
-        }
-
-        let offsite = raw.offsite.as_ref().map(|o| parse_offsite(&v, o, &retention)).transpose()?; // #10
-
-        Ok(Settings {
-            path: path.to_path_buf(),
-            source: SourceSettings { database, uploads },
-            target,
-            encryption: EncryptionSettings { recipients, identity },
-            compression,
-            retention,
-            service,
-            drill,
-            state,
-            gpio,
-            agent,
-            offsite,
+        Ok(Layout {
+            database: resolve(&self.database),
+            uploads: self.uploads.as_deref().map(resolve),
+            target: resolve(&self.target),
+            state: resolve(&self.state),
+            scratch: self.scratch.as_deref().map(resolve),
         })
     }
+}
+
+/// The path with its existing part resolved (symlinks followed), the rest appended.
+fn resolve(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = p;
+    loop {
+        if let Ok(real) = fs::canonicalize(at) {
+            let mut out = real;
+            for c in missing.iter().rev() {
+                out.push(c);
+            }
+            return out;
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// Check the settings' paths as they are on disk now (locked runs and `doctor`).
+pub fn check_layout(s: &Settings) -> Result<()> {
+    s.layout().resolved().and_then(|l| l.check()).map_err(|m| Error::config(&s.path, m))
+}
+
+/// The state folder holds the run lock and the restore journal, whose paths root renames and
+/// deletes: it must be datavault's alone. Created private if missing; refused if another
+/// user owns it or others may write in it.
+pub fn check_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if fs::symlink_metadata(dir).is_err() {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        b.create(dir).map_err(|e| {
+            Error::config(
+                dir,
+                format!("cannot create the state folder: {e}; check state.dir and permissions"),
+            )
+        })?;
+    }
+    match state_dir_problem(dir) {
+        Some(problem) => Err(Error::config(dir, problem)),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with the state folder, if anything (read-only: for `doctor` too).
+pub fn state_dir_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(format!("cannot read the state folder: {e}")),
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if !m.is_dir() {
+        return Some("state.dir is not a folder; point it at a folder for datavault's state".into());
+    }
+    if m.uid() != me {
+        return Some(format!(
+            "the state folder is owned by uid {}, not by the user running datavault (uid {me}); run `chown {me} {}` or choose another state.dir",
+            m.uid(),
+            dir.display()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Some(format!(
+            "others may write in the state folder (mode {:o}); run `chmod 700 {}`",
+            m.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    None
 }
 
 // ==== [offsite] (#10): the S3-compatible offsite copy =========================================
@@ -723,15 +916,24 @@ impl Validator<'_> {
     }
 
     fn abs_path(&self, key: &str, value: &Spanned<String>) -> Result<PathBuf> {
-        let p = PathBuf::from(value.get_ref());
-        if value.get_ref().is_empty() || !p.is_absolute() {
-            return Err(self.err(
-                key,
-                value.span().start,
-                format!("{:?} must be an absolute path (starting with /)", value.get_ref()),
-            ));
+        let text = value.get_ref();
+        let p = PathBuf::from(text);
+        let why = if text.is_empty() || !p.is_absolute() {
+            Some("must be an absolute path (starting with /)")
+        } else if text.contains('\0') {
+            Some("contains a NUL byte")
+        } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+            // `..` would defeat the overlap checks below (and means something else once a
+            // folder on the way is a symlink).
+            Some("must not contain '..'; write the path it leads to")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(self.err(key, value.span().start, format!("{text:?} {why}")));
         }
-        Ok(p)
+        // Lexically normal: no `.` components, no doubled or trailing slashes.
+        Ok(p.components().collect())
     }
 
     fn int_in(&self, key: &str, value: &Spanned<i64>, min: i64, max: i64) -> Result<i64> {
@@ -827,6 +1029,12 @@ mod tests {
             let m = message(&example().replace(from, to));
             assert!(m.contains(expect) && m.contains("line "), "{to}: {m}");
         }
+    }
+
+    #[test]
+    fn one_status_led_only() {
+        let m = message(&example().replace("act_led = false", "act_led = true\nled_pin = 17"));
+        assert!(m.contains("gpio.led_pin and gpio.act_led"), "{m}");
     }
 
     #[test]

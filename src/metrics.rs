@@ -11,7 +11,7 @@ use crate::fsutil::write_atomic;
 
 /// Everything the file shows is derived from the catalog, so a failed run never erases the
 /// figures of the last good one.
-pub fn write(path: &Path, catalog: &Catalog) -> Result<()> {
+pub fn write(path: &Path, catalog: &Catalog, max_age_hours: u32) -> Result<()> {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -36,6 +36,17 @@ pub fn write(path: &Path, catalog: &Catalog) -> Result<()> {
             );
         }
     }
+    let last_good = last_backup.as_ref().map(|r| r.ended_at.unwrap_or(r.started_at));
+    let overdue = crate::ops::health::overdue(
+        last_good,
+        crate::ops::now(),
+        chrono::Duration::hours(max_age_hours as i64),
+    );
+    gauge(
+        "backup_overdue",
+        "1 if no backup succeeded within agent.max_age_hours (the rule status, doctor and the LED use).",
+        if overdue { 1.0 } else { 0.0 },
+    );
     if let Some(r) = &last_any {
         gauge(
             "last_run_success",

@@ -3,7 +3,7 @@
 //! We read every page of the database through the `sqlite_dbpage` virtual table inside one
 //! read transaction on our own read-only connection. In WAL mode a reader sees exactly the
 //! state of the last transaction committed before it started, and never blocks the writer
-//! (../shared/NOTES.md measured a 91 us worst writer latency against 14.5 ms for the backup
+//! (docs/facts.md: a measured 91 us worst writer latency against 14.5 ms for the backup
 //! API, which also restarts on every write and never finishes under 200 tx/s).
 //!
 //! Why not checkpoint and copy the file, as the old script did: a checkpoint does not stop the

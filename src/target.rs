@@ -152,7 +152,11 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
         .map_err(|e| Error::io(format!("checking free space on {}", canonical.display()), e.into()))?;
     state.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     state.total_bytes = vfs.f_blocks.saturating_mul(vfs.f_frsize);
-    state.marker_id = fs::read_to_string(canonical.join(MARKER_FILE)).ok().and_then(|t| parse_marker(&t));
+    // On the drive, so possibly anything: read at most a few KiB of a regular file.
+    state.marker_id = crate::fsutil::read_regular(&canonical.join(MARKER_FILE), 4096)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|t| parse_marker(&t));
     Ok(state)
 }
 
@@ -175,10 +179,12 @@ impl TargetState {
         if let Some(wanted) = &settings.marker_id {
             match &self.marker_id {
                 None => problems.push(format!(
-                    "has no {MARKER_FILE} marker, so it is not the drive prepared for datavault (id {wanted});                      plug in the right drive, or prepare this one with scripts/setup-usb.sh"
+                    "has no {MARKER_FILE} marker, so it is not the drive prepared for datavault (id {wanted}); \
+                     plug in the right drive, or prepare this one with scripts/setup-usb.sh"
                 )),
                 Some(found) if found != wanted => problems.push(format!(
-                    "is a different datavault drive (marker id {found}, the config wants {wanted}); plug in the                      right drive or update target.marker_id"
+                    "is a different datavault drive (marker id {found}, the config wants {wanted}); plug in the \
+                     right drive or update target.marker_id"
                 )),
                 Some(_) => {}
             }

@@ -39,13 +39,11 @@ fn the_identity_never_appears_in_output_logs_catalog_metrics_or_on_the_drive() {
     // A failing drill (wrong key) and a broken identity: error paths log too.
     let other = f.path().join("keys/other.txt");
     datavault::keys::generate_identity_file(&other).unwrap();
-    let cfg = fs::read_to_string(&f.config).unwrap();
-    fs::write(&f.config, cfg.replace(&f.identity.display().to_string(), &other.display().to_string()))
-        .unwrap();
+    f.set("encryption.identity", other.to_str().unwrap());
     let r = f.run(&["-vv", "drill"]);
     assert_eq!(r.code, 4);
     seen.push_str(&r.stderr);
-    fs::write(&f.config, &cfg).unwrap();
+    f.set("encryption.identity", f.identity.to_str().unwrap());
     assert!(seen.len() > 1000, "the runs said something");
     let mut files = 0;
     for root in [&f.state, &f.target] {

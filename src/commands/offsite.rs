@@ -3,17 +3,16 @@
 
 use datavault::error::{exit, Result};
 use datavault::offsite;
-use datavault::ops::Env;
+use datavault::ops::{Env, Trigger};
 use datavault::target::human_bytes;
 
-use crate::cli::Ui;
-use crate::commands::{json, out};
+use crate::ui::{json, out, Ui};
 
-pub fn offsite_push(env: &Env, trigger: &str, dry_run: bool, ui: &Ui) -> Result<u8> {
+pub fn push(env: &Env, trigger: Trigger, dry_run: bool, ui: &Ui) -> Result<u8> {
     let o = offsite::run_push(env, trigger, dry_run)?;
     let code = if o.report.clean() { exit::SUCCESS } else { exit::INTEGRITY };
     if ui.json {
-        json(&o);
+        json(&o)?;
         return Ok(code);
     }
     let r = &o.report;
@@ -70,14 +69,14 @@ pub fn offsite_push(env: &Env, trigger: &str, dry_run: bool, ui: &Ui) -> Result<
     if code != exit::SUCCESS {
         s += "  some objects conflict or are damaged: nothing was overwritten; see docs/offsite.md\n";
     }
-    out(&s);
+    out(&s)?;
     Ok(code)
 }
 
-pub fn offsite_prune(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
+pub fn prune(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
     let o = offsite::run_prune(env, dry_run)?;
     if ui.json {
-        json(&o);
+        json(&o)?;
         return Ok(exit::SUCCESS);
     }
     let mut s = format!("offsite prune {}\n", o.location);
@@ -103,6 +102,6 @@ pub fn offsite_prune(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
         o.deleted.len(),
         if dry_run { "would be deleted (dry run)" } else { "deleted" }
     );
-    out(&s);
+    out(&s)?;
     Ok(exit::SUCCESS)
 }

@@ -10,8 +10,9 @@ use std::io;
 use serde::Serialize;
 
 use super::ledger::{Ledger, Shallow};
-use crate::manifest::{Manifest, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+use crate::manifest::Manifest;
 use crate::store::backend::{join, Backend};
+use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Finding {

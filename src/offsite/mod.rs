@@ -31,10 +31,11 @@ use crate::catalog::RunStatus;
 use crate::config::{OffsiteSettings, Settings};
 use crate::error::{Error, Result};
 use crate::lock::RunLock;
-use crate::manifest::{Manifest, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+use crate::manifest::Manifest;
 use crate::ops::{now, Env, Run};
 use crate::retention::{Candidate, Decision};
 use crate::store::backend::{join, Backend, LocalBackend};
+use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 use remote_error::{to_error, Blame};
 use s3::S3Backend;
 
@@ -124,7 +125,7 @@ pub struct PushOutcome {
 }
 
 /// `datavault offsite push`.
-pub fn run_push(env: &Env, trigger: &str, dry_run: bool) -> Result<PushOutcome> {
+pub fn run_push(env: &Env, trigger: crate::ops::Trigger, dry_run: bool) -> Result<PushOutcome> {
     let s = &env.settings;
     let _lock = RunLock::acquire(&s.state.dir.join(LOCK_FILE), "offsite push")?;
     let run = Run::start(env, "offsite-push", trigger, false)?;
@@ -251,7 +252,7 @@ pub struct RemotePruneOutcome {
 pub fn run_prune(env: &Env, dry_run: bool) -> Result<RemotePruneOutcome> {
     let s = &env.settings;
     let _lock = RunLock::acquire(&s.state.dir.join(LOCK_FILE), "offsite prune")?;
-    let run = Run::start(env, "offsite-prune", "manual", false)?;
+    let run = Run::start(env, "offsite-prune", crate::ops::Trigger::Manual, false)?;
     let result = prune_in_run(s, dry_run);
     run.end(&result, RunStatus::Success, None);
     result

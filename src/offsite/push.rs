@@ -33,10 +33,11 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::ledger::{Ledger, LedgerWriter, Record, FLUSH_EVERY};
-use crate::manifest::{Manifest, ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+use crate::manifest::Manifest;
 use crate::progress::Progress;
 use crate::retention::{ArchiveKind, Candidate, RetentionPolicy};
 use crate::store::backend::{join, Backend};
+use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 
 /// Files at least this big get their ledger record written as soon as they are sent.
 const BIG_FILE: u64 = 16 << 20;

@@ -4,16 +4,18 @@
 //! database, check every file against the inner manifest, run the configured SQL checks,
 //! time it all (that is the recovery time to expect), and clean up.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::archive::read::{read_archive, remove_staging, ExtractPlan};
+use crate::archive::read::{read_archive, ExtractPlan};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{Error, Result};
-use crate::ops::{now, Env, Run};
+use crate::fsutil::remove_tree;
+use crate::ops::{now, Env, Run, RunError, Trigger};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -33,22 +35,21 @@ pub struct DrillReport {
     pub recovery_seconds: f64,
 }
 
-pub fn run(env: &Env, which: Option<&str>, trigger: &str) -> Result<DrillReport> {
+pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     crate::ops::run_in_background_priority();
     let run = Run::start(env, "drill", trigger, true)?;
     let result = drill_in_run(&run, which);
-    let archive = result.as_ref().ok().map(|r| r.archive.clone());
     match &result {
         // A drill that ran to the end but failed a check is a failed run in the catalog,
         // yet its report is still what the operator needs to see.
         Ok(r) if !r.passed => {
             let failed: Vec<_> =
                 r.checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
-            let e: Result<()> =
-                Err(Error::integrity(&r.archive, format!("DRILL FAILED: {}", failed.join("; "))));
-            run.end(&e, RunStatus::Success, archive.as_deref());
+            let why = RunError { kind: "integrity", message: format!("DRILL FAILED: {}", failed.join("; ")) };
+            run.end_as(RunStatus::Failed, Some(why), Some(&r.archive));
         }
-        _ => run.end(&result, RunStatus::Success, archive.as_deref()),
+        Ok(r) => run.end_as(RunStatus::Success, None, Some(&r.archive)),
+        Err(_) => run.end(&result, RunStatus::Success, None),
     }
     result
 }
@@ -56,41 +57,27 @@ pub fn run(env: &Env, which: Option<&str>, trigger: &str) -> Result<DrillReport>
 fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
-    let listings = crate::ops::listings(env)?;
+    let (store, listings) = crate::ops::listings(env)?;
     crate::ops::sync_catalog(&run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
     let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
 
-    let scratch_root = env.settings.drill.scratch_dir(&env.settings.target);
-    // Leftovers of a drill that was killed: plaintext, so never leave it lying around.
-    // Only our own `run-*` folders: scratch_dir may be a shared folder such as /var/tmp.
-    if let Ok(rd) = std::fs::read_dir(&scratch_root) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("run-") {
-                remove_staging(&e.path());
-            }
-        }
-    }
-    std::fs::create_dir_all(&scratch_root).map_err(|e| {
-        Error::target(
-            &scratch_root,
-            format!("cannot create the drill scratch folder: {e}; set drill.scratch_dir"),
-        )
-    })?;
-    let scratch = scratch_root.join(format!("run-{}", run.id));
-    std::fs::create_dir(&scratch)
-        .map_err(|e| Error::target(&scratch, format!("cannot create the drill scratch folder: {e}")))?;
-    let _ = std::fs::set_permissions(&scratch, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let scratch = prepare_scratch(&env.settings.drill.scratch_dir(&env.settings.target), run.id)?;
     let _cleanup = Cleanup(scratch.clone());
 
     let mut checks = Vec::new();
     let read = read_archive(
+        &store,
         listing,
         &identities,
         &identity_path,
-        Some(&ExtractPlan { durable: false, ..ExtractPlan::into_dir(&scratch) }),
+        Some(&ExtractPlan {
+            durable: false,
+            room_hint: "set drill.scratch_dir to a folder with more room (the drill extracts there)",
+            ..ExtractPlan::into_dir(&scratch)
+        }),
         &*env.progress,
     );
     let report = match read {
@@ -114,7 +101,9 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
 
     let manifest = listing.manifest.as_ref().expect("selected archives are complete");
     if let Some(db) = &manifest.database {
-        let db_path = scratch.join(&db.entry);
+        use std::os::unix::ffi::OsStrExt;
+        let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(&name, e))?;
+        let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
         checks.extend(check_database(&db_path, &env.settings.drill.checks));
     } else {
         checks.push(Check {
@@ -137,6 +126,28 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
         bytes: report.plain_bytes,
         recovery_seconds: secs,
     })
+}
+
+/// A fresh private `run-<id>` folder in the scratch folder, after removing what killed
+/// drills left there (plaintext: never left lying around). Only our own `run-*` folders:
+/// scratch_dir may be a shared folder such as /var/tmp.
+fn prepare_scratch(root: &Path, run_id: i64) -> Result<PathBuf> {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("run-") {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    std::fs::create_dir_all(root).map_err(|e| {
+        Error::target(root, format!("cannot create the drill scratch folder: {e}; set drill.scratch_dir"))
+    })?;
+    let scratch = root.join(format!("run-{run_id}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&scratch)
+        .map_err(|e| Error::target(&scratch, format!("cannot create the drill scratch folder: {e}")))?;
+    Ok(scratch)
 }
 
 /// `integrity_check` plus the configured SQL checks, on a restored database copy.
@@ -194,6 +205,6 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        remove_staging(&self.0);
+        remove_tree(&self.0);
     }
 }

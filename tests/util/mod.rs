@@ -62,6 +62,51 @@ impl Fixture {
         self.dir.path()
     }
 
+    /// Change one config value, by its dotted key (`service.stop_command`), through the TOML
+    /// structure rather than by replacing text: a key that moved fails here, loudly.
+    pub fn set(&self, key: &str, value: impl Into<toml::Value>) {
+        self.edit_config(|t| {
+            let (sections, last) = split_key(key);
+            let mut table = t;
+            for s in sections {
+                table = table
+                    .entry(s.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .unwrap_or_else(|| panic!("{s} in {key} is not a table"));
+            }
+            table.insert(last.to_string(), value.into());
+        });
+    }
+
+    /// Remove one config value (or a whole `[section]`), by its dotted key.
+    pub fn unset(&self, key: &str) {
+        self.edit_config(|t| {
+            let (sections, last) = split_key(key);
+            let mut table = t;
+            for s in sections {
+                table = table
+                    .get_mut(s)
+                    .and_then(|v| v.as_table_mut())
+                    .unwrap_or_else(|| panic!("no {s} in {key}"));
+            }
+            assert!(table.remove(last).is_some(), "the config has no {key} to remove");
+        });
+    }
+
+    fn edit_config(&self, f: impl FnOnce(&mut toml::Table)) {
+        let text = fs::read_to_string(&self.config).unwrap();
+        let mut table: toml::Table = text.parse().unwrap();
+        f(&mut table);
+        fs::write(&self.config, toml::to_string(&table).unwrap()).unwrap();
+    }
+
+    /// Run, but fail the test (instead of hanging it) if datavault does not finish in time.
+    #[track_caller]
+    pub fn run_within(&self, limit: std::time::Duration, args: &[&str]) -> Run {
+        run_within(self.command(args), limit)
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_datavault"));
         c.arg("--config").arg(&self.config).args(args).stdin(Stdio::null());
@@ -147,6 +192,42 @@ impl Fixture {
         let r = self.expect(&["--json", "backup"], 0);
         serde_json::from_str(&r.stdout).unwrap()
     }
+}
+
+/// Run a command, but fail the test (instead of hanging it) if it does not finish in time.
+#[track_caller]
+pub fn run_within(mut cmd: Command, limit: std::time::Duration) -> Run {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = rustix::process::Pid::from_child(&child);
+    // The child's pipes are drained on threads so that a chatty run cannot block on them.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).ok();
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait().unwrap()));
+    let status = match rx.recv_timeout(limit) {
+        Ok(st) => st,
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            panic!("{cmd:?} did not finish within {limit:?}: it hangs");
+        }
+    };
+    Run { code: status.code().unwrap_or(-1), stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+}
+
+fn split_key(key: &str) -> (Vec<&str>, &str) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap();
+    (parts, last)
 }
 
 pub fn is_root() -> bool {
