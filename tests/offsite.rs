@@ -279,8 +279,9 @@ fn a_push_killed_mid_upload_is_aborted_and_resent_by_the_next_and_memory_stays_b
     f.backup();
     let mut child =
         f.command(&["offsite", "push"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    // The multipart upload has started when its id is in the journal.
-    while !f.state.join("offsite-uploads").exists() {
+    // The multipart upload has started when its id is in the journal (a whole line: the file
+    // exists a moment before its line is written).
+    while !fs::read_to_string(f.state.join("offsite-uploads")).is_ok_and(|t| t.ends_with('\n')) {
         std::thread::yield_now();
     }
     child.kill().unwrap();
