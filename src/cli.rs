@@ -24,6 +24,12 @@ Exit codes:
   5   source unreadable (database missing or damaged, uploads unreadable)
   75  another datavault run holds the lock (try again later)
 
+Offsite (datavault offsite ...): 3 the server is unreachable, DNS or TLS fails, a request
+timed out, the bucket is missing or full, the clock is too far off (RequestTimeTooSkewed:
+a Pi without an RTC needs NTP synced first); 2 wrong or insufficient credentials
+(SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied) or a bad [offsite] value;
+4 a remote object conflicts with the drive's, or a file on the drive is damaged.
+
 Config: --config, else $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml.
 Try it without a Pi: `datavault demo`.";
 
@@ -38,7 +44,7 @@ pub struct Cli {
     /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore)
+    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore, offsite)
     #[arg(long, global = true)]
     pub json: bool,
     /// More log detail (-v debug, -vv trace)
@@ -154,11 +160,45 @@ during a run are acknowledged by three quick flashes. SIGTERM/SIGINT stop cleanl
 cancelled and removes its partial file); SIGHUP reloads the config (a bad one is refused and the old one \
 kept); SIGUSR1 starts a backup. Speaks systemd's notify protocol when NOTIFY_SOCKET is set.")]
     Agent,
+    /// Copy the drive's backups to S3-compatible storage (push), or prune that copy (prune)
+    #[command(subcommand)]
+    Offsite(OffsiteCommand),
     /// Run the whole job on a built-in example app in a temporary folder (no Pi, no setup)
     Demo {
         /// Keep the demo folder instead of deleting it at the end
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OffsiteCommand {
+    /// Upload whatever the bucket lacks: data first, the manifest that makes a backup visible last
+    #[command(
+        after_help = "Resumable: a push cut off (kill, dropped connection) leaves nothing half-visible; the \
+next one aborts the unfinished upload and sends only what is missing. Never overwrites a remote object: a \
+put-only credential (no DeleteObject) is enough and is the recommended setup (docs/offsite.md). Archives \
+that [offsite.retention] would not keep are not sent. Takes its own lock (offsite.lock), never the backup's. \
+Exit 3: server unreachable, DNS, TLS, timeout, bucket missing or full, clock skew; 2: credentials or \
+[offsite] config; 4: a remote object conflicts, or a file on the drive is damaged (not sent)."
+    )]
+    Push {
+        /// Only list what would be uploaded
+        #[arg(long)]
+        dry_run: bool,
+        /// What started this push (recorded in the catalog)
+        #[arg(long, value_enum, default_value = "manual")]
+        trigger: Trigger,
+    },
+    /// Apply [offsite.retention] to the bucket: run it OFF the Pi, with a delete-capable credential
+    #[command(after_help = "Deletes manifests first, then their archives; archives without a manifest and \
+unfinished uploads older than a day; merges the upload ledger. With the Pi's put-only credential it fails \
+with exit 2 (AccessDenied), by design: a thief or ransomware on the Pi cannot delete the offsite copy. \
+The deduplicated store (store/) is not pruned by this command yet.")]
+    Prune {
+        /// Only show what would be deleted
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -199,6 +239,10 @@ fn init_logging(cli: &Cli) {
     if !std::io::stderr().is_terminal() {
         b.set_time_level(LevelFilter::Off);
     }
+    if cli.verbose < 2 {
+        // rust-s3's own lines ("Retrying safe S3 request...") say less than ours; -vv shows them.
+        b.add_filter_ignore_str("s3");
+    }
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);
@@ -234,6 +278,12 @@ fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
         Command::Prune { dry_run } => commands::prune::run(&env(cli, ui)?, *dry_run, ui),
         Command::Status => commands::status::run(&env(cli, ui)?, ui),
         Command::Audit { limit } => commands::audit::run(&env(cli, ui)?, *limit, ui),
+        Command::Offsite(OffsiteCommand::Push { dry_run, trigger }) => {
+            commands::offsite::push(&env(cli, ui)?, (*trigger).into(), *dry_run, ui)
+        }
+        Command::Offsite(OffsiteCommand::Prune { dry_run }) => {
+            commands::offsite::prune(&env(cli, ui)?, *dry_run, ui)
+        }
         Command::Demo { keep } => commands::demo::run(*keep, ui),
         Command::Doctor => commands::doctor::run(&config_path(), ui),
         Command::Agent => commands::agent::run(&config_path()),

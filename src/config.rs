@@ -33,6 +33,8 @@ pub struct Settings {
     pub state: StateSettings,
     pub gpio: GpioSettings,
     pub agent: AgentSettings,
+    /// `[offsite]` (#10): the S3 copy; `None` when the section is absent.
+    pub offsite: Option<OffsiteSettings>,
 }
 
 /// The status LED and the push button (`datavault agent`). All off by default.
@@ -160,6 +162,7 @@ struct RawConfig {
     state: Option<RawState>,
     gpio: Option<RawGpio>,
     agent: Option<RawAgent>,
+    offsite: Option<RawOffsite>, // #10
 }
 
 #[derive(Deserialize)]
@@ -277,7 +280,7 @@ impl Settings {
                 e.span().and_then(|s| key_at(text, s.start)).map(|k| format!("{k}: ")).unwrap_or_default();
             Error::config(path, format!("{line}{key}{}", e.message().trim().replace('\n', " ")))
         })?;
-        let settings = Settings {
+        let mut settings = Settings {
             path: path.to_path_buf(),
             source: v.source(raw.source.get_ref())?,
             target: v.target(raw.target.get_ref())?,
@@ -299,7 +302,10 @@ impl Settings {
                     Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
                 },
             },
+            offsite: None,
         };
+        settings.offsite =
+            raw.offsite.as_ref().map(|o| parse_offsite(&v, o, &settings.retention)).transpose()?; // #10
         settings.layout().check().map_err(|m| Error::config(path, m))?;
         Ok(settings)
     }
@@ -662,6 +668,242 @@ pub fn state_dir_problem(dir: &Path) -> Option<String> {
     }
     None
 }
+
+// ==== [offsite] (#10): the S3-compatible offsite copy =========================================
+// One block on purpose: the raw form, the settings, the validation and its test live here
+// together; the only lines elsewhere in this file are the three marked "#10".
+
+/// Where and how `datavault offsite push` copies the drive's backups (`[offsite]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsiteSettings {
+    /// `s3://BUCKET/PREFIX`, as written (for messages).
+    pub url: String,
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; empty for the bucket's root.
+    pub prefix: String,
+    /// `https://host[:port]`; plain http only for 127.0.0.1 and [::1] (tests).
+    pub endpoint: String,
+    pub region: String,
+    /// `https://endpoint/bucket/key` instead of `https://bucket.endpoint/key` (self-hosted
+    /// servers, rclone, most non-AWS services).
+    pub path_style: bool,
+    /// TOML with `access_key_id` and `secret_access_key`, mode 0600, owned by the user running
+    /// datavault. `None`: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` from the environment.
+    pub credentials: Option<PathBuf>,
+    /// Upload bytes per second on average (`None`: as fast as the link goes).
+    pub max_rate: Option<u64>,
+    /// Multipart part size in bytes (S3's minimum, 5 MiB, is the default: the smallest memory;
+    /// the size doubles every 2,000 parts, so S3's 10,000-part limit allows ~300 GB files).
+    pub part_size: usize,
+    /// Parts uploaded at once. 1 (the default) sends on the calling thread: memory about
+    /// `2 * part_size`; more use worker threads: about `part_size * (2 * parts_in_flight + 1)`
+    /// plus allocator arenas.
+    pub parts_in_flight: usize,
+    /// Longest one HTTP request may take (a stalled connection fails after this).
+    pub timeout: std::time::Duration,
+    /// What the remote keeps: `[offsite.retention]`, each missing key taken from `[retention]`.
+    pub retention: RetentionPolicy,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOffsite {
+    url: Spanned<String>,
+    endpoint: Spanned<String>,
+    region: Option<Spanned<String>>,
+    path_style: Option<bool>,
+    credentials: Option<Spanned<String>>,
+    max_rate: Option<Spanned<i64>>,
+    part_size_mib: Option<Spanned<i64>>,
+    parts_in_flight: Option<Spanned<i64>>,
+    timeout_secs: Option<Spanned<i64>>,
+    retention: Option<RawRetention>,
+}
+
+fn parse_offsite(v: &Validator, o: &RawOffsite, local: &RetentionPolicy) -> Result<OffsiteSettings> {
+    let url = o.url.get_ref().trim();
+    let Some(rest) = url.strip_prefix("s3://") else {
+        return Err(v.err(
+            "offsite.url",
+            o.url.span().start,
+            format!("{url:?} must look like s3://BUCKET/PREFIX"),
+        ));
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !bucket_ok {
+        return Err(v.err(
+            "offsite.url",
+            o.url.span().start,
+            format!(
+                "names bucket {bucket:?}: a bucket name is 3-63 lowercase letters, digits, dots or hyphens"
+            ),
+        ));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    if !prefix.is_empty() && crate::store::backend::check_path(prefix).is_err() {
+        return Err(v.err(
+            "offsite.url",
+            o.url.span().start,
+            format!("has prefix {prefix:?}: use plain folder names separated by single slashes"),
+        ));
+    }
+    let endpoint = o.endpoint.get_ref().trim().trim_end_matches('/').to_string();
+    check_endpoint(&endpoint).map_err(|why| v.err("offsite.endpoint", o.endpoint.span().start, why))?;
+    let region = match &o.region {
+        None => "us-east-1".to_string(),
+        Some(r) => v.nonempty("offsite.region", r)?.trim().to_string(),
+    };
+    let credentials = o.credentials.as_ref().map(|c| v.abs_path("offsite.credentials", c)).transpose()?;
+    let max_rate = match &o.max_rate {
+        None => None,
+        Some(r) => match v.int_in("offsite.max_rate", r, 0, 1 << 40)? {
+            0 => None,
+            n if n < 16 * 1024 => {
+                return Err(v.err(
+                    "offsite.max_rate",
+                    r.span().start,
+                    format!("is {n} bytes/s; below 16384 a 5 MiB part takes minutes and requests time out (0 = no limit)"),
+                ))
+            }
+            n => Some(n as u64),
+        },
+    };
+    let part_size = match &o.part_size_mib {
+        None => 5 << 20,
+        Some(p) => (v.int_in("offsite.part_size_mib", p, 5, 512)? as usize) << 20,
+    };
+    let parts_in_flight = match &o.parts_in_flight {
+        None => 1,
+        Some(p) => v.int_in("offsite.parts_in_flight", p, 1, 16)? as usize,
+    };
+    let timeout = std::time::Duration::from_secs(match &o.timeout_secs {
+        None => 120,
+        Some(t) => v.int_in("offsite.timeout_secs", t, 1, 3600)? as u64,
+    });
+    let mut retention = *local;
+    if let Some(r) = &o.retention {
+        let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
+            match f {
+                None => Ok(default),
+                Some(x) => Ok(v.int_in(&format!("offsite.retention.{name}"), x, 0, 100_000)? as u32),
+            }
+        };
+        retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
+        retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
+        retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
+        retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
+        retention.keep_pre_restore =
+            field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
+    }
+    Ok(OffsiteSettings {
+        url: url.to_string(),
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        endpoint,
+        region,
+        path_style: o.path_style.unwrap_or(false),
+        credentials,
+        max_rate,
+        part_size,
+        parts_in_flight,
+        timeout,
+        retention,
+    })
+}
+
+/// `https://host[:port]`, or `http://` to the loopback address only: credentials and backups
+/// never cross a network in clear (the archives are encrypted, the signatures are not secret,
+/// but the listing and the request metadata are).
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let (scheme, rest) = endpoint
+        .split_once("://")
+        .ok_or_else(|| format!("{endpoint:?} must be a URL like https://s3.example.com"))?;
+    let host_port = rest.split('/').next().unwrap_or("");
+    if host_port.is_empty() || rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        return Err(format!("{endpoint:?} must be scheme://host[:port] with no path, user or query"));
+    }
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    match scheme {
+        "https" => Ok(()),
+        "http" if host == "127.0.0.1" || host == "::1" => Ok(()),
+        "http" => Err(format!(
+            "{endpoint:?} is plain http: use https (plain http is allowed only to 127.0.0.1 or [::1], for tests)"
+        )),
+        _ => Err(format!("{endpoint:?} must start with https://")),
+    }
+}
+
+#[cfg(test)]
+mod offsite_tests {
+    use super::*;
+
+    const KEY: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+    fn with(offsite: &str) -> Result<Settings> {
+        let text = format!(
+            "[source]\ndatabase = \"/a/app.db\"\n[target]\npath = \"/mnt/x\"\n[encryption]\nrecipients = [\"{KEY}\"]\n\
+             [retention]\nkeep_daily = 9\n[offsite]\n{offsite}"
+        );
+        Settings::parse(Path::new("/etc/datavault/datavault.toml"), &text)
+    }
+
+    #[test]
+    fn offsite_section_parses_with_defaults_and_inherits_retention() {
+        let s =
+            with("url = \"s3://my-bucket/pis/kitchen/\"\nendpoint = \"https://s3.example.com\"\n").unwrap();
+        let o = s.offsite.unwrap();
+        assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("my-bucket", "pis/kitchen"));
+        assert_eq!(o.region, "us-east-1");
+        assert!(!o.path_style && o.credentials.is_none() && o.max_rate.is_none());
+        assert_eq!((o.part_size, o.parts_in_flight), (5 << 20, 1));
+        assert_eq!(o.retention.keep_daily, 9, "the local policy by default");
+        let s = with(
+            "url = \"s3://b12\"\nendpoint = \"http://127.0.0.1:9000\"\npath_style = true\nmax_rate = 1000000\n\
+             credentials = \"/etc/datavault/offsite.credentials\"\n[offsite.retention]\nkeep_daily = 30\n",
+        )
+        .unwrap();
+        let o = s.offsite.unwrap();
+        assert_eq!(
+            (o.prefix.as_str(), o.max_rate, o.retention.keep_daily, o.retention.keep_last),
+            ("", Some(1_000_000), 30, 7)
+        );
+        assert!(with("url = \"s3://b12\"\nendpoint = \"http://[::1]:9000\"\n").is_ok());
+    }
+
+    #[test]
+    fn offsite_mistakes_are_named_with_their_line() {
+        for (body, expect) in [
+            ("url = \"https://b/x\"\nendpoint = \"https://e\"\n", "offsite.url"),
+            ("url = \"s3://B_ad/x\"\nendpoint = \"https://e\"\n", "bucket"),
+            ("url = \"s3://bucket/../x\"\nendpoint = \"https://e\"\n", "prefix"),
+            ("url = \"s3://bucket\"\nendpoint = \"http://s3.example.com\"\n", "plain http"),
+            ("url = \"s3://bucket\"\nendpoint = \"ftp://e\"\n", "https://"),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e/path\"\n", "no path"),
+            (
+                "url = \"s3://bucket\"\nendpoint = \"https://e\"\ncredentials = \"rel/c\"\n",
+                "offsite.credentials",
+            ),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e\"\nmax_rate = 10\n", "offsite.max_rate"),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e\"\npart_size_mib = 1\n", "offsite.part_size_mib"),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e\"\nsecret_access_key = \"x\"\n", "unknown field"),
+            ("url = \"s3://bucket\"\n", "endpoint"),
+        ] {
+            let e = with(body).err().unwrap_or_else(|| panic!("accepted: {body}"));
+            assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+            let m = e.to_string();
+            assert!(m.contains(expect) && m.contains("line "), "{body}: {m}");
+        }
+    }
+}
+// ==== end of [offsite] (#10) ====================================================================
 
 /// `threads = 0`: one zstd worker per core, at most 4. Not the default: on 2 cores the
 /// workers compete with hashing and encryption, and each holds several MiB of buffers

@@ -52,6 +52,11 @@ pub enum Error {
     #[error("source {path}: {message}")]
     Source { path: PathBuf, message: String },
 
+    /// The offsite copy (S3) cannot be reached or used now: server unreachable, DNS, TLS,
+    /// timeout, bucket missing, quota full, clock skew (#10). Same exit code as a missing drive.
+    #[error("offsite {location}: {message}")]
+    OffsiteNotReady { location: String, message: String },
+
     /// Another datavault run holds the lock.
     #[error(
         "another datavault run is in progress ({holder}); lock {path}. Wait for it to finish, then try again"
@@ -102,7 +107,9 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config { .. } | Error::Key { .. } => exit::USAGE,
-            Error::TargetNotReady { .. } | Error::DiskFull { .. } => exit::TARGET_NOT_READY,
+            Error::TargetNotReady { .. } | Error::DiskFull { .. } | Error::OffsiteNotReady { .. } => {
+                exit::TARGET_NOT_READY
+            }
             Error::Integrity { .. } => exit::INTEGRITY,
             Error::Source { .. } => exit::SOURCE,
             Error::Locked { .. } => exit::LOCKED,
@@ -124,6 +131,7 @@ impl Error {
             Error::Key { .. } => "key",
             Error::TargetNotReady { .. } => "target",
             Error::DiskFull { .. } => "disk-full",
+            Error::OffsiteNotReady { .. } => "offsite",
             Error::Integrity { .. } => "integrity",
             Error::Source { .. } => "source",
             Error::Locked { .. } => "locked",
@@ -146,6 +154,9 @@ impl Error {
             Error::Key { path, message } => Error::Key { path, message: add(message) },
             Error::TargetNotReady { path, message } => Error::TargetNotReady { path, message: add(message) },
             Error::DiskFull { path, message } => Error::DiskFull { path, message: add(message) },
+            Error::OffsiteNotReady { location, message } => {
+                Error::OffsiteNotReady { location, message: add(message) }
+            }
             Error::Integrity { archive, message } => Error::Integrity { archive, message: add(message) },
             Error::Source { path, message } => Error::Source { path, message: add(message) },
             Error::Locked { path, holder } => Error::Locked { path, holder: add(holder) },
@@ -226,6 +237,10 @@ mod tests {
             (Error::config(p, "m"), exit::USAGE),
             (Error::target(p, "m"), exit::TARGET_NOT_READY),
             (Error::integrity("a", "m"), exit::INTEGRITY),
+            (
+                Error::OffsiteNotReady { location: "s3://b".into(), message: "m".into() },
+                exit::TARGET_NOT_READY,
+            ),
             (Error::source(p, "m"), exit::SOURCE),
             (Error::Locked { path: p.into(), holder: "pid 1".into() }, exit::LOCKED),
             (Error::Failed("m".into()), exit::FAILURE),

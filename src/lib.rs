@@ -18,6 +18,7 @@ pub mod lock;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;
+pub mod offsite;
 pub mod ops;
 pub mod pipe;
 pub mod progress;

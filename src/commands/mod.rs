@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod drill;
 pub mod init;
 pub mod list;
+pub mod offsite;
 pub mod prune;
 pub mod restore;
 pub mod status;
