@@ -100,6 +100,31 @@ for u in "${units[@]}"; do
     fi
 done
 
+# The network boundary (#10): only the offsite push and the failure hook may reach the
+# network; the units that read the app's data or hold the drive read-write never do.
+echo "ci-units: network boundary"
+check() { # unit, description, grep -E pattern that must match (or ! pattern that must not)
+    local u=$1 what=$2 pat=$3 neg=0
+    case "$pat" in '!'*) neg=1; pat=${pat#!} ;; esac
+    if grep -Eq -- "$pat" "systemd/$u"; then found=1; else found=0; fi
+    if [ "$found" != "$neg" ]; then
+        printf '  ok    %-32s %s\n' "$u" "$what"
+    else
+        printf '  FAIL  %-32s %s\n' "$u" "$what"
+        failed=1
+    fi
+}
+for u in datavault-backup.service datavault-drill.service datavault-agent.service; do
+    check "$u" "PrivateNetwork=yes" '^PrivateNetwork=yes$'
+    check "$u" "no IP socket" '!^RestrictAddressFamilies=.*AF_INET'
+done
+check datavault-backup.service "starts the offsite push on success" '^OnSuccess=datavault-offsite.service$'
+check datavault-offsite.service "no capability at all" '^CapabilityBoundingSet=$'
+check datavault-offsite.service "the drive stays read-only" '!^ReadWritePaths=.*/mnt'
+check datavault-offsite.service "skipped where no offsite is set up" '^ConditionPathExists=/etc/datavault/offsite.credentials$'
+check datavault-offsite.service "waits for the network" '^After=.*network-online.target'
+check datavault-offsite.timer "retries" '^Unit=datavault-offsite.service$'
+
 if [ "$failed" != 0 ]; then
     echo "ci-units: FAILED" >&2
     exit 1

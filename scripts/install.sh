@@ -19,7 +19,7 @@
 #   PREFIX/bin/datavault                       0755
 #   /etc/datavault/                            0755, created if missing
 #   /etc/datavault/datavault.toml.example      0644, refreshed; datavault.toml is never touched
-#   /etc/systemd/system/datavault-*.service, datavault-backup.timer   0644
+#   /etc/systemd/system/datavault-*.service, datavault-*.timer         0644
 #   PREFIX/share/doc/datavault/datavault-paths.conf.example, appliance.md
 #   /var/lib/datavault/                        0700
 # Then, only when systemd is running (/run/systemd/system) and DATAVAULT_ROOT is /:
@@ -52,8 +52,10 @@ while [ $# -gt 0 ]; do
 done
 case "$prefix" in /*) prefix=${prefix%/} ;; *) echo "$prog: --prefix must be absolute" >&2; exit 2 ;; esac
 
+# The offsite units are installed, not enabled: that is the admin's step once the bucket
+# and /etc/datavault/offsite.credentials exist (docs/offsite.md).
 units=(datavault-agent.service datavault-backup.service datavault-backup.timer
-    datavault-drill.service datavault-notify@.service)
+    datavault-drill.service datavault-notify@.service datavault-offsite.service datavault-offsite.timer)
 enabled_units=(datavault-backup.timer datavault-drill.service datavault-agent.service)
 bin_path="$root$prefix/bin/datavault"
 unit_dir="$root/etc/systemd/system"

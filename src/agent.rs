@@ -16,13 +16,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-
-use crate::catalog::{Catalog, Event as CatalogEvent, RunStatus};
 use crate::config::Settings;
 use crate::error::{exit, Error, Result};
 use crate::hardware::{self, Blinker, LedPattern, Press, PressDetector};
-use crate::ops::{self, backup::BackupOptions, Env};
+use crate::ops::health::Health;
+use crate::ops::{self, backup::BackupOptions, Env, Trigger};
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +53,7 @@ pub enum Event {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Start(Job, &'static str),
+    Start(Job, Trigger),
     /// Blink to say "heard you" (a press while busy, or a run refused by the lock).
     Acknowledge,
     ShowWorking,
@@ -88,9 +86,9 @@ pub fn decide(state: &mut State, event: Event) -> Vec<Action> {
         Event::BackupRequested | Event::Button(_) if state.running.is_some() || state.stopping => {
             vec![Acknowledge]
         }
-        Event::BackupRequested => start(state, Job::Backup, "manual"),
-        Event::Button(Press::Short) => start(state, Job::Backup, "button"),
-        Event::Button(Press::Long) => start(state, Job::Drill, "button"),
+        Event::BackupRequested => start(state, Job::Backup, Trigger::Manual),
+        Event::Button(Press::Short) => start(state, Job::Backup, Trigger::Button),
+        Event::Button(Press::Long) => start(state, Job::Drill, Trigger::Button),
         Event::Tick if state.running.is_none() && !state.stopping => vec![RefreshHealth],
         Event::Tick => vec![],
         Event::JobDone(..) if state.stopping => {
@@ -107,34 +105,40 @@ pub fn decide(state: &mut State, event: Event) -> Vec<Action> {
     }
 }
 
-fn start(state: &mut State, job: Job, trigger: &'static str) -> Vec<Action> {
+fn start(state: &mut State, job: Job, trigger: Trigger) -> Vec<Action> {
     state.running = Some(job);
     vec![Action::Start(job, trigger), Action::ShowWorking]
 }
 
-/// What the catalog and the target say, reduced to what the LED shows.
+/// What [`Health`] says, reduced to what the LED shows.
 #[derive(Debug, Clone)]
 pub struct HealthInputs {
-    pub now: DateTime<Utc>,
     pub target_ready: bool,
     pub last_backup_failed: bool,
-    pub last_success: Option<DateTime<Utc>>,
+    /// By the one rule, [`crate::ops::health::overdue`].
+    pub overdue: bool,
     pub last_drill_failed: bool,
-    pub max_age_hours: u32,
+}
+
+impl From<&Health> for HealthInputs {
+    fn from(h: &Health) -> HealthInputs {
+        HealthInputs {
+            target_ready: h.target_problems.is_empty(),
+            last_backup_failed: h.last_backup_failed() || h.catalog_problem.is_some(),
+            overdue: h.overdue,
+            last_drill_failed: h.last_drill_failed(),
+        }
+    }
 }
 
 /// Most urgent first: a missing drive will make tonight fail; a failed drill means the
 /// backups may not restore; a failed or overdue backup means the data is at risk.
 pub fn health(h: &HealthInputs) -> LedPattern {
-    let overdue = match h.last_success {
-        None => true,
-        Some(t) => h.now - t > chrono::Duration::hours(h.max_age_hours as i64),
-    };
     if !h.target_ready {
         LedPattern::TargetMissing
     } else if h.last_drill_failed {
         LedPattern::DrillFailed
-    } else if h.last_backup_failed || overdue {
+    } else if h.last_backup_failed || h.overdue {
         LedPattern::Failed
     } else {
         LedPattern::Healthy
@@ -142,33 +146,11 @@ pub fn health(h: &HealthInputs) -> LedPattern {
 }
 
 fn read_health(env: &Env) -> LedPattern {
-    let s = &env.settings;
-    let target_ready = crate::target::inspect(&s.target, &env.system_root)
-        .map(|t| t.problems(&s.target).is_empty())
-        .unwrap_or(false);
-    let (last_backup_failed, last_success, last_drill_failed) = match Catalog::open(&s.state.catalog_path()) {
-        Ok(c) => (
-            c.last_run("backup", None).ok().flatten().map(|r| r.status == RunStatus::Failed).unwrap_or(false),
-            c.last_run("backup", Some(RunStatus::Success)).ok().flatten().and_then(|r| r.ended_at),
-            c.last_event(&[CatalogEvent::DrillPassed, CatalogEvent::DrillFailed])
-                .ok()
-                .flatten()
-                .map(|e| e.event == CatalogEvent::DrillFailed)
-                .unwrap_or(false),
-        ),
-        Err(e) => {
-            log::warn!("cannot read the catalog for the LED: {e}");
-            (true, None, false)
-        }
-    };
-    health(&HealthInputs {
-        now: ops::now(),
-        target_ready,
-        last_backup_failed,
-        last_success,
-        last_drill_failed,
-        max_age_hours: s.agent.max_age_hours,
-    })
+    let h = Health::read(env, false);
+    if let Some(p) = &h.catalog_problem {
+        log::warn!("cannot read the catalog for the LED: {p}");
+    }
+    health(&HealthInputs::from(&h))
 }
 
 /// Progress for agent jobs: nothing shown, but cancellable on SIGTERM.
@@ -185,115 +167,171 @@ const HEALTH_EVERY: Duration = Duration::from_secs(30);
 
 /// Run the agent until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub fn run(config_path: &Path) -> Result<()> {
-    let mut settings = Settings::load(config_path)?;
-    let g = settings.gpio.clone();
-    let sys_root = crate::target::SystemRoot::from_env().0;
-    let led = match hardware::open_led(g.led_pin, g.act_led, &sys_root) {
-        Ok(l) => l,
-        Err(e) => {
-            log::warn!("{e}; running without a status LED");
-            Box::new(hardware::NullLed)
-        }
-    };
-    if g.led_pin.is_none() && !g.act_led && g.button_pin.is_none() {
-        log::info!("no LED or button configured ([gpio]); the agent runs on signals and its timer only");
-    }
-    let blinker = Blinker::start(led);
+    let settings = Settings::load(config_path)?;
     let (tx, rx) = mpsc::channel::<Event>();
-    let signals_handle = spawn_signals(tx.clone())?;
-    let button_stop = Arc::new(AtomicBool::new(false));
-    let button_thread = match g.button_pin {
-        None => None,
-        Some(pin) => match hardware::open_button(Some(pin), g.debounce) {
-            Ok(b) => Some(spawn_button(b, g.clone(), tx.clone(), button_stop.clone())),
-            Err(e) => {
-                log::warn!("{e}; running without the button");
-                None
-            }
-        },
-    };
-
-    let mut state = State::default();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut job_thread: Option<thread::JoinHandle<()>> = None;
+    let mut agent = Agent::start(config_path, settings, tx)?;
     let watchdog = crate::notify::watchdog_interval();
-    let mut last_health = Instant::now() - HEALTH_EVERY;
     let mut last_watchdog = Instant::now();
-    blinker.show(read_health(&env_for(&settings, &cancel)));
-    crate::notify::notify("READY=1\nSTATUS=idle");
-    log::info!("agent started (pid {})", std::process::id());
-
     loop {
         let event = match rx.recv_timeout(TICK) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => Event::Tick,
             Err(RecvTimeoutError::Disconnected) => Event::Terminate,
         };
-        if let Some(w) = watchdog {
-            if last_watchdog.elapsed() >= w {
-                crate::notify::notify("WATCHDOG=1");
-                last_watchdog = Instant::now();
-            }
+        if watchdog.is_some_and(|w| last_watchdog.elapsed() >= w) {
+            crate::notify::notify("WATCHDOG=1");
+            last_watchdog = Instant::now();
         }
-        if let Event::JobDone(job, outcome) = &event {
-            if let Some(h) = job_thread.take() {
-                let _ = h.join();
-            }
-            match outcome {
-                Outcome::Done => log::info!("{job:?} finished"),
-                Outcome::Busy => log::info!("{job:?} not started: another run holds the lock"),
-                Outcome::Failed(e) => log::error!("{job:?} failed: {e}"),
-            }
-        }
+        agent.job_done(&event);
         let is_tick = event == Event::Tick;
-        for action in decide(&mut state, event) {
-            match action {
-                Action::Start(job, trigger) => {
-                    log::info!("starting {job:?} (trigger {trigger})");
-                    crate::notify::notify(&format!("STATUS=running {job:?}"));
-                    cancel.store(false, Ordering::Relaxed);
-                    job_thread = Some(spawn_job(job, trigger, settings.clone(), cancel.clone(), tx.clone()));
-                }
-                Action::Acknowledge => blinker.show(LedPattern::Acknowledge),
-                Action::ShowWorking => blinker.show(LedPattern::Working),
-                Action::RefreshHealth => {
-                    if !is_tick || last_health.elapsed() >= HEALTH_EVERY {
-                        blinker.show(read_health(&env_for(&settings, &cancel)));
-                        last_health = Instant::now();
-                        crate::notify::notify("STATUS=idle");
-                    }
-                }
-                Action::ReloadConfig => match Settings::load(config_path) {
-                    Ok(new) => {
-                        if new.gpio != settings.gpio {
-                            log::warn!("[gpio] changed: restart the agent to apply it");
-                        }
-                        settings = new;
-                        log::info!("configuration reloaded from {}", config_path.display());
-                        last_health = Instant::now() - HEALTH_EVERY;
-                    }
-                    Err(e) => log::error!("reload refused, keeping the previous configuration: {e}"),
-                },
-                Action::CancelJob => {
-                    log::info!("stopping: cancelling the running job (it removes what it was writing)");
-                    crate::notify::notify("STOPPING=1");
-                    cancel.store(true, Ordering::Relaxed);
-                }
-                Action::Exit => {
-                    crate::notify::notify("STOPPING=1");
-                    button_stop.store(true, Ordering::Relaxed);
-                    signals_handle.close();
-                    if let Some(h) = button_thread {
-                        let _ = h.join();
-                    }
-                    if let Err(e) = blinker.stop() {
-                        log::warn!("status LED: {e}");
-                    }
-                    log::info!("agent stopped");
-                    return Ok(());
-                }
+        for action in decide(&mut agent.state, event) {
+            if agent.perform(action, is_tick) {
+                return Ok(());
             }
         }
+    }
+}
+
+/// The agent's resources; [`decide`] says what to do with them, [`Agent::perform`] does it.
+struct Agent<'c> {
+    config_path: &'c Path,
+    settings: Settings,
+    state: State,
+    tx: Sender<Event>,
+    /// Taken only when the agent stops.
+    blinker: Option<Blinker>,
+    signals: signal_hook::iterator::Handle,
+    button: Option<(thread::JoinHandle<()>, Arc<AtomicBool>)>,
+    cancel: Arc<AtomicBool>,
+    job: Option<thread::JoinHandle<()>>,
+    last_health: Instant,
+}
+
+impl<'c> Agent<'c> {
+    /// Open the LED and the button (working without either if they fail), start the signal
+    /// thread, show the health, and tell systemd we are ready.
+    fn start(config_path: &'c Path, settings: Settings, tx: Sender<Event>) -> Result<Agent<'c>> {
+        let g = settings.gpio.clone();
+        let sys_root = crate::target::SystemRoot::from_env().0;
+        let led = hardware::open_led(g.led_pin, g.act_led, &sys_root).unwrap_or_else(|e| {
+            log::warn!("{e}; running without a status LED");
+            Box::new(hardware::NullLed)
+        });
+        if g.led_pin.is_none() && !g.act_led && g.button_pin.is_none() {
+            log::info!("no LED or button configured ([gpio]); the agent runs on signals and its timer only");
+        }
+        let signals = spawn_signals(tx.clone())?;
+        let button = g.button_pin.and_then(|pin| match hardware::open_button(Some(pin), g.debounce) {
+            Ok(b) => {
+                let stop = Arc::new(AtomicBool::new(false));
+                Some((spawn_button(b, g.clone(), tx.clone(), stop.clone()), stop))
+            }
+            Err(e) => {
+                log::warn!("{e}; running without the button");
+                None
+            }
+        });
+        let agent = Agent {
+            config_path,
+            settings,
+            state: State::default(),
+            tx,
+            blinker: Some(Blinker::start(led)),
+            signals,
+            button,
+            cancel: Arc::new(AtomicBool::new(false)),
+            job: None,
+            last_health: Instant::now(),
+        };
+        agent.show(read_health(&env_for(&agent.settings, &agent.cancel)));
+        crate::notify::notify("READY=1\nSTATUS=idle");
+        log::info!("agent started (pid {})", std::process::id());
+        Ok(agent)
+    }
+
+    /// Reap a finished job's thread and log how it ended.
+    fn job_done(&mut self, event: &Event) {
+        let Event::JobDone(job, outcome) = event else { return };
+        if let Some(h) = self.job.take() {
+            let _ = h.join();
+        }
+        match outcome {
+            Outcome::Done => log::info!("{job:?} finished"),
+            Outcome::Busy => log::info!("{job:?} not started: another run holds the lock"),
+            Outcome::Failed(e) => log::error!("{job:?} failed: {e}"),
+        }
+    }
+
+    /// Carry out one action; true when the agent must exit.
+    fn perform(&mut self, action: Action, is_tick: bool) -> bool {
+        match action {
+            Action::Start(job, trigger) => {
+                log::info!("starting {job:?} (trigger {trigger})");
+                crate::notify::notify(&format!("STATUS=running {job:?}"));
+                self.cancel.store(false, Ordering::Relaxed);
+                self.job = Some(spawn_job(
+                    job,
+                    trigger,
+                    self.settings.clone(),
+                    self.cancel.clone(),
+                    self.tx.clone(),
+                ));
+            }
+            Action::Acknowledge => self.show(LedPattern::Acknowledge),
+            Action::ShowWorking => self.show(LedPattern::Working),
+            Action::RefreshHealth => {
+                if !is_tick || self.last_health.elapsed() >= HEALTH_EVERY {
+                    self.show(read_health(&env_for(&self.settings, &self.cancel)));
+                    self.last_health = Instant::now();
+                    crate::notify::notify("STATUS=idle");
+                }
+            }
+            Action::ReloadConfig => self.reload(),
+            Action::CancelJob => {
+                log::info!("stopping: cancelling the running job (it removes what it was writing)");
+                crate::notify::notify("STOPPING=1");
+                self.cancel.store(true, Ordering::Relaxed);
+            }
+            Action::Exit => {
+                self.stop();
+                return true;
+            }
+        }
+        false
+    }
+
+    fn show(&self, pattern: LedPattern) {
+        if let Some(b) = &self.blinker {
+            b.show(pattern);
+        }
+    }
+
+    fn reload(&mut self) {
+        match Settings::load(self.config_path) {
+            Ok(new) => {
+                if new.gpio != self.settings.gpio {
+                    log::warn!("[gpio] changed: restart the agent to apply it");
+                }
+                self.settings = new;
+                log::info!("configuration reloaded from {}", self.config_path.display());
+                // Show the health under the new config at the next tick.
+                self.last_health = Instant::now() - HEALTH_EVERY;
+            }
+            Err(e) => log::error!("reload refused, keeping the previous configuration: {e}"),
+        }
+    }
+
+    fn stop(&mut self) {
+        crate::notify::notify("STOPPING=1");
+        self.signals.close();
+        if let Some((h, stop)) = self.button.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = h.join();
+        }
+        if let Some(Err(e)) = self.blinker.take().map(Blinker::stop) {
+            log::warn!("status LED: {e}");
+        }
+        log::info!("agent stopped");
     }
 }
 
@@ -306,7 +344,7 @@ fn env_for(settings: &Settings, cancel: &Arc<AtomicBool>) -> Env {
 
 fn spawn_job(
     job: Job,
-    trigger: &'static str,
+    trigger: Trigger,
     settings: Settings,
     cancel: Arc<AtomicBool>,
     tx: Sender<Event>,
@@ -316,11 +354,7 @@ fn spawn_job(
         let result = match job {
             Job::Backup => ops::backup::run(
                 &env,
-                &BackupOptions {
-                    kind: crate::manifest::ArchiveKind::Backup,
-                    trigger: trigger.into(),
-                    comment: None,
-                },
+                &BackupOptions { kind: crate::manifest::ArchiveKind::Backup, trigger, comment: None },
             )
             .map(|_| ()),
             Job::Drill => ops::drill::run(&env, None, trigger).and_then(|r| {
@@ -412,9 +446,9 @@ mod tests {
             Event::Button(Press::Long),
             Event::JobDone(Job::Drill, Outcome::Done),
         ]);
-        assert_eq!(t[0], vec![Start(Job::Backup, "button"), ShowWorking]);
+        assert_eq!(t[0], vec![Start(Job::Backup, Trigger::Button), ShowWorking]);
         assert_eq!(t[1], vec![RefreshHealth]);
-        assert_eq!(t[2], vec![Start(Job::Drill, "button"), ShowWorking]);
+        assert_eq!(t[2], vec![Start(Job::Drill, Trigger::Button), ShowWorking]);
     }
 
     #[test]
@@ -428,12 +462,12 @@ mod tests {
             Event::JobDone(Job::Backup, Outcome::Done),
             Event::Button(Press::Short),
         ]);
-        assert_eq!(t[0], vec![Start(Job::Backup, "manual"), ShowWorking]);
+        assert_eq!(t[0], vec![Start(Job::Backup, Trigger::Manual), ShowWorking]);
         assert_eq!(t[1], vec![Acknowledge]);
         assert_eq!(t[2], vec![Acknowledge]);
         assert_eq!(t[3], vec![Acknowledge]);
         assert_eq!(t[4], vec![], "no health refresh while working");
-        assert_eq!(t[6], vec![Start(Job::Backup, "button"), ShowWorking]);
+        assert_eq!(t[6], vec![Start(Job::Backup, Trigger::Button), ShowWorking]);
     }
 
     #[test]
@@ -470,21 +504,14 @@ mod tests {
 
     #[test]
     fn health_picks_the_most_urgent_pattern() {
-        let now: DateTime<Utc> = "2026-11-23T12:00:00Z".parse().unwrap();
         let good = HealthInputs {
-            now,
             target_ready: true,
             last_backup_failed: false,
-            last_success: Some(now - chrono::Duration::hours(3)),
+            overdue: false,
             last_drill_failed: false,
-            max_age_hours: 26,
         };
         assert_eq!(health(&good), LedPattern::Healthy);
-        assert_eq!(
-            health(&HealthInputs { last_success: Some(now - chrono::Duration::hours(27)), ..good.clone() }),
-            LedPattern::Failed
-        );
-        assert_eq!(health(&HealthInputs { last_success: None, ..good.clone() }), LedPattern::Failed);
+        assert_eq!(health(&HealthInputs { overdue: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(health(&HealthInputs { last_backup_failed: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(
             health(&HealthInputs { last_drill_failed: true, last_backup_failed: true, ..good.clone() }),

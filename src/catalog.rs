@@ -261,6 +261,52 @@ impl Catalog {
         Ok(Catalog { conn, path: path.to_path_buf() })
     }
 
+    /// Open the catalog, and if its file is damaged (a failing SD card: the very disaster the
+    /// drive is there for), move it aside with a warning and start a new one. The manifests
+    /// on the drive are the source of truth: the next scan imports every archive again; only
+    /// the history of runs starts over (the damaged file is kept for inspection).
+    pub fn open_or_rebuild(path: &Path) -> Result<Catalog> {
+        let damage = match Catalog::open(path) {
+            // A full or failing SD card is exactly when a backup to the USB drive matters
+            // most: run with a catalog in memory, and say that this run goes unrecorded.
+            Err(Error::Sqlite { source, .. }) if is_unwritable(&source) => {
+                log::warn!(
+                    "catalog {}: cannot be written ({source}): this run is not recorded in the catalog; free space on the SD card (the state folder's disk)",
+                    path.display()
+                );
+                return Catalog::in_memory(path);
+            }
+            Ok(c) => match c.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+                Ok(ok) if ok == "ok" => return Ok(c),
+                Ok(problem) => problem,
+                Err(e) if is_damage(&e) => e.to_string(),
+                Err(e) => return Err(Error::sqlite(c.what("checking it"), e)),
+            },
+            Err(Error::Sqlite { source, .. }) if is_damage(&source) => source.to_string(),
+            Err(e) => return Err(e),
+        };
+        let aside = format!("{}.damaged-{}", path.display(), Utc::now().format("%Y%m%dT%H%M%SZ"));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = format!("{}{suffix}", path.display());
+            if std::path::Path::new(&from).exists() {
+                std::fs::rename(&from, format!("{aside}{suffix}"))
+                    .context(|| format!("catalog {}: cannot move the damaged file aside", path.display()))?;
+            }
+        }
+        log::warn!(
+            "catalog {} is damaged ({damage}); moved aside to {aside}: a new one is rebuilt from the manifests on the drive",
+            path.display()
+        );
+        Catalog::open(path)
+    }
+
+    /// A catalog in memory, standing in for the one at `path` for a single run.
+    fn in_memory(path: &Path) -> Result<Catalog> {
+        let mut conn = Connection::open_in_memory().context(|| "opening a catalog in memory".into())?;
+        migrate(&mut conn, path)?;
+        Ok(Catalog { conn, path: path.to_path_buf() })
+    }
+
     /// Where this catalog lives.
     pub fn path(&self) -> &Path {
         &self.path
@@ -295,7 +341,7 @@ impl Catalog {
         id: i64,
         at: DateTime<Utc>,
         status: RunStatus,
-        error: Option<&Error>,
+        error: Option<&crate::ops::RunError>,
         archive: Option<&str>,
     ) -> Result<()> {
         let changed = self
@@ -307,14 +353,14 @@ impl Catalog {
                     id,
                     ts(at),
                     status.as_str(),
-                    error.map(|e| e.to_string()),
-                    error.map(|e| e.kind()),
+                    error.map(|e| e.message.as_str()),
+                    error.map(|e| e.kind),
                     archive
                 ],
             )
             .context(|| self.what(format!("recording the end of run {id}")))?;
         if changed == 0 {
-            return Err(Error::Failed(self.what(format!("no run with id {id} to end"))));
+            return Err(Error::Catalog(self.what(format!("no run with id {id} to end"))));
         }
         Ok(())
     }
@@ -329,6 +375,29 @@ impl Catalog {
                 params![RunStatus::Failed.as_str(), ts(at), INTERRUPTED, RunStatus::Running.as_str()],
             )
             .context(|| self.what("closing interrupted runs"))
+    }
+
+    /// Name the archive a run is about to write, before its first byte: if the run is cut
+    /// off, the next run knows the orphan it left is its own (see [`Catalog::interrupted_archives`]).
+    pub fn set_run_archive(&self, id: i64, archive: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE runs SET archive = ?2 WHERE id = ?1", params![id, archive])
+            .context(|| self.what(format!("recording the archive of run {id}")))?;
+        Ok(())
+    }
+
+    /// Archives named by runs that were cut off: the only orphans (an archive without its
+    /// manifest) datavault may delete. Any other orphan was not made by an interrupted run
+    /// of this catalog (a manifest deleted by hand, another machine's drive): it is kept.
+    pub fn interrupted_archives(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT archive FROM runs WHERE error_kind = ?1 AND archive IS NOT NULL")
+            .context(|| self.what("reading interrupted runs"))?;
+        let rows = stmt
+            .query_map(params![INTERRUPTED], |r| r.get::<_, String>(0))
+            .context(|| self.what("reading interrupted runs"))?;
+        rows.collect::<std::result::Result<_, _>>().context(|| self.what("reading interrupted runs"))
     }
 
     /// Append an event to the audit trail.
@@ -367,7 +436,7 @@ impl Catalog {
 
     fn one_archive(&self, name: &str, changed: usize) -> Result<()> {
         if changed == 0 {
-            return Err(Error::Failed(
+            return Err(Error::Catalog(
                 self.what(format!("no archive named {name}; sync the catalog with the target first")),
             ));
         }
@@ -503,7 +572,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
                 .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
                 .context(doing)?;
             if tables > 0 {
-                return Err(Error::Failed(format!(
+                return Err(Error::Catalog(format!(
                     "catalog {}: this SQLite file has tables but is not a datavault catalog; \
                      check state.dir in the config",
                     path.display()
@@ -514,7 +583,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
         SCHEMA_VERSION => {}
         v => {
-            return Err(Error::Failed(format!(
+            return Err(Error::Catalog(format!(
                 "catalog {}: schema version {v} is not one this datavault understands ({SCHEMA_VERSION}); \
                  run the datavault that wrote it, or move the file aside: a new catalog is rebuilt \
                  from the manifests on the USB drive",
@@ -523,6 +592,25 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         }
     }
     tx.commit().context(doing)
+}
+
+/// The catalog's disk cannot take writes (full, read-only, failing).
+fn is_unwritable(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull)
+            | Some(rusqlite::ErrorCode::SystemIoFailure)
+            | Some(rusqlite::ErrorCode::ReadOnly)
+            | Some(rusqlite::ErrorCode::CannotOpen)
+    )
+}
+
+/// SQLite's way of saying the file is not (or no longer) a database.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -721,7 +809,7 @@ mod tests {
         cat.end_run(ok, at(20, 3), RunStatus::Success, None, Some("a1.age")).unwrap();
         let bad = cat.begin_run("backup", "manual", "alice", "pi", at(21, 2)).unwrap();
         let err = Error::target(Path::new("/mnt/datavault"), "not mounted; plug in the USB drive");
-        cat.end_run(bad, at(21, 2), RunStatus::Failed, Some(&err), None).unwrap();
+        cat.end_run(bad, at(21, 2), RunStatus::Failed, Some(&crate::ops::RunError::of(&err)), None).unwrap();
 
         let runs = cat.runs(10).unwrap();
         assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [bad, ok]);

@@ -1,18 +1,17 @@
 //! Command-line definition and dispatch. Kept thin: every command's work is in the library
-//! (`datavault::ops`), its rendering in `commands/`.
+//! (`datavault::ops`), its rendering in `commands/`, the output plumbing in `ui`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use datavault::config::{self, Settings};
-use datavault::error::{exit, Error, Result};
+use datavault::error::{exit, Result};
 use datavault::ops::Env;
-use datavault::progress::{NoProgress, Progress};
 
 use crate::commands;
+use crate::ui::{self, Ui};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -24,6 +23,12 @@ Exit codes:
       content, failed drill)
   5   source unreadable (database missing or damaged, uploads unreadable)
   75  another datavault run holds the lock (try again later)
+
+Offsite (datavault offsite ...): 3 the server is unreachable, DNS or TLS fails, a request
+timed out, the bucket is missing or full, the clock is too far off (RequestTimeTooSkewed:
+a Pi without an RTC needs NTP synced first); 2 wrong or insufficient credentials
+(SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied) or a bad [offsite] value;
+4 a remote object conflicts with the drive's, or a file on the drive is damaged.
 
 Config: --config, else $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml.
 Try it without a Pi: `datavault demo`.";
@@ -39,7 +44,7 @@ pub struct Cli {
     /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore)
+    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore, offsite)
     #[arg(long, global = true)]
     pub json: bool,
     /// More log detail (-v debug, -vv trace)
@@ -60,13 +65,13 @@ pub enum Trigger {
     Boot,
 }
 
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Manual => "manual",
-            Trigger::Timer => "timer",
-            Trigger::Button => "button",
-            Trigger::Boot => "boot",
+impl From<Trigger> for datavault::ops::Trigger {
+    fn from(t: Trigger) -> Self {
+        match t {
+            Trigger::Manual => datavault::ops::Trigger::Manual,
+            Trigger::Timer => datavault::ops::Trigger::Timer,
+            Trigger::Button => datavault::ops::Trigger::Button,
+            Trigger::Boot => datavault::ops::Trigger::Boot,
         }
     }
 }
@@ -155,6 +160,9 @@ during a run are acknowledged by three quick flashes. SIGTERM/SIGINT stop cleanl
 cancelled and removes its partial file); SIGHUP reloads the config (a bad one is refused and the old one \
 kept); SIGUSR1 starts a backup. Speaks systemd's notify protocol when NOTIFY_SOCKET is set.")]
     Agent,
+    /// Copy the drive's backups to S3-compatible storage (push), or prune that copy (prune)
+    #[command(subcommand)]
+    Offsite(OffsiteCommand),
     /// Run the whole job on a built-in example app in a temporary folder (no Pi, no setup)
     Demo {
         /// Keep the demo folder instead of deleting it at the end
@@ -163,9 +171,35 @@ kept); SIGUSR1 starts a backup. Speaks systemd's notify protocol when NOTIFY_SOC
     },
 }
 
-pub struct Ui {
-    pub json: bool,
-    pub quiet: bool,
+#[derive(Subcommand)]
+pub enum OffsiteCommand {
+    /// Upload whatever the bucket lacks: data first, the manifest that makes a backup visible last
+    #[command(
+        after_help = "Resumable: a push cut off (kill, dropped connection) leaves nothing half-visible; the \
+next one aborts the unfinished upload and sends only what is missing. Never overwrites a remote object: a \
+put-only credential (no DeleteObject) is enough and is the recommended setup (docs/offsite.md). Archives \
+that [offsite.retention] would not keep are not sent. Takes its own lock (offsite.lock), never the backup's. \
+Exit 3: server unreachable, DNS, TLS, timeout, bucket missing or full, clock skew; 2: credentials or \
+[offsite] config; 4: a remote object conflicts, or a file on the drive is damaged (not sent)."
+    )]
+    Push {
+        /// Only list what would be uploaded
+        #[arg(long)]
+        dry_run: bool,
+        /// What started this push (recorded in the catalog)
+        #[arg(long, value_enum, default_value = "manual")]
+        trigger: Trigger,
+    },
+    /// Apply [offsite.retention] to the bucket: run it OFF the Pi, with a delete-capable credential
+    #[command(after_help = "Deletes manifests first, then their archives; archives without a manifest and \
+unfinished uploads older than a day; merges the upload ledger. With the Pi's put-only credential it fails \
+with exit 2 (AccessDenied), by design: a thief or ransomware on the Pi cannot delete the offsite copy. \
+The deduplicated store (store/) is not pruned by this command yet.")]
+    Prune {
+        /// Only show what would be deleted
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 pub fn main() -> u8 {
@@ -183,26 +217,13 @@ pub fn main() -> u8 {
     let ui = Ui { json: cli.json, quiet: cli.quiet };
     match dispatch(&cli, &ui) {
         Ok(code) => code,
+        // The reader of our stdout went away (`| head`): it has what it wanted.
+        Err(e) if e.is_broken_pipe() => exit::SUCCESS,
         Err(e) => {
-            report(&e);
+            ui::report(&e);
             e.exit_code()
         }
     }
-}
-
-/// One line, naming the thing and the fix; the class is in the exit code.
-pub fn report(e: &Error) {
-    let mut line = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    eprintln!("datavault: error: {}", line.replace('\n', " "));
 }
 
 fn init_logging(cli: &Cli) {
@@ -218,10 +239,14 @@ fn init_logging(cli: &Cli) {
     if !std::io::stderr().is_terminal() {
         b.set_time_level(LevelFilter::Off);
     }
+    if cli.verbose < 2 {
+        // rust-s3's own lines ("Retrying safe S3 request...") say less than ours; -vv shows them.
+        b.add_filter_ignore_str("s3");
+    }
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);
-    let _ = WriteLogger::init(level, b.build(), std::io::stderr());
+    let _ = WriteLogger::init(level, b.build(), ui::PrintableStderr);
 }
 
 fn load(cli: &Cli) -> Result<Settings> {
@@ -229,42 +254,38 @@ fn load(cli: &Cli) -> Result<Settings> {
 }
 
 fn env(cli: &Cli, ui: &Ui) -> Result<Env> {
-    Ok(Env::new(load(cli)?, progress(ui)))
-}
-
-pub fn progress(ui: &Ui) -> Arc<dyn Progress> {
-    if ui.quiet || ui.json || !std::io::stderr().is_terminal() {
-        Arc::new(NoProgress)
-    } else {
-        Arc::new(commands::TtyProgress::default())
-    }
+    Ok(Env::new(load(cli)?, ui.progress()))
 }
 
 fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
+    let config_path = || config::resolve_path(cli.config.as_deref());
     match &cli.command {
-        Command::Init { keygen } => commands::init(&config::resolve_path(cli.config.as_deref()), *keygen, ui),
-        Command::Keygen { output } => commands::keygen(output, ui),
+        Command::Init { keygen } => commands::init::init(&config_path(), *keygen, ui),
+        Command::Keygen { output } => commands::init::keygen(output, ui),
         Command::Backup { trigger, comment } => {
-            commands::backup(&env(cli, ui)?, trigger.as_str(), comment.clone(), ui)
+            commands::backup::run(&env(cli, ui)?, (*trigger).into(), comment.clone(), ui)
         }
-        Command::List => commands::list(&env(cli, ui)?, ui),
+        Command::List => commands::list::run(&env(cli, ui)?, ui),
         Command::Verify { archive, all, deep } => {
-            commands::verify(&env(cli, ui)?, archive.as_deref(), *all, *deep, ui)
+            commands::verify::run(&env(cli, ui)?, archive.as_deref(), *all, *deep, ui)
         }
         Command::Drill { archive, trigger } => {
-            commands::drill(&env(cli, ui)?, archive.as_deref(), trigger.as_str(), ui)
+            commands::drill::run(&env(cli, ui)?, archive.as_deref(), (*trigger).into(), ui)
         }
         Command::Restore { archive, to, yes } => {
-            commands::restore(&env(cli, ui)?, archive.as_deref(), to.as_deref(), *yes, ui)
+            commands::restore::run(&env(cli, ui)?, archive.as_deref(), to.as_deref(), *yes, ui)
         }
-        Command::Prune { dry_run } => commands::prune(&env(cli, ui)?, *dry_run, ui),
-        Command::Status => commands::status(&env(cli, ui)?, ui),
-        Command::Audit { limit } => commands::audit(&env(cli, ui)?, *limit, ui),
-        Command::Demo { keep } => commands::demo(*keep, ui),
-        Command::Doctor => commands::doctor(&config::resolve_path(cli.config.as_deref()), ui),
-        Command::Agent => {
-            datavault::agent::run(&config::resolve_path(cli.config.as_deref()))?;
-            Ok(exit::SUCCESS)
+        Command::Prune { dry_run } => commands::prune::run(&env(cli, ui)?, *dry_run, ui),
+        Command::Status => commands::status::run(&env(cli, ui)?, ui),
+        Command::Audit { limit } => commands::audit::run(&env(cli, ui)?, *limit, ui),
+        Command::Offsite(OffsiteCommand::Push { dry_run, trigger }) => {
+            commands::offsite::push(&env(cli, ui)?, (*trigger).into(), *dry_run, ui)
         }
+        Command::Offsite(OffsiteCommand::Prune { dry_run }) => {
+            commands::offsite::prune(&env(cli, ui)?, *dry_run, ui)
+        }
+        Command::Demo { keep } => commands::demo::run(*keep, ui),
+        Command::Doctor => commands::doctor::run(&config_path(), ui),
+        Command::Agent => commands::agent::run(&config_path()),
     }
 }

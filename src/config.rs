@@ -33,6 +33,8 @@ pub struct Settings {
     pub state: StateSettings,
     pub gpio: GpioSettings,
     pub agent: AgentSettings,
+    /// `[offsite]` (#10): the S3 copy; `None` when the section is absent.
+    pub offsite: Option<OffsiteSettings>,
 }
 
 /// The status LED and the push button (`datavault agent`). All off by default.
@@ -87,6 +89,9 @@ pub struct CompressionSettings {
 pub struct ServiceSettings {
     pub stop_command: String,
     pub start_command: String,
+    /// A stop or start command still running after this long is killed and counts as failed:
+    /// a hung stop must not hold the run lock (and the app's data) forever.
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +162,7 @@ struct RawConfig {
     state: Option<RawState>,
     gpio: Option<RawGpio>,
     agent: Option<RawAgent>,
+    offsite: Option<RawOffsite>, // #10
 }
 
 #[derive(Deserialize)]
@@ -220,6 +226,7 @@ struct RawRetention {
 struct RawService {
     stop_command: Spanned<String>,
     start_command: Spanned<String>,
+    timeout_seconds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -248,8 +255,9 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 
 impl Settings {
     pub fn load(path: &Path) -> Result<Settings> {
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
+        let text = match crate::fsutil::read_regular(path, 1 << 20) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map_err(|_| Error::config(path, "is not UTF-8 text; it should be a TOML file"))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::config(
                     path,
@@ -261,6 +269,8 @@ impl Settings {
         Settings::parse(path, &text)
     }
 
+    /// Parse and validate: each section in its own function below, then the rules across
+    /// sections (the paths' layout).
     pub fn parse(path: &Path, text: &str) -> Result<Settings> {
         let v = Validator { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -270,32 +280,94 @@ impl Settings {
                 e.span().and_then(|s| key_at(text, s.start)).map(|k| format!("{k}: ")).unwrap_or_default();
             Error::config(path, format!("{line}{key}{}", e.message().trim().replace('\n', " ")))
         })?;
-
-        let source = raw.source.get_ref();
-        let database = v.abs_path("source.database", &source.database)?;
-        let uploads = source.uploads.as_ref().map(|u| v.abs_path("source.uploads", u)).transpose()?;
-
-        let target = raw.target.get_ref();
-        let target = TargetSettings {
-            path: v.abs_path("target.path", &target.path)?,
-            require_mountpoint: target.require_mountpoint.unwrap_or(true),
-            require_luks: target.require_luks.unwrap_or(true),
-            marker_id: target.marker_id.as_ref().map(|m| v.nonempty("target.marker_id", m)).transpose()?,
+        let mut settings = Settings {
+            path: path.to_path_buf(),
+            source: v.source(raw.source.get_ref())?,
+            target: v.target(raw.target.get_ref())?,
+            encryption: v.encryption(raw.encryption.get_ref())?,
+            compression: v.compression(raw.compression.as_ref())?,
+            retention: v.retention(raw.retention.as_ref())?,
+            service: raw.service.as_ref().map(|s| v.service(s)).transpose()?,
+            drill: v.drill(raw.drill.as_ref())?,
+            state: StateSettings {
+                dir: match &raw.state {
+                    None => PathBuf::from("/var/lib/datavault"),
+                    Some(s) => v.abs_path("state.dir", &s.dir)?,
+                },
+            },
+            gpio: v.gpio(raw.gpio.as_ref())?,
+            agent: AgentSettings {
+                max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
+                    None => 26,
+                    Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
+                },
+            },
+            offsite: None,
         };
+        settings.offsite =
+            raw.offsite.as_ref().map(|o| parse_offsite(&v, o, &settings.retention)).transpose()?; // #10
+        settings.layout().check().map_err(|m| Error::config(path, m))?;
+        Ok(settings)
+    }
 
-        let enc = raw.encryption.get_ref();
-        if enc.recipients.get_ref().is_empty() {
-            return Err(v.err(
+    /// Where everything is, for the overlap rules.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            database: self.source.database.clone(),
+            uploads: self.source.uploads.clone(),
+            target: self.target.path.clone(),
+            state: self.state.dir.clone(),
+            scratch: self.drill.scratch_dir.clone(),
+        }
+    }
+}
+
+impl Validator<'_> {
+    fn source(&self, raw: &RawSource) -> Result<SourceSettings> {
+        let database = self.abs_path("source.database", &raw.database)?;
+        let uploads = raw.uploads.as_ref().map(|u| self.abs_path("source.uploads", u)).transpose()?;
+        if let Some(u) = &uploads {
+            if u == &database || database.starts_with(u) {
+                return Err(Error::config(
+                    self.path,
+                    "source.uploads contains source.database; point uploads at the folder of user files only",
+                ));
+            }
+        }
+        Ok(SourceSettings { database, uploads })
+    }
+
+    fn target(&self, raw: &RawTarget) -> Result<TargetSettings> {
+        Ok(TargetSettings {
+            path: self.abs_path("target.path", &raw.path)?,
+            require_mountpoint: raw.require_mountpoint.unwrap_or(true),
+            require_luks: raw.require_luks.unwrap_or(true),
+            marker_id: raw.marker_id.as_ref().map(|m| self.nonempty("target.marker_id", m)).transpose()?,
+        })
+    }
+
+    fn encryption(&self, raw: &RawEncryption) -> Result<EncryptionSettings> {
+        if raw.recipients.get_ref().is_empty() {
+            return Err(self.err(
                 "encryption.recipients",
-                enc.recipients.span().start,
+                raw.recipients.span().start,
                 "is empty; put at least one age public key (age1...) there, from `datavault keygen`",
             ));
         }
         let mut recipients = Vec::new();
-        for (i, r) in enc.recipients.get_ref().iter().enumerate() {
+        for (i, r) in raw.recipients.get_ref().iter().enumerate() {
             let parsed = age::x25519::Recipient::from_str(r.get_ref().trim()).map_err(|_| {
-                v.err(
-                    &format!("encryption.recipients[{i}]"),
+                let key = format!("encryption.recipients[{i}]");
+                if r.get_ref().to_ascii_uppercase().contains("AGE-SECRET-KEY") {
+                    // Never echo it: this line goes to the journal every night.
+                    return self.err(
+                        &key,
+                        r.span().start,
+                        "is a PRIVATE key (AGE-SECRET-KEY-...): put the public key (age1...) here, keep the private key off the Pi, and since this one was in the config, consider it exposed",
+                    );
+                }
+                self.err(
+                    &key,
                     r.span().start,
                     format!(
                         "{:?} is not an age public key (age1...); `datavault keygen --output FILE` makes one",
@@ -305,159 +377,533 @@ impl Settings {
             })?;
             recipients.push(parsed);
         }
-        let identity = enc.identity.as_ref().map(|p| v.abs_path("encryption.identity", p)).transpose()?;
+        let identity = raw.identity.as_ref().map(|p| self.abs_path("encryption.identity", p)).transpose()?;
+        Ok(EncryptionSettings { recipients, identity })
+    }
 
-        let compression = match &raw.compression {
-            None => CompressionSettings { level: 3, threads: 1 },
-            Some(c) => {
-                let level = match &c.level {
-                    None => 3,
-                    Some(l) => v.int_in("compression.level", l, 1, 19)? as i32,
-                };
-                let threads = match &c.threads {
-                    None => 1,
-                    Some(t) => match v.int_in("compression.threads", t, 0, 64)? {
-                        0 => default_threads(),
-                        n => n as u32,
-                    },
-                };
-                CompressionSettings { level, threads }
+    fn compression(&self, raw: Option<&RawCompression>) -> Result<CompressionSettings> {
+        let Some(c) = raw else { return Ok(CompressionSettings { level: 3, threads: 1 }) };
+        let level = match &c.level {
+            None => 3,
+            Some(l) => self.int_in("compression.level", l, 1, 19)? as i32,
+        };
+        let threads = match &c.threads {
+            None => 1,
+            Some(t) => match self.int_in("compression.threads", t, 0, 64)? {
+                0 => default_threads(),
+                n => n as u32,
+            },
+        };
+        Ok(CompressionSettings { level, threads })
+    }
+
+    fn retention(&self, raw: Option<&RawRetention>) -> Result<RetentionPolicy> {
+        let mut retention = RetentionPolicy::default();
+        let Some(r) = raw else { return Ok(retention) };
+        let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
+            match f {
+                None => Ok(default),
+                Some(x) => Ok(self.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
             }
         };
+        retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
+        retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
+        retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
+        retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
+        retention.keep_pre_restore =
+            field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
+        Ok(retention)
+    }
 
-        let mut retention = RetentionPolicy::default();
-        if let Some(r) = &raw.retention {
-            let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
-                match f {
-                    None => Ok(default),
-                    Some(x) => Ok(v.int_in(&format!("retention.{name}"), x, 0, 100_000)? as u32),
-                }
-            };
-            retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
-            retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
-            retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
-            retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
-            retention.keep_pre_restore =
-                field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
-        }
-
-        let service = match &raw.service {
-            None => None,
-            Some(s) => Some(ServiceSettings {
-                stop_command: v.nonempty("service.stop_command", &s.stop_command)?,
-                start_command: v.nonempty("service.start_command", &s.start_command)?,
+    fn service(&self, s: &RawService) -> Result<ServiceSettings> {
+        Ok(ServiceSettings {
+            stop_command: self.nonempty("service.stop_command", &s.stop_command)?,
+            start_command: self.nonempty("service.start_command", &s.start_command)?,
+            timeout: std::time::Duration::from_secs(match &s.timeout_seconds {
+                None => DEFAULT_SERVICE_TIMEOUT_SECONDS,
+                Some(t) => self.int_in("service.timeout_seconds", t, 1, 3600)? as u64,
             }),
-        };
+        })
+    }
 
-        let drill = match &raw.drill {
-            None => DrillSettings { checks: Vec::new(), scratch_dir: None },
-            Some(d) => DrillSettings {
-                checks: d
-                    .checks
-                    .iter()
-                    .flatten()
-                    .enumerate()
-                    .map(|(i, c)| v.nonempty(&format!("drill.checks[{i}]"), c))
-                    .collect::<Result<_>>()?,
-                scratch_dir: d
-                    .scratch_dir
-                    .as_ref()
-                    .map(|p| v.abs_path("drill.scratch_dir", p))
-                    .transpose()?,
-            },
-        };
+    fn drill(&self, raw: Option<&RawDrill>) -> Result<DrillSettings> {
+        let Some(d) = raw else { return Ok(DrillSettings { checks: Vec::new(), scratch_dir: None }) };
+        Ok(DrillSettings {
+            checks: d
+                .checks
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, c)| self.nonempty(&format!("drill.checks[{i}]"), c))
+                .collect::<Result<_>>()?,
+            scratch_dir: d.scratch_dir.as_ref().map(|p| self.abs_path("drill.scratch_dir", p)).transpose()?,
+        })
+    }
 
-        let state = StateSettings {
-            dir: match &raw.state {
-                None => PathBuf::from("/var/lib/datavault"),
-                Some(s) => v.abs_path("state.dir", &s.dir)?,
-            },
-        };
-
-        let gpio = match &raw.gpio {
-            None => GpioSettings {
+    fn gpio(&self, raw: Option<&RawGpio>) -> Result<GpioSettings> {
+        let Some(g) = raw else {
+            return Ok(GpioSettings {
                 led_pin: None,
                 act_led: false,
                 button_pin: None,
                 debounce: std::time::Duration::from_millis(50),
                 long_press: std::time::Duration::from_secs(3),
-            },
-            Some(g) => {
-                // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
-                let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
-                    p.as_ref().map(|p| v.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
-                };
-                let led_pin = pin("gpio.led_pin", &g.led_pin)?;
-                let button_pin = pin("gpio.button_pin", &g.button_pin)?;
-                if led_pin.is_some() && led_pin == button_pin {
-                    return Err(Error::config(path, "gpio.led_pin and gpio.button_pin are the same pin"));
-                }
-                let ms =
-                    |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
-                        Ok(match x {
-                            None => default,
-                            Some(x) => v.int_in(key, x, min, max)? as u64,
-                        })
-                    };
-                GpioSettings {
-                    led_pin,
-                    act_led: g.act_led.unwrap_or(false),
-                    button_pin,
-                    debounce: std::time::Duration::from_millis(ms(
-                        "gpio.debounce_ms",
-                        &g.debounce_ms,
-                        50,
-                        1,
-                        1000,
-                    )?),
-                    long_press: std::time::Duration::from_millis(ms(
-                        "gpio.long_press_ms",
-                        &g.long_press_ms,
-                        3000,
-                        500,
-                        60_000,
-                    )?),
-                }
-            }
+            });
         };
-        let agent = AgentSettings {
-            max_age_hours: match raw.agent.as_ref().and_then(|a| a.max_age_hours.as_ref()) {
-                None => 26,
-                Some(h) => v.int_in("agent.max_age_hours", h, 1, 24 * 366)? as u32,
-            },
+        // BCM 0..=27 are the header's GPIOs on every Pi with a 40-pin header.
+        let pin = |key: &str, p: &Option<Spanned<i64>>| -> Result<Option<u8>> {
+            p.as_ref().map(|p| self.int_in(key, p, 0, 27).map(|n| n as u8)).transpose()
         };
-
-        if let Some(u) = &uploads {
-            if u == &database || database.starts_with(u) {
-                return Err(Error::config(
-                    path,
-                    "source.uploads contains source.database; point uploads at the folder of user files only",
-                ));
-            }
+        let led_pin = pin("gpio.led_pin", &g.led_pin)?;
+        let button_pin = pin("gpio.button_pin", &g.button_pin)?;
+        let act_led = g.act_led.unwrap_or(false);
+        if led_pin.is_some() && led_pin == button_pin {
+            return Err(Error::config(self.path, "gpio.led_pin and gpio.button_pin are the same pin"));
         }
-        if target.path.starts_with(&state.dir) || state.dir.starts_with(&target.path) {
-            // The catalog must survive the loss of the USB drive and vice versa.
+        if led_pin.is_some() && act_led {
+            // One status LED: two would disagree while the agent switches patterns.
             return Err(Error::config(
-                path,
-                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive",
+                self.path,
+                "gpio.led_pin and gpio.act_led are both set; choose one status LED",
             ));
         }
-
-        Ok(Settings {
-            path: path.to_path_buf(),
-            source: SourceSettings { database, uploads },
-            target,
-            encryption: EncryptionSettings { recipients, identity },
-            compression,
-            retention,
-            service,
-            drill,
-            state,
-            gpio,
-            agent,
+        let ms = |key: &str, x: &Option<Spanned<i64>>, default: u64, min: i64, max: i64| -> Result<u64> {
+            Ok(match x {
+                None => default,
+                Some(x) => self.int_in(key, x, min, max)? as u64,
+            })
+        };
+        Ok(GpioSettings {
+            led_pin,
+            act_led,
+            button_pin,
+            debounce: std::time::Duration::from_millis(ms("gpio.debounce_ms", &g.debounce_ms, 50, 1, 1000)?),
+            long_press: std::time::Duration::from_millis(ms(
+                "gpio.long_press_ms",
+                &g.long_press_ms,
+                3000,
+                500,
+                60_000,
+            )?),
         })
     }
 }
+
+pub const DEFAULT_SERVICE_TIMEOUT_SECONDS: u64 = 120;
+
+/// Where everything is, to check that the paths stay out of each other's way.
+///
+/// An in-place restore renames the database (with its -wal, -shm, -journal) and the uploads
+/// folder aside and deletes them at the end: anything inside those (the backup drive mounted
+/// in uploads, the state folder with the restore journal, a drill's scratch) would move and
+/// be deleted with them. A backup drive inside uploads also puts every earlier archive into
+/// each new one. So each of target, state and scratch must be outside the moved paths, and
+/// the app's data off the backup drive and out of the state folder.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub database: PathBuf,
+    pub uploads: Option<PathBuf>,
+    pub target: PathBuf,
+    pub state: PathBuf,
+    pub scratch: Option<PathBuf>,
+}
+
+impl Layout {
+    /// The paths an in-place restore moves, with their keys.
+    fn moved(&self) -> Vec<(String, PathBuf)> {
+        let mut v = vec![("source.database".to_string(), self.database.clone())];
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = self.database.as_os_str().to_owned();
+            p.push(suffix);
+            v.push((format!("source.database's {suffix} file"), PathBuf::from(p)));
+        }
+        if let Some(u) = &self.uploads {
+            v.push(("source.uploads".to_string(), u.clone()));
+        }
+        v
+    }
+
+    /// Ok, or the first overlap as a message naming both keys and the fix.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let mut ours = vec![
+            ("target.path", &self.target, "keep the backups on the USB drive"),
+            ("state.dir", &self.state, "keep the catalog and the restore journal in their own folder"),
+        ];
+        if let Some(s) = &self.scratch {
+            ours.push(("drill.scratch_dir", s, "drills extract plaintext there"));
+        }
+        for (key, path, why) in &ours {
+            for (moved_key, moved) in self.moved() {
+                if path.starts_with(&moved) {
+                    return Err(format!(
+                        "{key} ({}) is inside {moved_key} ({}): a restore would move it away with the app's data and delete it, and backups would copy it; {why}, outside the app's data",
+                        path.display(),
+                        moved.display()
+                    ));
+                }
+                if moved.starts_with(path) {
+                    return Err(format!(
+                        "{moved_key} ({}) is inside {key} ({}): keep the app's data out of datavault's own folders",
+                        moved.display(),
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if self.target.starts_with(&self.state) || self.state.starts_with(&self.target) {
+            // The catalog must survive the loss of the USB drive and vice versa.
+            return Err(
+                "state.dir and target.path overlap; keep the catalog on the Pi and the archives on the USB drive".into(),
+            );
+        }
+        if let Some(s) = &self.scratch {
+            if s.starts_with(&self.state) || self.state.starts_with(s) {
+                return Err(
+                    "drill.scratch_dir and state.dir overlap; give the drills their own folder".into()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The same rules on the paths as they really are (symlinks on the way resolved), and no
+    /// symlink as the database itself.
+    pub fn resolved(&self) -> std::result::Result<Layout, String> {
+        for (key, path) in std::iter::once(("source.database", &self.database))
+            .chain(self.uploads.as_ref().map(|u| ("source.uploads", u)))
+        {
+            if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+                let real = fs::canonicalize(path)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "something missing".into());
+                return Err(format!(
+                    "{key} {} is a symlink (to {real}); datavault reads and replaces real files and folders only: set {key} = \"{real}\"",
+                    path.display()
+                ));
+            }
+        }
+        Ok(Layout {
+            database: resolve(&self.database),
+            uploads: self.uploads.as_deref().map(resolve),
+            target: resolve(&self.target),
+            state: resolve(&self.state),
+            scratch: self.scratch.as_deref().map(resolve),
+        })
+    }
+}
+
+/// The path with its existing part resolved (symlinks followed), the rest appended.
+fn resolve(p: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = p;
+    loop {
+        if let Ok(real) = fs::canonicalize(at) {
+            let mut out = real;
+            for c in missing.iter().rev() {
+                out.push(c);
+            }
+            return out;
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// Check the settings' paths as they are on disk now (locked runs and `doctor`).
+pub fn check_layout(s: &Settings) -> Result<()> {
+    s.layout().resolved().and_then(|l| l.check()).map_err(|m| Error::config(&s.path, m))
+}
+
+/// The state folder holds the run lock and the restore journal, whose paths root renames and
+/// deletes: it must be datavault's alone. Created private if missing; refused if another
+/// user owns it or others may write in it.
+pub fn check_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if fs::symlink_metadata(dir).is_err() {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        b.create(dir).map_err(|e| {
+            Error::config(
+                dir,
+                format!("cannot create the state folder: {e}; check state.dir and permissions"),
+            )
+        })?;
+    }
+    match state_dir_problem(dir) {
+        Some(problem) => Err(Error::config(dir, problem)),
+        None => Ok(()),
+    }
+}
+
+/// What is wrong with the state folder, if anything (read-only: for `doctor` too).
+pub fn state_dir_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(format!("cannot read the state folder: {e}")),
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if !m.is_dir() {
+        return Some("state.dir is not a folder; point it at a folder for datavault's state".into());
+    }
+    if m.uid() != me {
+        return Some(format!(
+            "the state folder is owned by uid {}, not by the user running datavault (uid {me}); run `chown {me} {}` or choose another state.dir",
+            m.uid(),
+            dir.display()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Some(format!(
+            "others may write in the state folder (mode {:o}); run `chmod 700 {}`",
+            m.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    None
+}
+
+// ==== [offsite] (#10): the S3-compatible offsite copy =========================================
+// One block on purpose: the raw form, the settings, the validation and its test live here
+// together; the only lines elsewhere in this file are the three marked "#10".
+
+/// Where and how `datavault offsite push` copies the drive's backups (`[offsite]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsiteSettings {
+    /// `s3://BUCKET/PREFIX`, as written (for messages).
+    pub url: String,
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; empty for the bucket's root.
+    pub prefix: String,
+    /// `https://host[:port]`; plain http only for 127.0.0.1 and [::1] (tests).
+    pub endpoint: String,
+    pub region: String,
+    /// `https://endpoint/bucket/key` instead of `https://bucket.endpoint/key` (self-hosted
+    /// servers, rclone, most non-AWS services).
+    pub path_style: bool,
+    /// TOML with `access_key_id` and `secret_access_key`, mode 0600, owned by the user running
+    /// datavault. `None`: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` from the environment.
+    pub credentials: Option<PathBuf>,
+    /// Upload bytes per second on average (`None`: as fast as the link goes).
+    pub max_rate: Option<u64>,
+    /// Multipart part size in bytes (S3's minimum, 5 MiB, is the default: the smallest memory;
+    /// the size doubles every 2,000 parts, so S3's 10,000-part limit allows ~300 GB files).
+    pub part_size: usize,
+    /// Parts uploaded at once. 1 (the default) sends on the calling thread: memory about
+    /// `2 * part_size`; more use worker threads: about `part_size * (2 * parts_in_flight + 1)`
+    /// plus allocator arenas.
+    pub parts_in_flight: usize,
+    /// Longest one HTTP request may take (a stalled connection fails after this).
+    pub timeout: std::time::Duration,
+    /// What the remote keeps: `[offsite.retention]`, each missing key taken from `[retention]`.
+    pub retention: RetentionPolicy,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOffsite {
+    url: Spanned<String>,
+    endpoint: Spanned<String>,
+    region: Option<Spanned<String>>,
+    path_style: Option<bool>,
+    credentials: Option<Spanned<String>>,
+    max_rate: Option<Spanned<i64>>,
+    part_size_mib: Option<Spanned<i64>>,
+    parts_in_flight: Option<Spanned<i64>>,
+    timeout_secs: Option<Spanned<i64>>,
+    retention: Option<RawRetention>,
+}
+
+fn parse_offsite(v: &Validator, o: &RawOffsite, local: &RetentionPolicy) -> Result<OffsiteSettings> {
+    let url = o.url.get_ref().trim();
+    let Some(rest) = url.strip_prefix("s3://") else {
+        return Err(v.err(
+            "offsite.url",
+            o.url.span().start,
+            format!("{url:?} must look like s3://BUCKET/PREFIX"),
+        ));
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !bucket_ok {
+        return Err(v.err(
+            "offsite.url",
+            o.url.span().start,
+            format!(
+                "names bucket {bucket:?}: a bucket name is 3-63 lowercase letters, digits, dots or hyphens"
+            ),
+        ));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    if !prefix.is_empty() && crate::store::backend::check_path(prefix).is_err() {
+        return Err(v.err(
+            "offsite.url",
+            o.url.span().start,
+            format!("has prefix {prefix:?}: use plain folder names separated by single slashes"),
+        ));
+    }
+    let endpoint = o.endpoint.get_ref().trim().trim_end_matches('/').to_string();
+    check_endpoint(&endpoint).map_err(|why| v.err("offsite.endpoint", o.endpoint.span().start, why))?;
+    let region = match &o.region {
+        None => "us-east-1".to_string(),
+        Some(r) => v.nonempty("offsite.region", r)?.trim().to_string(),
+    };
+    let credentials = o.credentials.as_ref().map(|c| v.abs_path("offsite.credentials", c)).transpose()?;
+    let max_rate = match &o.max_rate {
+        None => None,
+        Some(r) => match v.int_in("offsite.max_rate", r, 0, 1 << 40)? {
+            0 => None,
+            n if n < 16 * 1024 => {
+                return Err(v.err(
+                    "offsite.max_rate",
+                    r.span().start,
+                    format!("is {n} bytes/s; below 16384 a 5 MiB part takes minutes and requests time out (0 = no limit)"),
+                ))
+            }
+            n => Some(n as u64),
+        },
+    };
+    let part_size = match &o.part_size_mib {
+        None => 5 << 20,
+        Some(p) => (v.int_in("offsite.part_size_mib", p, 5, 512)? as usize) << 20,
+    };
+    let parts_in_flight = match &o.parts_in_flight {
+        None => 1,
+        Some(p) => v.int_in("offsite.parts_in_flight", p, 1, 16)? as usize,
+    };
+    let timeout = std::time::Duration::from_secs(match &o.timeout_secs {
+        None => 120,
+        Some(t) => v.int_in("offsite.timeout_secs", t, 1, 3600)? as u64,
+    });
+    let mut retention = *local;
+    if let Some(r) = &o.retention {
+        let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
+            match f {
+                None => Ok(default),
+                Some(x) => Ok(v.int_in(&format!("offsite.retention.{name}"), x, 0, 100_000)? as u32),
+            }
+        };
+        retention.keep_last = field("keep_last", &r.keep_last, retention.keep_last)?;
+        retention.keep_daily = field("keep_daily", &r.keep_daily, retention.keep_daily)?;
+        retention.keep_weekly = field("keep_weekly", &r.keep_weekly, retention.keep_weekly)?;
+        retention.keep_monthly = field("keep_monthly", &r.keep_monthly, retention.keep_monthly)?;
+        retention.keep_pre_restore =
+            field("keep_pre_restore", &r.keep_pre_restore, retention.keep_pre_restore)?;
+    }
+    Ok(OffsiteSettings {
+        url: url.to_string(),
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        endpoint,
+        region,
+        path_style: o.path_style.unwrap_or(false),
+        credentials,
+        max_rate,
+        part_size,
+        parts_in_flight,
+        timeout,
+        retention,
+    })
+}
+
+/// `https://host[:port]`, or `http://` to the loopback address only: credentials and backups
+/// never cross a network in clear (the archives are encrypted, the signatures are not secret,
+/// but the listing and the request metadata are).
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    let (scheme, rest) = endpoint
+        .split_once("://")
+        .ok_or_else(|| format!("{endpoint:?} must be a URL like https://s3.example.com"))?;
+    let host_port = rest.split('/').next().unwrap_or("");
+    if host_port.is_empty() || rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        return Err(format!("{endpoint:?} must be scheme://host[:port] with no path, user or query"));
+    }
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    match scheme {
+        "https" => Ok(()),
+        "http" if host == "127.0.0.1" || host == "::1" => Ok(()),
+        "http" => Err(format!(
+            "{endpoint:?} is plain http: use https (plain http is allowed only to 127.0.0.1 or [::1], for tests)"
+        )),
+        _ => Err(format!("{endpoint:?} must start with https://")),
+    }
+}
+
+#[cfg(test)]
+mod offsite_tests {
+    use super::*;
+
+    const KEY: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+    fn with(offsite: &str) -> Result<Settings> {
+        let text = format!(
+            "[source]\ndatabase = \"/a/app.db\"\n[target]\npath = \"/mnt/x\"\n[encryption]\nrecipients = [\"{KEY}\"]\n\
+             [retention]\nkeep_daily = 9\n[offsite]\n{offsite}"
+        );
+        Settings::parse(Path::new("/etc/datavault/datavault.toml"), &text)
+    }
+
+    #[test]
+    fn offsite_section_parses_with_defaults_and_inherits_retention() {
+        let s =
+            with("url = \"s3://my-bucket/pis/kitchen/\"\nendpoint = \"https://s3.example.com\"\n").unwrap();
+        let o = s.offsite.unwrap();
+        assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("my-bucket", "pis/kitchen"));
+        assert_eq!(o.region, "us-east-1");
+        assert!(!o.path_style && o.credentials.is_none() && o.max_rate.is_none());
+        assert_eq!((o.part_size, o.parts_in_flight), (5 << 20, 1));
+        assert_eq!(o.retention.keep_daily, 9, "the local policy by default");
+        let s = with(
+            "url = \"s3://b12\"\nendpoint = \"http://127.0.0.1:9000\"\npath_style = true\nmax_rate = 1000000\n\
+             credentials = \"/etc/datavault/offsite.credentials\"\n[offsite.retention]\nkeep_daily = 30\n",
+        )
+        .unwrap();
+        let o = s.offsite.unwrap();
+        assert_eq!(
+            (o.prefix.as_str(), o.max_rate, o.retention.keep_daily, o.retention.keep_last),
+            ("", Some(1_000_000), 30, 7)
+        );
+        assert!(with("url = \"s3://b12\"\nendpoint = \"http://[::1]:9000\"\n").is_ok());
+    }
+
+    #[test]
+    fn offsite_mistakes_are_named_with_their_line() {
+        for (body, expect) in [
+            ("url = \"https://b/x\"\nendpoint = \"https://e\"\n", "offsite.url"),
+            ("url = \"s3://B_ad/x\"\nendpoint = \"https://e\"\n", "bucket"),
+            ("url = \"s3://bucket/../x\"\nendpoint = \"https://e\"\n", "prefix"),
+            ("url = \"s3://bucket\"\nendpoint = \"http://s3.example.com\"\n", "plain http"),
+            ("url = \"s3://bucket\"\nendpoint = \"ftp://e\"\n", "https://"),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e/path\"\n", "no path"),
+            (
+                "url = \"s3://bucket\"\nendpoint = \"https://e\"\ncredentials = \"rel/c\"\n",
+                "offsite.credentials",
+            ),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e\"\nmax_rate = 10\n", "offsite.max_rate"),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e\"\npart_size_mib = 1\n", "offsite.part_size_mib"),
+            ("url = \"s3://bucket\"\nendpoint = \"https://e\"\nsecret_access_key = \"x\"\n", "unknown field"),
+            ("url = \"s3://bucket\"\n", "endpoint"),
+        ] {
+            let e = with(body).err().unwrap_or_else(|| panic!("accepted: {body}"));
+            assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+            let m = e.to_string();
+            assert!(m.contains(expect) && m.contains("line "), "{body}: {m}");
+        }
+    }
+}
+// ==== end of [offsite] (#10) ====================================================================
 
 /// `threads = 0`: one zstd worker per core, at most 4. Not the default: on 2 cores the
 /// workers compete with hashing and encryption, and each holds several MiB of buffers
@@ -481,15 +927,24 @@ impl Validator<'_> {
     }
 
     fn abs_path(&self, key: &str, value: &Spanned<String>) -> Result<PathBuf> {
-        let p = PathBuf::from(value.get_ref());
-        if value.get_ref().is_empty() || !p.is_absolute() {
-            return Err(self.err(
-                key,
-                value.span().start,
-                format!("{:?} must be an absolute path (starting with /)", value.get_ref()),
-            ));
+        let text = value.get_ref();
+        let p = PathBuf::from(text);
+        let why = if text.is_empty() || !p.is_absolute() {
+            Some("must be an absolute path (starting with /)")
+        } else if text.contains('\0') {
+            Some("contains a NUL byte")
+        } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+            // `..` would defeat the overlap checks below (and means something else once a
+            // folder on the way is a symlink).
+            Some("must not contain '..'; write the path it leads to")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(self.err(key, value.span().start, format!("{text:?} {why}")));
         }
-        Ok(p)
+        // Lexically normal: no `.` components, no doubled or trailing slashes.
+        Ok(p.components().collect())
     }
 
     fn int_in(&self, key: &str, value: &Spanned<i64>, min: i64, max: i64) -> Result<i64> {
@@ -585,6 +1040,12 @@ mod tests {
             let m = message(&example().replace(from, to));
             assert!(m.contains(expect) && m.contains("line "), "{to}: {m}");
         }
+    }
+
+    #[test]
+    fn one_status_led_only() {
+        let m = message(&example().replace("act_led = false", "act_led = true\nled_pin = 17"));
+        assert!(m.contains("gpio.led_pin and gpio.act_led"), "{m}");
     }
 
     #[test]

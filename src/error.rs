@@ -43,9 +43,19 @@ pub enum Error {
     #[error("archive {archive}: {message}")]
     Integrity { archive: String, message: String },
 
+    /// A disk other than the target filled up or lacks room (the app's disk, while a restore
+    /// stages beside the live data).
+    #[error("disk {path}: {message}")]
+    DiskFull { path: PathBuf, message: String },
+
     /// The database or the uploads folder cannot be read.
     #[error("source {path}: {message}")]
     Source { path: PathBuf, message: String },
+
+    /// The offsite copy (S3) cannot be reached or used now: server unreachable, DNS, TLS,
+    /// timeout, bucket missing, quota full, clock skew (#10). Same exit code as a missing drive.
+    #[error("offsite {location}: {message}")]
+    OffsiteNotReady { location: String, message: String },
 
     /// Another datavault run holds the lock.
     #[error(
@@ -68,7 +78,25 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
-    /// A step the user configured (stop/start command) or an internal step failed.
+    /// The application's stop or start command failed, hung, or an in-place restore had to
+    /// be undone: the message says what state the data is in.
+    #[error("{0}")]
+    Restore(String),
+
+    /// The run was cancelled (SIGTERM to the agent); what it was writing was removed.
+    #[error("{0} stopped on request (SIGTERM); what it was writing was removed")]
+    Cancelled(String),
+
+    /// The system clock cannot be trusted for what was asked (pruning by age).
+    #[error("{0}")]
+    Clock(String),
+
+    /// The audit catalog could not record something it must (not a damaged file: that one
+    /// is rebuilt).
+    #[error("{0}")]
+    Catalog(String),
+
+    /// Anything else that failed: an internal step, the hardware, the demo.
     #[error("{0}")]
     Failed(String),
 }
@@ -79,11 +107,19 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) | Error::Config { .. } | Error::Key { .. } => exit::USAGE,
-            Error::TargetNotReady { .. } => exit::TARGET_NOT_READY,
+            Error::TargetNotReady { .. } | Error::DiskFull { .. } | Error::OffsiteNotReady { .. } => {
+                exit::TARGET_NOT_READY
+            }
             Error::Integrity { .. } => exit::INTEGRITY,
             Error::Source { .. } => exit::SOURCE,
             Error::Locked { .. } => exit::LOCKED,
-            Error::Io { .. } | Error::Sqlite { .. } | Error::Failed(_) => exit::FAILURE,
+            Error::Io { .. }
+            | Error::Sqlite { .. }
+            | Error::Restore(_)
+            | Error::Cancelled(_)
+            | Error::Clock(_)
+            | Error::Catalog(_)
+            | Error::Failed(_) => exit::FAILURE,
         }
     }
 
@@ -94,11 +130,50 @@ impl Error {
             Error::Config { .. } => "config",
             Error::Key { .. } => "key",
             Error::TargetNotReady { .. } => "target",
+            Error::DiskFull { .. } => "disk-full",
+            Error::OffsiteNotReady { .. } => "offsite",
             Error::Integrity { .. } => "integrity",
             Error::Source { .. } => "source",
             Error::Locked { .. } => "locked",
+            Error::Restore(_) => "restore",
+            Error::Cancelled(_) => "cancelled",
+            Error::Clock(_) => "clock",
+            Error::Catalog(_) => "catalog",
             Error::Io { .. } | Error::Sqlite { .. } | Error::Failed(_) => "failure",
         }
+    }
+
+    /// The same error, same class and exit code, with a note appended to its message (what
+    /// was being done, what it means for the data): one way to add context, not a rebuild of
+    /// each variant at every call site.
+    pub fn note(self, note: impl std::fmt::Display) -> Error {
+        let add = |m: String| format!("{m} ({note})");
+        match self {
+            Error::Usage(m) => Error::Usage(add(m)),
+            Error::Config { path, message } => Error::Config { path, message: add(message) },
+            Error::Key { path, message } => Error::Key { path, message: add(message) },
+            Error::TargetNotReady { path, message } => Error::TargetNotReady { path, message: add(message) },
+            Error::DiskFull { path, message } => Error::DiskFull { path, message: add(message) },
+            Error::OffsiteNotReady { location, message } => {
+                Error::OffsiteNotReady { location, message: add(message) }
+            }
+            Error::Integrity { archive, message } => Error::Integrity { archive, message: add(message) },
+            Error::Source { path, message } => Error::Source { path, message: add(message) },
+            Error::Locked { path, holder } => Error::Locked { path, holder: add(holder) },
+            Error::Io { context, source } => Error::Io { context: add(context), source },
+            Error::Sqlite { context, source } => Error::Sqlite { context: add(context), source },
+            Error::Restore(m) => Error::Restore(add(m)),
+            Error::Cancelled(m) => Error::Cancelled(add(m)),
+            Error::Clock(m) => Error::Clock(add(m)),
+            Error::Catalog(m) => Error::Catalog(add(m)),
+            Error::Failed(m) => Error::Failed(add(m)),
+        }
+    }
+
+    /// A closed pipe on stdout (`datavault list | head -1`): not an error, the reader has
+    /// what it wanted. `main` exits 0 on it.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
     pub fn config(path: &Path, message: impl Into<String>) -> Self {
@@ -112,6 +187,9 @@ impl Error {
     }
     pub fn integrity(archive: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Integrity { archive: archive.into(), message: message.into() }
+    }
+    pub fn disk_full(path: &Path, message: impl Into<String>) -> Self {
+        Error::DiskFull { path: path.to_path_buf(), message: message.into() }
     }
     pub fn source(path: &Path, message: impl Into<String>) -> Self {
         Error::Source { path: path.to_path_buf(), message: message.into() }
@@ -159,6 +237,10 @@ mod tests {
             (Error::config(p, "m"), exit::USAGE),
             (Error::target(p, "m"), exit::TARGET_NOT_READY),
             (Error::integrity("a", "m"), exit::INTEGRITY),
+            (
+                Error::OffsiteNotReady { location: "s3://b".into(), message: "m".into() },
+                exit::TARGET_NOT_READY,
+            ),
             (Error::source(p, "m"), exit::SOURCE),
             (Error::Locked { path: p.into(), holder: "pid 1".into() }, exit::LOCKED),
             (Error::Failed("m".into()), exit::FAILURE),
@@ -166,6 +248,13 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(e.exit_code(), code, "{e}");
         }
+    }
+
+    #[test]
+    fn a_note_keeps_the_class() {
+        let e = Error::target(Path::new("/mnt"), "full").note("nothing was changed");
+        assert_eq!(e.exit_code(), exit::TARGET_NOT_READY);
+        assert_eq!(e.to_string(), "target /mnt: full (nothing was changed)");
     }
 
     #[test]

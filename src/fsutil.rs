@@ -6,6 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,9 +18,169 @@ use crate::error::{Context, Result};
 /// Suffix of every file being written. A file with this suffix is never complete.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
-/// fsync a directory, so that a rename or an unlink inside it survives a power cut.
+/// fsync a directory, so that a rename or an unlink inside it survives a power cut. An empty
+/// path is the current directory (the parent of a relative file name).
 pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     File::open(dir).and_then(|d| d.sync_all()).context(|| format!("cannot fsync directory {}", dir.display()))
+}
+
+/// Open a file we are told to read (config, identity, marker): following a symlink is the
+/// admin's choice, but it must lead to a regular file. `O_NONBLOCK` so a FIFO put there
+/// cannot hang us: it is refused by the check instead.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file =
+        OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    Ok(file)
+}
+
+/// Read a small regular file whole, refusing one bigger than `max` bytes (a link to
+/// `/dev/zero` or a runaway file must not eat the Pi's memory).
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let mut buf = Vec::new();
+    file.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bigger than the {max} bytes allowed"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// The parent folder and the folder itself, opened for [`remove_tree`]; None when there is
+/// nothing (more) to do: missing, a link or a file (unlinked here), a mount point (kept).
+fn open_for_removal(path: &Path) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let name = path.file_name()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent_fd = rustix::fs::open(parent, DIR_FLAGS.difference(OFlags::NOFOLLOW), Mode::empty()).ok()?;
+    let root = match rustix::fs::openat(&parent_fd, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return None,
+        Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
+            // A symlink or a file where our folder should be: remove the name only.
+            if let Err(e) = rustix::fs::unlinkat(&parent_fd, name, AtFlags::empty()) {
+                log::warn!("cannot remove {}: {e}", path.display());
+            }
+            return None;
+        }
+        Err(e) => {
+            log::warn!("cannot remove {}: {e}", path.display());
+            return None;
+        }
+    };
+    let dev = |fd: &std::os::fd::OwnedFd| rustix::fs::fstat(fd).map(|st| st.st_dev).ok();
+    if dev(&parent_fd) != dev(&root) {
+        log::warn!("{} is a mount point: left alone, with what is mounted there", path.display());
+        return None;
+    }
+    Some((parent_fd, root))
+}
+
+const DIR_FLAGS: rustix::fs::OFlags = rustix::fs::OFlags::RDONLY
+    .union(rustix::fs::OFlags::DIRECTORY)
+    .union(rustix::fs::OFlags::NOFOLLOW)
+    .union(rustix::fs::OFlags::CLOEXEC);
+
+/// Remove a folder datavault made (staging, scratch, set-aside data), however hostile what
+/// lies there now.
+///
+/// Root runs this beside the app's data, where others may write. So: a symlink (or a file)
+/// at `path` is unlinked, never followed; folders are opened one level at a time with
+/// `O_NOFOLLOW` from their parent's descriptor, so nothing renamed under us redirects the
+/// walk; and a folder on another filesystem (a mount point inside) is never entered nor
+/// removed: what is mounted there is someone's data. Folders we cannot empty are left with a
+/// warning. Iterative, so a hostile depth cannot overflow the stack.
+pub fn remove_tree(path: &Path) {
+    use rustix::fs::{AtFlags, Mode};
+    let Some((parent_fd, root)) = open_for_removal(path) else { return };
+    let Some(name) = path.file_name() else { return };
+    let Ok(root_dev) = rustix::fs::fstat(&root).map(|st| st.st_dev) else { return };
+    // One frame per folder being emptied, from the root down: its entries, its descriptor
+    // (to unlink entries in it) and its name in the frame above. A hostile depth runs out of
+    // descriptors long before memory: the rest is then left, with a warning.
+    struct Frame {
+        entries: rustix::fs::Dir,
+        fd: std::os::fd::OwnedFd,
+        name: std::ffi::CString,
+        shown: PathBuf,
+    }
+    let frame = |fd: std::os::fd::OwnedFd, name: std::ffi::CString, shown: PathBuf| {
+        // Writable, so that the entries of an extracted read-only folder can go.
+        let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700));
+        rustix::fs::Dir::read_from(&fd).ok().map(|entries| Frame { entries, fd, name, shown })
+    };
+    let root_name = std::ffi::CString::new(name.as_bytes()).unwrap_or_default();
+    let mut kept = false;
+    let mut stack: Vec<Frame> = match frame(root, root_name, path.to_path_buf()) {
+        Some(f) => vec![f],
+        None => {
+            log::warn!("cannot read {}; check it and delete it by hand", path.display());
+            return;
+        }
+    };
+    while let Some(top) = stack.last_mut() {
+        match top.entries.next() {
+            Some(Ok(entry)) => {
+                let n = entry.file_name();
+                if n.to_bytes() == b"." || n.to_bytes() == b".." {
+                    continue;
+                }
+                let is_dir = match entry.file_type() {
+                    rustix::fs::FileType::Directory => true,
+                    rustix::fs::FileType::Unknown => {
+                        rustix::fs::statat(&top.fd, n, AtFlags::SYMLINK_NOFOLLOW)
+                            .map(|st| {
+                                rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                    == rustix::fs::FileType::Directory
+                            })
+                            .unwrap_or(false)
+                    }
+                    _ => false,
+                };
+                if !is_dir {
+                    kept |= rustix::fs::unlinkat(&top.fd, n, AtFlags::empty()).is_err();
+                    continue;
+                }
+                let shown = top.shown.join(std::ffi::OsStr::from_bytes(n.to_bytes()));
+                match rustix::fs::openat(&top.fd, n, DIR_FLAGS, Mode::empty()) {
+                    Ok(sub) if rustix::fs::fstat(&sub).map(|st| st.st_dev).ok() == Some(root_dev) => {
+                        match frame(sub, n.to_owned(), shown) {
+                            Some(f) => stack.push(f),
+                            None => kept = true,
+                        }
+                    }
+                    Ok(_) => {
+                        log::warn!(
+                            "{} is a mount point: left alone, with what is mounted there",
+                            shown.display()
+                        );
+                        kept = true;
+                    }
+                    Err(_) => kept = true,
+                }
+            }
+            Some(Err(_)) | None => {
+                // This folder is as empty as it will get: remove it from the one above.
+                let done = stack.pop().expect("a frame is on the stack");
+                drop(done.entries);
+                drop(done.fd);
+                let parent = stack.last().map(|f| &f.fd).unwrap_or(&parent_fd);
+                kept |= rustix::fs::unlinkat(parent, done.name.as_c_str(), AtFlags::REMOVEDIR).is_err();
+            }
+        }
+    }
+    if kept {
+        log::warn!("could not remove everything in {}; check it and delete it by hand", path.display());
+    }
 }
 
 /// A file being written under `<final>.partial`; removed on drop unless [`commit`]ted.
@@ -274,6 +435,120 @@ mod tests {
         p.commit().unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"whole");
         assert!(!dir.path().join("a.bin.partial").exists());
+    }
+
+    fn outside_tree() -> (tempfile::TempDir, Vec<(PathBuf, u32)>) {
+        use std::os::unix::fs::PermissionsExt;
+        let outside = tempfile::tempdir().unwrap();
+        fs::create_dir(outside.path().join("sub")).unwrap();
+        fs::write(outside.path().join("sub/file"), b"keep").unwrap();
+        fs::set_permissions(outside.path().join("sub"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(outside.path().join("sub/file"), fs::Permissions::from_mode(0o644)).unwrap();
+        let modes = [outside.path().join("sub"), outside.path().join("sub/file")]
+            .into_iter()
+            .map(|p| {
+                let m = fs::symlink_metadata(&p).unwrap().permissions().mode();
+                (p, m)
+            })
+            .collect();
+        (outside, modes)
+    }
+
+    fn unchanged(modes: &[(PathBuf, u32)]) {
+        use std::os::unix::fs::PermissionsExt;
+        for (p, m) in modes {
+            assert_eq!(fs::symlink_metadata(p).unwrap().permissions().mode(), *m, "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn remove_tree_removes_deep_read_only_trees_and_never_follows_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let (outside, modes) = outside_tree();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("stage");
+        let mut deep = root.clone();
+        for i in 0..50 {
+            deep.push(format!("d{i}"));
+        }
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("link-to-outside")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("sub"), deep.join("link2")).unwrap();
+        fs::set_permissions(root.join("d0"), fs::Permissions::from_mode(0o500)).unwrap();
+        remove_tree(&root);
+        assert!(!root.exists(), "removed");
+        unchanged(&modes);
+        assert_eq!(fs::read(outside.path().join("sub/file")).unwrap(), b"keep");
+
+        // The folder itself replaced by a link (or a file): only the name goes.
+        std::os::unix::fs::symlink(outside.path(), &root).unwrap();
+        remove_tree(&root);
+        assert!(fs::symlink_metadata(&root).is_err());
+        unchanged(&modes);
+        fs::write(&root, b"f").unwrap();
+        remove_tree(&root);
+        assert!(!root.exists());
+        remove_tree(&root); // missing: nothing to do
+    }
+
+    #[test]
+    fn remove_tree_never_enters_a_mount_point() {
+        if !rustix::process::geteuid().is_root() || std::env::var_os("DATAVAULT_TEST_EMULATED").is_some() {
+            eprintln!("skipped: needs root and a real kernel to mount a tmpfs");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("aside");
+        let mnt = root.join("uploads/usb");
+        fs::create_dir_all(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        fs::write(mnt.join("archive"), b"a backup").unwrap();
+        fs::write(root.join("uploads/other"), b"x").unwrap();
+        remove_tree(&root);
+        let kept = fs::read(mnt.join("archive"));
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        assert_eq!(kept.unwrap(), b"a backup", "what is mounted inside is never removed");
+        assert!(!root.join("uploads/other").exists(), "the rest is removed");
+        // And a mount point given as the folder itself is left alone.
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        fs::write(mnt.join("archive"), b"a backup").unwrap();
+        remove_tree(&mnt);
+        let kept = fs::read(mnt.join("archive"));
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        assert_eq!(kept.unwrap(), b"a backup");
+    }
+
+    #[test]
+    fn read_regular_refuses_fifos_devices_and_big_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_eq!(read_regular(&fifo, 10).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(read_regular(Path::new("/dev/zero"), 10).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let big = dir.path().join("big");
+        fs::write(&big, vec![0u8; 11]).unwrap();
+        assert!(read_regular(&big, 10).is_err());
+        assert_eq!(read_regular(&big, 11).unwrap().len(), 11);
     }
 
     #[test]

@@ -63,8 +63,17 @@ pub fn load_identities(path: Option<&Path>) -> Result<Identities> {
             Error::key(path, format!("cannot read it: {e}"))
         }
     })?;
+    if !meta.is_file() {
+        return Err(Error::key(
+            path,
+            "is not a regular file; copy your DataVault private key there (mode 0600)",
+        ));
+    }
     check_identity_permissions(path, &meta)?;
-    let file = age::IdentityFile::from_file(path.to_string_lossy().into_owned()).map_err(|e| {
+    // Opened non-blocking and checked again: a FIFO swapped in meanwhile cannot hang us.
+    let bytes = crate::fsutil::read_regular(path, 1 << 20)
+        .map_err(|e| Error::key(path, format!("cannot read it: {e}")))?;
+    let file = age::IdentityFile::from_buffer(std::io::BufReader::new(&bytes[..])).map_err(|e| {
         Error::key(
             path,
             format!("not a valid age identity file ({e}); it should contain a line AGE-SECRET-KEY-1..."),

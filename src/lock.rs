@@ -34,13 +34,20 @@ impl RunLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // Never through a link: the file is truncated once locked.
+            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
             .open(path)
             .map_err(|e| {
-                Error::config(
-                    path,
-                    format!("cannot open the lock file: {e}; check state.dir and permissions"),
-                )
+                let why = if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                    "it is a symlink, which datavault never writes through; remove it".to_string()
+                } else {
+                    format!("{e}; check state.dir and permissions")
+                };
+                Error::config(path, format!("cannot open the lock file: {why}"))
             })?;
+        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Err(Error::config(path, "the lock file is not a regular file; remove it"));
+        }
         if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);

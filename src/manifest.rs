@@ -6,9 +6,6 @@
 //! * The **inner manifest** (`MANIFEST.json`, the last entry inside the encrypted tar)
 //!   records every file's size and SHA-256, so a drill or restore proves each restored byte.
 
-use std::fs;
-use std::path::{Path, PathBuf};
-
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -17,8 +14,7 @@ use crate::error::{Error, Result};
 pub const FORMAT_VERSION: u32 = 1;
 
 pub use crate::retention::ArchiveKind;
-pub const ARCHIVE_SUFFIX: &str = ".tar.zst.age";
-pub const MANIFEST_SUFFIX: &str = ".json";
+use crate::store::ARCHIVE_SUFFIX;
 /// Name of the inner manifest entry inside the tar stream.
 pub const INNER_MANIFEST: &str = "MANIFEST.json";
 
@@ -163,6 +159,33 @@ pub fn escape_path(bytes: &[u8]) -> String {
     out
 }
 
+/// The inverse of [`escape_path`]: the path's bytes. Refuses text `escape_path` never makes.
+pub fn unescape_path(text: &str) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let hex = text.get(i + 2..i + 4).ok_or_else(|| format!("bad escape in {text:?}"))?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad escape in {text:?}"))?);
+                i += 4;
+            }
+            _ => return Err(format!("bad escape in {text:?}")),
+        }
+    }
+    Ok(out)
+}
+
 impl Manifest {
     pub fn to_json(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
@@ -189,134 +212,26 @@ impl Manifest {
         if m.archive_sha256.len() != 64 || !m.archive_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::integrity(name, "manifest has no valid archive_sha256"));
         }
+        if let Some(db) = &m.database {
+            // The drill and the restore open this entry as the database: it must be the one
+            // file in `db/`, never something elsewhere in the archive (an upload).
+            let parts = unescape_path(&db.entry)
+                .ok()
+                .and_then(|raw| crate::archive::entry_path(&raw).ok())
+                .filter(|p| p.len() == 2 && p[0] == crate::archive::TOP_DB.as_bytes());
+            if parts.is_none() {
+                return Err(Error::integrity(
+                    name,
+                    format!("manifest names the database entry {:?}; it must be db/<file name>: the manifest was tampered with", db.entry),
+                ));
+            }
+        }
         Ok(m)
     }
 }
 
-/// `backup-20261123T042501.123Z` style stem for a new archive. Millisecond precision, and the
-/// caller adds `-2`, `-3`... if the name is taken (two runs in the same millisecond).
-pub fn archive_stem(kind: ArchiveKind, created: DateTime<Utc>) -> String {
-    let prefix = match kind {
-        ArchiveKind::Backup => "backup",
-        ArchiveKind::PreRestore => "pre-restore",
-    };
-    format!("{prefix}-{}", created.format("%Y%m%dT%H%M%S%.3fZ"))
-}
-
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-/// One archive found on the target, complete or not.
-#[derive(Debug, Clone)]
-pub struct Listing {
-    /// The archive file name (`....tar.zst.age`).
-    pub name: String,
-    pub archive_path: PathBuf,
-    pub manifest_path: PathBuf,
-    pub manifest: Option<Manifest>,
-    /// Why this archive is not usable, if it is not.
-    pub problem: Option<String>,
-}
-
-impl Listing {
-    pub fn is_complete(&self) -> bool {
-        self.manifest.is_some() && self.problem.is_none()
-    }
-    pub fn created(&self) -> Option<DateTime<Utc>> {
-        self.manifest.as_ref().map(|m| m.created)
-    }
-}
-
-/// Every archive on the target, newest first. Only manifests and file sizes are read.
-/// Archives without a manifest (a run cut off between the two renames) are listed as
-/// incomplete; `*.partial` files are not listed at all.
-pub fn scan_target(dir: &Path) -> Result<Vec<Listing>> {
-    let rd = fs::read_dir(dir).map_err(|e| Error::target(dir, format!("cannot list archives: {e}")))?;
-    let mut out = Vec::new();
-    for entry in rd {
-        let entry = entry.map_err(|e| Error::target(dir, format!("cannot list archives: {e}")))?;
-        let file_name = entry.file_name();
-        let Some(name) = file_name.to_str() else { continue };
-        if !(name.starts_with("backup-") || name.starts_with("pre-restore-")) {
-            continue;
-        }
-        if let Some(stem) = name.strip_suffix(MANIFEST_SUFFIX) {
-            if stem.ends_with(ARCHIVE_SUFFIX) {
-                continue; // never: manifests are <stem>.json, archives <stem>.tar.zst.age
-            }
-            out.push(read_listing(dir, stem));
-        } else if let Some(stem) = name.strip_suffix(ARCHIVE_SUFFIX) {
-            if !dir.join(format!("{stem}{MANIFEST_SUFFIX}")).exists() {
-                out.push(Listing {
-                    name: name.to_string(),
-                    archive_path: dir.join(name),
-                    manifest_path: dir.join(format!("{stem}{MANIFEST_SUFFIX}")),
-                    manifest: None,
-                    problem: Some("incomplete: no manifest (the run that wrote it was interrupted)".into()),
-                });
-            }
-        }
-    }
-    out.sort_by(|a, b| b.created().cmp(&a.created()).then_with(|| b.name.cmp(&a.name)));
-    Ok(out)
-}
-
-fn read_listing(dir: &Path, stem: &str) -> Listing {
-    let name = format!("{stem}{ARCHIVE_SUFFIX}");
-    let manifest_path = dir.join(format!("{stem}{MANIFEST_SUFFIX}"));
-    let archive_path = dir.join(&name);
-    let mut listing = Listing {
-        name: name.clone(),
-        archive_path,
-        manifest_path: manifest_path.clone(),
-        manifest: None,
-        problem: None,
-    };
-    let bytes = match fs::read(&manifest_path) {
-        Ok(b) => b,
-        Err(e) => {
-            listing.problem = Some(format!("cannot read manifest: {e}"));
-            return listing;
-        }
-    };
-    match Manifest::parse(&name, &bytes) {
-        Err(e) => listing.problem = Some(strip_archive_prefix(&e)),
-        Ok(m) => {
-            if m.archive != name {
-                listing.problem = Some(format!("manifest describes another archive ({})", m.archive));
-            } else {
-                match fs::metadata(&listing.archive_path) {
-                    Err(_) => listing.problem = Some("archive file is missing".into()),
-                    Ok(meta) if meta.len() != m.archive_size => {
-                        listing.problem = Some(format!(
-                            "archive is {} bytes, manifest says {} (truncated or damaged)",
-                            meta.len(),
-                            m.archive_size
-                        ))
-                    }
-                    Ok(_) => {}
-                }
-            }
-            listing.manifest = Some(m);
-        }
-    }
-    listing
-}
-
-fn strip_archive_prefix(e: &Error) -> String {
-    match e {
-        Error::Integrity { message, .. } => message.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Find an archive by name (with or without suffix, with or without the folder), or by path.
-pub fn find<'a>(listings: &'a [Listing], wanted: &str) -> Option<&'a Listing> {
-    let base = Path::new(wanted).file_name().and_then(|n| n.to_str()).unwrap_or(wanted);
-    let base = base.strip_suffix(MANIFEST_SUFFIX).unwrap_or(base);
-    let stem = base.strip_suffix(ARCHIVE_SUFFIX).unwrap_or(base);
-    listings.iter().find(|l| l.name.strip_suffix(ARCHIVE_SUFFIX) == Some(stem))
 }
 
 #[cfg(test)]
@@ -329,30 +244,10 @@ mod tests {
         assert_eq!(escape_path(b"caf\xc3\xa9"), "café");
         assert_eq!(escape_path(b"bad\xff\\x"), "bad\\xff\\\\x");
         assert_ne!(escape_path(b"\\xff"), escape_path(b"\xff"));
-    }
-
-    #[test]
-    fn stems_sort_in_time_order() {
-        let a = archive_stem(ArchiveKind::Backup, "2026-11-23T04:00:00.005Z".parse().unwrap());
-        let b = archive_stem(ArchiveKind::Backup, "2026-11-23T04:00:00.010Z".parse().unwrap());
-        assert_eq!(a, "backup-20261123T040000.005Z");
-        assert!(a < b);
-        assert!(archive_stem(ArchiveKind::PreRestore, Utc::now()).starts_with("pre-restore-"));
-    }
-
-    #[test]
-    fn find_accepts_names_paths_and_stems() {
-        let l = Listing {
-            name: "backup-1.tar.zst.age".into(),
-            archive_path: "/t/backup-1.tar.zst.age".into(),
-            manifest_path: "/t/backup-1.json".into(),
-            manifest: None,
-            problem: None,
-        };
-        let ls = vec![l];
-        for w in ["backup-1", "backup-1.tar.zst.age", "backup-1.json", "/mnt/x/backup-1.tar.zst.age"] {
-            assert!(find(&ls, w).is_some(), "{w}");
+        for raw in [&b"uploads/a b/c.txt"[..], b"caf\xc3\xa9", b"bad\xff\\x", b"\\xff", b"db/a\\b.db"] {
+            assert_eq!(unescape_path(&escape_path(raw)).unwrap(), raw);
         }
-        assert!(find(&ls, "backup-2").is_none());
+        assert!(unescape_path("a\\q").is_err());
+        assert!(unescape_path("a\\x4").is_err());
     }
 }

@@ -11,7 +11,7 @@ use crate::fsutil::write_atomic;
 
 /// Everything the file shows is derived from the catalog, so a failed run never erases the
 /// figures of the last good one.
-pub fn write(path: &Path, catalog: &Catalog) -> Result<()> {
+pub fn write(path: &Path, catalog: &Catalog, max_age_hours: u32) -> Result<()> {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -36,6 +36,17 @@ pub fn write(path: &Path, catalog: &Catalog) -> Result<()> {
             );
         }
     }
+    let last_good = last_backup.as_ref().map(|r| r.ended_at.unwrap_or(r.started_at));
+    let overdue = crate::ops::health::overdue(
+        last_good,
+        crate::ops::now(),
+        chrono::Duration::hours(max_age_hours as i64),
+    );
+    gauge(
+        "backup_overdue",
+        "1 if no backup succeeded within agent.max_age_hours (the rule status, doctor and the LED use).",
+        if overdue { 1.0 } else { 0.0 },
+    );
     if let Some(r) = &last_any {
         gauge(
             "last_run_success",
@@ -64,6 +75,35 @@ pub fn write(path: &Path, catalog: &Catalog) -> Result<()> {
             if e.event == Event::DrillPassed { 1.0 } else { 0.0 },
         );
         gauge("last_drill_timestamp_seconds", "Time of the last drill (Unix time).", ts(e.at));
+    }
+    // ---- offsite copy (#10): from offsite-state.json beside this file, written by pushes.
+    if let Some(st) = path.parent().and_then(crate::offsite::OffsiteState::load) {
+        if let Some(t) = st.last_success {
+            gauge(
+                "offsite_last_success_timestamp_seconds",
+                "End of the last successful offsite push (Unix time).",
+                ts(t),
+            );
+        }
+        if let Some(t) = st.last_attempt {
+            gauge(
+                "offsite_last_run_success",
+                "1 if the last offsite push succeeded, 0 if it failed.",
+                if st.last_error.is_none() { 1.0 } else { 0.0 },
+            );
+            gauge("offsite_last_run_timestamp_seconds", "Start of the last offsite push (Unix time).", ts(t));
+        }
+        gauge(
+            "offsite_backups_behind",
+            "Backups on the drive not yet visible in the bucket (at the last push).",
+            st.behind.backups as f64,
+        );
+        gauge(
+            "offsite_snapshots_behind",
+            "Snapshots on the drive not yet visible in the bucket (at the last push).",
+            st.behind.snapshots as f64,
+        );
+        gauge("offsite_bytes_behind", "Bytes the bucket lacked after the last push.", st.behind.bytes as f64);
     }
     write_atomic(path, out.as_bytes(), 0o644)
 }

@@ -248,7 +248,7 @@ pub fn check_clock(
     if let Some(newest) = newest_archive {
         if now < newest {
             return ClockCheck::Suspicious(format!(
-                "the system clock says {}, earlier than the newest archive ({}); {fix}",
+                "the system clock says {}, earlier than the newest archive ({}): either the clock is wrong now ({fix}), or that archive was made while it was wrong (then delete it by hand: `datavault list` shows it)",
                 fmt(now),
                 fmt(newest)
             ));

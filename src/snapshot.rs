@@ -3,7 +3,7 @@
 //! We read every page of the database through the `sqlite_dbpage` virtual table inside one
 //! read transaction on our own read-only connection. In WAL mode a reader sees exactly the
 //! state of the last transaction committed before it started, and never blocks the writer
-//! (../shared/NOTES.md measured a 91 us worst writer latency against 14.5 ms for the backup
+//! (docs/facts.md: a measured 91 us worst writer latency against 14.5 ms for the backup
 //! API, which also restarts on every write and never finishes under 200 tx/s).
 //!
 //! Why not checkpoint and copy the file, as the old script did: a checkpoint does not stop the
@@ -107,12 +107,22 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
         "the database file is damaged; restore it with `datavault restore`"
     } else if msg.contains("no such table: sqlite_dbpage") {
         "this datavault build lacks SQLITE_ENABLE_DBPAGE_VTAB (see .cargo/config.toml)"
+    } else if msg.contains("readonly database") && journal_exists(path) {
+        // A hot rollback journal: the app died mid-transaction in rollback-journal mode, and
+        // only a connection that may write can roll it back.
+        "a hot rollback journal (the -journal file beside it) is waiting to be rolled back: start the app once (or open the database with sqlite3) so SQLite recovers it, then back up again"
     } else if msg.contains("locked") || msg.contains("busy") {
         "the database stayed locked for 30 s; is a long write transaction or a non-WAL writer running?"
     } else {
         "check that datavault may read the database and its -wal/-shm files"
     };
     Error::source(path, format!("{msg}; {hint}"))
+}
+
+fn journal_exists(db: &Path) -> bool {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-journal");
+    std::path::Path::new(&p).exists()
 }
 
 /// A failure reading the database (not writing the archive), carried through `io::Error`

@@ -52,6 +52,35 @@ impl SystemRoot {
         self.0.join("proc/self/mountinfo")
     }
 
+    /// Other processes that have any of `files` open ("1234 (node)"), from `/proc/*/fd`.
+    /// How datavault tells a running app before it swaps its database: an app that keeps
+    /// writing to a database renamed away loses every write (red team #8).
+    pub fn processes_using(&self, files: &[PathBuf]) -> Vec<String> {
+        let wanted: Vec<PathBuf> = files.iter().filter_map(|f| fs::canonicalize(f).ok()).collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let me = std::process::id().to_string();
+        let Ok(procs) = fs::read_dir(self.0.join("proc")) else { return Vec::new() };
+        let mut found = Vec::new();
+        for p in procs.flatten() {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+            let uses = fds
+                .flatten()
+                .any(|fd| fs::read_link(fd.path()).map(|t| wanted.contains(&t)).unwrap_or(false));
+            if uses {
+                let comm = fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                found.push(format!("{pid} ({})", comm.trim()));
+            }
+        }
+        found.sort();
+        found
+    }
+
     fn dm_uuid_path(&self, major: u32, minor: u32) -> PathBuf {
         self.0.join(format!("sys/dev/block/{major}:{minor}/dm/uuid"))
     }
@@ -61,6 +90,9 @@ impl SystemRoot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MountEntry {
     pub mount_point: PathBuf,
+    /// The folder of the filesystem that is mounted here: `/`, except for bind mounts.
+    #[serde(skip)]
+    pub fs_root: PathBuf,
     pub major: u32,
     pub minor: u32,
     pub fstype: String,
@@ -143,7 +175,7 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
 
     let mounts = read_mounts(root)?;
     if let Some(mount) = containing_mount(&mounts, &canonical) {
-        state.is_mountpoint = mount.mount_point == canonical;
+        state.is_mountpoint = beneath_self_binds(&mounts, mount).mount_point == canonical;
         state.luks = dm_uuid(root, mount.major, mount.minor)?.filter(|u| u.starts_with("CRYPT-LUKS"));
         state.mount = Some(mount.clone());
     }
@@ -152,7 +184,15 @@ pub fn inspect(settings: &TargetSettings, root: &SystemRoot) -> Result<TargetSta
         .map_err(|e| Error::io(format!("checking free space on {}", canonical.display()), e.into()))?;
     state.free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     state.total_bytes = vfs.f_blocks.saturating_mul(vfs.f_frsize);
-    state.marker_id = fs::read_to_string(canonical.join(MARKER_FILE)).ok().and_then(|t| parse_marker(&t));
+    // On the drive, so possibly anything: read at most a few KiB of a regular file.
+    // A link is no marker: it could point to a marker file on another drive.
+    let marker = canonical.join(MARKER_FILE);
+    state.marker_id = std::fs::symlink_metadata(&marker)
+        .ok()
+        .filter(|m| m.is_file())
+        .and_then(|_| crate::fsutil::read_regular(&marker, 4096).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|t| parse_marker(&t));
     Ok(state)
 }
 
@@ -175,10 +215,12 @@ impl TargetState {
         if let Some(wanted) = &settings.marker_id {
             match &self.marker_id {
                 None => problems.push(format!(
-                    "has no {MARKER_FILE} marker, so it is not the drive prepared for datavault (id {wanted});                      plug in the right drive, or prepare this one with scripts/setup-usb.sh"
+                    "has no {MARKER_FILE} marker, so it is not the drive prepared for datavault (id {wanted}); \
+                     plug in the right drive, or prepare this one with scripts/setup-usb.sh"
                 )),
                 Some(found) if found != wanted => problems.push(format!(
-                    "is a different datavault drive (marker id {found}, the config wants {wanted}); plug in the                      right drive or update target.marker_id"
+                    "is a different datavault drive (marker id {found}, the config wants {wanted}); plug in the \
+                     right drive or update target.marker_id"
                 )),
                 Some(_) => {}
             }
@@ -329,6 +371,7 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
     let is_ro = |options: &str| options.split(',').any(|o| o == "ro");
     Some(MountEntry {
         mount_point: PathBuf::from(OsString::from_vec(unescape(fields[4]))),
+        fs_root: PathBuf::from(OsString::from_vec(unescape(fields[3]))),
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
         fstype: String::from_utf8_lossy(&unescape(fields.get(separator + 1)?)).into_owned(),
@@ -375,6 +418,26 @@ fn containing_mount<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a Mou
         }
     }
     best
+}
+
+/// The mount that `m` merely repeats, if `m` is a folder bind-mounted onto itself: systemd's
+/// `ReadWritePaths=` does that in every datavault unit's sandbox, so an empty `/mnt/datavault`
+/// on the SD card would look like a mount point there (found on the Pi VM, #13: the boot drill
+/// then said "no complete backup" instead of "the drive is not mounted"). A self-bind shows
+/// the very folder that was visible at that path before, from the same device; the real
+/// mount point is the one beneath it. Its options (read-only or not) still apply.
+fn beneath_self_binds<'a>(mounts: &'a [MountEntry], mut m: &'a MountEntry) -> &'a MountEntry {
+    loop {
+        let Some(index) = mounts.iter().position(|x| std::ptr::eq(x, m)) else { return m };
+        let Some(below) = containing_mount(&mounts[..index], &m.mount_point) else { return m };
+        let Ok(rest) = m.mount_point.strip_prefix(&below.mount_point) else { return m };
+        let same_folder =
+            (below.major, below.minor) == (m.major, m.minor) && below.fs_root.join(rest) == m.fs_root;
+        if !same_folder {
+            return m;
+        }
+        m = below;
+    }
 }
 
 /// The device-mapper uuid of a block device, or None when it is not a dm device (no such file).
@@ -499,6 +562,7 @@ mod tests {
             mounts[0],
             MountEntry {
                 mount_point: "/mnt/parent".into(),
+                fs_root: "/mnt1".into(),
                 major: 98,
                 minor: 0,
                 fstype: "ext3".into(),
@@ -512,6 +576,40 @@ mod tests {
         assert!(mounts[1].read_only, "superblock options say ro");
         assert_eq!(mounts[2].fstype, "tmpfs");
         assert_eq!(mounts[2].source, "", "an empty source keeps the fields aligned");
+    }
+
+    /// systemd's `ReadWritePaths=/mnt/datavault` bind-mounts the folder onto itself in the
+    /// units' sandbox (mountinfo from datavault-drill.service on the Pi VM, #13).
+    #[test]
+    fn a_folder_bound_onto_itself_is_not_a_mount_point() {
+        let fx = Fixture::new();
+        // The drive is not mounted: only the SD card's folder, bound onto itself.
+        fx.mountinfo(&format!(
+            "{SD_ROOT}300 22 179:2 {{target}} {{target}} rw,relatime - ext4 /dev/root rw\n"
+        ));
+        let settings = fx.settings(true, true);
+        let state = inspect(&settings, &fx.root()).unwrap();
+        assert!(!state.is_mountpoint, "{state:?}");
+        assert!(not_ready(require_readable(&settings, &fx.root())).contains("not a mount point"));
+        assert!(not_ready(require_writable(&settings, &fx.root(), 0)).contains("not a mount point"));
+
+        // The drive is mounted, and the sandbox binds it onto itself (read-only here: a
+        // ProtectSystem=strict unit without ReadWritePaths= for it).
+        fx.mountinfo(&format!(
+            "{LUKS_DRIVE}301 45 254:0 / {{target}} ro,relatime - ext4 /dev/mapper/datavault rw\n"
+        ))
+        .dm_uuid("254:0", "CRYPT-LUKS2-0123456789abcdef-datavault");
+        let state = inspect(&settings, &fx.root()).unwrap();
+        assert!(state.is_mountpoint && state.luks.is_some(), "{state:?}");
+        assert!(state.mount.as_ref().unwrap().read_only, "the bind's options are what a write meets");
+
+        // A real bind of another folder (the drive mounted elsewhere, a folder of it bound
+        // here) is a mount point.
+        fx.mountinfo(&format!(
+            "{SD_ROOT}46 22 254:0 / /media/usb rw - ext4 /dev/mapper/datavault rw\n\
+             47 22 254:0 /backups {{target}} rw - ext4 /dev/mapper/datavault rw\n"
+        ));
+        assert!(inspect(&settings, &fx.root()).unwrap().is_mountpoint);
     }
 
     #[test]

@@ -161,9 +161,8 @@ fn drill_passes_on_a_good_archive_and_reports_the_recovery_time() {
 
 #[test]
 fn drill_fails_with_exit_4_when_a_configured_check_fails() {
-    let f = Fixture::with(|c| {
-        *c = c.replace("SELECT count(*) = 300 FROM users", "SELECT count(*) = 999 FROM users")
-    });
+    let f = Fixture::new();
+    f.set("drill.checks", vec!["SELECT count(*) = 999 FROM users"]);
     f.backup();
     let r = f.expect(&["drill"], 4);
     assert!(r.stdout.contains("DRILL FAILED") && r.stderr.contains("DRILL FAILED"), "{}", r.stdout);
@@ -212,19 +211,17 @@ fn in_place_restore_takes_a_safety_copy_stops_swaps_and_starts() {
 
 #[test]
 fn a_start_command_that_fails_puts_the_previous_data_back() {
-    let f = Fixture::with(|c| {
-        *c = c.replace(
-            "start_command = \"echo started",
-            "start_command = \"test -e /nonexistent-marker || echo started",
-        )
-    });
+    let f = Fixture::new();
     // The start command fails only on its first run after the swap: emulate with a marker.
     let fail_once = f.path().join("fail-once");
-    let cfg = fs::read_to_string(&f.config).unwrap().replace(
-        "test -e /nonexistent-marker || echo started",
-        &format!("if [ -e {m} ]; then rm {m}; exit 1; fi; echo started", m = fail_once.display()),
+    f.set(
+        "service.start_command",
+        format!(
+            "if [ -e {m} ]; then rm {m}; exit 1; fi; echo started >> {log}",
+            m = fail_once.display(),
+            log = f.path().join("service.log").display()
+        ),
     );
-    fs::write(&f.config, cfg).unwrap();
     f.backup();
     Connection::open(&f.app.database)
         .unwrap()
@@ -279,10 +276,7 @@ fn an_archive_made_for_another_key_is_refused_with_exit_4() {
     f.backup();
     let other = f.path().join("keys/other.txt");
     datavault::keys::generate_identity_file(&other).unwrap();
-    let cfg = fs::read_to_string(&f.config)
-        .unwrap()
-        .replace(&f.identity.display().to_string(), &other.display().to_string());
-    fs::write(&f.config, cfg).unwrap();
+    f.set("encryption.identity", other.to_str().unwrap());
     let r = f.expect(&["drill"], 4);
     assert!(r.stderr.contains("wrong key"), "{}", r.stderr);
     f.expect(&["restore", "--yes"], 4);
@@ -335,7 +329,8 @@ fn a_second_run_exits_75_while_the_lock_is_held() {
 
 #[test]
 fn an_unmounted_target_is_refused_with_exit_3_and_nothing_is_written() {
-    let f = Fixture::with(|c| *c = c.replace("require_mountpoint = false", "require_mountpoint = true"));
+    let f = Fixture::new();
+    f.set("target.require_mountpoint", true);
     let r = f.expect(&["backup"], 3);
     assert!(r.stderr.contains("not a mount point"), "{}", r.stderr);
     assert!(f.all_target_files().is_empty(), "nothing may be written to the SD card");
@@ -350,7 +345,8 @@ fn a_mounted_target_too_small_is_refused_before_writing() {
     if !is_root() || emulated() {
         return skip("needs root and a real kernel for mounts (ran natively in CI)");
     }
-    let f = Fixture::with(|c| *c = c.replace("require_mountpoint = false", "require_mountpoint = true"));
+    let f = Fixture::new();
+    f.set("target.require_mountpoint", true);
     let _m = Tmpfs::mount(&f.target, "256k");
     let r = f.expect(&["backup"], 3);
     assert!(r.stderr.contains("free") && r.stderr.contains("needs"), "{}", r.stderr);
@@ -383,7 +379,8 @@ fn a_disk_that_fills_mid_archive_exits_3_and_leaves_no_partial() {
     if !is_root() || emulated() {
         return skip("needs root and a real kernel for mounts (ran natively in CI)");
     }
-    let f = Fixture::with(|c| *c = c.replace("require_mountpoint = false", "require_mountpoint = true"));
+    let f = Fixture::new();
+    f.set("target.require_mountpoint", true);
     let _m = Tmpfs::mount(&f.target, "8m");
     f.backup();
     let before = f.all_target_files();
@@ -470,6 +467,38 @@ fn the_demo_runs_end_to_end() {
     assert!(stdout.contains("DRILL PASSED") && stdout.contains("DEMO OK"), "{stdout}");
 }
 
+/// `--json` is one JSON document; a reader that closes the pipe early is no error, and the
+/// demo's temporary folder (with its private key) never stays behind (issue #12).
+#[test]
+fn the_demo_speaks_json_and_cleans_up_when_its_reader_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_datavault"))
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = demo(&["--json", "demo"]).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["identical"], true, "{v}");
+    assert_eq!(v["drill"]["passed"], true);
+
+    // `datavault demo | head -1`: read one line, then close the pipe.
+    let mut child = demo(&["demo"]);
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first)
+        .unwrap();
+    assert!(first.starts_with("DataVault demo in"), "{first}");
+    let st = child.wait().unwrap();
+    assert!(st.success(), "a closed pipe is success: {st}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "the demo folder stayed behind: {left:?}");
+}
+
 #[test]
 fn a_fresh_pi_with_only_the_drive_and_the_identity_can_list_and_restore() {
     let f = Fixture::new();
@@ -522,15 +551,15 @@ fn a_clock_earlier_than_the_newest_archive_backs_up_but_prunes_nothing() {
 fn fixture_killed_in(command: &str) -> (Fixture, std::path::PathBuf) {
     let f = Fixture::new();
     let marker = f.path().join("kill-once");
-    let key = format!("{command}_command = \"echo ");
-    let cfg = fs::read_to_string(&f.config).unwrap().replace(
-        &key,
-        &format!(
-            "{command}_command = \"if [ -e {m} ]; then rm {m}; kill -9 $PPID; fi; echo ",
-            m = marker.display()
+    let word = if command == "stop" { "stopped" } else { "started" };
+    f.set(
+        &format!("service.{command}_command"),
+        format!(
+            "if [ -e {m} ]; then rm {m}; kill -9 $PPID; fi; echo {word} >> {log}",
+            m = marker.display(),
+            log = f.path().join("service.log").display()
         ),
     );
-    fs::write(&f.config, cfg).unwrap();
     (f, marker)
 }
 
@@ -601,11 +630,46 @@ fn doctor_lists_every_check_and_fails_only_on_what_stops_a_backup() {
     let r = f.expect(&["doctor"], 5);
     assert!(r.stdout.contains("[FAIL] database"), "{}", r.stdout);
     // An unmounted target too (exit code of the first failure: the database).
-    let cfg = fs::read_to_string(&f.config)
-        .unwrap()
-        .replace("require_mountpoint = false", "require_mountpoint = true");
-    fs::write(&f.config, cfg).unwrap();
+    f.set("target.require_mountpoint", true);
     fs::rename(f.path().join("moved.db"), &f.app.database).unwrap();
     let r = f.expect(&["doctor"], 3);
     assert!(r.stdout.contains("[FAIL] target"), "{}", r.stdout);
+}
+
+/// The archive the operator confirms is the one restored, even if a backup finishes while
+/// they read the prompt (issue #12: the choice used to be made twice).
+#[test]
+fn the_confirmed_archive_is_the_one_restored() {
+    use std::io::{Read, Write};
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        return util::skip("`script` (util-linux) is needed for a terminal");
+    }
+    let f = Fixture::new();
+    let first = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    // `script` gives datavault a terminal, so it asks instead of refusing.
+    let cmd = format!("{} --config {} restore", env!("CARGO_BIN_EXE_datavault"), f.config.display());
+    let mut child = std::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("Type 'restore'") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "no prompt: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).contains(&first), "{}", String::from_utf8_lossy(&seen));
+    // Meanwhile the timer makes a newer backup.
+    let newer = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    assert_ne!(newer, first);
+    child.stdin.as_mut().unwrap().write_all(b"restore\n").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains(&format!("restored {first}")), "restored what was confirmed: {rest}");
 }

@@ -118,6 +118,14 @@ fn a_table_of_broken_configs_exits_2_naming_the_key() {
         if !ok {
             failures.push(format!("{name}: exit {} (want 2 naming {key:?}): {}", r.code, r.stderr.trim()));
         }
+        // A private key pasted where a public one goes is never echoed (stderr goes to the
+        // journal), not by the backup, not by doctor.
+        let doctor = f.run(&["doctor"]);
+        for (what, text) in [("backup", &r.stderr), ("doctor", &doctor.stdout)] {
+            if text.contains("QQQQQQQQ") {
+                failures.push(format!("{name}: {what} echoes the secret key: {text}"));
+            }
+        }
         if !f.all_target_files().is_empty() {
             failures.push(format!("{name}: accepted, a backup was written"));
             for p in f.all_target_files() {

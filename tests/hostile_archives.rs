@@ -290,10 +290,9 @@ fn swapped_and_misdirected_manifests_and_foreign_keys_are_refused() {
     // 6. Encrypted to another key: the operator's identity opens nothing.
     let other = f.path().join("keys/other.txt");
     let other_recipient = datavault::keys::generate_identity_file(&other).unwrap();
-    let cfg = fs::read_to_string(&f.config).unwrap();
-    fs::write(&f.config, cfg.replace(&f.recipient, &other_recipient)).unwrap();
+    f.set("encryption.recipients", vec![other_recipient.as_str()]);
     let foreign = f.backup();
-    fs::write(&f.config, &cfg).unwrap();
+    f.set("encryption.recipients", vec![f.recipient.as_str()]);
     let foreign_name = foreign["manifest"]["archive"].as_str().unwrap();
     let r = f.expect(&["drill", foreign_name], 4);
     assert!(r.stderr.contains("wrong key") && r.stderr.contains(&other_recipient), "{}", r.stderr);

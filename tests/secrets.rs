@@ -39,13 +39,11 @@ fn the_identity_never_appears_in_output_logs_catalog_metrics_or_on_the_drive() {
     // A failing drill (wrong key) and a broken identity: error paths log too.
     let other = f.path().join("keys/other.txt");
     datavault::keys::generate_identity_file(&other).unwrap();
-    let cfg = fs::read_to_string(&f.config).unwrap();
-    fs::write(&f.config, cfg.replace(&f.identity.display().to_string(), &other.display().to_string()))
-        .unwrap();
+    f.set("encryption.identity", other.to_str().unwrap());
     let r = f.run(&["-vv", "drill"]);
     assert_eq!(r.code, 4);
     seen.push_str(&r.stderr);
-    fs::write(&f.config, &cfg).unwrap();
+    f.set("encryption.identity", f.identity.to_str().unwrap());
     assert!(seen.len() > 1000, "the runs said something");
     let mut files = 0;
     for root in [&f.state, &f.target] {
@@ -66,4 +64,59 @@ fn the_identity_never_appears_in_output_logs_catalog_metrics_or_on_the_drive() {
         runs.len() + 1,
         seen.len()
     );
+}
+
+mod s3_util;
+
+/// The S3 secret (#10): pushes at the most verbose level, a failing push, a dry run and a
+/// remote prune, then every file in the state folder (catalog, metrics, offsite-state.json,
+/// the upload journal) and on the drive is searched for it.
+#[test]
+fn the_offsite_secret_never_appears_in_output_logs_catalog_metrics_or_state() {
+    let f = Fixture::new();
+    let server = match s3_util::rclone() {
+        Ok(_) => s3_util::S3Server::start(&f.path().join("s3")),
+        Err(why) => return util::skip(&why),
+    };
+    let creds = f.path().join("offsite.credentials");
+    s3_util::write_credentials(&creds, s3_util::ACCESS_KEY, s3_util::SECRET_KEY);
+    let mut cfg = fs::read_to_string(&f.config).unwrap();
+    cfg.push_str(&s3_util::offsite_section(&server.endpoint(), "sec", &creds, ""));
+    fs::write(&f.config, &cfg).unwrap();
+    f.backup();
+    let mut seen = String::new();
+    for (args, code) in [
+        (vec!["-vv", "offsite", "push", "--dry-run"], 0),
+        (vec!["-vv", "offsite", "push"], 0),
+        (vec!["-vv", "--json", "offsite", "push"], 0),
+        (vec!["-vv", "offsite", "prune", "--dry-run"], 0),
+        (vec!["-vv", "--json", "status"], 0),
+    ] {
+        let r = f.run(&args);
+        assert_eq!(r.code, code, "datavault {args:?}: {}", r.stderr);
+        seen.push_str(&r.stdout);
+        seen.push_str(&r.stderr);
+    }
+    // A wrong secret makes the server's reply echo the string to sign: still no secret.
+    s3_util::write_credentials(&creds, s3_util::ACCESS_KEY, "another-secret-value-123456");
+    let r = f.run(&["-vv", "offsite", "push"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    seen.push_str(&r.stderr);
+    assert!(!seen.contains("another-secret-value"), "the wrong secret was printed");
+    assert!(!seen.contains(s3_util::SECRET_KEY), "the secret was printed");
+    let mut files = 0;
+    for root in [&f.state, &f.target] {
+        for e in walkdir::WalkDir::new(root).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+            let bytes = fs::read(e.path()).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(s3_util::SECRET_KEY), "the secret is in {}", e.path().display());
+            files += 1;
+        }
+    }
+    assert!(f.state.join("offsite-state.json").exists());
+    // The ledger in the bucket too.
+    for k in server.keys("sec") {
+        assert!(!String::from_utf8_lossy(&server.object(&k).unwrap()).contains(s3_util::SECRET_KEY), "{k}");
+    }
+    eprintln!("offsite secrets: {} bytes of output and {files} files searched", seen.len());
 }

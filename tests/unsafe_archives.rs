@@ -194,3 +194,131 @@ fn huge_declared_sizes_are_refused_before_writing() {
     huge.declared = Some(1 << 32);
     refused(vec![dir(b"uploads/"), huge], "declares", |f| assert!(nothing_named(f.path(), "huge")));
 }
+
+// ---- issue #11: the hostile review ---------------------------------------------------------------
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The inner manifest for `entries`, so that everything but the chosen flaw is genuine.
+fn inner_for(entries: &[Raw]) -> Raw {
+    let records: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let path = String::from_utf8_lossy(&e.name).trim_end_matches('/').to_string();
+            match e.kind {
+                b'5' => serde_json::json!({"path": path, "kind": "dir"}),
+                b'2' => serde_json::json!({"path": path, "kind": "symlink", "target": String::from_utf8_lossy(&e.link)}),
+                _ if e.data.is_empty() => serde_json::json!({"path": path, "kind": "file"}),
+                _ => serde_json::json!({"path": path, "kind": "file", "size": e.data.len(), "sha256": sha256_hex(&e.data)}),
+            }
+        })
+        .collect();
+    let inner = serde_json::json!({"format": 1, "created": "2999-01-01T00:00:00Z", "entries": records});
+    file(b"MANIFEST.json", inner.to_string().as_bytes())
+}
+
+/// Like `publish`, with the outer manifest's database record made to describe `db_entry`.
+fn publish_with_db(f: &Fixture, entries: &[Raw], db_entry: &str, db_bytes: &[u8]) -> String {
+    let name = publish(f, entries, true);
+    let stem = name.strip_suffix(".tar.zst.age").unwrap();
+    let mp = f.target.join(format!("{stem}.json"));
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&mp).unwrap()).unwrap();
+    m["database"]["entry"] = db_entry.into();
+    m["database"]["sha256"] = sha256_hex(db_bytes).into();
+    m["database"]["size"] = db_bytes.len().into();
+    fs::write(&mp, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    name
+}
+
+#[test]
+fn item05_a_top_level_uploads_that_is_a_symlink_or_a_file_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().to_str().unwrap().as_bytes().to_vec();
+    let entries = vec![link(b"uploads", b'2', &target)];
+    let inner = inner_for(&entries);
+    refused(entries.into_iter().chain([inner]).collect(), "uploads", |_| {});
+    let entries = vec![file(b"uploads", b"not a folder")];
+    let inner = inner_for(&entries);
+    refused(entries.into_iter().chain([inner]).collect(), "uploads", |_| {});
+}
+
+/// A PAX extended header (type `x`) for the entry that follows it.
+fn pax(records: &[(&str, String)]) -> Raw {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        let body = format!(" {k}={v}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        data.extend_from_slice(format!("{len}{body}").as_bytes());
+    }
+    Raw { name: b"././@PaxHeader".to_vec(), kind: b'x', data, declared: None, link: Vec::new() }
+}
+
+#[test]
+fn item10_a_pax_size_beyond_the_manifest_is_refused_before_it_fills_the_disk() {
+    let f = Fixture::new();
+    // The ustar header says 512 bytes; the PAX record says 48 MiB of zeros (a few KiB once
+    // compressed); the outer manifest says the whole archive holds 1 MiB.
+    let big = 48usize << 20;
+    let mut bomb = file(b"uploads/bomb", &vec![0u8; big]);
+    bomb.declared = Some(512);
+    let mut entries = vec![dir(b"uploads/"), pax(&[("size", big.to_string())]), bomb];
+    entries.push(inner_for(&[dir(b"uploads/")]));
+    let name = publish(&f, &entries, false);
+    let to = f.path().join("restore-to");
+    let mnt = (util::is_root() && !util::emulated()).then(|| util::Tmpfs::mount(&to, "8m"));
+    let r = f.expect(&["restore", &name, "--to", to.to_str().unwrap()], 4);
+    assert!(r.stderr.contains("unsafe content refused") && r.stderr.contains("more"), "{}", r.stderr);
+    let r = f.expect(&["drill", &name], 4);
+    assert!(r.stderr.contains("more"), "{}", r.stderr);
+    drop(mnt);
+}
+
+#[test]
+fn item13_restore_to_fails_when_the_database_fails_integrity_check() {
+    let f = Fixture::new();
+    let db = b"this is not a SQLite database".to_vec();
+    let mut entries = vec![dir(b"db/"), file(b"db/app.db", &db)];
+    entries.push(inner_for(&[file(b"db/app.db", &db)]));
+    // The db/ folder entry is not in the inner manifest of a real archive either.
+    entries.remove(0);
+    let name = publish_with_db(&f, &entries, "db/app.db", &db);
+    let to = f.path().join("restore-to");
+    let r = f.expect(&["restore", &name, "--to", to.to_str().unwrap()], 4);
+    assert!(r.stderr.contains("integrity_check") || r.stderr.contains("not a database"), "{}", r.stderr);
+    assert!(to.join("db/app.db").exists(), "the files stay there for inspection");
+    let audit = f.expect(&["--json", "audit"], 0);
+    let v: serde_json::Value = serde_json::from_str(&audit.stdout).unwrap();
+    let run = v["runs"].as_array().unwrap().iter().find(|r| r["command"] == "restore").unwrap().clone();
+    assert_eq!(run["status"], "FAILED", "{run}");
+}
+
+#[test]
+fn item17f_raw_entries_in_an_in_place_restore_exit_4() {
+    let f = Fixture::new();
+    let db = fs::read(&f.app.database).unwrap();
+    let entries = vec![file(b"db/app.db", &db), file(b"raw/app.db", b"raw bytes")];
+    let inner = inner_for(&entries);
+    let name = publish_with_db(&f, &entries.into_iter().chain([inner]).collect::<Vec<_>>(), "db/app.db", &db);
+    let live = f.fingerprint();
+    let r = f.expect(&["restore", &name, "--yes"], 4);
+    assert!(r.stderr.contains("raw"), "{}", r.stderr);
+    assert_eq!(f.fingerprint(), live);
+}
+
+#[test]
+fn item17g_a_database_entry_pointing_into_uploads_fails_the_drill() {
+    let f = Fixture::new();
+    let db = fs::read(&f.app.database).unwrap();
+    let entries = vec![dir(b"uploads/"), file(b"uploads/x.db", &db)];
+    let inner = inner_for(&entries);
+    let name =
+        publish_with_db(&f, &entries.into_iter().chain([inner]).collect::<Vec<_>>(), "uploads/x.db", &db);
+    let r = f.expect(&["drill", &name], 4);
+    assert!(r.stderr.contains("db/"), "{}", r.stderr);
+}

@@ -22,7 +22,7 @@ pub const TOP_RAW: &str = "raw";
 /// Accepted: relative paths of plain components under one of the known top-level folders,
 /// or exactly `MANIFEST.json`. Refused: absolute paths, `..`, `.`, empty components
 /// (`a//b`), NUL bytes. The tar crate silently skips `..` entries and strips leading `/`
-/// (../shared/NOTES.md), so we decide here, before anything is written.
+/// (docs/facts.md), so we decide here, before anything is written.
 pub fn entry_path(raw: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let shown = crate::manifest::escape_path(raw);
     if raw.is_empty() {

@@ -1,64 +1,34 @@
 //! Reading an archive back: decrypt, decompress, check every entry, and either only hash it
 //! (`verify --deep`) or write it into a staging folder (drill, restore).
 //!
-//! Two facts shape this code (../shared/NOTES.md):
+//! Two facts shape this code (docs/facts.md):
 //! * age releases plaintext before the end of the stream is authenticated, so nothing read
 //!   here is trusted until the whole stream was consumed, the archive's SHA-256 matched its
 //!   manifest and every entry matched the inner manifest. Extraction therefore only ever goes
 //!   into a fresh staging folder; callers swap it in afterwards.
 //! * the tar crate silently skips `..` entries, strips leading `/`, and `Entry::unpack`
-//!   checks nothing. So we never use its unpack: every entry's path and type is checked here
-//!   and files are created by us, with `O_EXCL|O_NOFOLLOW`, below folders we created.
+//!   checks nothing. So we never use its unpack: every entry goes through
+//!   [`crate::tree::extract::Extractor`], which checks its path and type and writes it
+//!   relative to descriptors of folders it created (the same for every backup format).
 
-use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::io::{self, BufReader, Read};
+use std::path::Path;
 
 use tar::EntryType;
 
-use crate::archive::{entry_path, join};
-use crate::error::{is_disk_full, Error, Result};
-use crate::fsutil::{HashingReader, SharedHash, SharedHashingReader};
+use crate::archive::entry_path;
+use crate::error::{Error, Result};
+use crate::fsutil::{SharedHash, SharedHashingReader};
 use crate::keys::Identities;
-use crate::manifest::{
-    escape_path, EntryKind, EntryRecord, InnerManifest, Listing, Manifest, INNER_MANIFEST,
-};
+use crate::manifest::{escape_path, EntryKind, EntryRecord, InnerManifest, Manifest, INNER_MANIFEST};
 use crate::progress::Progress;
+use crate::store::{Listing, Store};
+pub use crate::tree::extract::ExtractPlan;
+use crate::tree::extract::{damaged, Extractor};
+use crate::tree::EntryMeta;
 
 /// The inner manifest is small (a record per file); anything bigger is hostile.
 const MAX_INNER_MANIFEST: u64 = 512 << 20;
-
-/// Where extracted entries go: each top-level folder (`db`, `uploads`, `raw`) to a root
-/// folder under which the entry's whole path is created.
-#[derive(Debug, Clone)]
-pub struct ExtractPlan {
-    pub routes: Vec<(String, PathBuf)>,
-    /// Restore owners from the archive (only possible, and only wanted, as root).
-    pub set_owner: bool,
-    /// Flush everything to disk once extraction is complete (one `syncfs` per filesystem,
-    /// not one fsync per file). A restore needs it before the swap; a drill's scratch,
-    /// deleted right after, does not.
-    pub durable: bool,
-}
-
-impl ExtractPlan {
-    /// Everything under one folder (drill, `restore --to`).
-    pub fn into_dir(root: &Path) -> ExtractPlan {
-        let routes = [crate::archive::TOP_DB, crate::archive::TOP_UPLOADS, crate::archive::TOP_RAW]
-            .iter()
-            .map(|t| (t.to_string(), root.to_path_buf()))
-            .collect();
-        ExtractPlan { routes, set_owner: rustix::process::geteuid().is_root(), durable: true }
-    }
-
-    fn root_for(&self, top: &[u8]) -> Option<&Path> {
-        self.routes.iter().find(|(t, _)| t.as_bytes() == top).map(|(_, p)| p.as_path())
-    }
-}
 
 /// What a successful read proved.
 #[derive(Debug, Clone)]
@@ -73,6 +43,7 @@ pub struct ReadReport {
 
 /// Read the whole archive described by `listing`; extract it when `plan` is given.
 pub fn read_archive(
+    store: &Store,
     listing: &Listing,
     identities: &Identities,
     identity_path: &Path,
@@ -85,29 +56,22 @@ pub fn read_archive(
         (_, Some(p)) => return Err(Error::integrity(&name, p.clone())),
         (None, None) => return Err(Error::integrity(&name, "has no manifest")),
     };
-    let file = File::open(&listing.archive_path)
+    let extractor = Extractor::new(&name, plan, manifest.plain_bytes)?;
+    let (file, len) = store
+        .open_archive(listing)
         .map_err(|e| Error::integrity(&name, format!("cannot open the archive file: {e}")))?;
     let hash = SharedHash::default();
-    let mut reader = Reader {
-        name: &name,
-        manifest,
-        plan,
-        progress,
-        records: Vec::new(),
-        seen: HashMap::new(),
-        dirs: Vec::new(),
-        files: 0,
-        plain_bytes: 0,
-    };
+    let mut reader =
+        Reader { name: &name, manifest, progress, extractor, records: Vec::new(), files: 0, plain_bytes: 0 };
     progress.start("reading", manifest.plain_bytes);
     let result = reader.run(file, hash.clone(), identities, identity_path);
     progress.finish();
     let inner = match result {
         Ok(inner) => inner,
-        Err(e) => return Err(explain_with_checksum(&listing.archive_path, manifest, &hash, e)),
+        Err(e) => return Err(explain_with_checksum(store, listing, len, manifest, &hash, e)),
     };
     // The archive file's own checksum, over every byte of it.
-    let total = finish_hash(&listing.archive_path, &hash)
+    finish_hash(store, listing, len, &hash)
         .map_err(|e| Error::integrity(&name, format!("cannot read the archive file: {e}")))?;
     if hash.hex() != manifest.archive_sha256 {
         return Err(Error::integrity(
@@ -116,39 +80,41 @@ pub fn read_archive(
         ));
     }
     reader.compare(&inner)?;
-    if let Some(plan) = plan {
-        reader.apply_dir_metadata(plan);
-        if plan.durable {
-            for (_, root) in &plan.routes {
-                let synced =
-                    File::open(root).and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
-                synced.map_err(|e| write_error(root, e))?;
-            }
-        }
-    }
+    let Reader { records, files, plain_bytes, extractor, .. } = reader;
+    extractor.finish()?;
     Ok(ReadReport {
-        entries: reader.records.len() as u64,
-        files: reader.files,
-        plain_bytes: reader.plain_bytes,
+        entries: records.len() as u64,
+        files,
+        plain_bytes,
         inner,
         archive_sha256: hash.hex(),
-        archive_bytes: total,
+        archive_bytes: len,
     })
 }
 
 /// When decryption or decompression fails half-way, tell the operator whether the file
 /// itself is damaged (checksum mismatch) or was made unreadable some other way.
-fn explain_with_checksum(path: &Path, manifest: &Manifest, hash: &SharedHash, e: Error) -> Error {
+fn explain_with_checksum(
+    store: &Store,
+    listing: &Listing,
+    len: u64,
+    manifest: &Manifest,
+    hash: &SharedHash,
+    e: Error,
+) -> Error {
     let Error::Integrity { archive, message } = e else { return e };
     if message.contains("unsafe") {
         return Error::Integrity { archive, message };
     }
     // A flipped byte in the age header's recipient lines reads as "wrong key" to age: the
     // checksum tells damage from a really wrong key (tests/hostile_archives.rs).
-    let cause =
-        if message.contains("wrong key") { "its age header opens with no identity given" } else { &message };
-    match finish_hash(path, hash) {
-        Ok(_) if hash.hex() != manifest.archive_sha256 => Error::Integrity {
+    let cause = if message.contains("wrong key") {
+        "its age header opens with no identity given"
+    } else {
+        message.trim_end_matches("; use another archive")
+    };
+    match finish_hash(store, listing, len, hash) {
+        Ok(()) if hash.hex() != manifest.archive_sha256 => Error::Integrity {
             archive,
             message: format!("damaged: its SHA-256 differs from the manifest ({cause}); use another archive"),
         },
@@ -157,36 +123,23 @@ fn explain_with_checksum(path: &Path, manifest: &Manifest, hash: &SharedHash, e:
 }
 
 /// Hash whatever part of the file the decryption stack did not read (trailing bytes).
-fn finish_hash(path: &Path, hash: &SharedHash) -> io::Result<u64> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
-    if hash.bytes() < len {
-        f.seek(SeekFrom::Start(hash.bytes()))?;
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-        }
+fn finish_hash(store: &Store, listing: &Listing, len: u64, hash: &SharedHash) -> io::Result<()> {
+    while hash.bytes() < len {
+        let n = (len - hash.bytes()).min(1 << 20);
+        let chunk = store.read_archive_range(listing, hash.bytes(), n)?;
+        hash.update(&chunk);
     }
-    Ok(len)
+    Ok(())
 }
-
-/// A folder's mode, mtime and owner, applied once its content is written.
-type DirMeta = (PathBuf, u32, u64, Option<(u32, u32)>);
 
 struct Reader<'a> {
     name: &'a str,
     manifest: &'a Manifest,
-    plan: Option<&'a ExtractPlan>,
     progress: &'a dyn Progress,
+    /// Checks every entry and, with a plan, writes it.
+    extractor: Extractor<'a>,
+    /// What was read, entry by entry, to compare with the inner manifest.
     records: Vec<EntryRecord>,
-    /// Every path seen so far and whether it is a folder, to refuse duplicates and
-    /// "file, then the same path as a folder" tricks.
-    seen: HashMap<Vec<u8>, EntryKind>,
-    dirs: Vec<DirMeta>,
     files: u64,
     plain_bytes: u64,
 }
@@ -195,19 +148,10 @@ fn unsafe_entry(name: &str, why: impl std::fmt::Display) -> Error {
     Error::integrity(name, format!("unsafe content refused: {why}; nothing was restored from it"))
 }
 
-fn damaged(name: &str, e: &io::Error) -> Error {
-    let what = match e.kind() {
-        io::ErrorKind::UnexpectedEof => "truncated (the data ends early)".to_string(),
-        io::ErrorKind::InvalidData => format!("damaged ({e})"),
-        _ => format!("unreadable ({e})"),
-    };
-    Error::integrity(name, format!("{what}; use another archive"))
-}
-
 impl Reader<'_> {
     fn run(
         &mut self,
-        file: File,
+        file: Box<dyn Read + Send>,
         hash: SharedHash,
         identities: &Identities,
         identity_path: &Path,
@@ -242,7 +186,6 @@ impl Reader<'_> {
                     inner = Some(self.read_inner(&mut entry)?);
                     continue;
                 }
-                self.check_tree(&parts, &shown, etype)?;
                 match etype {
                     EntryType::Directory => self.dir(&parts, &entry)?,
                     EntryType::Symlink => self.symlink(&parts, &shown, &entry)?,
@@ -282,7 +225,7 @@ impl Reader<'_> {
     }
 
     fn read_inner<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<InnerManifest> {
-        let size = entry.header().size().unwrap_or(u64::MAX);
+        let size = entry.size();
         if size > MAX_INNER_MANIFEST {
             return Err(unsafe_entry(self.name, format!("inner manifest declares {size} bytes")));
         }
@@ -293,169 +236,50 @@ impl Reader<'_> {
         })
     }
 
-    /// Path-level rules that apply whatever the entry type.
-    fn check_tree(&mut self, parts: &[Vec<u8>], shown: &str, etype: EntryType) -> Result<()> {
-        let name = self.name;
-        if self.seen.contains_key(&parts.join(&b'/')) {
-            return Err(unsafe_entry(name, format!("{shown} appears twice")));
-        }
-        // Every ancestor must be a folder this archive created: never a symlink (writing
-        // through it would land outside), never a file.
-        for i in 1..parts.len() {
-            let anc = parts[..i].join(&b'/');
-            match self.seen.get(&anc) {
-                Some(EntryKind::Dir) | None => {}
-                Some(EntryKind::Symlink) => {
-                    return Err(unsafe_entry(
-                        name,
-                        format!("{shown} lies below the symlink {}", escape_path(&anc)),
-                    ))
-                }
-                Some(EntryKind::File) => {
-                    return Err(unsafe_entry(
-                        name,
-                        format!("{shown} lies below the file {}", escape_path(&anc)),
-                    ))
-                }
-            }
-        }
-        let top = parts[0].as_slice();
-        if etype == EntryType::Symlink && top != crate::archive::TOP_UPLOADS.as_bytes() {
-            return Err(unsafe_entry(name, format!("symlink outside uploads {shown}")));
-        }
-        if top == crate::archive::TOP_DB.as_bytes() && !(parts.len() == 2 && etype.is_file()) {
-            return Err(unsafe_entry(name, format!("unexpected database entry {shown}")));
-        }
-        Ok(())
-    }
-
-    fn dest(&self, parts: &[Vec<u8>]) -> Result<Option<PathBuf>> {
-        let Some(plan) = self.plan else { return Ok(None) };
-        match plan.root_for(&parts[0]) {
-            Some(root) => Ok(Some(join(root, parts))),
-            None => Err(Error::Failed(format!(
-                "archive {}: holds {} entries, which this restore cannot place",
-                self.name,
-                String::from_utf8_lossy(&parts[0])
-            ))),
-        }
-    }
-
     fn dir<R: Read>(&mut self, parts: &[Vec<u8>], entry: &tar::Entry<R>) -> Result<()> {
-        let key = parts.join(&b'/');
-        if let Some(dest) = self.dest(parts)? {
-            create_dir_checked(&dest)?;
-            let h = entry.header();
-            let owner = h.uid().ok().zip(h.gid().ok()).map(|(u, g)| (u as u32, g as u32));
-            self.dirs.push((dest, h.mode().unwrap_or(0o755), h.mtime().unwrap_or(0), owner));
-        }
+        self.extractor.dir(parts, &meta_of(entry))?;
         self.records.push(EntryRecord {
-            path: escape_path(&key),
+            path: escape_path(&parts.join(&b'/')),
             kind: EntryKind::Dir,
             size: 0,
             sha256: None,
             target: None,
         });
-        self.seen.insert(key, EntryKind::Dir);
         Ok(())
     }
 
     fn symlink<R: Read>(&mut self, parts: &[Vec<u8>], shown: &str, entry: &tar::Entry<R>) -> Result<()> {
-        let key = parts.join(&b'/');
         let target = entry
             .link_name_bytes()
             .ok_or_else(|| unsafe_entry(self.name, format!("symlink without a target {shown}")))?
             .into_owned();
-        if target.is_empty() || target.contains(&0) {
-            return Err(unsafe_entry(self.name, format!("symlink with an invalid target {shown}")));
-        }
-        if let Some(dest) = self.dest(parts)? {
-            ensure_parent(&dest)?;
-            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &dest)
-                .map_err(|e| write_error(&dest, e))?;
-            if self.plan.map(|p| p.set_owner).unwrap_or(false) {
-                let h = entry.header();
-                let _ = std::os::unix::fs::lchown(
-                    &dest,
-                    h.uid().ok().map(|u| u as u32),
-                    h.gid().ok().map(|g| g as u32),
-                );
-            }
-        }
+        self.extractor.symlink(parts, &meta_of(entry), &target)?;
         self.files += 1;
         self.records.push(EntryRecord {
-            path: escape_path(&key),
+            path: escape_path(&parts.join(&b'/')),
             kind: EntryKind::Symlink,
             size: 0,
             sha256: None,
             target: Some(escape_path(&target)),
         });
-        self.seen.insert(key, EntryKind::Symlink);
         Ok(())
     }
 
     fn file<R: Read>(&mut self, parts: &[Vec<u8>], entry: &mut tar::Entry<R>) -> Result<()> {
-        let key = parts.join(&b'/');
-        let size = entry.header().size().map_err(|e| damaged(self.name, &e))?;
-        let mode = entry.header().mode().unwrap_or(0o600) & 0o777;
-        let mtime = entry.header().mtime().unwrap_or(0);
-        let owner = (entry.header().uid().ok(), entry.header().gid().ok());
-        let mut out = match self.dest(parts)? {
-            None => None,
-            Some(dest) => {
-                ensure_parent(&dest)?;
-                if size > self.manifest.plain_bytes {
-                    return Err(unsafe_entry(
-                        self.name,
-                        format!(
-                            "{} declares {size} bytes, more than the whole archive holds ({})",
-                            escape_path(&key),
-                            self.manifest.plain_bytes
-                        ),
-                    ));
-                }
-                check_room(&dest, size)?;
-                Some((create_file(&dest)?, dest))
-            }
-        };
-        let mut hashed = HashingReader::new(entry);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match hashed.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(damaged(self.name, &e)),
-            };
-            self.progress.advance(n as u64);
-            if self.progress.cancelled() {
-                return Err(Error::Failed(format!("reading {}: {}", self.name, crate::progress::Cancelled)));
-            }
-            if let Some((f, dest)) = out.as_mut() {
-                f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;
-            }
-        }
-        let (sha256, n) = hashed.finish();
-        if n != size {
-            return Err(damaged(self.name, &io::Error::from(io::ErrorKind::UnexpectedEof)));
-        }
-        if let Some((f, dest)) = out {
-            f.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| write_error(&dest, e))?;
-            if self.plan.map(|p| p.set_owner).unwrap_or(false) {
-                let _ = std::os::unix::fs::fchown(&f, owner.0.map(|u| u as u32), owner.1.map(|g| g as u32));
-            }
-            let _ = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
-        }
+        // `entry.size()`, not the header's: a PAX record may override the ustar size field,
+        // and that is the size the tar reader will actually hand out.
+        let size = entry.size();
+        let meta = meta_of(entry);
+        let (sha256, n) = self.extractor.file(parts, &meta, size, entry, self.progress)?;
         self.files += 1;
         self.plain_bytes += n;
         self.records.push(EntryRecord {
-            path: escape_path(&key),
+            path: escape_path(&parts.join(&b'/')),
             kind: EntryKind::File,
             size: n,
             sha256: Some(sha256),
             target: None,
         });
-        self.seen.insert(key, EntryKind::File);
         Ok(())
     }
 
@@ -491,104 +315,16 @@ impl Reader<'_> {
         }
         Ok(())
     }
-
-    /// Folder modes and times last: a read-only folder must not stop us writing its files,
-    /// and writing a file changes its folder's mtime.
-    fn apply_dir_metadata(&self, plan: &ExtractPlan) {
-        for (dir, mode, mtime, owner) in self.dirs.iter().rev() {
-            if plan.set_owner {
-                if let Some((u, g)) = owner {
-                    let _ = std::os::unix::fs::chown(dir, Some(*u), Some(*g));
-                }
-            }
-            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7777 & !0o6000));
-            if let Ok(f) = File::open(dir) {
-                let _ = f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(*mtime));
-            }
-        }
-    }
 }
 
-fn write_error(dest: &Path, e: io::Error) -> Error {
-    if is_disk_full(&e) {
-        Error::target(
-            dest,
-            "the disk is full while restoring; free space or choose a folder on a bigger disk",
-        )
-    } else {
-        Error::io(format!("cannot write {}", dest.display()), e)
-    }
-}
-
-fn create_dir_checked(dest: &Path) -> Result<()> {
-    match fs::symlink_metadata(dest) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(Error::io(
-            format!("cannot create folder {}", dest.display()),
-            io::ErrorKind::AlreadyExists.into(),
-        )),
-        Err(_) => {
-            ensure_parent(dest)?;
-            fs::create_dir(dest).map_err(|e| write_error(dest, e))?;
-            // Owner-only until the archive's mode is applied at the end.
-            let _ = fs::set_permissions(dest, fs::Permissions::from_mode(0o700));
-            Ok(())
-        }
-    }
-}
-
-/// Create missing parent folders. The caller has already checked that no ancestor in the
-/// archive is a symlink or a file, and the staging root is new and empty, so every folder
-/// here is one we create.
-fn ensure_parent(dest: &Path) -> Result<()> {
-    if let Some(parent) = dest.parent() {
-        if !parent.is_dir() {
-            fs::create_dir_all(parent).map_err(|e| write_error(parent, e))?;
-        }
-    }
-    Ok(())
-}
-
-fn create_file(dest: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(dest)
-        .map_err(|e| write_error(dest, e))
-}
-
-/// Refuse an entry whose declared size cannot fit, before writing a byte of it: a hostile
-/// archive could otherwise declare terabytes and fill the disk.
-fn check_room(dest: &Path, size: u64) -> Result<()> {
-    if size < (64 << 20) {
-        return Ok(());
-    }
-    let dir = dest.parent().unwrap_or(dest);
-    if let Ok(st) = rustix::fs::statvfs(dir) {
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
-        if size > free {
-            return Err(Error::target(
-                dir,
-                format!("not enough space: an entry needs {size} bytes and {free} are free; free space or use a bigger disk"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Remove a staging folder left by an interrupted drill or restore.
-pub fn remove_staging(dir: &Path) {
-    if dir.exists() {
-        // Folders extracted read-only would stop remove_dir_all: make them writable first.
-        for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
-            if e.file_type().is_dir() {
-                let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o700));
-            }
-        }
-        if let Err(e) = fs::remove_dir_all(dir) {
-            log::warn!("cannot remove {}: {e}", dir.display());
-        }
+/// The owner, mode and time a tar header records.
+fn meta_of<R: Read>(entry: &tar::Entry<R>) -> EntryMeta {
+    let h = entry.header();
+    EntryMeta {
+        mode: h.mode().unwrap_or(0o600) & 0o7777,
+        uid: h.uid().unwrap_or(0) as u32,
+        gid: h.gid().unwrap_or(0) as u32,
+        mtime: h.mtime().unwrap_or(0) as i64,
+        mtime_ns: 0,
     }
 }

@@ -5,7 +5,8 @@
 //! of files. Each stage that needs finishing is finished in [`ArchiveWriter::finish`], inside
 //! out; forgetting age's `finish()` would drop the last chunk and make the archive unreadable.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -17,12 +18,13 @@ use rusqlite::Connection;
 use tar::{EntryType, Header};
 
 use crate::config::CompressionSettings;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::fsutil::{drop_from_page_cache, HashingReader, HashingWriter};
 use crate::manifest::{escape_path, DatabaseInfo, EntryKind, EntryRecord, Skipped, TreeInfo};
 use crate::pipe::PipeWriter;
 use crate::progress::Progress;
 use crate::snapshot::{self, SnapshotInfo};
+use crate::tree::walk::{walk, Item, WalkError};
 
 /// tar -> zstd on the caller's thread; age -> SHA-256 -> file on a second one (see `pipe`).
 type Stack<W> = tar::Builder<
@@ -89,7 +91,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         let piped = PipeWriter::new(encrypted, PIPE_CHUNK, PIPE_DEPTH);
         let mut zstd =
             zstd::stream::write::Encoder::new(piped, compression.level).map_err(WriteError::Output)?;
-        // Without the frame checksum a flipped byte decompresses silently (NOTES.md).
+        // Without the frame checksum a flipped byte decompresses silently (docs/facts.md).
         zstd.include_checksum(true).map_err(WriteError::Output)?;
         if compression.threads > 1 {
             zstd.multithread(compression.threads).map_err(WriteError::Output)?;
@@ -166,100 +168,84 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         })
     }
 
-    /// Archive a directory tree under `prefix` (`uploads`, or `raw`): regular files, folders
-    /// and symlinks (as links, never followed). Unreadable and special files are skipped and
-    /// listed; files that change while read are archived as read and listed.
+    /// Archive a directory tree under `prefix` (`uploads`): regular files, folders and
+    /// symlinks (as links, never followed), walked with [`crate::tree::walk`]. Unreadable
+    /// and special files are skipped and listed; files that change while read are archived
+    /// as read and listed.
     pub fn add_tree(&mut self, root: &Path, prefix: &str) -> WResult<TreeInfo> {
         let mut info = TreeInfo::default();
-        let root_meta = std::fs::symlink_metadata(root).map_err(|e| {
-            Error::source(root, format!("cannot read the uploads folder: {e}; check source.uploads"))
-        })?;
-        if !root_meta.is_dir() {
-            return Err(WriteError::Other(Error::source(root, "is not a folder; check source.uploads")));
+        let walked = walk(root, prefix, |item| self.add_item(root, item, &mut info));
+        match walked {
+            Ok(()) => Ok(info),
+            Err(WalkError::Visit(e)) => Err(e),
+            Err(WalkError::Root(e)) => Err(WriteError::Other(Error::source(
+                root,
+                if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+                    || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
+                {
+                    "is not a folder (a symlink or a file); check source.uploads".to_string()
+                } else {
+                    format!("cannot read the uploads folder: {e}; check source.uploads")
+                },
+            ))),
         }
-        std::fs::read_dir(root)
-            .map_err(|e| Error::source(root, format!("cannot read the uploads folder: {e}")))?;
-        let walker = walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name();
-        for item in walker {
-            let item = match item {
-                Ok(i) => i,
-                Err(e) => {
-                    let path = e.path().map(|p| p.to_path_buf()).unwrap_or_else(|| root.to_path_buf());
-                    let rel = relative(root, prefix, &path);
-                    if e.io_error().map(|io| io.kind() == io::ErrorKind::NotFound).unwrap_or(false) {
-                        self.changed.push(escape_path(&rel));
-                        self.skipped.push(Skipped {
-                            path: escape_path(&rel),
-                            reason: "vanished during the backup".into(),
-                        });
-                    } else {
-                        log::warn!("{}: cannot read, skipped: {e}", path.display());
-                        self.skipped
-                            .push(Skipped { path: escape_path(&rel), reason: format!("unreadable: {e}") });
-                    }
-                    continue;
-                }
-            };
-            let rel = relative(root, prefix, item.path());
-            let ft = item.file_type();
-            if ft.is_dir() {
-                let meta = match item.metadata() {
-                    Ok(m) => m,
-                    Err(e) => {
-                        self.skipped
-                            .push(Skipped { path: escape_path(&rel), reason: format!("unreadable: {e}") });
-                        continue;
-                    }
-                };
+    }
+
+    fn add_item(&mut self, root: &Path, item: Item, info: &mut TreeInfo) -> WResult<()> {
+        let skip = |w: &mut Self, rel: &[u8], reason: String| {
+            w.skipped.push(Skipped { path: escape_path(rel), reason });
+        };
+        match item {
+            Item::Dir { rel, meta } => {
                 let mut dir = rel.clone();
                 dir.push(b'/');
-                let mut h = header_from(&meta, EntryType::Directory);
-                h.set_size(0);
-                self.append(&mut h, &dir, io::empty(), item.path())?;
+                let mut h = header(&meta, EntryType::Directory, 0);
+                self.append(&mut h, &dir, io::empty(), root)?;
                 self.entries.push(Rec::new(&escape_path(&rel), EntryKind::Dir, 0, None, None));
                 info.dirs += 1;
-            } else if ft.is_symlink() {
-                let (meta, target) =
-                    match (std::fs::symlink_metadata(item.path()), std::fs::read_link(item.path())) {
-                        (Ok(m), Ok(t)) => (m, t),
-                        (Err(e), _) | (_, Err(e)) => {
-                            self.skipped.push(Skipped {
-                                path: escape_path(&rel),
-                                reason: format!("unreadable link: {e}"),
-                            });
-                            continue;
-                        }
-                    };
-                let mut h = header_from(&meta, EntryType::Symlink);
-                h.set_size(0);
+            }
+            Item::Symlink { rel, meta, target } => {
+                let mut h = header(&meta, EntryType::Symlink, 0);
                 self.tar
-                    .append_link(&mut h, Path::new(std::ffi::OsStr::from_bytes(&rel)), &target)
-                    .map_err(|e| classify_append(e, item.path()))?;
-                let t = escape_path(target.as_os_str().as_bytes());
+                    .append_link(&mut h, Path::new(OsStr::from_bytes(&rel)), OsStr::from_bytes(&target))
+                    .map_err(|e| classify_append(e, root))?;
+                let t = escape_path(&target);
                 self.entries.push(Rec::new(&escape_path(&rel), EntryKind::Symlink, 0, None, Some(&t)));
                 info.symlinks += 1;
                 self.files += 1;
-            } else if ft.is_file() {
-                if let Some(n) = self.add_file(item.path(), &rel)? {
-                    info.files += 1;
-                    info.bytes += n;
-                }
-            } else {
-                log::warn!("{}: special file (fifo, socket or device), not backed up", item.path().display());
-                self.skipped.push(Skipped {
-                    path: escape_path(&rel),
-                    reason: "special file (fifo, socket or device)".into(),
-                });
+            }
+            Item::File { rel, meta, stat, file } => {
+                let n =
+                    self.add_open_file(&file, &rel, &meta, stat.size, &root.join(OsStr::from_bytes(&rel)))?;
+                info.files += 1;
+                info.bytes += n;
+            }
+            Item::Special { rel } => {
+                log::warn!("{}: special file (fifo, socket or device), not backed up", escape_path(&rel));
+                skip(self, &rel, "special file (fifo, socket or device)".into());
+            }
+            Item::Vanished { rel } => {
+                self.changed.push(escape_path(&rel));
+                skip(self, &rel, "vanished during the backup".into());
+            }
+            Item::Replaced { rel } => {
+                self.changed.push(escape_path(&rel));
+                skip(self, &rel, "replaced by something else (a link?) during the backup".into());
+            }
+            Item::Unreadable { rel, error } => {
+                log::warn!("{}: cannot read, skipped: {error}", escape_path(&rel));
+                skip(self, &rel, format!("unreadable: {error}"));
             }
         }
-        Ok(info)
+        Ok(())
     }
 
-    /// Add one regular file; `None` if it was skipped (vanished, unreadable, replaced).
+    /// Add one regular file by path (a pre-restore copy of a damaged database's files, as
+    /// found); `None` if it was skipped (vanished, unreadable, replaced).
     pub fn add_file(&mut self, path: &Path, rel: &[u8]) -> WResult<Option<u64>> {
         let shown = escape_path(rel);
-        // O_NOFOLLOW: if the file was swapped for a symlink since the walk saw it, we refuse
-        // rather than archive whatever it points to. O_NONBLOCK: same for a swapped-in fifo.
+        // O_NOFOLLOW: if the file was swapped for a symlink, we refuse rather than archive
+        // whatever it points to. O_NONBLOCK: same for a swapped-in fifo.
         let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32;
         let file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
             Ok(f) => f,
@@ -280,50 +266,57 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
                 .push(Skipped { path: shown, reason: "replaced by a non-file during the backup".into() });
             return Ok(None);
         }
-        let size = before.len();
-        let mut h = header_from(&before, EntryType::Regular);
-        h.set_size(size);
+        let meta = crate::tree::EntryMeta::from_metadata(&before);
+        self.add_open_file(&file, rel, &meta, before.len(), path).map(Some)
+    }
+
+    /// Stream an open regular file into the archive. Its size is fixed in the tar header
+    /// first: a file that shrinks or grows while read is archived as read (padded or cut)
+    /// and listed under `changed_during_backup`.
+    fn add_open_file(
+        &mut self,
+        file: &std::fs::File,
+        rel: &[u8],
+        meta: &crate::tree::EntryMeta,
+        size: u64,
+        source: &Path,
+    ) -> WResult<u64> {
+        let shown = escape_path(rel);
+        let mut h = header(meta, EntryType::Regular, size);
         let progress = self.progress.clone();
         let mut reader = HashingReader::new(ExactSize {
-            inner: ProgressReader { inner: &file, progress: &*progress },
+            inner: ProgressReader { inner: file, progress: &*progress },
             remaining: size,
             short: false,
             error: None,
         });
-        self.append(&mut h, rel, std::io::BufReader::with_capacity(READ_CHUNK, &mut reader), path)?;
+        self.append(&mut h, rel, std::io::BufReader::with_capacity(READ_CHUNK, &mut reader), source)?;
         let (sha256, n) = {
             let short = reader_short(&reader);
             if let Some(e) = reader_error(&mut reader) {
                 // A read error in the middle of a file (I/O error on the SD card): the tar
                 // entry was padded; keep the archive consistent and report the file.
-                log::warn!("{}: read error, archived padded with zeros: {e}", path.display());
+                log::warn!("{shown}: read error, archived padded with zeros: {e}");
                 self.changed.push(shown.clone());
             } else if short {
                 self.changed.push(shown.clone());
             }
             reader.finish()
         };
-        drop_from_page_cache(&file);
+        drop_from_page_cache(file);
         let after = file.metadata().ok();
         let changed = match after {
-            Some(a) => {
-                a.len() != before.len()
-                    || a.mtime() != before.mtime()
-                    || a.mtime_nsec() != before.mtime_nsec()
-            }
+            Some(a) => a.len() != size || a.mtime() != meta.mtime || a.mtime_nsec() as u32 != meta.mtime_ns,
             None => true,
         };
         if changed && self.changed.last() != Some(&shown) {
-            log::warn!(
-                "{}: changed while it was read; archived as read and listed in the manifest",
-                path.display()
-            );
+            log::warn!("{shown}: changed while it was read; archived as read and listed in the manifest");
             self.changed.push(shown.clone());
         }
         self.files += 1;
         self.plain_bytes += n;
         self.entries.push(Rec::new(&shown, EntryKind::File, n, Some(&sha256), None));
-        Ok(Some(n))
+        Ok(n)
     }
 
     fn append(&mut self, h: &mut Header, rel: &[u8], data: impl Read, source: &Path) -> WResult<()> {
@@ -431,7 +424,7 @@ impl Write for CountingSink {
 /// else is the output.
 fn classify_append(e: io::Error, source: &Path) -> WriteError {
     if e.get_ref().map(|r| r.is::<crate::progress::Cancelled>()).unwrap_or(false) {
-        return WriteError::Other(Error::Failed(format!("backup {}", crate::progress::Cancelled)));
+        return WriteError::Other(Error::Cancelled("backup".into()));
     }
     if let Some(p) = e.get_ref().and_then(|r| r.downcast_ref::<snapshot::PageReadError>()) {
         return WriteError::Other(Error::source(source, p.to_string()));
@@ -439,22 +432,17 @@ fn classify_append(e: io::Error, source: &Path) -> WriteError {
     WriteError::Output(e)
 }
 
-fn header_from(meta: &Metadata, kind: EntryType) -> Header {
+/// A tar header for an entry, from what the walk recorded (GNU format: long names and
+/// big sizes fit).
+fn header(meta: &crate::tree::EntryMeta, kind: EntryType, size: u64) -> Header {
     let mut h = Header::new_gnu();
-    h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
     h.set_entry_type(kind);
+    h.set_mode(meta.mode);
+    h.set_uid(meta.uid as u64);
+    h.set_gid(meta.gid as u64);
+    h.set_mtime(meta.mtime.max(0) as u64);
+    h.set_size(size);
     h
-}
-
-fn relative(root: &Path, prefix: &str, path: &Path) -> Vec<u8> {
-    let mut out = prefix.as_bytes().to_vec();
-    if let Ok(rel) = path.strip_prefix(root) {
-        if !rel.as_os_str().is_empty() {
-            out.push(b'/');
-            out.extend_from_slice(rel.as_os_str().as_bytes());
-        }
-    }
-    out
 }
 
 struct ProgressReader<'p, R> {
@@ -524,16 +512,6 @@ where
 
 fn reader_error<R: Read>(r: &mut HashingReader<ExactSize<R>>) -> Option<io::Error> {
     r.inner_mut().error.take()
-}
-
-/// Open the archive's output file for writing on the target.
-pub fn open_output(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
 }
 
 #[cfg(test)]

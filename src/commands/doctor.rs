@@ -6,13 +6,12 @@ use datavault::config::Settings;
 use datavault::error::Result;
 use datavault::ops::doctor::{self, Check, Level};
 
-use crate::cli::Ui;
-use crate::commands::{json, out};
+use crate::ui::{json, out, Ui};
 
-pub fn doctor(config: &Path, ui: &Ui) -> Result<u8> {
+pub fn run(config: &Path, ui: &Ui) -> Result<u8> {
     let report = doctor::run(config, &probe_gpio);
     if ui.json {
-        json(&report);
+        json(&report)?;
     } else {
         let mut s = String::new();
         for c in &report.checks {
@@ -28,7 +27,7 @@ pub fn doctor(config: &Path, ui: &Ui) -> Result<u8> {
         } else {
             "doctor: the next backup would FAIL: fix the FAIL lines above\n"
         };
-        out(&s);
+        out(&s)?;
     }
     Ok(report.exit_code())
 }

@@ -6,20 +6,19 @@ use datavault::config::TEMPLATE;
 use datavault::error::{exit, Error, Result};
 use datavault::fsutil::write_atomic;
 
-use crate::cli::Ui;
-use crate::commands::{json, out};
+use crate::ui::{json, out, Ui};
 
 pub fn keygen(output: &Path, ui: &Ui) -> Result<u8> {
     let recipient = datavault::keys::generate_identity_file(output)?;
     if ui.json {
-        json(&serde_json::json!({ "identity": output, "recipient": recipient }));
+        json(&serde_json::json!({ "identity": output, "recipient": recipient }))?;
     } else {
         out(&format!(
             "{recipient}\n\nIdentity (private key) written to {} (mode 0600).\n\
              Put the line above in encryption.recipients. Keep a copy of the identity OFF the Pi:\n\
              without it no archive can ever be restored.\n",
             output.display()
-        ));
+        ))?;
     }
     Ok(exit::SUCCESS)
 }
@@ -34,6 +33,9 @@ pub fn init(config: &Path, keygen: bool, ui: &Ui) -> Result<u8> {
     let dir = config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::config(config, format!("cannot create its folder: {e}")))?;
+    // The config only takes absolute paths: the identity beside it is named by its real path.
+    let dir = &std::fs::canonicalize(dir)
+        .map_err(|e| Error::config(config, format!("cannot resolve its folder: {e}")))?;
     let mut text = TEMPLATE.to_string();
     let mut recipient = None;
     if keygen {
@@ -51,10 +53,10 @@ pub fn init(config: &Path, keygen: bool, ui: &Ui) -> Result<u8> {
             "config": config,
             "recipient": recipient.as_ref().map(|r| &r.0),
             "identity": recipient.as_ref().map(|r| &r.1),
-        }));
+        }))?;
         return Ok(exit::SUCCESS);
     }
-    out(&format!("Config template written to {}.\n", config.display()));
+    out(&format!("Config template written to {}.\n", config.display()))?;
     match recipient {
         Some((r, id)) => out(&format!(
             "New key pair: public key {r} is in the config; the private key is {} (mode 0600).\n\
@@ -62,7 +64,7 @@ pub fn init(config: &Path, keygen: bool, ui: &Ui) -> Result<u8> {
             id.display()
         )),
         None => out("Next: `datavault keygen --output /etc/datavault/identity.txt` and put the printed age1... key in encryption.recipients.\n"),
-    }
-    out("Then edit source.database, source.uploads, target.path and the service commands, and run `datavault status`.\n");
+    }?;
+    out("Then edit source.database, source.uploads, target.path and the service commands, and run `datavault status`.\n")?;
     Ok(exit::SUCCESS)
 }

@@ -28,7 +28,7 @@ pub enum LedPattern {
     Working,
     /// Three quick flashes, then back to the previous pattern: "button press seen".
     Acknowledge,
-    /// Steady on: the last run failed or the backup is overdue.
+    /// Steady on: no backup yet, the last run failed, or the backup is overdue.
     Failed,
     /// SOS in Morse, repeating: a restore drill failed, the backups may not restore.
     DrillFailed,
@@ -98,7 +98,7 @@ impl LedPattern {
             LedPattern::Healthy => "short blink every 2 s: healthy, the last backup is recent",
             LedPattern::Working => "fast blinking: a backup, drill or restore is running",
             LedPattern::Acknowledge => "three quick flashes: button press seen",
-            LedPattern::Failed => "steady on: the last run failed or the backup is overdue",
+            LedPattern::Failed => "steady on: no backup yet, the last run failed, or the backup is overdue",
             LedPattern::DrillFailed => "SOS (... --- ...): a restore drill failed",
             LedPattern::TargetMissing => "double blink every 2 s: the USB backup drive is missing",
         }

@@ -23,8 +23,8 @@ pub use error::HardwareError;
 pub use led::{GpioLed, LedPattern, NullLed, StatusLed, SysfsLed};
 
 /// Opens the configured LED: an LED on BCM pin `led_pin`, else the onboard ACT LED when
-/// `act_led`, else [`NullLed`]. `led_pin` wins when both are set (config validation should
-/// reject that). `sys_root` is "/" except in tests.
+/// `act_led`, else [`NullLed`]. The config refuses both at once; if a caller passes both,
+/// `led_pin` wins. `sys_root` is "/" except in tests.
 pub fn open_led(
     led_pin: Option<u8>,
     act_led: bool,

@@ -4,16 +4,18 @@
 //! database, check every file against the inner manifest, run the configured SQL checks,
 //! time it all (that is the recovery time to expect), and clean up.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::archive::read::{read_archive, remove_staging, ExtractPlan};
+use crate::archive::read::{read_archive, ExtractPlan};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{Error, Result};
-use crate::ops::{now, Env, Run};
+use crate::fsutil::remove_tree;
+use crate::ops::{now, Env, Run, RunError, Trigger};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -26,6 +28,12 @@ pub struct Check {
 pub struct DrillReport {
     pub archive: String,
     pub passed: bool,
+    /// Set when a boot drill found nothing to drill: no archive on the drive and none ever
+    /// recorded in the catalog (a fresh install, before the first backup). Neither a pass nor
+    /// a failure: the run is recorded as WARNING, the command exits 0 (the failure hook must
+    /// not fire on every fresh install) and `status` says "no backup yet" (issue #13).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nothing_to_drill: Option<String>,
     pub checks: Vec<Check>,
     pub files: u64,
     pub bytes: u64,
@@ -33,72 +41,92 @@ pub struct DrillReport {
     pub recovery_seconds: f64,
 }
 
-pub fn run(env: &Env, which: Option<&str>, trigger: &str) -> Result<DrillReport> {
+pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     crate::ops::run_in_background_priority();
     let run = Run::start(env, "drill", trigger, true)?;
-    let result = drill_in_run(&run, which);
-    let archive = result.as_ref().ok().map(|r| r.archive.clone());
+    let result = drill_in_run(&run, which, trigger);
     match &result {
+        Ok(r) if r.nothing_to_drill.is_some() => run.end(&result, RunStatus::Warning, None),
         // A drill that ran to the end but failed a check is a failed run in the catalog,
         // yet its report is still what the operator needs to see.
         Ok(r) if !r.passed => {
             let failed: Vec<_> =
                 r.checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
-            let e: Result<()> =
-                Err(Error::integrity(&r.archive, format!("DRILL FAILED: {}", failed.join("; "))));
-            run.end(&e, RunStatus::Success, archive.as_deref());
+            let why = RunError { kind: "integrity", message: format!("DRILL FAILED: {}", failed.join("; ")) };
+            run.end_as(RunStatus::Failed, Some(why), Some(&r.archive));
         }
-        _ => run.end(&result, RunStatus::Success, archive.as_deref()),
+        Ok(r) => run.end_as(RunStatus::Success, None, Some(&r.archive)),
+        Err(_) => run.end(&result, RunStatus::Success, None),
     }
     result
 }
 
-fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
+/// What a boot drill says before the first backup (see [`DrillReport::nothing_to_drill`]).
+pub const NO_BACKUP_YET: &str = "no backup yet: nothing to drill; run `datavault backup`";
+
+fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
-    let listings = crate::ops::listings(env)?;
+    let (store, mut listings) = crate::ops::listings(env)?;
+    // The boot drill is often the first run after a power cut: it clears what a cut-off run
+    // left on the drive, so that status and `verify --all` are clean again.
+    if !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {
+        listings = store.scan()?;
+    }
     crate::ops::sync_catalog(&run.catalog, &listings);
+    // Only the boot drill, only when nothing was ever there: archives that vanished (the
+    // catalog knows them, now MISSING) or a damaged one still fail loudly below.
+    if which.is_none()
+        && trigger == Trigger::Boot
+        && listings.is_empty()
+        && run.catalog.archives()?.is_empty()
+    {
+        log::warn!("{NO_BACKUP_YET}");
+        return Ok(DrillReport {
+            archive: String::new(),
+            passed: false,
+            nothing_to_drill: Some(NO_BACKUP_YET.into()),
+            checks: Vec::new(),
+            files: 0,
+            bytes: 0,
+            recovery_seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
     let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
 
-    let scratch_root = env.settings.drill.scratch_dir(&env.settings.target);
-    // Leftovers of a drill that was killed: plaintext, so never leave it lying around.
-    // Only our own `run-*` folders: scratch_dir may be a shared folder such as /var/tmp.
-    if let Ok(rd) = std::fs::read_dir(&scratch_root) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("run-") {
-                remove_staging(&e.path());
-            }
-        }
-    }
-    std::fs::create_dir_all(&scratch_root).map_err(|e| {
-        Error::target(
-            &scratch_root,
-            format!("cannot create the drill scratch folder: {e}; set drill.scratch_dir"),
-        )
-    })?;
-    let scratch = scratch_root.join(format!("run-{}", run.id));
-    std::fs::create_dir(&scratch)
-        .map_err(|e| Error::target(&scratch, format!("cannot create the drill scratch folder: {e}")))?;
-    let _ = std::fs::set_permissions(&scratch, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let scratch = prepare_scratch(&env.settings, run.id)?;
     let _cleanup = Cleanup(scratch.clone());
 
     let mut checks = Vec::new();
     let read = read_archive(
+        &store,
         listing,
         &identities,
         &identity_path,
-        Some(&ExtractPlan { durable: false, ..ExtractPlan::into_dir(&scratch) }),
+        Some(&ExtractPlan {
+            durable: false,
+            room_hint: "set drill.scratch_dir to a folder with more room (the drill extracts there)",
+            ..ExtractPlan::into_dir(&scratch)
+        }),
         &*env.progress,
     );
     let report = match read {
-        Err(e) => {
-            let detail = e.to_string();
-            let _ = run.catalog.record_event(Some(run.id), now(), Event::DrillFailed, Some(&name), &detail);
+        // Only what the archive is to blame for fails the drill: no room for the scratch
+        // folder or a cancelled run says nothing about whether the backup restores.
+        Err(e @ Error::Integrity { .. }) => {
+            let _ = run.catalog.record_event(
+                Some(run.id),
+                now(),
+                Event::DrillFailed,
+                Some(&name),
+                &e.to_string(),
+            );
             return Err(e);
         }
+        Err(e) => return Err(e),
         Ok(r) => r,
     };
     checks.push(Check {
@@ -114,7 +142,9 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
 
     let manifest = listing.manifest.as_ref().expect("selected archives are complete");
     if let Some(db) = &manifest.database {
-        let db_path = scratch.join(&db.entry);
+        use std::os::unix::ffi::OsStrExt;
+        let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(&name, e))?;
+        let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
         checks.extend(check_database(&db_path, &env.settings.drill.checks));
     } else {
         checks.push(Check {
@@ -132,6 +162,7 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     Ok(DrillReport {
         archive: name,
         passed,
+        nothing_to_drill: None,
         checks,
         files: report.files,
         bytes: report.plain_bytes,
@@ -139,10 +170,51 @@ fn drill_in_run(run: &Run, which: Option<&str>) -> Result<DrillReport> {
     })
 }
 
+/// Prefix of the folders drills extract into, inside the scratch folder.
+const RUN_PREFIX: &str = "datavault-drill-";
+
+/// A fresh private folder for this drill in the scratch folder, after removing what killed
+/// drills left there (plaintext: never left lying around). Only our own names are removed:
+/// scratch_dir may be a shared folder such as /var/tmp. The default scratch folder is on
+/// the drive, where anyone with the drive could have put a link: it must be a real folder.
+fn prepare_scratch(settings: &crate::config::Settings, run_id: i64) -> Result<PathBuf> {
+    let root = settings.drill.scratch_dir(&settings.target);
+    let default = settings.drill.scratch_dir.is_none();
+    if default && std::fs::symlink_metadata(&root).is_ok_and(|m| !m.is_dir()) {
+        return Err(Error::target(
+            &root,
+            "the drill scratch folder on the drive is a link or a file, not a folder; remove it (datavault never extracts through a link)",
+        ));
+    }
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            // `run-*`: what datavault 0.1 named them, only in its own default folder.
+            if n.starts_with(RUN_PREFIX) || (default && n.starts_with("run-")) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    std::fs::create_dir_all(&root).map_err(|e| {
+        Error::target(&root, format!("cannot create the drill scratch folder: {e}; set drill.scratch_dir"))
+    })?;
+    let scratch = root.join(format!("{RUN_PREFIX}{run_id}"));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&scratch)
+        .map_err(|e| Error::target(&scratch, format!("cannot create the drill scratch folder: {e}")))?;
+    Ok(scratch)
+}
+
 /// `integrity_check` plus the configured SQL checks, on a restored database copy.
 pub fn check_database(db_path: &Path, sql_checks: &[String]) -> Vec<Check> {
     let mut checks = Vec::new();
-    let conn = match Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_WRITE) {
+    // Read-write only so that SQLite may open a WAL database without its -shm; query_only
+    // makes every check read-only: a check that writes (a DELETE ... RETURNING 1) must not
+    // change the database an in-place restore is about to swap in (red team #7).
+    let conn = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .and_then(|c| c.pragma_update(None, "query_only", true).map(|_| c));
+    let conn = match conn {
         Ok(c) => c,
         Err(e) => {
             checks.push(Check { name: "open database".into(), ok: false, detail: e.to_string() });
@@ -194,6 +266,6 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        remove_staging(&self.0);
+        remove_tree(&self.0);
     }
 }

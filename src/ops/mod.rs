@@ -5,15 +5,18 @@
 //! the audit catalog, first repairs what an interrupted earlier run left behind (partial
 //! files, a half-done restore), and on the way out writes the metrics file.
 
+pub mod audit;
 pub mod backup;
 pub mod doctor;
 pub mod drill;
+pub mod health;
+pub mod list;
 pub mod prune;
 pub mod restore;
+pub mod service;
 pub mod status;
 pub mod verify;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -22,9 +25,44 @@ use crate::catalog::{ArchiveRecord, ArchiveStatus, Catalog, RunStatus};
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::lock::RunLock;
-use crate::manifest::{self, Listing};
+use crate::manifest;
 use crate::progress::Progress;
+use crate::store::{self, Listing, Store};
 use crate::target::SystemRoot;
+
+/// What started a run: recorded in the catalog and the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// Someone at a terminal.
+    Manual,
+    /// The daily systemd timer.
+    Timer,
+    /// The push button (or SIGUSR1 to the agent).
+    Button,
+    /// The drill at boot.
+    Boot,
+    /// The safety copy an in-place restore takes first.
+    Restore,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Timer => "timer",
+            Trigger::Button => "button",
+            Trigger::Boot => "boot",
+            Trigger::Restore => "restore",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What every operation needs from the outside world.
 pub struct Env {
@@ -36,6 +74,18 @@ pub struct Env {
 impl Env {
     pub fn new(settings: Settings, progress: Arc<dyn Progress>) -> Env {
         Env { settings, system_root: SystemRoot::from_env(), progress }
+    }
+
+    /// The archives on the USB drive, once the drive is known to be there and readable.
+    pub fn store_for_reading(&self) -> Result<Store> {
+        crate::target::require_readable(&self.settings.target, &self.system_root)?;
+        Store::open_local(&self.settings.target.path)
+    }
+
+    /// The USB drive, once it is known to be the right, mounted drive with `needed` bytes free.
+    pub fn store_for_writing(&self, needed: u64) -> Result<Store> {
+        crate::target::require_writable(&self.settings.target, &self.system_root, needed)?;
+        Store::open_local(&self.settings.target.path)
     }
 }
 
@@ -95,10 +145,24 @@ pub struct Run<'e> {
 impl<'e> Run<'e> {
     /// Take the lock (unless `locked` is false: read-only commands), open the catalog, record
     /// the run, and clean up after any interrupted run.
-    pub fn start(env: &'e Env, command: &str, trigger: &str, locked: bool) -> Result<Run<'e>> {
+    pub fn start(env: &'e Env, command: &str, trigger: Trigger, locked: bool) -> Result<Run<'e>> {
         let state = &env.settings.state;
+        if locked {
+            // Root deletes and renames what the state folder's journal names, and writes
+            // through its lock file: nobody else may write there.
+            crate::config::check_state_dir(&state.dir)?;
+            crate::config::check_layout(&env.settings)?;
+        }
         let lock = if locked { Some(RunLock::acquire(&state.lock_path(), command)?) } else { None };
-        let catalog = Catalog::open(&state.catalog_path())?;
+        if locked {
+            // A run killed while writing the journal or the metrics leaves a `.partial`.
+            for e in std::fs::read_dir(&state.dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().ends_with(crate::fsutil::PARTIAL_SUFFIX) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let catalog = Catalog::open_or_rebuild(&state.catalog_path())?;
         let t = now();
         if locked {
             let n = catalog.close_interrupted_runs(t)?;
@@ -106,33 +170,60 @@ impl<'e> Run<'e> {
                 log::warn!("{n} earlier run(s) were interrupted (power cut or kill); cleaning up after them");
             }
         }
-        let id = catalog.begin_run(command, trigger, &user(), &host(), t)?;
+        let id = catalog.begin_run(command, trigger.as_str(), &user(), &host(), t)?;
         let run = Run { env, catalog, id, _lock: lock };
         if locked {
-            restore::recover_interrupted(&run)?;
+            if let Err(e) = restore::recover_interrupted(&run) {
+                // Recorded as this run's failure, not left RUNNING for the next run to call
+                // "interrupted".
+                let failed: Result<Run<'e>> = Err(e);
+                run.end(&failed, RunStatus::Failed, None);
+                return failed;
+            }
         }
         Ok(run)
     }
 
-    /// Record how the run ended and refresh the metrics file. Never hides the run's own error.
+    /// Record how the run ended (success, or its error) and refresh the metrics file.
     pub fn end<T>(self, result: &Result<T>, status_on_ok: RunStatus, archive: Option<&str>) {
-        let (status, err) = match result {
-            Ok(_) => (status_on_ok, None),
-            Err(e) => (RunStatus::Failed, Some(e)),
-        };
-        if let Err(e) = self.catalog.end_run(self.id, now(), status, err, archive) {
+        match result {
+            Ok(_) => self.end_as(status_on_ok, None, archive),
+            Err(e) => self.end_as(RunStatus::Failed, Some(RunError::of(e)), archive),
+        }
+    }
+
+    /// Record an explicit ending: a run that completed but failed its purpose (a drill whose
+    /// checks failed) is `Failed` with its reason, without an `Error` to show for it.
+    pub fn end_as(self, status: RunStatus, error: Option<RunError>, archive: Option<&str>) {
+        if let Err(e) = self.catalog.end_run(self.id, now(), status, error.as_ref(), archive) {
             log::warn!("cannot record the run in the catalog: {e}");
         }
-        if let Err(e) = crate::metrics::write(&self.env.settings.state.metrics_path(), &self.catalog) {
+        let s = &self.env.settings;
+        if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, s.agent.max_age_hours) {
             log::warn!("cannot write metrics: {e}");
         }
     }
 }
 
-/// Archives on the target (newest first), after checking the target can be read.
-pub fn listings(env: &Env) -> Result<Vec<Listing>> {
-    crate::target::require_readable(&env.settings.target, &env.system_root)?;
-    manifest::scan_target(&env.settings.target.path)
+/// Why a run failed, as the catalog records it.
+#[derive(Debug, Clone)]
+pub struct RunError {
+    /// The error's class ([`Error::kind`]).
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl RunError {
+    pub fn of(e: &Error) -> RunError {
+        RunError { kind: e.kind(), message: e.to_string() }
+    }
+}
+
+/// The drive's store and its archives (newest first), after checking the drive can be read.
+pub fn listings(env: &Env) -> Result<(Store, Vec<Listing>)> {
+    let store = env.store_for_reading()?;
+    let listings = store.scan()?;
+    Ok((store, listings))
 }
 
 /// Which archive a command works on when none is named.
@@ -148,11 +239,24 @@ pub enum Pick {
 /// Pick an archive by name, or by the default rule.
 pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> Result<&'l Listing> {
     if let Some(w) = wanted {
-        return manifest::find(listings, w).ok_or_else(|| {
+        return store::find(listings, w).ok_or_else(|| {
             Error::Usage(format!("no archive named {w:?} on the target; `datavault list` shows them"))
         });
     }
-    let is_backup = |l: &&Listing| l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup);
+    // An archive dated in the future was made while the clock was wrong: "newest" by its
+    // date, it may well be older than the others. It is only ever used by name (red team #6).
+    let t = now();
+    let in_future = |l: &Listing| l.created().is_some_and(|c| is_in_future(c, t));
+    for l in listings.iter().filter(|l| in_future(l)) {
+        log::warn!(
+            "{} is dated {}, in the future: it was made while the clock was wrong, so it is not taken as the newest; name it to use it",
+            l.name,
+            l.created().map(manifest::format_time).unwrap_or_default()
+        );
+    }
+    let is_backup = |l: &&Listing| {
+        l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup) && !in_future(l)
+    };
     let found = match pick {
         Pick::Newest => listings.iter().find(is_backup),
         Pick::NewestComplete => {
@@ -183,12 +287,18 @@ pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> 
     })
 }
 
+/// Dated more than a day after `now`: made while the clock was wrong (or the clock is wrong
+/// now; either way not to be trusted as "the newest").
+pub fn is_in_future(created: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    created > now + chrono::Duration::days(1)
+}
+
 /// The catalog's view of a listing.
 pub fn archive_record(l: &Listing) -> Option<ArchiveRecord> {
     let m = l.manifest.as_ref()?;
     Some(ArchiveRecord {
         name: l.name.clone(),
-        path: l.archive_path.display().to_string(),
+        path: l.archive_path(),
         kind: m.kind,
         size: m.archive_size,
         created_at: m.created,
@@ -211,36 +321,9 @@ pub fn sync_catalog(catalog: &Catalog, listings: &[Listing]) {
                 log::info!("catalog: {imported} archive(s) found on the drive were added");
             }
             if missing > 0 {
-                log::warn!("catalog: {missing} archive(s) are no longer on the drive");
+                log::warn!("catalog: {missing} archive(s) are no longer on the drive, or no longer complete (see `datavault list`)");
             }
         }
         Err(e) => log::warn!("cannot update the catalog: {e}"),
     }
-}
-
-/// Remove what interrupted runs left on the target: `*.partial` files and archives whose
-/// manifest was never written. Only names we create are touched.
-pub fn clean_target(dir: &Path) -> Vec<String> {
-    let mut removed = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return removed };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.starts_with("backup-") || name.starts_with("pre-restore-");
-        if !ours {
-            continue;
-        }
-        let orphan = name
-            .strip_suffix(manifest::ARCHIVE_SUFFIX)
-            .map(|stem| !dir.join(format!("{stem}{}", manifest::MANIFEST_SUFFIX)).exists())
-            .unwrap_or(false);
-        if (name.ends_with(crate::fsutil::PARTIAL_SUFFIX) || orphan) && std::fs::remove_file(e.path()).is_ok()
-        {
-            log::info!("removed {name}, left by an interrupted run");
-            removed.push(name);
-        }
-    }
-    if !removed.is_empty() {
-        let _ = crate::fsutil::fsync_dir(dir);
-    }
-    removed
 }

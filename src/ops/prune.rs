@@ -8,8 +8,7 @@ use serde::Serialize;
 
 use crate::catalog::{ArchiveStatus, Event, RunStatus};
 use crate::error::{Error, Result};
-use crate::manifest::Listing;
-use crate::ops::{now, Env, Run};
+use crate::ops::{now, Env, Run, Trigger};
 use crate::retention::{Candidate, Decision};
 
 #[derive(Debug, Clone, Serialize)]
@@ -21,14 +20,14 @@ pub struct PruneOutcome {
 }
 
 pub fn run(env: &Env, dry_run: bool) -> Result<PruneOutcome> {
-    let run = Run::start(env, "prune", "manual", true)?;
+    let run = Run::start(env, "prune", Trigger::Manual, true)?;
     let result = (|| {
-        let listings = crate::ops::listings(env)?;
+        let (_, listings) = crate::ops::listings(env)?;
         let newest = listings.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max();
         if let crate::retention::ClockCheck::Suspicious(why) =
             crate::retention::check_clock(now(), newest, crate::ops::build_time())
         {
-            return Err(Error::Failed(format!("refusing to prune: {why}")));
+            return Err(Error::Clock(format!("refusing to prune: {why}")));
         }
         prune_in_run(&run, dry_run)
     })();
@@ -43,8 +42,12 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
     if !dry_run {
         crate::target::require_writable(&env.settings.target, &env.system_root, 0)?;
     }
-    let cleaned = if dry_run { Vec::new() } else { crate::ops::clean_target(dir) };
-    let listings = crate::ops::listings(env)?;
+    let (store, listings) = crate::ops::listings(env)?;
+    let cleaned = if dry_run {
+        Vec::new()
+    } else {
+        store.clean(&run.catalog.interrupted_archives().unwrap_or_default())
+    };
     let candidates: Vec<Candidate> = listings
         .iter()
         .filter_map(|l| {
@@ -63,7 +66,12 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
         if dry_run {
             continue;
         }
-        delete(listing)?;
+        // Named first: if this run is cut between the manifest and the archive, the next
+        // run knows the orphan left is its own to remove.
+        if let Err(e) = run.catalog.set_run_archive(run.id, &d.name) {
+            log::warn!("{e}");
+        }
+        store.delete(listing)?;
         let _ = run.catalog.set_archive_status(&d.name, ArchiveStatus::Pruned);
         let _ = run.catalog.record_event(
             Some(run.id),
@@ -79,15 +87,4 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
         crate::fsutil::fsync_dir(dir)?;
     }
     Ok(PruneOutcome { dry_run, decisions, deleted, cleaned })
-}
-
-fn delete(l: &Listing) -> Result<()> {
-    for p in [&l.manifest_path, &l.archive_path] {
-        match std::fs::remove_file(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("cannot delete {}", p.display()), e)),
-        }
-    }
-    Ok(())
 }

@@ -5,8 +5,8 @@
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::manifest::Listing;
 use crate::ops::Env;
+use crate::store::{Listing, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyResult {
@@ -18,7 +18,7 @@ pub struct VerifyResult {
 }
 
 pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<VerifyResult>> {
-    let listings = crate::ops::listings(env)?;
+    let (store, listings) = crate::ops::listings(env)?;
     let chosen: Vec<&Listing> = if all {
         listings.iter().collect()
     } else {
@@ -35,10 +35,10 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
     let mut out = Vec::new();
     for l in chosen {
         let res = match &identities {
-            None => shallow(l),
+            None => shallow(&store, l),
             Some(ids) => {
                 let path = env.settings.encryption.identity.as_deref().unwrap_or(std::path::Path::new("?"));
-                crate::archive::read::read_archive(l, ids, path, None, &*env.progress).map(|r| {
+                crate::archive::read::read_archive(&store, l, ids, path, None, &*env.progress).map(|r| {
                     format!(
                         "{} entries, {} files, {} bytes of content verified",
                         r.entries, r.files, r.plain_bytes
@@ -63,11 +63,17 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
     Ok(out)
 }
 
-fn shallow(l: &Listing) -> Result<String> {
+fn shallow(store: &Store, l: &Listing) -> Result<String> {
     let (Some(m), None) = (&l.manifest, &l.problem) else {
         return Err(Error::integrity(&l.name, l.problem.clone().unwrap_or_else(|| "has no manifest".into())));
     };
-    let (sha, len) = crate::fsutil::sha256_file(&l.archive_path)
+    let (sha, len) = store
+        .open_archive(l)
+        .and_then(|(r, _)| {
+            let mut h = crate::fsutil::HashingReader::new(r);
+            std::io::copy(&mut h, &mut std::io::sink())?;
+            Ok(h.finish())
+        })
         .map_err(|e| Error::integrity(&l.name, format!("cannot read the archive file: {e}")))?;
     if len != m.archive_size {
         return Err(Error::integrity(

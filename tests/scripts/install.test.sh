@@ -53,7 +53,7 @@ check "binary at /usr/bin/datavault, 0755, identical" \
 check "config template at /etc/datavault/datavault.toml.example" cmp -s config/datavault.example.toml "$r/etc/datavault/datavault.toml.example"
 check "no live config written" [ ! -e "$r/etc/datavault/datavault.toml" ]
 check "/var/lib/datavault is 0700" [ "$(mode "$r/var/lib/datavault")" = 700 ]
-for u in datavault-agent.service datavault-backup.service datavault-backup.timer datavault-drill.service datavault-notify@.service; do
+for u in datavault-agent.service datavault-backup.service datavault-backup.timer datavault-drill.service datavault-notify@.service datavault-offsite.service datavault-offsite.timer; do
     check "unit $u installed (0644, as in systemd/)" bash -c "[ \"$(mode "$r/etc/systemd/system/$u")\" = 644 ] && cmp -s 'systemd/$u' '$r/etc/systemd/system/$u'"
 done
 check "drop-in example in the docs, not active" bash -c "[ -f '$r/usr/share/doc/datavault/datavault-paths.conf.example' ] && [ ! -e '$r/etc/systemd/system/datavault-.service.d' ]"

@@ -160,13 +160,16 @@ run "an occupied mount point refused" 1 "already a mount point" -- \
 # --- --dry-run -------------------------------------------------------------------------------
 run "--dry-run succeeds" 0 "dry run for $dev" -- "$script" "$dev" --dry-run "${common[@]}"
 for want in "+ wipefs --all --quiet $dev" \
-    "+ cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --label datavault --key-file $etc/datavault/usb.key $dev" \
+    "+ cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --label datavault --key-file $etc/datavault/usb.key $dev" \
     "+ cryptsetup open --key-file $etc/datavault/usb.key $dev datavault-test" \
     "+ mkfs.ext4 -q -F -L datavault -m 0 /dev/mapper/datavault-test" \
     "+ mount -o noatime /dev/mapper/datavault-test $mnt" \
     "datavault-test UUID=<UUID of the new LUKS header> $etc/datavault/usb.key luks,nofail" \
-    "/dev/mapper/datavault-test $mnt ext4 defaults,nofail,noatime,x-systemd.device-timeout=10s 0 2" \
+    "/dev/mapper/datavault-test $mnt ext4 defaults,nofail,noatime,x-systemd.device-timeout=90s 0 2" \
     "$mnt/.datavault-target" \
+    "+ write $etc/systemd/system/$(systemd-escape -p "$mnt").mount.d/datavault.conf: # Written by datavault's setup-usb.sh: see the script. [Mount] LazyUnmount=yes" \
+    "+ write $etc/systemd/system/systemd-cryptsetup@datavault\\x2dtest.service.d/datavault.conf:" \
+    "ExecStopPost=-$(command -v cryptsetup) close --deferred datavault-test" \
     'target.marker_id = "'; do
     grep -qF -- "$want" <<<"$out" && ok "--dry-run prints: $want" || fail "--dry-run does not print: $want"
 done
@@ -217,11 +220,17 @@ check_entries() { # LABEL
     c=$(grep -c '^datavault-test ' "$etc/crypttab")
     f=$(grep -c " $mnt " "$etc/fstab")
     if [ "$c" = 1 ] && grep -qxF "datavault-test UUID=$uuid $key luks,nofail" "$etc/crypttab"; then ok "$1: one crypttab line, with the LUKS UUID"; else fail "$1: crypttab:"; sed 's/^/        /' "$etc/crypttab"; fi
-    if [ "$f" = 1 ] && grep -qxF "/dev/mapper/datavault-test $mnt ext4 defaults,nofail,noatime,x-systemd.device-timeout=10s 0 2" "$etc/fstab"; then ok "$1: one fstab line, nofail"; else fail "$1: fstab:"; sed 's/^/        /' "$etc/fstab"; fi
+    if [ "$f" = 1 ] && grep -qxF "/dev/mapper/datavault-test $mnt ext4 defaults,nofail,noatime,x-systemd.device-timeout=90s 0 2" "$etc/fstab"; then ok "$1: one fstab line, nofail"; else fail "$1: fstab:"; sed 's/^/        /' "$etc/fstab"; fi
     if grep -qx 'other UUID=1234 none luks' "$etc/crypttab" && grep -qx 'proc /proc proc defaults 0 0' "$etc/fstab" \
         && grep -q '^# <target name>' "$etc/crypttab"; then ok "$1: other entries and comments kept"; else fail "$1: other entries lost"; fi
 }
 check_entries "first run"
+# Unplugged while mounted: a lazy unmount and a deferred close, so nothing stays busy.
+mount_dropin="$etc/systemd/system/$(systemd-escape -p "$mnt").mount.d/datavault.conf"
+crypt_dropin="$etc/systemd/system/systemd-cryptsetup@datavault\x2dtest.service.d/datavault.conf"
+grep -qx 'LazyUnmount=yes' "$mount_dropin" 2>/dev/null && ok "drop-in: the mount unmounts lazily" || fail "no LazyUnmount drop-in at $mount_dropin"
+grep -qx "ExecStopPost=-$(command -v cryptsetup) close --deferred datavault-test" "$crypt_dropin" 2>/dev/null \
+    && ok "drop-in: the mapping is closed deferred when the drive goes" || fail "no deferred-close drop-in at $crypt_dropin"
 [ -f "$etc/crypttab.datavault-bak" ] && grep -qx 'other UUID=1234 none luks' "$etc/crypttab.datavault-bak" \
     && ok "the previous crypttab is kept as crypttab.datavault-bak" || fail "no crypttab backup"
 if [ "$dm" = 1 ]; then

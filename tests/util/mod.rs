@@ -62,6 +62,51 @@ impl Fixture {
         self.dir.path()
     }
 
+    /// Change one config value, by its dotted key (`service.stop_command`), through the TOML
+    /// structure rather than by replacing text: a key that moved fails here, loudly.
+    pub fn set(&self, key: &str, value: impl Into<toml::Value>) {
+        self.edit_config(|t| {
+            let (sections, last) = split_key(key);
+            let mut table = t;
+            for s in sections {
+                table = table
+                    .entry(s.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .unwrap_or_else(|| panic!("{s} in {key} is not a table"));
+            }
+            table.insert(last.to_string(), value.into());
+        });
+    }
+
+    /// Remove one config value (or a whole `[section]`), by its dotted key.
+    pub fn unset(&self, key: &str) {
+        self.edit_config(|t| {
+            let (sections, last) = split_key(key);
+            let mut table = t;
+            for s in sections {
+                table = table
+                    .get_mut(s)
+                    .and_then(|v| v.as_table_mut())
+                    .unwrap_or_else(|| panic!("no {s} in {key}"));
+            }
+            assert!(table.remove(last).is_some(), "the config has no {key} to remove");
+        });
+    }
+
+    fn edit_config(&self, f: impl FnOnce(&mut toml::Table)) {
+        let text = fs::read_to_string(&self.config).unwrap();
+        let mut table: toml::Table = text.parse().unwrap();
+        f(&mut table);
+        fs::write(&self.config, toml::to_string(&table).unwrap()).unwrap();
+    }
+
+    /// Run, but fail the test (instead of hanging it) if datavault does not finish in time.
+    #[track_caller]
+    pub fn run_within(&self, limit: std::time::Duration, args: &[&str]) -> Run {
+        run_within(self.command(args), limit)
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_datavault"));
         c.arg("--config").arg(&self.config).args(args).stdin(Stdio::null());
@@ -116,18 +161,33 @@ impl Fixture {
         fingerprint(&self.app.database, Some(&self.app.uploads)).unwrap()
     }
 
-    /// No staging (`.datavault-restore-*`) or aside (`.datavault-old-*`) folder beside the live data.
+    /// No staging (`.datavault-restore-*`) or aside (`.datavault-old-*`) folder beside the
+    /// live data. (`.datavault-undone-*` folders, where a rollback keeps what the app may have
+    /// written, are the owner's to delete: see `undone_folders`.)
     #[track_caller]
     pub fn assert_no_restore_leftovers(&self) {
         for dir in [self.app.database.parent().unwrap(), self.app.uploads.parent().unwrap()] {
             for e in fs::read_dir(dir).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
                 assert!(
-                    !e.file_name().to_string_lossy().starts_with(".datavault-"),
+                    !name.starts_with(".datavault-") || name.starts_with(".datavault-undone-"),
                     "left behind: {:?}",
                     e.path()
                 );
             }
         }
+    }
+
+    /// The `.datavault-undone-*` folders beside the live data.
+    pub fn undone_folders(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = [self.app.database.parent().unwrap(), self.app.uploads.parent().unwrap()]
+            .iter()
+            .flat_map(|d| fs::read_dir(d).unwrap().flatten().map(|e| e.path()))
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".datavault-undone-"))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// A database writer holding its lock pauses a backup at a known point, with the
@@ -149,6 +209,42 @@ impl Fixture {
     }
 }
 
+/// Run a command, but fail the test (instead of hanging it) if it does not finish in time.
+#[track_caller]
+pub fn run_within(mut cmd: Command, limit: std::time::Duration) -> Run {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = rustix::process::Pid::from_child(&child);
+    // The child's pipes are drained on threads so that a chatty run cannot block on them.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).ok();
+        s
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait().unwrap()));
+    let status = match rx.recv_timeout(limit) {
+        Ok(st) => st,
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            panic!("{cmd:?} did not finish within {limit:?}: it hangs");
+        }
+    };
+    Run { code: status.code().unwrap_or(-1), stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+}
+
+fn split_key(key: &str) -> (Vec<&str>, &str) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap();
+    (parts, last)
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
@@ -167,7 +263,7 @@ impl Tmpfs {
     pub fn mount(path: &Path, size: &str) -> Tmpfs {
         fs::create_dir_all(path).unwrap();
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
             .arg(path)
             .status()
             .unwrap();

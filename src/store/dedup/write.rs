@@ -670,13 +670,13 @@ impl<R: Read> Read for Watched<'_, R> {
 
 /// `backup-<time>`, or `-2`, `-3`... when a snapshot (or an archive) already has that name.
 fn unique_stem(store: &Store, kind: ArchiveKind, created: DateTime<Utc>) -> Result<String> {
-    let base = crate::manifest::archive_stem(kind, created);
+    let base = crate::store::archive_stem(kind, created);
     let loc = store.location();
     let taken = |stem: &str| -> Result<bool> {
         for p in [
             format::manifest_path(stem),
             format::tree_path(stem),
-            format!("{stem}{}", crate::manifest::MANIFEST_SUFFIX),
+            format!("{stem}{}", crate::store::MANIFEST_SUFFIX),
         ] {
             if store.backend().size(&p).map_err(|e| super::read_error(&loc, &p, &e))?.is_some() {
                 return Ok(true);

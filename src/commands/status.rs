@@ -1,0 +1,91 @@
+//! `datavault status`: the library says what is known and what needs doing; this words it.
+
+use datavault::error::{exit, Result};
+use datavault::manifest::format_time;
+use datavault::ops::health::Advice;
+use datavault::ops::{self, Env};
+use datavault::target::human_bytes;
+
+use crate::ui::{json, out, Ui};
+
+/// One sentence per piece of advice: what is wrong and the command that fixes it.
+pub fn advice_text(a: &Advice, target: &std::path::Path) -> String {
+    match a {
+        Advice::TargetNotReady { problem } => format!("target {}: {problem}", target.display()),
+        Advice::NoBackupYet => "no backup yet: run `datavault backup`".into(),
+        Advice::BackupOverdue { hours, max_age_hours } => format!(
+            "the last good backup is {hours} hours old (more than agent.max_age_hours = {max_age_hours}): check `systemctl status datavault-backup.timer`, then run `datavault backup`"
+        ),
+        Advice::LastBackupFailed { error } => format!("the last backup failed: {error}"),
+        Advice::NoDrillYet => "no drill yet: run `datavault drill` to prove the backups restore".into(),
+        Advice::DrillFailed { detail } => {
+            format!("the last drill FAILED ({detail}): run `datavault verify --all --deep`")
+        }
+        Advice::IncompleteArchives { count } => format!(
+            "{count} archive(s) are incomplete or damaged: see `datavault list`; `datavault prune` removes them"
+        ),
+        Advice::InterruptedRestore { archive } => format!(
+            "an interrupted restore of {archive} was found: the next datavault run that takes the lock (backup, drill, prune, restore) finishes or undoes it; run `datavault backup` now"
+        ),
+        Advice::CatalogUnreadable { problem } => format!("the catalog cannot be read ({problem}); run `datavault doctor`"),
+        Advice::ArchivesInFuture { names } => format!(
+            "{} dated in the future (made while the clock was wrong): never taken as the newest, and pruning waits until the clock passes {}; if `date` is right now, delete {} by hand",
+            names.join(", "),
+            if names.len() == 1 { "its date" } else { "their dates" },
+            if names.len() == 1 { "it" } else { "them" }
+        ),
+    }
+}
+
+pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
+    let st = ops::status::run(env)?;
+    let target = &env.settings.target.path;
+    let next: Vec<String> = st.advice.iter().map(|a| advice_text(a, target)).collect();
+    if ui.json {
+        let mut v = serde_json::to_value(&st).expect("status serializes");
+        v["next_steps"] = next.into();
+        json(&v)?;
+        return Ok(exit::SUCCESS);
+    }
+    let h = &st.health;
+    let mut s = format!("{}\n", if st.healthy { "status: OK" } else { "status: NEEDS ATTENTION" });
+    s += &format!(
+        "  last good backup: {}\n",
+        h.last_good_backup.map(format_time).unwrap_or_else(|| "never".into())
+    );
+    if let Some(r) = &h.last_backup_run {
+        s += &format!("  last backup run:  {} {:?}\n", format_time(r.started_at), r.status);
+    }
+    s += &match &h.last_drill {
+        Some(d) => format!(
+            "  last drill:       {} {}\n",
+            format_time(d.at),
+            if d.passed { "PASSED" } else { "FAILED" }
+        ),
+        None => "  last drill:       never\n".into(),
+    };
+    if let Some(t) = &h.target {
+        s += &format!(
+            "  target:           {} ({}{}, {} free of {})\n",
+            t.path.display(),
+            if t.is_mountpoint { "mounted" } else { "NOT mounted" },
+            if t.luks.is_some() { ", LUKS" } else { "" },
+            human_bytes(t.free_bytes),
+            human_bytes(t.total_bytes)
+        );
+    }
+    if let (Some(n), Some(bad)) = (h.archives, h.incomplete_archives) {
+        s += &format!("  archives:         {n} complete, {bad} incomplete\n");
+    }
+    if let Some(r) = &h.running {
+        s += &format!("  running now:      {r}\n");
+    }
+    if !next.is_empty() {
+        s += "next steps:\n";
+        for n in &next {
+            s += &format!("  - {n}\n");
+        }
+    }
+    out(&s)?;
+    Ok(exit::SUCCESS)
+}

@@ -1,0 +1,533 @@
+//! The push engine: copy from one [`Backend`] (the USB drive) to another (the bucket)
+//! whatever the destination lacks, in visibility order, resumably, in bounded memory.
+//! It knows the store's layout but nothing of S3: tests run it between memory backends.
+//!
+//! **Order.** Whatever makes a backup visible goes last, so a push cut at any point leaves
+//! nothing half-visible on the remote:
+//! 1. archives, newest first, each `<stem>.tar.zst.age` then its `<stem>.json`;
+//! 2. the snapshot store: `store/config.json`, `store/packs/*/*`, `store/index/*`,
+//!    `store/snapshots/*.tree` and `*.refs`, and last `store/snapshots/*.json`.
+//!
+//! A snapshot manifest goes only if every store file listed before it is on the remote (we
+//! do not parse which packs a snapshot needs: all of them listed at the start must be there).
+//!
+//! **Resume.** Files are never appended to: a file is on the remote complete or not at all.
+//! A push killed mid-file leaves an unfinished multipart upload, which the next push aborts
+//! (the S3 layer's job, before the engine runs), then sends the file again; everything
+//! already there is skipped after one listing per folder.
+//!
+//! **Never overwrite, never propagate damage.** A remote object of the same name but another
+//! size is a conflict: reported (exit 4), not touched, and the backup or snapshot it belongs
+//! to is not made visible. Each file is hashed while it streams; an archive whose bytes do not
+//! match its manifest's SHA-256, or a pack whose bytes do not match its name, is not
+//! committed (the upload is abandoned before it becomes visible).
+//!
+//! **What is not sent.** `*.partial`, anything whose name datavault would not write, an
+//! archive without its manifest (a backup in progress), and archives the remote retention
+//! policy would not keep (so `offsite prune` elsewhere is not undone by the next push).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::{self, Read, Write};
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::ledger::{Ledger, LedgerWriter, Record, FLUSH_EVERY};
+use crate::manifest::Manifest;
+use crate::progress::Progress;
+use crate::retention::{ArchiveKind, Candidate, RetentionPolicy};
+use crate::store::backend::{join, Backend};
+use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
+
+/// Files at least this big get their ledger record written as soon as they are sent.
+const BIG_FILE: u64 = 16 << 20;
+
+/// What one push did, and what the remote still lacks afterwards.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PushReport {
+    pub source: String,
+    pub destination: String,
+    pub dry_run: bool,
+    /// Files sent (or, with `dry_run`, that would be).
+    pub uploaded: Vec<Sent>,
+    pub uploaded_bytes: u64,
+    /// Files already on the remote.
+    pub already_there: usize,
+    /// Files on the remote that no ledger recorded (a killed push), read back, matched and
+    /// recorded now.
+    pub adopted: Vec<String>,
+    /// Archives the remote's retention policy does not keep: not sent.
+    pub not_kept_remotely: Vec<String>,
+    /// Remote objects that differ from the local file: left alone, exit 4.
+    pub conflicts: Vec<Problem>,
+    /// Local files whose bytes do not match their manifest or name: not sent, exit 4.
+    pub damaged_locally: Vec<Problem>,
+    /// Listed, then gone before they were read (a local prune ran meanwhile).
+    pub vanished: Vec<String>,
+    /// After this push.
+    pub behind: Behind,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sent {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub path: String,
+    pub why: String,
+}
+
+/// What the remote lacks: backups and snapshots not visible there, and the files and bytes
+/// that would have to travel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Behind {
+    pub backups: usize,
+    pub snapshots: usize,
+    pub files: usize,
+    pub bytes: u64,
+    /// Newest backup (archive name) that is visible on the remote.
+    pub newest_remote_backup: Option<String>,
+}
+
+impl PushReport {
+    /// Nothing is wrong with any object (conflicts and damage make `offsite push` exit 4).
+    pub fn clean(&self) -> bool {
+        self.conflicts.is_empty() && self.damaged_locally.is_empty()
+    }
+}
+
+pub struct PushOptions {
+    /// What the remote keeps (`[offsite.retention]`).
+    pub retention: RetentionPolicy,
+    pub dry_run: bool,
+    pub now: DateTime<Utc>,
+}
+
+/// One file to send.
+#[derive(Debug, Clone)]
+struct Item {
+    path: String,
+    size: u64,
+    /// What its bytes must hash to, when the layout says (manifest, pack name).
+    expect: Option<String>,
+    /// The backup or snapshot this file belongs to; for store data, `None` (shared).
+    unit: Option<Unit>,
+    /// This file makes its unit visible.
+    visible: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Unit {
+    Backup(String),
+    Snapshot(String),
+}
+
+/// Copy whatever `dst` lacks from `src`. I/O errors (the server unreachable, the drive
+/// gone) end the push with an error, after the ledger of what was sent is written; a
+/// conflict or a damaged local file is reported and the rest goes on.
+pub fn push(
+    src: &dyn Backend,
+    dst: &dyn Backend,
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> io::Result<PushReport> {
+    let mut report = PushReport {
+        source: src.location(),
+        destination: dst.location(),
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let top_remote: HashMap<String, u64> = dst.list("")?.into_iter().map(|o| (o.name, o.size)).collect();
+    let items = plan(src, &top_remote, opts, &mut report)?;
+    let mut remote: HashMap<String, u64> = top_remote.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let dirs: BTreeSet<&str> = items.iter().filter_map(|i| i.path.rsplit_once('/').map(|(d, _)| d)).collect();
+    for d in dirs {
+        for o in dst.list(d)? {
+            remote.insert(join(d, &o.name), o.size);
+        }
+    }
+    let ledger = Ledger::load(dst)?;
+    let mut writer = LedgerWriter::new(opts.now);
+    let mut blocked: HashSet<Unit> = HashSet::new();
+    // A problem with any shared store file blocks every snapshot manifest of this push.
+    let mut store_blocked = false;
+
+    let todo: u64 = items.iter().filter(|i| !remote.contains_key(&i.path)).map(|i| i.size).sum();
+    progress.start("offsite", todo);
+    let result = (|| -> io::Result<()> {
+        for item in &items {
+            let unit_blocked = item.unit.as_ref().is_some_and(|u| blocked.contains(u))
+                || (store_blocked && matches!(item.unit, Some(Unit::Snapshot(_))) && item.visible);
+            if unit_blocked && item.visible {
+                continue;
+            }
+            let block = |blocked: &mut HashSet<Unit>, store_blocked: &mut bool| match &item.unit {
+                Some(u) => {
+                    blocked.insert(u.clone());
+                }
+                None => *store_blocked = true,
+            };
+            match remote.get(&item.path) {
+                Some(&size) if size == item.size => {
+                    report.already_there += 1;
+                    if ledger.get(&item.path).is_none_or(|r| r.size != size) && !opts.dry_run {
+                        match adopt(src, dst, item)? {
+                            Ok(record) => {
+                                writer.add(record);
+                                report.adopted.push(item.path.clone());
+                            }
+                            Err(why) => {
+                                report.conflicts.push(Problem { path: item.path.clone(), why });
+                                block(&mut blocked, &mut store_blocked);
+                            }
+                        }
+                    }
+                }
+                Some(&size) => {
+                    report.conflicts.push(Problem {
+                        path: item.path.clone(),
+                        why: format!(
+                            "the remote object is {size} bytes, the local file {}: not overwritten",
+                            item.size
+                        ),
+                    });
+                    block(&mut blocked, &mut store_blocked);
+                }
+                None if opts.dry_run => {
+                    report.uploaded.push(Sent { path: item.path.clone(), size: item.size });
+                    report.uploaded_bytes += item.size;
+                }
+                None => match copy(src, dst, item, progress)? {
+                    Copied::Done(record) => {
+                        report.uploaded.push(Sent { path: item.path.clone(), size: record.size });
+                        report.uploaded_bytes += record.size;
+                        remote.insert(item.path.clone(), record.size);
+                        writer.add(record);
+                        // Recorded at once after a visible file, a big one (so a kill never
+                        // makes the next push read a large archive back to adopt it), or a batch.
+                        if item.visible || item.size >= BIG_FILE || writer.pending() >= FLUSH_EVERY {
+                            writer.flush(dst)?;
+                        }
+                    }
+                    Copied::Vanished => {
+                        report.vanished.push(item.path.clone());
+                        block(&mut blocked, &mut store_blocked);
+                    }
+                    Copied::Damaged(why) => {
+                        report.damaged_locally.push(Problem { path: item.path.clone(), why });
+                        block(&mut blocked, &mut store_blocked);
+                    }
+                    Copied::Exists(why) => {
+                        report.conflicts.push(Problem { path: item.path.clone(), why });
+                        block(&mut blocked, &mut store_blocked);
+                    }
+                },
+            }
+        }
+        Ok(())
+    })();
+    progress.finish();
+    // What was sent is recorded even when the push failed half-way.
+    let flushed = if opts.dry_run { Ok(()) } else { writer.flush(dst) };
+    result?;
+    flushed?;
+    report.behind = behind(&items, &remote);
+    Ok(report)
+}
+
+/// The files to send, in order. Reads the local manifests (archives: the SHA-256 to expect).
+fn plan(
+    src: &dyn Backend,
+    top_remote: &HashMap<String, u64>,
+    opts: &PushOptions,
+    report: &mut PushReport,
+) -> io::Result<Vec<Item>> {
+    let top: HashMap<String, u64> = src.list("")?.into_iter().map(|o| (o.name, o.size)).collect();
+    let local_pairs: Vec<(String, DateTime<Utc>, ArchiveKind)> = pairs(&top);
+    let remote_pairs = pairs(top_remote);
+    // Retention over everything either side has, so an archive pruned remotely (and still
+    // kept locally) is not sent again.
+    let mut seen = HashSet::new();
+    let candidates: Vec<Candidate> = local_pairs
+        .iter()
+        .chain(remote_pairs.iter())
+        .filter(|(stem, ..)| seen.insert(stem.clone()))
+        .map(|(stem, created, kind)| Candidate {
+            name: stem.clone(),
+            kind: *kind,
+            created: *created,
+            good: true,
+        })
+        .collect();
+    let keep: HashSet<String> =
+        opts.retention.apply(&candidates).into_iter().filter(|d| d.keep).map(|d| d.name).collect();
+
+    let mut items = Vec::new();
+    let mut by_age = local_pairs;
+    by_age.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    for (stem, _, _) in by_age {
+        let archive = format!("{stem}{ARCHIVE_SUFFIX}");
+        let manifest = format!("{stem}{MANIFEST_SUFFIX}");
+        if !keep.contains(&stem) {
+            if !top_remote.contains_key(&manifest) {
+                report.not_kept_remotely.push(archive);
+            }
+            continue;
+        }
+        let m = match src.read_small(&manifest, 16 << 20) {
+            Ok(bytes) => Manifest::parse(&archive, &bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                report.vanished.push(manifest);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let m = match m {
+            Ok(m) if m.archive == archive && m.archive_size == top[&archive] => m,
+            Ok(m) => {
+                report.damaged_locally.push(Problem {
+                    path: archive,
+                    why: format!(
+                        "the manifest describes {} of {} bytes, the file is {} bytes: not sent",
+                        m.archive,
+                        m.archive_size,
+                        top[&format!("{stem}{ARCHIVE_SUFFIX}")]
+                    ),
+                });
+                continue;
+            }
+            Err(e) => {
+                report.damaged_locally.push(Problem { path: manifest, why: format!("{e}: not sent") });
+                continue;
+            }
+        };
+        let unit = Some(Unit::Backup(stem.clone()));
+        items.push(Item {
+            path: archive,
+            size: m.archive_size,
+            expect: Some(m.archive_sha256),
+            unit: unit.clone(),
+            visible: false,
+        });
+        items.push(Item { path: manifest.clone(), size: top[&manifest], expect: None, unit, visible: true });
+    }
+
+    if let Some(size) = src.size("store/config.json")? {
+        items.push(Item { path: "store/config.json".into(), size, expect: None, unit: None, visible: false });
+        for hi in 0..=255u8 {
+            let dir = format!("store/packs/{hi:02x}");
+            let mut packs = src.list(&dir)?;
+            packs.sort_by(|a, b| a.name.cmp(&b.name));
+            for o in packs.into_iter().filter(|o| is_hex(&o.name, 64) && o.name.starts_with(&dir[12..])) {
+                items.push(Item {
+                    path: join(&dir, &o.name),
+                    size: o.size,
+                    expect: Some(o.name),
+                    unit: None,
+                    visible: false,
+                });
+            }
+        }
+        let mut index = src.list("store/index")?;
+        index.sort_by(|a, b| a.name.cmp(&b.name));
+        for o in index {
+            if o.name.strip_suffix(".json").is_some_and(|h| is_hex(h, 64)) {
+                items.push(Item {
+                    path: join("store/index", &o.name),
+                    size: o.size,
+                    expect: None,
+                    unit: None,
+                    visible: false,
+                });
+            }
+        }
+        let mut snaps = src.list("store/snapshots")?;
+        snaps.sort_by(|a, b| a.name.cmp(&b.name));
+        let stems: Vec<String> = snaps
+            .iter()
+            .filter_map(|o| o.name.strip_suffix(".json"))
+            .filter(|s| stem_time(s).is_some())
+            .map(str::to_string)
+            .collect();
+        for stem in &stems {
+            for ext in [".tree", ".refs"] {
+                if let Some(o) = snaps.iter().find(|o| o.name == format!("{stem}{ext}")) {
+                    let unit = Some(Unit::Snapshot(stem.clone()));
+                    items.push(Item {
+                        path: join("store/snapshots", &o.name),
+                        size: o.size,
+                        expect: None,
+                        unit,
+                        visible: false,
+                    });
+                }
+            }
+        }
+        for stem in &stems {
+            let o = snaps.iter().find(|o| o.name == format!("{stem}.json")).expect("listed");
+            let unit = Some(Unit::Snapshot(stem.clone()));
+            items.push(Item {
+                path: join("store/snapshots", &o.name),
+                size: o.size,
+                expect: None,
+                unit,
+                visible: true,
+            });
+        }
+    }
+    Ok(items)
+}
+
+/// Complete archive/manifest pairs among top-level names: (stem, time, kind).
+fn pairs(top: &HashMap<String, u64>) -> Vec<(String, DateTime<Utc>, ArchiveKind)> {
+    top.keys()
+        .filter_map(|n| n.strip_suffix(MANIFEST_SUFFIX))
+        .filter(|stem| top.contains_key(&format!("{stem}{ARCHIVE_SUFFIX}")))
+        .filter_map(|stem| {
+            let (kind, t) = stem_time(stem)?;
+            Some((stem.to_string(), t, kind))
+        })
+        .collect()
+}
+
+/// `backup-20261123T042501.123Z` (maybe `-2`): its kind and time.
+pub fn stem_time(stem: &str) -> Option<(ArchiveKind, DateTime<Utc>)> {
+    let (kind, rest) = if let Some(r) = stem.strip_prefix("backup-") {
+        (ArchiveKind::Backup, r)
+    } else {
+        (ArchiveKind::PreRestore, stem.strip_prefix("pre-restore-")?)
+    };
+    let ts = match rest.split_once('Z') {
+        Some((ts, "")) => ts,
+        Some((ts, n))
+            if n.strip_prefix('-')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            ts
+        }
+        _ => return None,
+    };
+    let t = NaiveDateTime::parse_from_str(ts, "%Y%m%dT%H%M%S%.3f").ok()?;
+    Some((kind, t.and_utc()))
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+enum Copied {
+    Done(Record),
+    Vanished,
+    Damaged(String),
+    Exists(String),
+}
+
+/// Stream one file, hashing it; commit only if it is whole and hashes as expected.
+fn copy(src: &dyn Backend, dst: &dyn Backend, item: &Item, progress: &dyn Progress) -> io::Result<Copied> {
+    let (mut r, len) = match src.open(&item.path) {
+        Ok(x) => x,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Copied::Vanished),
+        Err(e) => return Err(e),
+    };
+    if len != item.size {
+        return Ok(Copied::Damaged(format!("listed as {} bytes, {len} bytes when opened", item.size)));
+    }
+    let mut out = match dst.create(&item.path) {
+        Ok(o) => o,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Copied::Exists(e.to_string())),
+        Err(e) => return Err(e),
+    };
+    let mut hasher = crate::fsutil::HashingReader::new(&mut r);
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = hasher.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        match out.write_all(&buf[..n]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Copied::Exists(e.to_string())),
+            Err(e) => return Err(e),
+        }
+        progress.advance(n as u64);
+    }
+    let (sha, n) = hasher.finish();
+    if n != item.size {
+        // Dropping `out` uncommitted leaves nothing visible.
+        return Ok(Copied::Damaged(format!("read {n} bytes, expected {}: not sent", item.size)));
+    }
+    if let Some(expect) = &item.expect {
+        if !expect.eq_ignore_ascii_case(&sha) {
+            return Ok(Copied::Damaged(format!(
+                "its SHA-256 is {sha}, it should be {expect}: damaged on the drive, not sent"
+            )));
+        }
+    }
+    match out.commit() {
+        Ok(()) => Ok(Copied::Done(Record { path: item.path.clone(), size: n, sha256: sha })),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Copied::Exists(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// A remote object no ledger records: read it back and compare with the local file.
+fn adopt(src: &dyn Backend, dst: &dyn Backend, item: &Item) -> io::Result<Result<Record, String>> {
+    let hash = |b: &dyn Backend| -> io::Result<Option<(String, u64)>> {
+        let (r, _) = match b.open(&item.path) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut h = crate::fsutil::HashingReader::new(r);
+        io::copy(&mut h, &mut io::sink())?;
+        Ok(Some(h.finish()))
+    };
+    let Some((remote_sha, n)) = hash(dst)? else {
+        return Ok(Err("listed on the remote, then gone".into()));
+    };
+    let local_sha = match &item.expect {
+        Some(e) => Some(e.to_ascii_lowercase()),
+        None => hash(src)?.map(|(s, _)| s),
+    };
+    match local_sha {
+        Some(l) if l == remote_sha && n == item.size => {
+            Ok(Ok(Record { path: item.path.clone(), size: n, sha256: remote_sha }))
+        }
+        Some(_) => Ok(Err(format!(
+            "the remote object's SHA-256 is {remote_sha}, not the local file's: not overwritten"
+        ))),
+        None => Ok(Err("gone locally before it could be compared".into())),
+    }
+}
+
+fn behind(items: &[Item], remote: &HashMap<String, u64>) -> Behind {
+    let mut b = Behind::default();
+    let mut units: HashSet<&Unit> = HashSet::new();
+    let mut newest: Option<(DateTime<Utc>, String)> = None;
+    for i in items {
+        let there = remote.get(&i.path) == Some(&i.size);
+        if !there {
+            b.files += 1;
+            b.bytes += i.size;
+            if let Some(u) = &i.unit {
+                units.insert(u);
+            }
+        } else if i.visible {
+            if let Some(Unit::Backup(stem)) = &i.unit {
+                if let Some((ArchiveKind::Backup, t)) = stem_time(stem) {
+                    if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                        newest = Some((t, format!("{stem}{ARCHIVE_SUFFIX}")));
+                    }
+                }
+            }
+        }
+    }
+    b.backups = units.iter().filter(|u| matches!(u, Unit::Backup(_))).count();
+    b.snapshots = units.iter().filter(|u| matches!(u, Unit::Snapshot(_))).count();
+    b.newest_remote_backup = newest.map(|(_, n)| n);
+    b
+}

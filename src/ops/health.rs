@@ -1,0 +1,213 @@
+//! The state of the backups, decided in one place: `status`, `doctor`, the agent's LED and
+//! the metrics all read it from here, so "overdue" or "the last good backup" can never mean
+//! two things (issue #12).
+//!
+//! Reading never fails and never takes the lock: what cannot be read (a missing drive, a
+//! catalog being rebuilt) is simply unknown, and says so.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+
+use crate::catalog::{Catalog, Event, RunRecord, RunStatus};
+use crate::manifest::ArchiveKind;
+use crate::ops::{now, Env};
+use crate::target::TargetState;
+
+/// The one rule: a backup is overdue when there is none, or the last good one is older than
+/// `max_age` (`agent.max_age_hours`; the timer runs daily, the default leaves two hours of
+/// slack).
+pub fn overdue(last_good: Option<DateTime<Utc>>, now: DateTime<Utc>, max_age: Duration) -> bool {
+    last_good.is_none_or(|t| now - t > max_age)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillSummary {
+    pub at: DateTime<Utc>,
+    pub passed: bool,
+    pub archive: Option<String>,
+    pub detail: String,
+}
+
+/// What is known about the backups right now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub now: DateTime<Utc>,
+    /// None if the target could not even be inspected.
+    pub target: Option<TargetState>,
+    /// Why the target cannot be written to now (empty: it can).
+    pub target_problems: Vec<String>,
+    pub last_backup_run: Option<RunRecord>,
+    /// When the newest good backup was made: the newest complete backup on the drive when
+    /// the drive was read, else the end of the last successful backup run in the catalog.
+    pub last_good_backup: Option<DateTime<Utc>>,
+    pub newest_archive: Option<String>,
+    /// Complete and incomplete archives on the drive (None: the drive was not read).
+    pub archives: Option<usize>,
+    pub incomplete_archives: Option<usize>,
+    pub last_drill: Option<DrillSummary>,
+    pub max_age_hours: u32,
+    pub overdue: bool,
+    /// The archive an interrupted in-place restore was bringing back, if one was cut off.
+    pub interrupted_restore: Option<String>,
+    /// Who holds the run lock now.
+    pub running: Option<String>,
+    /// The catalog could not be read: what is known comes from the drive alone.
+    pub catalog_problem: Option<String>,
+    /// Archives dated in the future (made while the clock was wrong).
+    pub archives_in_future: Vec<String>,
+}
+
+/// What should be done about it, most urgent first. The binary words it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Advice {
+    TargetNotReady { problem: String },
+    NoBackupYet,
+    BackupOverdue { hours: i64, max_age_hours: u32 },
+    LastBackupFailed { error: String },
+    NoDrillYet,
+    DrillFailed { detail: String },
+    IncompleteArchives { count: usize },
+    InterruptedRestore { archive: String },
+    CatalogUnreadable { problem: String },
+    ArchivesInFuture { names: Vec<String> },
+}
+
+impl Health {
+    /// Read the target, the catalog and (if `scan_drive`) the manifests on the drive. The
+    /// agent does not scan every 30 s: it would keep a USB disk from ever spinning down.
+    pub fn read(env: &Env, scan_drive: bool) -> Health {
+        let s = &env.settings;
+        let t = now();
+        let target = crate::target::inspect(&s.target, &env.system_root).ok();
+        let target_problems = match &target {
+            Some(t) => t.problems(&s.target),
+            None => vec!["cannot be inspected".into()],
+        };
+        let listings = if scan_drive && target.as_ref().is_some_and(|t| t.exists) {
+            crate::store::Store::open_local(&s.target.path).and_then(|st| st.scan()).ok()
+        } else {
+            None
+        };
+        let (last_backup_run, last_ok_run, last_drill, catalog_problem) = read_catalog(env);
+        let backups: Option<Vec<_>> = listings.as_ref().map(|ls| {
+            ls.iter()
+                .filter(|l| l.is_complete())
+                .filter(|l| l.manifest.as_ref().map(|m| m.kind) == Some(ArchiveKind::Backup))
+                .filter(|l| !l.created().is_some_and(|c| crate::ops::is_in_future(c, t)))
+                .collect()
+        });
+        let future: Vec<String> = listings
+            .iter()
+            .flatten()
+            .filter(|l| l.created().is_some_and(|c| crate::ops::is_in_future(c, t)))
+            .map(|l| l.name.clone())
+            .collect();
+        let newest = backups.as_ref().and_then(|b| b.iter().max_by_key(|l| l.created()).copied());
+        let last_good_backup = match &backups {
+            Some(_) => newest.and_then(|l| l.created()),
+            None => last_ok_run.and_then(|r| r.ended_at),
+        };
+        let max_age = Duration::hours(s.agent.max_age_hours as i64);
+        Health {
+            now: t,
+            target,
+            target_problems,
+            last_backup_run,
+            last_good_backup,
+            newest_archive: newest.map(|l| l.name.clone()),
+            archives: listings.as_ref().map(|ls| ls.iter().filter(|l| l.is_complete()).count()),
+            incomplete_archives: listings.as_ref().map(|ls| ls.iter().filter(|l| !l.is_complete()).count()),
+            last_drill,
+            max_age_hours: s.agent.max_age_hours,
+            overdue: overdue(last_good_backup, t, max_age),
+            interrupted_restore: interrupted_restore(&s.state.restore_journal_path()),
+            running: crate::lock::holder(&s.state.lock_path()),
+            catalog_problem,
+            archives_in_future: future,
+        }
+    }
+
+    pub fn last_backup_failed(&self) -> bool {
+        self.last_backup_run.as_ref().is_some_and(|r| r.status == RunStatus::Failed)
+    }
+
+    pub fn last_drill_failed(&self) -> bool {
+        self.last_drill.as_ref().is_some_and(|d| !d.passed)
+    }
+
+    /// Everything that needs doing, most urgent first; empty when all is well.
+    pub fn advice(&self) -> Vec<Advice> {
+        let mut v: Vec<Advice> =
+            self.target_problems.iter().map(|p| Advice::TargetNotReady { problem: p.clone() }).collect();
+        if let Some(a) = &self.interrupted_restore {
+            v.push(Advice::InterruptedRestore { archive: a.clone() });
+        }
+        match self.last_good_backup {
+            None => v.push(Advice::NoBackupYet),
+            Some(t) if self.overdue => v.push(Advice::BackupOverdue {
+                hours: (self.now - t).num_hours(),
+                max_age_hours: self.max_age_hours,
+            }),
+            Some(_) => {}
+        }
+        if let Some(r) = self.last_backup_run.as_ref().filter(|r| r.status == RunStatus::Failed) {
+            v.push(Advice::LastBackupFailed { error: r.error.clone().unwrap_or_default() });
+        }
+        match &self.last_drill {
+            None if self.last_good_backup.is_some() => v.push(Advice::NoDrillYet),
+            Some(d) if !d.passed => v.push(Advice::DrillFailed { detail: d.detail.clone() }),
+            _ => {}
+        }
+        if let Some(n) = self.incomplete_archives.filter(|&n| n > 0) {
+            v.push(Advice::IncompleteArchives { count: n });
+        }
+        if let Some(p) = &self.catalog_problem {
+            v.push(Advice::CatalogUnreadable { problem: p.clone() });
+        }
+        if !self.archives_in_future.is_empty() {
+            v.push(Advice::ArchivesInFuture { names: self.archives_in_future.clone() });
+        }
+        v
+    }
+}
+
+type CatalogFacts = (Option<RunRecord>, Option<RunRecord>, Option<DrillSummary>, Option<String>);
+
+fn read_catalog(env: &Env) -> CatalogFacts {
+    let c = match Catalog::open(&env.settings.state.catalog_path()) {
+        Ok(c) => c,
+        Err(e) => return (None, None, None, Some(e.to_string())),
+    };
+    let drill = c.last_event(&[Event::DrillPassed, Event::DrillFailed]).ok().flatten().map(|e| {
+        DrillSummary { at: e.at, passed: e.event == Event::DrillPassed, archive: e.archive, detail: e.detail }
+    });
+    (
+        c.last_run("backup", None).ok().flatten(),
+        c.last_run("backup", Some(RunStatus::Success)).ok().flatten(),
+        drill,
+        None,
+    )
+}
+
+/// The archive named by a restore journal left behind, if there is one.
+pub fn interrupted_restore(journal: &std::path::Path) -> Option<String> {
+    let bytes = crate::fsutil::read_regular(journal, 1 << 20).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Some(v["archive"].as_str().unwrap_or("an unknown archive").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overdue_is_strictly_older_than_the_limit() {
+        let t: DateTime<Utc> = "2026-12-04T04:00:00Z".parse().unwrap();
+        let max = Duration::hours(26);
+        assert!(overdue(None, t, max), "no backup at all is overdue");
+        assert!(!overdue(Some(t - Duration::hours(26)), t, max), "exactly the limit is not");
+        assert!(overdue(Some(t - Duration::hours(26) - Duration::seconds(1)), t, max));
+        assert!(!overdue(Some(t + Duration::hours(1)), t, max), "a clock behind the backup is not overdue");
+    }
+}

@@ -1,0 +1,553 @@
+//! Writing a backup's entries into staging folders (drill, `restore --to`, the in-place
+//! restore), or only checking them (`verify --deep`): the one place that decides whether an
+//! entry is safe, for every backup format.
+//!
+//! The rules: a path is relative plain components under a known top folder
+//! ([`crate::archive::entry_path`]); no path twice; every ancestor is a folder of this
+//! backup (never below a symlink or a file); a top-level entry is a folder; symlinks only in
+//! `uploads`; `db/` holds only `db/<file>`; the content never exceeds what the manifest says
+//! the whole backup holds (`budget`: a decompression bomb cannot fill the disk beside the
+//! live data), and the destination has room for that much before a byte is written.
+//!
+//! How it writes: each route's root is opened once with `O_NOFOLLOW`; below it, folders are
+//! created and opened one component at a time relative to their parent's descriptor, files
+//! created `O_CREAT|O_EXCL|O_NOFOLLOW` relative to their folder, and owners, modes and times
+//! set on descriptors (`fchown`, `fchmod`, `futimens`) or with `AT_SYMLINK_NOFOLLOW`. The
+//! staging folders sit in the app's folders, where the app could rename and replace them
+//! while root writes: nothing here ever resolves a path through them again.
+//!
+//! setuid and setgid bits are never restored (a crafted backup could otherwise plant a
+//! setuid-root program in the app's folders); the sticky bit on folders is.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
+
+use super::{open_dir, EntryMeta, DIR};
+use crate::error::{is_disk_full, Error, Result};
+use crate::fsutil::HashingReader;
+use crate::manifest::{escape_path, EntryKind};
+use crate::progress::Progress;
+
+/// Where extracted entries go: each top-level folder (`db`, `uploads`, `raw`) to a root
+/// folder under which the entry's whole path is created.
+#[derive(Debug, Clone)]
+pub struct ExtractPlan {
+    pub routes: Vec<(String, PathBuf)>,
+    /// Restore owners (only possible, and only wanted, as root).
+    pub set_owner: bool,
+    /// Owners to give instead of the archived ones, per top folder (see [`LiveOwner`]).
+    pub live_owners: Vec<LiveOwner>,
+    /// Flush everything to disk once extraction is complete (one `syncfs` per filesystem,
+    /// not one fsync per file). A restore needs it before the swap; a drill's scratch,
+    /// deleted right after, does not.
+    pub durable: bool,
+    /// What to tell the operator when there is not enough room.
+    pub room_hint: &'static str,
+}
+
+/// An in-place restore gives the restored entries the owner the live data has now: on a new
+/// Pi the app's user may have another uid than on the old one. Entries archived with the
+/// same owner as their top entry (the `uploads` folder, the database file) get `uid:gid`;
+/// others keep their archived owner.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveOwner {
+    pub top: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl ExtractPlan {
+    /// Everything under one folder (drill, `restore --to`).
+    pub fn into_dir(root: &Path) -> ExtractPlan {
+        let routes = [crate::archive::TOP_DB, crate::archive::TOP_UPLOADS, crate::archive::TOP_RAW]
+            .iter()
+            .map(|t| (t.to_string(), root.to_path_buf()))
+            .collect();
+        ExtractPlan {
+            routes,
+            set_owner: rustix::process::geteuid().is_root(),
+            live_owners: Vec::new(),
+            durable: true,
+            room_hint: "free space or restore with --to onto a bigger disk",
+        }
+    }
+
+    /// Refuse, before a byte is written, a backup whose content cannot fit where it goes
+    /// with room to spare. With the running total checked against the same figure during
+    /// extraction, no backup can fill a disk: an in-place restore stages beside the live
+    /// data while the app still runs, and must never starve it.
+    pub fn check_room(&self, plain_bytes: u64) -> Result<()> {
+        let mut seen = Vec::new();
+        for (_, root) in &self.routes {
+            let dir = root.ancestors().find(|a| a.is_dir()).unwrap_or(root);
+            let Ok(st) = rustix::fs::statvfs(dir) else { continue };
+            if seen.contains(&st.f_fsid) {
+                continue;
+            }
+            seen.push(st.f_fsid);
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let size = st.f_blocks.saturating_mul(st.f_frsize);
+            // Leave the larger of 64 MiB and 2 % of the filesystem to whoever else uses it.
+            let reserve = (64u64 << 20).max(size / 50).min(size / 4);
+            if plain_bytes.saturating_add(reserve) > free {
+                return Err(Error::disk_full(
+                    dir,
+                    format!(
+                        "not enough space: the backup holds {} and {} are free (keeping {} for the system); {}",
+                        crate::target::human_bytes(plain_bytes),
+                        crate::target::human_bytes(free),
+                        crate::target::human_bytes(reserve),
+                        self.room_hint
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unsafe_entry(archive: &str, why: impl std::fmt::Display) -> Error {
+    Error::integrity(archive, format!("unsafe content refused: {why}; nothing was restored from it"))
+}
+
+fn write_error(dest: &Path, e: io::Error) -> Error {
+    if is_disk_full(&e) {
+        Error::target(
+            dest,
+            "the disk is full while restoring; free space or choose a folder on a bigger disk",
+        )
+    } else {
+        Error::io(format!("cannot write {}", dest.display()), e)
+    }
+}
+
+fn cstr(bytes: &[u8]) -> CString {
+    CString::new(bytes).expect("entry_path refuses NUL bytes")
+}
+
+/// Checks entries and, with a plan, writes them. Feed it entries in the backup's order.
+pub struct Extractor<'a> {
+    archive: &'a str,
+    plan: Option<&'a ExtractPlan>,
+    /// Each top folder's root, opened once.
+    roots: Vec<(String, PathBuf, OwnedFd)>,
+    /// What is left of the content the manifest declares.
+    budget: u64,
+    /// Every path seen so far and its kind: duplicates, and "file, then the same path as a
+    /// folder" tricks, are refused.
+    seen: HashMap<Vec<u8>, EntryKind>,
+    /// Folders' metadata, applied at the end (a read-only folder must not stop us writing
+    /// its files, and writing a file changes its folder's mtime).
+    dirs: Vec<(Vec<Vec<u8>>, EntryMeta)>,
+    /// The archived owner of each top entry, once seen (for [`LiveOwner`]).
+    top_owner: HashMap<String, (u32, u32)>,
+    /// The folder of the last entry written, kept open: entries come folder by folder.
+    cached: Option<(Vec<Vec<u8>>, OwnedFd)>,
+}
+
+impl<'a> Extractor<'a> {
+    /// `budget`: the bytes of content the manifest says the whole backup holds.
+    pub fn new(archive: &'a str, plan: Option<&'a ExtractPlan>, budget: u64) -> Result<Extractor<'a>> {
+        let mut roots = Vec::new();
+        if let Some(plan) = plan {
+            plan.check_room(budget)?;
+            for (top, path) in &plan.routes {
+                roots.push((top.clone(), path.clone(), open_root(path)?));
+            }
+        }
+        Ok(Extractor {
+            archive,
+            plan,
+            roots,
+            budget,
+            seen: HashMap::new(),
+            dirs: Vec::new(),
+            top_owner: HashMap::new(),
+            cached: None,
+        })
+    }
+
+    /// Path-level rules that apply whatever the entry is.
+    pub fn check(&mut self, parts: &[Vec<u8>], kind: EntryKind) -> Result<()> {
+        let name = self.archive;
+        let key = parts.join(&b'/');
+        let shown = escape_path(&key);
+        if self.seen.contains_key(&key) {
+            return Err(unsafe_entry(name, format!("{shown} appears twice")));
+        }
+        // Every ancestor must be a folder this backup created: never a symlink (writing
+        // through it would land outside), never a file.
+        for i in 1..parts.len() {
+            let anc = parts[..i].join(&b'/');
+            match self.seen.get(&anc) {
+                Some(EntryKind::Dir) | None => {}
+                Some(EntryKind::Symlink) => {
+                    return Err(unsafe_entry(
+                        name,
+                        format!("{shown} lies below the symlink {}", escape_path(&anc)),
+                    ))
+                }
+                Some(EntryKind::File) => {
+                    return Err(unsafe_entry(
+                        name,
+                        format!("{shown} lies below the file {}", escape_path(&anc)),
+                    ))
+                }
+            }
+        }
+        let top = parts[0].as_slice();
+        if parts.len() == 1 && kind != EntryKind::Dir {
+            // A top-level `uploads` that is a symlink or a file would be swapped in as the
+            // live uploads folder: a link leading out of it, or a file where a folder must be.
+            return Err(unsafe_entry(name, format!("top-level {shown} is not a folder")));
+        }
+        if kind == EntryKind::Symlink && top != crate::archive::TOP_UPLOADS.as_bytes() {
+            return Err(unsafe_entry(name, format!("symlink outside uploads {shown}")));
+        }
+        if top == crate::archive::TOP_DB.as_bytes() && !(parts.len() == 2 && kind == EntryKind::File) {
+            return Err(unsafe_entry(name, format!("unexpected database entry {shown}")));
+        }
+        Ok(())
+    }
+
+    fn done(&mut self, parts: &[Vec<u8>], kind: EntryKind, meta: &EntryMeta) {
+        if let Ok(top) = std::str::from_utf8(&parts[0]) {
+            self.top_owner.entry(top.to_string()).or_insert((meta.uid, meta.gid));
+        }
+        self.seen.insert(parts.join(&b'/'), kind);
+    }
+
+    pub fn dir(&mut self, parts: &[Vec<u8>], meta: &EntryMeta) -> Result<()> {
+        self.check(parts, EntryKind::Dir)?;
+        if self.plan.is_some() {
+            let (parent, name) = self.parent(parts)?;
+            let dest = self.shown(parts);
+            match rustix::fs::mkdirat(&parent, name.as_c_str(), Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(write_error(&dest, e.into())),
+            }
+            // It must be a folder we can enter without following anything.
+            open_dir(&parent, name.as_c_str()).map_err(|e| self.tampered(&dest, e))?;
+            self.dirs.push((parts.to_vec(), *meta));
+        }
+        self.done(parts, EntryKind::Dir, meta);
+        Ok(())
+    }
+
+    pub fn symlink(&mut self, parts: &[Vec<u8>], meta: &EntryMeta, target: &[u8]) -> Result<()> {
+        self.check(parts, EntryKind::Symlink)?;
+        let shown = escape_path(&parts.join(&b'/'));
+        if target.is_empty() || target.contains(&0) {
+            return Err(unsafe_entry(self.archive, format!("symlink with an invalid target {shown}")));
+        }
+        if self.plan.is_some() {
+            let (parent, name) = self.parent(parts)?;
+            let dest = self.shown(parts);
+            rustix::fs::symlinkat(OsStr::from_bytes(target), &parent, name.as_c_str())
+                .map_err(|e| write_error(&dest, e.into()))?;
+            if let Some((uid, gid)) = self.owner_for(parts, meta) {
+                let _ = rustix::fs::chownat(
+                    &parent,
+                    name.as_c_str(),
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                );
+            }
+            let _ = rustix::fs::utimensat(&parent, name.as_c_str(), &times(meta), AtFlags::SYMLINK_NOFOLLOW);
+        }
+        self.done(parts, EntryKind::Symlink, meta);
+        Ok(())
+    }
+
+    /// Check (and with a plan, write) a file of `declared` bytes from `content`; returns its
+    /// SHA-256 (hex) and length. `content` ending early or running long is damage.
+    pub fn file(
+        &mut self,
+        parts: &[Vec<u8>],
+        meta: &EntryMeta,
+        declared: u64,
+        content: &mut dyn Read,
+        progress: &dyn Progress,
+    ) -> Result<(String, u64)> {
+        self.check(parts, EntryKind::File)?;
+        let shown = escape_path(&parts.join(&b'/'));
+        if declared > self.budget {
+            return Err(unsafe_entry(
+                self.archive,
+                format!("{shown} declares {declared} bytes, more than what is left of what its manifest says the whole backup holds"),
+            ));
+        }
+        let mut out = match self.plan {
+            None => None,
+            Some(_) => {
+                let (parent, name) = self.parent(parts)?;
+                let dest = self.shown(parts);
+                let fd = rustix::fs::openat(
+                    &parent,
+                    name.as_c_str(),
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| write_error(&dest, e.into()))?;
+                Some((std::fs::File::from(fd), dest))
+            }
+        };
+        let mut hashed = HashingReader::new(content.take(declared));
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match hashed.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(damaged(self.archive, &e)),
+            };
+            progress.advance(n as u64);
+            if progress.cancelled() {
+                return Err(Error::Cancelled(format!("reading {}", self.archive)));
+            }
+            if let Some((f, dest)) = out.as_mut() {
+                f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;
+            }
+        }
+        let (sha256, n) = hashed.finish();
+        if n != declared {
+            return Err(damaged(self.archive, &io::Error::from(io::ErrorKind::UnexpectedEof)));
+        }
+        self.budget -= n;
+        if let Some((f, dest)) = out {
+            rustix::fs::fchmod(&f, Mode::from_raw_mode(meta.mode & 0o777))
+                .map_err(|e| write_error(&dest, e.into()))?;
+            if let Some((uid, gid)) = self.owner_for(parts, meta) {
+                let _ = rustix::fs::fchown(
+                    &f,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                );
+            }
+            let _ = rustix::fs::futimens(&f, &times(meta));
+        }
+        self.done(parts, EntryKind::File, meta);
+        Ok((sha256, n))
+    }
+
+    /// Folder modes, owners and times, deepest first; then everything to disk if asked.
+    pub fn finish(mut self) -> Result<()> {
+        let Some(plan) = self.plan else { return Ok(()) };
+        self.cached = None;
+        let dirs = std::mem::take(&mut self.dirs);
+        for (parts, meta) in dirs.iter().rev() {
+            let Ok((parent, name)) = self.parent(parts) else { continue };
+            let Ok(fd) = open_dir(&parent, name.as_c_str()) else {
+                log::warn!(
+                    "{}: changed while restoring; its mode and times were not set",
+                    self.shown(parts).display()
+                );
+                continue;
+            };
+            if let Some((uid, gid)) = self.owner_for(parts, meta) {
+                let _ = rustix::fs::fchown(
+                    &fd,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                );
+            }
+            let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode & 0o1777));
+            let _ = rustix::fs::futimens(&fd, &times(meta));
+        }
+        if plan.durable {
+            for (_, path, fd) in &self.roots {
+                rustix::fs::syncfs(fd).map_err(|e| write_error(path, e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner to give an entry: none unless root; the live owner where the plan maps it.
+    fn owner_for(&self, parts: &[Vec<u8>], meta: &EntryMeta) -> Option<(u32, u32)> {
+        let plan = self.plan.filter(|p| p.set_owner)?;
+        let top = std::str::from_utf8(&parts[0]).ok()?;
+        if let Some(live) = plan.live_owners.iter().find(|l| l.top == top) {
+            let archived = self.top_owner.get(top).copied().unwrap_or((meta.uid, meta.gid));
+            if (meta.uid, meta.gid) == archived {
+                return Some((live.uid, live.gid));
+            }
+        }
+        Some((meta.uid, meta.gid))
+    }
+
+    /// The folder an entry goes in (opened, created if missing) and the entry's own name.
+    fn parent(&mut self, parts: &[Vec<u8>]) -> Result<(OwnedFd, CString)> {
+        let (name, dirs) = parts.split_last().expect("entry_path gives at least one component");
+        let name = cstr(name);
+        if let Some((cached, fd)) = &self.cached {
+            if cached.as_slice() == dirs {
+                let fd = fd.try_clone().map_err(|e| Error::io("cannot duplicate a descriptor", e))?;
+                return Ok((fd, name));
+            }
+        }
+        let root_fd = match self.roots.iter().find(|(t, _, _)| t.as_bytes() == parts[0].as_slice()) {
+            Some((_, _, fd)) => fd,
+            None => {
+                return Err(Error::integrity(
+                    self.archive,
+                    format!(
+                        "holds {}/ entries, which an in-place restore cannot place (only a safety copy of a damaged database has them); restore it with --to DIR",
+                        escape_path(&parts[0])
+                    ),
+                ))
+            }
+        };
+        let mut fd = root_fd.try_clone().map_err(|e| Error::io("cannot duplicate a descriptor", e))?;
+        // parts[0] is the route's top: its root folder holds it (`<root>/uploads/...`).
+        for (i, c) in dirs.iter().enumerate() {
+            let c = cstr(c);
+            let next = match open_dir(&fd, c.as_c_str()) {
+                Err(rustix::io::Errno::NOENT) => {
+                    match rustix::fs::mkdirat(&fd, c.as_c_str(), Mode::from_raw_mode(0o700)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(write_error(&self.shown(&parts[..=i]), e.into())),
+                    }
+                    open_dir(&fd, c.as_c_str())
+                }
+                other => other,
+            };
+            fd = next.map_err(|e| self.tampered(&self.shown(&parts[..=i]), e))?;
+        }
+        let keep = fd.try_clone().map_err(|e| Error::io("cannot duplicate a descriptor", e))?;
+        self.cached = Some((dirs.to_vec(), keep));
+        Ok((fd, name))
+    }
+
+    /// A folder we made is not one now (a link or a file put in its place meanwhile).
+    fn tampered(&self, dest: &Path, e: rustix::io::Errno) -> Error {
+        match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => Error::integrity(
+                self.archive,
+                format!("{} was replaced while restoring (by a link or a file): refused, nothing outside staging was touched", dest.display()),
+            ),
+            e => write_error(dest, e.into()),
+        }
+    }
+
+    /// Where an entry lands, for messages.
+    fn shown(&self, parts: &[Vec<u8>]) -> PathBuf {
+        let root = self
+            .roots
+            .iter()
+            .find(|(t, _, _)| t.as_bytes() == parts[0].as_slice())
+            .map(|(_, p, _)| p.clone())
+            .unwrap_or_default();
+        crate::archive::join(&root, parts)
+    }
+}
+
+/// A route's root folder: created private if missing, never a link.
+fn open_root(path: &Path) -> Result<OwnedFd> {
+    match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(write_error(path, e.into())),
+    }
+    rustix::fs::open(path, DIR, Mode::empty()).map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => Error::Restore(format!(
+            "{} is a link or a file where datavault's staging folder should be; remove it and try again",
+            path.display()
+        )),
+        e => write_error(path, e.into()),
+    })
+}
+
+fn times(meta: &EntryMeta) -> Timestamps {
+    let t = rustix::fs::Timespec { tv_sec: meta.mtime, tv_nsec: meta.mtime_ns.min(999_999_999) as _ };
+    Timestamps { last_access: t, last_modification: t }
+}
+
+/// Damage found while reading a backup's content.
+pub fn damaged(archive: &str, e: &io::Error) -> Error {
+    let what = match e.kind() {
+        io::ErrorKind::UnexpectedEof => "truncated (the data ends early)".to_string(),
+        io::ErrorKind::InvalidData => format!("damaged ({e})"),
+        _ => format!("unreadable ({e})"),
+    };
+    Error::integrity(archive, format!("{what}; use another archive"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> EntryMeta {
+        EntryMeta { mode: 0o4755, uid: 0, gid: 0, mtime: 1_700_000_000, mtime_ns: 0 }
+    }
+
+    fn parts(p: &str) -> Vec<Vec<u8>> {
+        crate::archive::entry_path(p.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn writes_below_its_roots_never_through_a_planted_link() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let outside = tempfile::tempdir().unwrap();
+        let plan = ExtractPlan { durable: false, ..ExtractPlan::into_dir(&stage) };
+        let mut x = Extractor::new("a", Some(&plan), 1 << 20).unwrap();
+        x.dir(&parts("uploads"), &meta()).unwrap();
+        x.dir(&parts("uploads/sub"), &meta()).unwrap();
+        let (_, n) = x
+            .file(&parts("uploads/sub/f"), &meta(), 3, &mut &b"abc"[..], &crate::progress::NoProgress)
+            .unwrap();
+        assert_eq!(n, 3);
+        // The app swaps the folder being written for a link to somewhere else.
+        std::fs::rename(stage.join("uploads/sub"), d.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), stage.join("uploads/sub")).unwrap();
+        // The cached descriptor still points at the real folder (now moved): the file lands
+        // there; and a folder reached anew through the link is refused.
+        x.file(&parts("uploads/sub/g"), &meta(), 3, &mut &b"xyz"[..], &crate::progress::NoProgress).unwrap();
+        assert!(d.path().join("moved/g").exists());
+        let e = x.dir(&parts("uploads/sub/deeper"), &meta());
+        assert!(e.is_err() || !outside.path().join("deeper").exists());
+        x.dir(&parts("uploads/other"), &meta()).unwrap();
+        let e = x.file(&parts("uploads/sub/h"), &meta(), 3, &mut &b"xyz"[..], &crate::progress::NoProgress);
+        assert!(e.is_err(), "a link in place of a folder we made is refused once the cache moved on");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing written through the link");
+    }
+
+    #[test]
+    fn setuid_bits_are_never_restored_and_budgets_hold() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let plan = ExtractPlan { durable: false, ..ExtractPlan::into_dir(&stage) };
+        let mut x = Extractor::new("a", Some(&plan), 4).unwrap();
+        x.dir(&parts("uploads"), &meta()).unwrap();
+        x.file(&parts("uploads/f"), &meta(), 3, &mut &b"abc"[..], &crate::progress::NoProgress).unwrap();
+        let e = x
+            .file(&parts("uploads/g"), &meta(), 3, &mut &b"abc"[..], &crate::progress::NoProgress)
+            .unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        x.finish().unwrap();
+        let mode = std::fs::metadata(stage.join("uploads/f")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755, "no setuid");
+        let mode = std::fs::metadata(stage.join("uploads")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn the_rules_refuse_what_a_restore_must_never_write() {
+        let mut x = Extractor::new("a", None, 1 << 20).unwrap();
+        let m = meta();
+        assert!(x.symlink(&parts("uploads"), &m, b"/etc").is_err(), "top-level link");
+        x.dir(&parts("uploads"), &m).unwrap();
+        x.symlink(&parts("uploads/l"), &m, b"/etc").unwrap();
+        assert!(x.file(&parts("uploads/l/x"), &m, 0, &mut &b""[..], &crate::progress::NoProgress).is_err());
+        assert!(x.dir(&parts("uploads"), &m).is_err(), "twice");
+        assert!(x.symlink(&parts("db/x"), &m, b"y").is_err(), "link in db");
+        assert!(x.dir(&parts("db/x"), &m).is_err(), "folder in db");
+    }
+}

@@ -1,0 +1,267 @@
+//! Walking the uploads folder for a backup: depth first, names in byte order (the order
+//! `walkdir` with `sort_by_file_name` gave, so archives keep their layout), every folder
+//! opened relative to its parent with `O_NOFOLLOW`, every file opened `O_NOFOLLOW|O_NONBLOCK`
+//! and checked to be what the listing said.
+//!
+//! Why not a path-based walker: the app may rename and replace its own folders while the
+//! backup runs. Had a folder been swapped for a symlink to a root-only folder between the
+//! listing and the open, a path-based walk would have read it as root, archived it, and a
+//! restore would have handed it to the app's user (issue #11's red team). Here the swap is
+//! seen and reported as [`Item::Replaced`].
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+use super::{open_dir, EntryMeta, FileStat, DIR};
+
+/// One thing found in the tree. `rel` is the entry's path in the backup (`uploads/a/b.jpg`).
+#[derive(Debug)]
+pub enum Item {
+    Dir {
+        rel: Vec<u8>,
+        meta: EntryMeta,
+    },
+    Symlink {
+        rel: Vec<u8>,
+        meta: EntryMeta,
+        target: Vec<u8>,
+    },
+    /// A regular file, open for reading; `stat` is from the open file.
+    File {
+        rel: Vec<u8>,
+        meta: EntryMeta,
+        stat: FileStat,
+        file: File,
+    },
+    /// A FIFO, socket or device: not backed up.
+    Special {
+        rel: Vec<u8>,
+    },
+    /// Listed, then gone before it could be opened.
+    Vanished {
+        rel: Vec<u8>,
+    },
+    /// Listed as one kind, found as another when opened (a folder swapped for a link).
+    Replaced {
+        rel: Vec<u8>,
+    },
+    Unreadable {
+        rel: Vec<u8>,
+        error: io::Error,
+    },
+}
+
+/// Why a walk stopped: the root could not be opened, or the visitor said stop.
+#[derive(Debug)]
+pub enum WalkError<E> {
+    Root(io::Error),
+    Visit(E),
+}
+
+/// A folder being walked: its descriptor, its path in the backup, its sorted names.
+struct Frame {
+    fd: OwnedFd,
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<CString>,
+}
+
+/// Walk `root` (itself refused if it is a symlink), naming entries `prefix/...`.
+pub fn walk<E>(
+    root: &Path,
+    prefix: &str,
+    mut visit: impl FnMut(Item) -> Result<(), E>,
+) -> Result<(), WalkError<E>> {
+    let fd = rustix::fs::open(root, DIR, Mode::empty()).map_err(|e| WalkError::Root(e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| WalkError::Root(e.into()))?;
+    let names = sorted_names(&fd).map_err(WalkError::Root)?;
+    let rel = prefix.as_bytes().to_vec();
+    visit(Item::Dir { rel: rel.clone(), meta: EntryMeta::from_stat(&st) }).map_err(WalkError::Visit)?;
+    let mut stack = vec![Frame { fd, rel, names: names.into_iter() }];
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.names.next() else {
+            stack.pop();
+            continue;
+        };
+        let mut rel = top.rel.clone();
+        rel.push(b'/');
+        rel.extend_from_slice(name.as_bytes());
+        match visit_one(&top.fd, &name, rel) {
+            Step::Item(item) => visit(item).map_err(WalkError::Visit)?,
+            Step::Enter(item, frame) => {
+                visit(item).map_err(WalkError::Visit)?;
+                stack.push(frame);
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Step {
+    Item(Item),
+    /// A folder: report it, then walk into it.
+    Enter(Item, Frame),
+}
+
+fn visit_one(dir: &OwnedFd, name: &CStr, rel: Vec<u8>) -> Step {
+    let lost = |rel: Vec<u8>, e: rustix::io::Errno| -> Step {
+        Step::Item(match e {
+            rustix::io::Errno::NOENT => Item::Vanished { rel },
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => Item::Replaced { rel },
+            e => Item::Unreadable { rel, error: e.into() },
+        })
+    };
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(e) => return lost(rel, e),
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => {
+            let fd = match open_dir(dir, name) {
+                Ok(fd) => fd,
+                Err(e) => return lost(rel, e),
+            };
+            let st = match rustix::fs::fstat(&fd) {
+                Ok(st) => st,
+                Err(e) => return lost(rel, e),
+            };
+            match sorted_names(&fd) {
+                Ok(names) => {
+                    let item = Item::Dir { rel: rel.clone(), meta: EntryMeta::from_stat(&st) };
+                    Step::Enter(item, Frame { fd, rel, names: names.into_iter() })
+                }
+                Err(error) => Step::Item(Item::Unreadable { rel, error }),
+            }
+        }
+        FileType::Symlink => match rustix::fs::readlinkat(dir, name, Vec::new()) {
+            Ok(target) => Step::Item(Item::Symlink {
+                rel,
+                meta: EntryMeta::from_stat(&st),
+                target: target.into_bytes(),
+            }),
+            Err(e) => lost(rel, e),
+        },
+        FileType::RegularFile => {
+            let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+            let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(e) => return lost(rel, e),
+            };
+            match rustix::fs::fstat(&fd) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
+                    Step::Item(Item::File {
+                        rel,
+                        meta: EntryMeta::from_stat(&st),
+                        stat: FileStat::from_stat(&st),
+                        file: File::from(fd),
+                    })
+                }
+                Ok(_) => Step::Item(Item::Replaced { rel }),
+                Err(e) => lost(rel, e),
+            }
+        }
+        _ => Step::Item(Item::Special { rel }),
+    }
+}
+
+/// The names in a folder, in byte order.
+fn sorted_names(fd: &OwnedFd) -> io::Result<Vec<CString>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(fd)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        if n.to_bytes() != b"." && n.to_bytes() != b".." {
+            names.push(n.to_owned());
+        }
+    }
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        walk::<()>(root, "uploads", |item| {
+            out.push(match item {
+                Item::Dir { rel, .. } => format!("d {}", String::from_utf8_lossy(&rel)),
+                Item::Symlink { rel, target, .. } => {
+                    format!("l {} -> {}", String::from_utf8_lossy(&rel), String::from_utf8_lossy(&target))
+                }
+                Item::File { rel, stat, .. } => format!("f {} {}", String::from_utf8_lossy(&rel), stat.size),
+                Item::Special { rel } => format!("s {}", String::from_utf8_lossy(&rel)),
+                other => format!("? {other:?}"),
+            });
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn walks_depth_first_in_byte_order_without_following_links() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("b/c")).unwrap();
+        std::fs::write(r.join("a.txt"), b"12").unwrap();
+        std::fs::write(r.join("b/c/x"), b"123").unwrap();
+        std::fs::write(r.join("b.txt"), b"").unwrap();
+        std::os::unix::fs::symlink("/etc", r.join("link")).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, r.join("pipe"), FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+            .unwrap();
+        assert_eq!(
+            collect(r),
+            [
+                "d uploads",
+                "f uploads/a.txt 2",
+                "d uploads/b",
+                "d uploads/b/c",
+                "f uploads/b/c/x 3",
+                "f uploads/b.txt 0",
+                "l uploads/link -> /etc",
+                "s uploads/pipe"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_symlinked_root_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("up")).unwrap();
+        let e = walk::<()>(&d.path().join("up"), "uploads", |_| Ok(())).unwrap_err();
+        assert!(matches!(e, WalkError::Root(_)));
+    }
+
+    /// A folder swapped for a link between the listing and the open is reported, not followed.
+    #[test]
+    fn a_folder_swapped_for_a_link_is_replaced_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("up");
+        std::fs::create_dir_all(r.join("a")).unwrap();
+        std::fs::create_dir_all(r.join("sub")).unwrap();
+        let secret = tempfile::tempdir().unwrap();
+        std::fs::write(secret.path().join("secret"), b"root only").unwrap();
+        let mut seen = Vec::new();
+        walk::<()>(&r, "uploads", |item| {
+            if let Item::Dir { rel, .. } = &item {
+                if rel == b"uploads/a" {
+                    // While "a" is being backed up, the app swaps "sub" for a link.
+                    std::fs::remove_dir(r.join("sub")).unwrap();
+                    std::os::unix::fs::symlink(secret.path(), r.join("sub")).unwrap();
+                }
+            }
+            seen.push(format!("{item:?}"));
+            Ok(())
+        })
+        .unwrap();
+        let all = seen.join("\n");
+        assert!(!all.contains("secret"), "{all}");
+        assert!(all.contains("Symlink") || all.contains("Replaced"), "{all}");
+    }
+}

@@ -1,0 +1,572 @@
+//! The offsite copy (#10) against a real S3 server (`rclone serve s3` on 127.0.0.1, which
+//! checks signatures), and the push engine between in-memory backends.
+//!
+//! What rclone cannot express is said where it matters: it has no per-key permissions, so
+//! the put-only credential is exercised through a wrapper backend that refuses deletes and
+//! overwrites exactly as such a credential makes S3 refuse them (docs/offsite.md gives the
+//! real policies).
+
+mod s3_util;
+mod util;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Stdio;
+
+use datavault::config::Settings;
+use datavault::offsite::ledger::{Ledger, Shallow};
+use datavault::offsite::push::{push, PushOptions};
+use datavault::offsite::s3::S3Backend;
+use datavault::progress::NoProgress;
+use datavault::retention::RetentionPolicy;
+use datavault::store::backend::{Backend, LocalBackend, MemoryBackend};
+use s3_util::{offsite_section, write_credentials, S3Server, Wrapped, ACCESS_KEY, BUCKET, SECRET_KEY};
+use sha2::{Digest, Sha256};
+use util::{skip, Fixture};
+
+/// A fixture whose config has an `[offsite]` section for `endpoint`.
+fn with_offsite(f: &Fixture, endpoint: &str, prefix: &str, extra: &str) {
+    let creds = f.path().join("offsite.credentials");
+    if !creds.exists() {
+        write_credentials(&creds, ACCESS_KEY, SECRET_KEY);
+    }
+    let mut cfg = fs::read_to_string(&f.config).unwrap();
+    if let Some(i) = cfg.find("\n[offsite]") {
+        cfg.truncate(i);
+    }
+    cfg.push_str(&offsite_section(endpoint, prefix, &creds, extra));
+    fs::write(&f.config, cfg).unwrap();
+}
+
+fn settings(f: &Fixture) -> Settings {
+    Settings::load(&f.config).unwrap()
+}
+
+fn s3(f: &Fixture) -> S3Backend {
+    let (b, _) = datavault::offsite::connect(&settings(f)).unwrap();
+    b
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn server_or_skip(dir: &Path) -> Option<S3Server> {
+    match s3_util::rclone() {
+        Ok(_) => Some(S3Server::start(dir)),
+        Err(why) => {
+            skip(&why);
+            None
+        }
+    }
+}
+
+/// A random (incompressible) upload file, so the archive is at least `mib` MiB.
+fn big_upload(f: &Fixture, name: &str, mib: usize) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ mib as u64;
+    let mut buf = vec![0u8; mib << 20];
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    fs::write(f.app.uploads.join(name), buf).unwrap();
+}
+
+#[test]
+fn a_push_reads_back_identically_through_the_backend_and_restores_with_nothing_but_the_bucket() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi/kitchen", "");
+    big_upload(&f, "photo.bin", 6); // > one 5 MiB part: the archive goes multipart
+    f.backup();
+    let fingerprint = f.fingerprint();
+    f.backup();
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(out["uploaded"].as_array().unwrap().len(), 4, "{}", r.stdout);
+    assert_eq!(out["behind"]["files"], 0);
+
+    // Every pushed file, read back through the Backend trait, is the local file.
+    let remote = s3(&f);
+    let local = LocalBackend::open(&f.target).unwrap();
+    let ledger = Ledger::load(&remote).unwrap();
+    let mut names: Vec<_> = local.list("").unwrap().into_iter().map(|o| o.name).collect();
+    names.sort();
+    assert_eq!(names.len(), 4);
+    for name in &names {
+        let want = fs::read(f.target.join(name)).unwrap();
+        let (mut rd, size) = remote.open(name).unwrap();
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).unwrap();
+        assert_eq!((size, sha(&got)), (want.len() as u64, sha(&want)), "{name}");
+        assert_eq!(remote.size(name).unwrap(), Some(want.len() as u64));
+        let mid = want.len() as u64 / 2;
+        let len = (want.len() as u64 - mid).min(100_000);
+        assert_eq!(remote.read_range(name, mid, len).unwrap(), want[mid as usize..(mid + len) as usize]);
+        let expected = name.ends_with(".age").then(|| sha(&want));
+        assert_eq!(ledger.check(name, want.len() as u64, expected.as_deref()), Shallow::Ok, "{name}");
+    }
+    let manifest = names.iter().find(|n| n.ends_with(".json")).unwrap();
+    assert_eq!(remote.read_small(manifest, 1 << 20).unwrap(), fs::read(f.target.join(manifest)).unwrap());
+    // The bytes on the server's disk are the drive's bytes.
+    assert_eq!(
+        server.object(&format!("pi/kitchen/{}", names[0])).unwrap(),
+        fs::read(f.target.join(&names[0])).unwrap()
+    );
+
+    // The shallow check (verify --offsite without --deep): all recorded; a truncated object
+    // on the server is caught without downloading anything.
+    let report = datavault::offsite::check::shallow(&remote).unwrap();
+    assert!(report.clean() && report.problems.is_empty() && report.ok == 4, "{report:?}");
+    let victim = server.dir.join(BUCKET).join("pi/kitchen").join(&names[1]);
+    let original = fs::read(&victim).unwrap();
+    fs::write(&victim, &original[..original.len() - 1]).unwrap();
+    let report = datavault::offsite::check::shallow(&remote).unwrap();
+    assert!(!report.clean() && report.problems[0].path == names[1], "{report:?}");
+    fs::write(&victim, &original).unwrap();
+
+    // Nothing left to send the second time.
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!((out["uploaded"].as_array().unwrap().len(), out["already_there"].as_u64()), (0, Some(4)));
+
+    // A new Pi: no drive, only the identity, a config and the credentials. The bucket is
+    // pulled (the same engine, reversed) into an empty folder, and restored from there.
+    let newpi = f.path().join("newpi");
+    fs::create_dir(&newpi).unwrap();
+    let pulled = push(
+        &remote,
+        &LocalBackend::open(&newpi).unwrap(),
+        &PushOptions { retention: RetentionPolicy::default(), dry_run: false, now: chrono::Utc::now() },
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(pulled.uploaded.len(), 4);
+    let cfg = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace(&f.target.display().to_string(), &newpi.display().to_string());
+    let newcfg = f.path().join("newpi.toml");
+    fs::write(&newcfg, cfg).unwrap();
+    let to = f.path().join("restored");
+    let oldest = names.iter().find(|n| n.ends_with(".age")).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_datavault"))
+        .args(["--config", newcfg.to_str().unwrap(), "restore", oldest, "--to", to.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = datavault::demo::fingerprint(&to.join("db/app.db"), Some(&to.join("uploads"))).unwrap();
+    assert_eq!(got, fingerprint, "restored from the bucket alone equals the source at backup time");
+}
+
+#[test]
+fn the_s3_backend_behaves_like_the_drive() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "exercise", "");
+    let b = s3(&f);
+    let write = |path: &str, bytes: &[u8]| {
+        let mut o = b.create(path).unwrap();
+        o.write_all(bytes).unwrap();
+        o.commit().unwrap();
+    };
+    write("a.json", b"{}");
+    write("packs/ab/abcd", b"0123456789");
+    write("empty", b"");
+    let mut top: Vec<_> = b.list("").unwrap().into_iter().map(|o| o.name).collect();
+    top.sort();
+    assert_eq!(top, ["a.json", "empty"], "folders are not listed as files");
+    assert_eq!(b.list("packs/ab").unwrap().len(), 1);
+    assert!(b.list("packs/zz").unwrap().is_empty());
+    assert_eq!(b.read_range("packs/ab/abcd", 2, 3).unwrap(), b"234");
+    assert_eq!(b.read_range("packs/ab/abcd", 8, 3).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(b.read_small("a.json", 2).unwrap(), b"{}");
+    assert_eq!(b.read_small("a.json", 1).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+    assert_eq!(b.read_small("empty", 10).unwrap(), b"");
+    assert_eq!(b.read_small("nope", 10).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(b.size("a.json").unwrap(), Some(2));
+    assert_eq!(b.size("nope").unwrap(), None);
+    // Uncommitted, small or multipart: nothing visible, nothing left behind on disk.
+    {
+        let mut o = b.create("b.json").unwrap();
+        o.write_all(b"half").unwrap();
+    }
+    {
+        let mut o = b.create("big.bin").unwrap();
+        o.write_all(&vec![7u8; 11 << 20]).unwrap();
+    }
+    assert_eq!(b.size("b.json").unwrap(), None);
+    assert_eq!(b.size("big.bin").unwrap(), None);
+    // Objects are never overwritten.
+    let mut o = b.create("a.json").unwrap();
+    o.write_all(b"{\"x\":1}").unwrap();
+    assert!(o.commit().is_err(), "an existing object is not replaced");
+    assert_eq!(server.object("exercise/a.json").unwrap(), b"{}");
+    b.remove("a.json").unwrap();
+    b.remove("a.json").unwrap();
+    assert_eq!(b.size("a.json").unwrap(), None);
+    for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b"] {
+        assert!(b.read_small(bad, 10).is_err(), "{bad:?}");
+        assert!(b.create(bad).is_err(), "{bad:?}");
+    }
+    assert!(server.keys("").iter().all(|k| k.starts_with("exercise/")), "{:?}", server.keys(""));
+}
+
+#[test]
+fn a_push_cut_by_the_server_dying_resumes_and_never_shows_half_a_backup() {
+    let f = Fixture::new();
+    let Some(mut server) = server_or_skip(&f.path().join("s3")) else { return };
+    // Throttled, so the push is still running when the server goes (2 MiB/s, 5 MiB parts).
+    with_offsite(&f, &server.endpoint(), "p", "max_rate = 2097152");
+    big_upload(&f, "a.bin", 7);
+    f.backup();
+    fs::remove_file(f.app.uploads.join("a.bin")).unwrap();
+    big_upload(&f, "b.bin", 8);
+    f.backup();
+    let child =
+        f.command(&["offsite", "push"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // The first backup is complete (its ledger object written): kill the server mid-push.
+    while server.keys("p/offsite-ledger").is_empty() {
+        std::thread::yield_now();
+    }
+    server.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("error:")).count(), 1, "one line: {err}");
+    // Whatever is visible is whole: every manifest's archive is there at its full size.
+    let visible = |server: &S3Server| -> Vec<String> {
+        let keys = server.keys("p");
+        for k in keys.iter().filter(|k| k.ends_with(".json") && !k.contains("ledger")) {
+            let archive = k.replace(".json", ".tar.zst.age");
+            let local = fs::read(f.target.join(archive.trim_start_matches("p/"))).unwrap();
+            assert_eq!(
+                server.object(&archive).as_deref(),
+                Some(&local[..]),
+                "{k} visible without its whole archive"
+            );
+        }
+        keys
+    };
+    let before = visible(&server);
+    assert!(
+        before.iter().filter(|k| k.ends_with(".json") && !k.contains("ledger")).count() < 2,
+        "{before:?}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.state.join("offsite-state.json")).unwrap()).unwrap();
+    assert_eq!(st["last_error_kind"], "offsite", "{st}");
+
+    let server = S3Server::start_on(&server.dir, server.port);
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(out["behind"]["files"], 0, "{}", r.stdout);
+    let keys = visible(&server);
+    assert_eq!(keys.iter().filter(|k| !k.contains("ledger")).count(), 4, "{keys:?}");
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.state.join("offsite-state.json")).unwrap()).unwrap();
+    assert!(st["last_error"].is_null() && st["last_success"].is_string(), "{st}");
+}
+
+#[test]
+fn a_push_killed_mid_upload_is_aborted_and_resent_by_the_next_and_memory_stays_bounded() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "k", "max_rate = 4194304");
+    big_upload(&f, "video.bin", 40);
+    f.backup();
+    let mut child =
+        f.command(&["offsite", "push"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // The multipart upload has started when its id is in the journal (a whole line: the file
+    // exists a moment before its line is written).
+    while !fs::read_to_string(f.state.join("offsite-uploads")).is_ok_and(|t| t.ends_with('\n')) {
+        std::thread::yield_now();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        server.keys("k").iter().all(|k| !k.ends_with(".age") && !k.ends_with(".json")),
+        "{:?}",
+        server.keys("k")
+    );
+
+    // The next push aborts the leftover upload, then sends everything; 40 MiB through
+    // 5 MiB parts, two in flight, measured from outside.
+    with_offsite(&f, &server.endpoint(), "k", "");
+    let (out, peak) = s3_util::run_sampling_rss({
+        let mut c = f.command(&["--json", "offsite", "push"]);
+        c.stdin(Stdio::null());
+        c
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["aborted_uploads"].as_array().unwrap().len(), 1, "{j}");
+    assert_eq!(j["uploaded"].as_array().unwrap().len(), 2);
+    assert!(!f.state.join("offsite-uploads").exists(), "the journal is cleared once aborted");
+    let archive = f.archive_files()[0].clone();
+    let name = archive.file_name().unwrap().to_str().unwrap();
+    assert_eq!(server.object(&format!("k/{name}")).unwrap(), fs::read(&archive).unwrap());
+    let mib = peak as f64 / 1048576.0;
+    eprintln!(
+        "peak RSS pushing a {:.0} MiB archive: {mib:.1} MiB",
+        fs::metadata(&archive).unwrap().len() as f64 / 1048576.0
+    );
+    assert!(mib < 40.0, "peak RSS {mib:.1} MiB");
+}
+
+#[test]
+fn never_overwrites_a_remote_object_and_does_not_make_its_backup_visible() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "c", "");
+    f.backup();
+    f.backup();
+    let archives = f.archive_files();
+    let older = archives[0].file_name().unwrap().to_str().unwrap().to_string();
+    // Someone else's object under the same name.
+    let b = s3(&f);
+    let mut o = b.create(&older).unwrap();
+    o.write_all(b"not the archive").unwrap();
+    o.commit().unwrap();
+    let r = f.expect(&["offsite", "push"], 4);
+    assert!(r.stdout.contains("CONFLICT") && r.stdout.contains(&older), "{}", r.stdout);
+    assert_eq!(server.object(&format!("c/{older}")).unwrap(), b"not the archive");
+    let manifest = older.replace(".tar.zst.age", ".json");
+    assert!(server.object(&format!("c/{manifest}")).is_none(), "its manifest is not pushed");
+    let newer = archives[1].file_name().unwrap().to_str().unwrap();
+    assert!(server.object(&format!("c/{newer}")).is_some(), "the other backup still travels");
+}
+
+#[test]
+fn every_offsite_failure_is_one_line_with_its_exit_code_and_the_local_backup_is_untouched() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    f.backup();
+    let before = f.all_target_files();
+    let one_line = |args: &[&str], code: i32, needles: &[&str]| {
+        let r = f.expect(args, code);
+        let errs: Vec<_> = r.stderr.lines().filter(|l| l.contains("error:")).collect();
+        assert_eq!(errs.len(), 1, "{}", r.stderr);
+        for n in needles {
+            assert!(errs[0].contains(n), "{n:?} not in {}", errs[0]);
+        }
+        assert!(!r.stderr.contains(SECRET_KEY) && !r.stdout.contains(SECRET_KEY));
+    };
+    // Wrong secret.
+    with_offsite(&f, &server.endpoint(), "x", "");
+    write_credentials(&f.path().join("offsite.credentials"), ACCESS_KEY, "wrong-secret-0000000000");
+    one_line(&["offsite", "push"], 2, &["SignatureDoesNotMatch", "offsite.credentials"]);
+    write_credentials(&f.path().join("offsite.credentials"), "unknown-access-key-id", SECRET_KEY);
+    one_line(&["offsite", "push"], 2, &["InvalidAccessKeyId"]);
+    write_credentials(&f.path().join("offsite.credentials"), ACCESS_KEY, SECRET_KEY);
+    // Unprotected credentials file.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let p = f.path().join("offsite.credentials");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        one_line(&["offsite", "push"], 2, &["chmod 600"]);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // Bucket missing.
+    let cfg = fs::read_to_string(&f.config).unwrap();
+    fs::write(&f.config, cfg.replace(&format!("s3://{BUCKET}/x"), "s3://no-such-bucket/x")).unwrap();
+    one_line(&["offsite", "push"], 3, &["NoSuchBucket", "offsite.url"]);
+    // Clock skew: a Pi without RTC before NTP.
+    with_offsite(&f, &server.endpoint(), "x", "");
+    let faketime = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    if faketime.exists() {
+        let o = f
+            .command(&["offsite", "push"])
+            .env("LD_PRELOAD", faketime)
+            .env("FAKETIME", "+2h")
+            .env("DONT_FAKE_MONOTONIC", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{err}");
+        assert!(err.contains("RequestTimeTooSkewed") && err.contains("NTP"), "{err}");
+    } else {
+        skip("faketime not installed (apt-get install faketime): the clock-skew case");
+    }
+    // Nothing listening.
+    let port = s3_util::free_port();
+    with_offsite(&f, &format!("http://127.0.0.1:{port}"), "x", "");
+    one_line(&["offsite", "push"], 3, &["connection refused", &port.to_string()]);
+    // A stalled connection: accepts, never answers.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stall.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            conns.push(stall.accept().unwrap());
+        }
+        conns
+    });
+    with_offsite(&f, &format!("http://127.0.0.1:{port}"), "x", "timeout_secs = 1");
+    one_line(&["offsite", "push"], 3, &["timeout", "offsite.timeout_secs"]);
+    drop(held);
+    // DNS failure (.invalid never resolves).
+    with_offsite(&f, "https://datavault-test.invalid", "x", "");
+    one_line(&["offsite", "push"], 3, &["DNS"]);
+    // Plain http to anything but loopback is a config error.
+    with_offsite(&f, "http://s3.example.com", "x", "");
+    one_line(&["offsite", "push"], 2, &["offsite.endpoint", "https"]);
+    // No [offsite] at all.
+    let cfg = fs::read_to_string(&f.config).unwrap();
+    fs::write(&f.config, &cfg[..cfg.find("\n[offsite]").unwrap()]).unwrap();
+    one_line(&["offsite", "push"], 2, &["[offsite]"]);
+
+    assert_eq!(f.all_target_files(), before, "the drive is never touched by a push");
+    f.expect(&["verify"], 0);
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs::read(f.state.join("offsite-state.json")).unwrap()).unwrap();
+    assert!(st["last_success"].is_null() && st["last_error"].is_string(), "{st}");
+    let state_text = fs::read_to_string(f.state.join("offsite-state.json")).unwrap();
+    assert!(!state_text.contains(SECRET_KEY));
+}
+
+// ---- the engine alone, between in-memory and local backends (no server needed) ----------
+
+fn opts() -> PushOptions {
+    PushOptions { retention: RetentionPolicy::default(), dry_run: false, now: chrono::Utc::now() }
+}
+
+#[test]
+fn the_engine_sends_data_before_visibility_resumes_after_a_drop_and_works_with_a_put_only_remote() {
+    let f = Fixture::new();
+    f.backup();
+    f.backup();
+    // A deduplicated store beside the archives (layout of the dedup issue).
+    let t = &f.target;
+    let pack = b"pack bytes".to_vec();
+    let pack_name = sha(&pack);
+    for (p, bytes) in [
+        ("store/config.json".to_string(), b"{}".to_vec()),
+        (format!("store/packs/{}/{pack_name}", &pack_name[..2]), pack.clone()),
+        (format!("store/index/{}.json", "0".repeat(64)), b"[]".to_vec()),
+        ("store/snapshots/backup-20261201T040000.000Z.tree".into(), b"t".to_vec()),
+        ("store/snapshots/backup-20261201T040000.000Z.refs".into(), b"r".to_vec()),
+        ("store/snapshots/backup-20261201T040000.000Z.json".into(), b"{}".to_vec()),
+        ("store/snapshots/backup-20261201T040000.000Z.json.partial".into(), b"x".to_vec()),
+        ("stray.txt".into(), b"not ours".to_vec()),
+    ] {
+        fs::create_dir_all(t.join(&p).parent().unwrap()).unwrap();
+        fs::write(t.join(&p), bytes).unwrap();
+    }
+    let local = LocalBackend::open(t).unwrap();
+    let mut dropping = Wrapped::new(MemoryBackend::new());
+    dropping.fail_after = Some(3);
+    let e = push(&local, &dropping, &opts(), &NoProgress).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    let first = dropping.order();
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert!(
+        first[0].ends_with(".tar.zst.age")
+            && first[1].ends_with(".json")
+            && first[2].starts_with("offsite-ledger/"),
+        "{first:?}"
+    );
+
+    // Resume with a put-only remote: nothing is sent twice, nothing deleted or overwritten.
+    let mut put_only = Wrapped::new(dropping.inner.clone());
+    put_only.put_only = true;
+    let r = push(&local, &put_only, &opts(), &NoProgress).unwrap();
+    assert!(r.clean(), "{r:?}");
+    assert_eq!(r.already_there, 2);
+    let order = put_only.order();
+    let pos =
+        |p: &str| order.iter().position(|o| o == p).unwrap_or_else(|| panic!("{p} not sent: {order:?}"));
+    let data: Vec<_> = order.iter().filter(|o| !o.starts_with("offsite-ledger/")).cloned().collect();
+    assert_eq!(data.len(), 8, "2 archive files and 6 store files: {data:?}");
+    assert!(data[0].ends_with(".tar.zst.age") && data[1].ends_with(".json"));
+    assert!(pos("store/config.json") < pos(&format!("store/packs/{}/{pack_name}", &pack_name[..2])));
+    assert_eq!(
+        data.last().unwrap(),
+        "store/snapshots/backup-20261201T040000.000Z.json",
+        "the snapshot manifest goes last"
+    );
+    assert!(!order.iter().any(|o| o.contains("partial") || o.contains("stray")));
+    assert_eq!(r.behind.files, 0);
+    let again = push(&local, &put_only, &opts(), &NoProgress).unwrap();
+    assert_eq!((again.uploaded.len(), again.already_there), (0, 10));
+
+    // A damaged pack is not sent, and no snapshot manifest goes while it is missing.
+    let remote = MemoryBackend::new();
+    fs::write(t.join(format!("store/packs/{}/{pack_name}", &pack_name[..2])), b"rotten bytes").unwrap();
+    let r = push(&local, &remote, &opts(), &NoProgress).unwrap();
+    assert!(!r.clean() && r.damaged_locally.len() == 1, "{r:?}");
+    assert!(remote.size("store/snapshots/backup-20261201T040000.000Z.json").unwrap().is_none());
+    assert!(remote.size("store/snapshots/backup-20261201T040000.000Z.tree").unwrap().is_some());
+    assert_eq!(r.behind.snapshots, 1);
+}
+
+#[test]
+fn the_engine_does_not_resend_what_the_remote_retention_dropped_nor_a_damaged_archive() {
+    let f = Fixture::new();
+    f.backup();
+    f.backup();
+    f.backup();
+    let local = LocalBackend::open(&f.target).unwrap();
+    let remote = MemoryBackend::new();
+    let keep_one =
+        RetentionPolicy { keep_last: 1, keep_daily: 0, keep_weekly: 0, keep_monthly: 0, keep_pre_restore: 0 };
+    let r = push(&local, &remote, &PushOptions { retention: keep_one, ..opts() }, &NoProgress).unwrap();
+    assert_eq!((r.uploaded.len(), r.not_kept_remotely.len()), (2, 2), "{r:?}");
+    // A flipped byte on the drive: hashed while streaming, refused before it becomes visible.
+    let archives = f.archive_files();
+    let newest = archives.last().unwrap();
+    let mut bytes = fs::read(newest).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    fs::write(newest, bytes).unwrap();
+    let remote = MemoryBackend::new();
+    let r = push(&local, &remote, &opts(), &NoProgress).unwrap();
+    assert_eq!(r.damaged_locally.len(), 1, "{r:?}");
+    assert!(r.damaged_locally[0].why.contains("SHA-256"));
+    let name = newest.file_name().unwrap().to_str().unwrap();
+    assert!(
+        remote.size(name).unwrap().is_none()
+            && remote.size(&name.replace(".tar.zst.age", ".json")).unwrap().is_none()
+    );
+    assert_eq!(r.uploaded.len(), 4, "the two good backups travel");
+}
+
+#[test]
+fn a_remote_prune_deletes_manifest_first_merges_the_ledger_and_the_next_push_does_not_undo_it() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pr", "");
+    for _ in 0..3 {
+        f.backup();
+    }
+    f.expect(&["offsite", "push"], 0);
+    assert!(server.keys("pr/offsite-ledger").len() > 1);
+    // The pruning machine's policy: keep only the newest backup remotely.
+    let keep_one = "[offsite.retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0";
+    with_offsite(&f, &server.endpoint(), "pr", keep_one);
+    let r = f.expect(&["--json", "offsite", "prune", "--dry-run"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["deleted"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(
+        server.keys("pr").iter().filter(|k| k.ends_with(".age")).count(),
+        3,
+        "a dry run deletes nothing"
+    );
+    f.expect(&["offsite", "prune"], 0);
+    let keys = server.keys("pr");
+    assert_eq!(keys.iter().filter(|k| k.ends_with(".age")).count(), 1, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.contains("offsite-ledger")).count(), 1, "ledger merged: {keys:?}");
+    // The Pi still has all three locally; its next push (same policy) sends nothing back.
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["uploaded"].as_array().unwrap().len(), 0, "{j}");
+    assert_eq!(j["not_kept_remotely"].as_array().unwrap().len(), 2, "{j}");
+    let remote = s3(&f);
+    let report = datavault::offsite::check::shallow(&remote).unwrap();
+    assert!(
+        report.clean() && report.ok == 2,
+        "records of deleted objects dropped, the rest kept: {report:?}"
+    );
+}
