@@ -57,10 +57,9 @@ pub trait Backend: Send + Sync {
     fn read_range(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>>;
 
     /// A file opened once for many range reads: a restore takes a pack's blobs one by one, in
-    /// increasing order. On a local drive that matters: each `read_range` opens the file
-    /// anew, and a fresh open file has no readahead, so every blob (3 KB for a database
-    /// chunk) was a small synchronous read; one open file per pack lets the kernel see the
-    /// sequential reads and read ahead (and saves five `openat`s a blob). The default reads
+    /// increasing order. Each `read_range` resolves the path from the root and opens the file
+    /// anew (five `openat`s and an `fstat`, for a 3 KB database chunk); one open file per
+    /// pack saves those and lets the kernel see the reads as sequential. The default reads
     /// the whole file into memory: right for small test backends, wrong for real ones.
     fn open_ranges(&self, path: &str) -> io::Result<Arc<dyn RangeFile>> {
         let (mut r, len) = self.open(path)?;

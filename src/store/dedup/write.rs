@@ -343,28 +343,31 @@ impl<'c> SnapshotWriter<'c> {
         let chunk_size = self.store.config().chunker.database_fixed as usize;
         let progress = self.progress.clone();
         let mut ids = Vec::new();
-        let mut sha = sha2::Sha256::new();
+        let mut sha = BackgroundSha::start();
         let mut size = 0u64;
+        // One buffer for every chunk: most are stored already (a second backup), and a new
+        // one is copied when it is queued for the sealers.
+        let mut buf = vec![0u8; chunk_size];
         crate::snapshot::stream_pages(conn, db_path, info, |pages| {
             loop {
-                let mut buf = vec![0u8; chunk_size];
                 let n = read_full(pages, &mut buf).map_err(|e| page_error(db_path, e))?;
                 if n == 0 {
                     break;
                 }
-                buf.truncate(n);
+                let chunk = &buf[..n];
                 if progress.cancelled() {
                     return Err(Error::Failed(format!("backup {}", crate::progress::Cancelled)));
                 }
                 progress.advance(n as u64);
-                sha.update(&buf);
+                sha.update(chunk);
                 size += n as u64;
-                let id = self.key.id(&buf);
+                let id = self.key.id(chunk);
                 ids.push(id);
-                self.store_chunk(id, buf)?;
+                self.store_chunk_ref(id, chunk)?;
             }
             Ok(())
         })?;
+        let db_sha = sha.finish()?;
         if size != info.size() {
             return Err(Error::source(
                 db_path,
@@ -382,7 +385,7 @@ impl<'c> SnapshotWriter<'c> {
         let db = DatabaseInfo {
             entry: escape_path(&rel),
             size,
-            sha256: hex::encode(sha.finalize()),
+            sha256: db_sha,
             page_size: info.page_size,
             page_count: info.page_count,
             schema_version: info.schema_version,
@@ -420,20 +423,13 @@ impl<'c> SnapshotWriter<'c> {
         Ok(parts)
     }
 
-    /// Like `store_chunk`, copying the chunk only when it is new.
+    /// Queue a chunk for the sealers unless the store (or this run) has it already; it is
+    /// copied only when it is new.
     fn store_chunk_ref(&mut self, id: ChunkId, data: &[u8]) -> Result<()> {
         if self.is_known(&id)? {
             return Ok(());
         }
         self.send_new(id, data.to_vec())
-    }
-
-    /// Queue a chunk for the sealers unless the store (or this run) has it already.
-    fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
-        if self.is_known(&id)? {
-            return Ok(());
-        }
-        self.send_new(id, data)
     }
 
     fn is_known(&mut self, id: &ChunkId) -> Result<bool> {
@@ -636,6 +632,78 @@ impl Drop for SnapshotWriter<'_> {
         }
         if self.in_transaction {
             let _ = self.cache.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// The database's SHA-256 (for the manifest) on a thread of its own, fed in 1 MiB batches:
+/// on the caller's thread it was the costliest step of a second backup (which reads the
+/// whole database but stores little of it). At most three batches exist; without a thread,
+/// it hashes inline.
+struct BackgroundSha {
+    batch: Vec<u8>,
+    worker: Option<ShaWorker>,
+    inline: Option<sha2::Sha256>,
+}
+
+/// The hashing thread: full batches go out on `tx`, emptied ones come back on `back`.
+struct ShaWorker {
+    tx: SyncSender<Vec<u8>>,
+    back: Receiver<Vec<u8>>,
+    handle: JoinHandle<sha2::Sha256>,
+}
+
+const SHA_BATCH: usize = 1 << 20;
+
+impl BackgroundSha {
+    fn start() -> BackgroundSha {
+        let (tx, rx) = sync_channel::<Vec<u8>>(1);
+        let (back_tx, back) = sync_channel::<Vec<u8>>(2);
+        let spawned = std::thread::Builder::new().name("datavault-sha".into()).spawn(move || {
+            let mut sha = sha2::Sha256::new();
+            for mut batch in rx {
+                sha.update(&batch);
+                batch.clear();
+                let _ = back_tx.try_send(batch);
+            }
+            sha
+        });
+        match spawned {
+            Ok(h) => BackgroundSha {
+                batch: Vec::with_capacity(SHA_BATCH),
+                worker: Some(ShaWorker { tx, back, handle: h }),
+                inline: None,
+            },
+            Err(_) => BackgroundSha { batch: Vec::new(), worker: None, inline: Some(sha2::Sha256::new()) },
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        if let Some(sha) = self.inline.as_mut() {
+            return sha.update(data);
+        }
+        self.batch.extend_from_slice(data);
+        if self.batch.len() < SHA_BATCH {
+            return;
+        }
+        let Some(ShaWorker { tx, back, .. }) = self.worker.as_ref() else { return };
+        let fresh = back.try_recv().unwrap_or_else(|_| Vec::with_capacity(SHA_BATCH));
+        let full = std::mem::replace(&mut self.batch, fresh);
+        // A thread gone (it cannot fail) is found by `finish`.
+        let _ = tx.send(full);
+    }
+
+    fn finish(mut self) -> Result<String> {
+        if let Some(sha) = self.inline.take() {
+            return Ok(hex::encode(sha.finalize()));
+        }
+        let ShaWorker { tx, handle, .. } = self.worker.take().expect("a thread or inline");
+        let sent = tx.send(std::mem::take(&mut self.batch)).is_ok();
+        drop(tx);
+        match handle.join() {
+            // Every batch went to the thread (a send fails only once it is gone).
+            Ok(sha) if sent => Ok(hex::encode(sha.finalize())),
+            _ => Err(Error::Failed("the database's hashing thread stopped".into())),
         }
     }
 }
