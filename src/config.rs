@@ -35,7 +35,23 @@ pub struct Settings {
     pub agent: AgentSettings,
     /// `[offsite]` (#10): the S3 copy; `None` when the section is absent.
     pub offsite: Option<OffsiteSettings>,
+    /// `[store] format` (#9): what a backup writes.
+    pub store_format: StoreFormat,
 }
+
+/// What `backup` writes to the drive (#9). Either way, both kinds already on the drive are
+/// listed, verified, drilled, restored and pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreFormat {
+    /// One self-contained `.tar.zst.age` file per backup.
+    Archives,
+    /// Deduplicated snapshots under `store/`: a backup adds only what changed.
+    Snapshots,
+}
+
+/// The default until every command handles snapshots end to end (see README, "Snapshots").
+pub const DEFAULT_STORE_FORMAT: StoreFormat = StoreFormat::Archives;
 
 /// The status LED and the push button (`datavault agent`). All off by default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +179,13 @@ struct RawConfig {
     gpio: Option<RawGpio>,
     agent: Option<RawAgent>,
     offsite: Option<RawOffsite>, // #10
+    store: Option<RawStore>,     // #9
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +326,20 @@ impl Settings {
                 },
             },
             offsite: None,
+            store_format: match raw.store.as_ref().and_then(|s| s.format.as_ref()) {
+                None => DEFAULT_STORE_FORMAT,
+                Some(f) => match f.get_ref().trim() {
+                    "archives" => StoreFormat::Archives,
+                    "snapshots" => StoreFormat::Snapshots,
+                    other => {
+                        return Err(v.err(
+                            "store.format",
+                            f.span().start,
+                            format!("{other:?} is not a store format; use \"snapshots\" or \"archives\""),
+                        ))
+                    }
+                },
+            },
         };
         settings.offsite =
             raw.offsite.as_ref().map(|o| parse_offsite(&v, o, &settings.retention)).transpose()?; // #10

@@ -16,13 +16,28 @@ pub fn run(env: &Env, trigger: Trigger, comment: Option<String>, ui: &Ui) -> Res
     }
     let m = &o.manifest;
     let mut s = format!("backup created: {}\n", o.archive.display());
-    s += &format!(
-        "  {} archive, {} files, {} of data, took {:.1} s\n",
-        human_bytes(m.archive_size),
-        m.files,
-        human_bytes(m.plain_bytes),
-        m.duration_ms as f64 / 1000.0
-    );
+    match o.added_bytes {
+        // A deduplicated snapshot (#9): what it added is what this backup cost the drive.
+        Some(added) => {
+            s += &format!(
+                "  snapshot: {} added to the drive ({} referenced), {} files, {} of data, took {:.1} s\n",
+                human_bytes(added),
+                human_bytes(m.archive_size),
+                m.files,
+                human_bytes(m.plain_bytes),
+                m.duration_ms as f64 / 1000.0
+            )
+        }
+        None => {
+            s += &format!(
+                "  {} archive, {} files, {} of data, took {:.1} s\n",
+                human_bytes(m.archive_size),
+                m.files,
+                human_bytes(m.plain_bytes),
+                m.duration_ms as f64 / 1000.0
+            )
+        }
+    }
     if let Some(db) = &m.database {
         s += &format!(
             "  database {} ({} pages, schema version {})\n",
@@ -31,7 +46,8 @@ pub fn run(env: &Env, trigger: Trigger, comment: Option<String>, ui: &Ui) -> Res
             db.schema_version
         );
     }
-    s += &format!("  sha256 {}\n", m.archive_sha256);
+    let what = if o.added_bytes.is_some() { "tree sha256" } else { "sha256" };
+    s += &format!("  {what} {}\n", m.archive_sha256);
     if !m.changed_during_backup.is_empty() {
         s += &format!(
             "  {} file(s) changed while being read (listed in the manifest)\n",

@@ -21,6 +21,8 @@ struct ListRow<'a> {
     size: Option<u64>,
     files: Option<u64>,
     sha256: Option<&'a str>,
+    /// `archive` (one `.tar.zst.age` file) or `snapshot` (deduplicated, under `store/`, #9).
+    format: &'static str,
 }
 
 fn row(l: &Listing) -> ListRow<'_> {
@@ -36,6 +38,7 @@ fn row(l: &Listing) -> ListRow<'_> {
         size: m.map(|m| m.archive_size),
         files: m.map(|m| m.files),
         sha256: m.map(|m| m.archive_sha256.as_str()),
+        format: if l.snapshot { "snapshot" } else { "archive" },
     }
 }
 

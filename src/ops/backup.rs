@@ -30,6 +30,9 @@ pub struct BackupOutcome {
     /// Why pruning was skipped, if it was.
     pub prune_skipped: Option<String>,
     pub cleaned: Vec<String>,
+    /// A snapshot (#9): what this backup added to the drive (new packs, index, tree, refs);
+    /// `manifest.archive_size` is then what the snapshot references in packs.
+    pub added_bytes: Option<u64>,
 }
 
 /// The whole `backup` command: lock, archive, prune, catalog.
@@ -181,6 +184,9 @@ impl Sources {
 /// Write one archive of the current live state: a backup, or (`opts.kind` PreRestore) the
 /// safety copy an in-place restore takes first; `None` means there was nothing to save.
 pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutcome>> {
+    if run.env.settings.store_format == crate::config::StoreFormat::Snapshots {
+        return create_snapshot(run, opts);
+    }
     let env = run.env;
     let s = &env.settings;
     let started = Instant::now();
@@ -248,7 +254,14 @@ pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOu
         archive.display(),
         crate::target::human_bytes(manifest.archive_size)
     );
-    Ok(Some(BackupOutcome { archive, manifest, pruned: Vec::new(), prune_skipped: None, cleaned }))
+    Ok(Some(BackupOutcome {
+        archive,
+        manifest,
+        pruned: Vec::new(),
+        prune_skipped: None,
+        cleaned,
+        added_bytes: None,
+    }))
 }
 
 /// The new archive into the catalog: its record and a BACKUP_CREATED event.
@@ -308,4 +321,215 @@ fn output_error(target_dir: &Path, e: std::io::Error) -> Error {
     } else {
         Error::io(format!("cannot write the archive to {}", target_dir.display()), e)
     }
+}
+
+/// Where the snapshot store's local cache lives (it only ever saves time: rebuilt from the
+/// drive when missing or in doubt).
+pub fn dedup_cache_path(s: &crate::config::Settings) -> PathBuf {
+    s.state.dir.join("dedup-cache.db")
+}
+
+/// The chunk key (#9): beside the config, 0600. It decrypts nothing; losing it only costs
+/// deduplication against older snapshots.
+pub fn chunk_key_path(s: &crate::config::Settings) -> PathBuf {
+    s.path.parent().unwrap_or(Path::new("/etc/datavault")).join("chunk.key")
+}
+
+/// Like [`create_archive`], into the deduplicated snapshot store (#9): the same sources,
+/// the same database snapshot and the same walker; only what changed is written.
+fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutcome>> {
+    use crate::store::dedup::write::{
+        EntryMeta as DMeta, FileOutcome, SnapshotMeta, SnapshotWriter, WriterOptions,
+    };
+    use crate::store::dedup::{cache::FileStat as DStat, Cache};
+    let env = run.env;
+    let s = &env.settings;
+    let Some(sources) = Sources::plan(s, opts.kind)? else { return Ok(None) };
+    let estimate = estimate_size(&s.source.database, sources.uploads.as_deref());
+    // A first snapshot needs room for everything; later ones for what changed (a drive
+    // that fills up mid-run is reported as such, exit 3).
+    let first = env.store_for_reading().ok().and_then(|st| st.snapshots().ok().flatten()).is_none();
+    let needed = if first { estimate } else { estimate.min(64 << 20) };
+    let store = env.store_for_writing(needed)?;
+    let cleaned = store.clean(&run.catalog.interrupted_archives().unwrap_or_default());
+    let ds = store.snapshots_or_create()?;
+    let key = crate::store::dedup::load_or_create_chunk_key(&chunk_key_path(s))?;
+    let mut cache = Cache::open(&dedup_cache_path(s))?;
+    let created = now();
+    let mut w = SnapshotWriter::begin(
+        &ds,
+        &mut cache,
+        WriterOptions {
+            kind: opts.kind,
+            created,
+            recipients: s.encryption.recipients.clone(),
+            chunk_key: key,
+            level: s.compression.level,
+            progress: env.progress.clone(),
+            racy_window_ms: crate::store::dedup::write::RACY_WINDOW_MS,
+        },
+    )?;
+    let stem = w.name().to_string();
+    if let Err(e) = run.catalog.set_run_archive(run.id, &stem) {
+        log::warn!("{e}");
+    }
+    let dmeta = |m: &crate::tree::EntryMeta| DMeta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: m.mtime,
+        mtime_ns: m.mtime_ns,
+    };
+    let dstat = |st: &crate::tree::FileStat| DStat {
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+        ctime_ns: st.ctime_ns,
+        inode: st.inode,
+    };
+    env.progress.start("backing up", estimate);
+    let db = &s.source.database;
+    let mut raw = matches!(sources.database, DbSource::Raw);
+    if let DbSource::Live(conn) = &sources.database {
+        match snapshot::begin(conn, db) {
+            Ok(info) => {
+                let res = w.add_database(conn, db, &info, created);
+                snapshot::end(conn);
+                res?;
+            }
+            Err(e) if sources.safety_copy => {
+                log::warn!("{e}; the safety copy will hold its files as they are");
+                raw = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut changed = Vec::new();
+    let mut skipped = Vec::new();
+    if raw {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            let Ok(mut f) = std::fs::File::open(&p) else { continue };
+            let Ok(m) = f.metadata() else { continue };
+            if !m.is_file() {
+                continue;
+            }
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let rel = format!("raw/{name}");
+            let meta = dmeta(&crate::tree::EntryMeta::from_metadata(&m));
+            if let FileOutcome::Unreadable(e) = w.add_file(rel.as_bytes(), &meta, None, &mut f, m.len())? {
+                skipped.push(crate::manifest::Skipped { path: rel, reason: format!("unreadable: {e}") });
+            }
+        }
+    }
+    let mut tree_info = None;
+    if let Some(root) = &sources.uploads {
+        let mut info = crate::manifest::TreeInfo::default();
+        let walked = crate::tree::walk::walk(root, crate::archive::TOP_UPLOADS, |item| -> Result<()> {
+            use crate::tree::walk::Item;
+            let skip = |skipped: &mut Vec<crate::manifest::Skipped>, rel: &[u8], reason: String| {
+                skipped.push(crate::manifest::Skipped { path: manifest::escape_path(rel), reason })
+            };
+            match item {
+                Item::Dir { rel, meta } => {
+                    w.add_dir(&rel, &dmeta(&meta))?;
+                    info.dirs += 1;
+                }
+                Item::Symlink { rel, meta, target } => {
+                    w.add_symlink(&rel, &dmeta(&meta), &target)?;
+                    info.symlinks += 1;
+                }
+                Item::File { rel, meta, stat, mut file } => {
+                    let (m, st) = (dmeta(&meta), dstat(&stat));
+                    if let Some(n) = w.reuse_unchanged(&rel, &m, &st)? {
+                        info.files += 1;
+                        info.bytes += n;
+                        return Ok(());
+                    }
+                    match w.add_file(&rel, &m, Some(&st), &mut file, stat.size)? {
+                        FileOutcome::Added { size, changed: c } => {
+                            if c {
+                                changed.push(manifest::escape_path(&rel));
+                            }
+                            info.files += 1;
+                            info.bytes += size;
+                        }
+                        FileOutcome::Unreadable(e) => {
+                            log::warn!("{}: cannot read, skipped: {e}", manifest::escape_path(&rel));
+                            skip(&mut skipped, &rel, format!("unreadable: {e}"));
+                        }
+                    }
+                }
+                Item::Special { rel } => {
+                    log::warn!(
+                        "{}: special file (fifo, socket or device), not backed up",
+                        manifest::escape_path(&rel)
+                    );
+                    skip(&mut skipped, &rel, "special file (fifo, socket or device)".into());
+                }
+                Item::Vanished { rel } => {
+                    changed.push(manifest::escape_path(&rel));
+                    skip(&mut skipped, &rel, "vanished during the backup".into());
+                }
+                Item::Replaced { rel } => {
+                    changed.push(manifest::escape_path(&rel));
+                    skip(&mut skipped, &rel, "replaced by something else (a link?) during the backup".into());
+                }
+                Item::Unreadable { rel, error } => {
+                    log::warn!("{}: cannot read, skipped: {error}", manifest::escape_path(&rel));
+                    skip(&mut skipped, &rel, format!("unreadable: {error}"));
+                }
+            }
+            Ok(())
+        });
+        match walked {
+            Ok(()) => tree_info = Some(info),
+            Err(crate::tree::walk::WalkError::Visit(e)) => return Err(e),
+            Err(crate::tree::walk::WalkError::Root(e)) => {
+                return Err(Error::source(
+                    root,
+                    format!("cannot read the uploads folder: {e}; check source.uploads"),
+                ))
+            }
+        }
+    }
+    let m = w.finish(SnapshotMeta {
+        host: crate::ops::host(),
+        user: crate::ops::user(),
+        trigger: opts.trigger.as_str().into(),
+        comment: opts.comment.clone(),
+        source: SourceInfo {
+            database: s.source.database.display().to_string(),
+            uploads: s.source.uploads.as_ref().map(|p| p.display().to_string()),
+        },
+        uploads: tree_info,
+        changed_during_backup: changed,
+        skipped,
+    })?;
+    env.progress.finish();
+    let listing = crate::store::Listing::of_snapshot(
+        store.location(),
+        &crate::store::dedup::SnapshotListing {
+            name: m.snapshot.clone(),
+            manifest: Some(m.clone()),
+            problem: None,
+        },
+    );
+    let manifest = listing.manifest.clone().expect("just written");
+    record(run, &listing, &manifest);
+    log::info!(
+        "snapshot written: {} ({} referenced, {} added)",
+        m.snapshot,
+        crate::target::human_bytes(m.stored_bytes),
+        crate::target::human_bytes(m.added_bytes)
+    );
+    Ok(Some(BackupOutcome {
+        archive: PathBuf::from(listing.archive_path()),
+        manifest,
+        pruned: Vec::new(),
+        prune_skipped: None,
+        cleaned,
+        added_bytes: Some(m.added_bytes),
+    }))
 }

@@ -94,7 +94,8 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     }
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
-    let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
+    let identities =
+        std::sync::Arc::new(crate::keys::load_identities(env.settings.encryption.identity.as_deref())?);
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
 
     let scratch = prepare_scratch(&env.settings, run.id)?;

@@ -17,6 +17,8 @@ pub struct PruneOutcome {
     pub decisions: Vec<Decision>,
     pub deleted: Vec<String>,
     pub cleaned: Vec<String>,
+    /// Snapshot store (#9): what the garbage collection after forgetting freed.
+    pub gc: Option<crate::store::dedup::gc::GcOutcome>,
 }
 
 pub fn run(env: &Env, dry_run: bool) -> Result<PruneOutcome> {
@@ -86,5 +88,29 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
     if !deleted.is_empty() {
         crate::fsutil::fsync_dir(dir)?;
     }
-    Ok(PruneOutcome { dry_run, decisions, deleted, cleaned })
+    // Snapshots (#9): forgotten above (manifest first); now the packs no kept snapshot
+    // needs go, and mostly-dead packs are repacked. Under the run lock: no writer runs.
+    let mut gc = None;
+    if !dry_run {
+        if let Some(ds) = store.snapshots()? {
+            let mut cache =
+                crate::store::dedup::Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
+            let opts = crate::store::dedup::gc::GcOptions::default();
+            let plan = crate::store::dedup::gc::plan(&ds, &mut cache, &opts)?;
+            if !plan.blocked_by.is_empty() {
+                log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
+            }
+            if !plan.is_empty() {
+                let out = plan.execute(&ds, &mut cache, &opts, &*env.progress)?;
+                log::info!(
+                    "garbage collection: {} packs deleted, {} repacked, {} freed",
+                    out.packs_deleted,
+                    out.packs_repacked,
+                    crate::target::human_bytes(out.bytes_freed)
+                );
+                gc = Some(out);
+            }
+        }
+    }
+    Ok(PruneOutcome { dry_run, decisions, deleted, cleaned, gc })
 }

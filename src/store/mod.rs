@@ -53,6 +53,10 @@ pub struct Listing {
     pub manifest: Option<Manifest>,
     /// Why this archive is not usable, if it is not.
     pub problem: Option<String>,
+    /// A deduplicated snapshot under `store/` (#9) rather than an archive file: `name` is
+    /// then its stem, and `manifest` the archive-shaped view of its
+    /// [`dedup::SnapshotManifest`] (size: the bytes it references in packs; SHA-256: its tree's).
+    pub snapshot: bool,
 }
 
 impl Listing {
@@ -68,9 +72,51 @@ impl Listing {
     pub fn manifest_name(&self) -> String {
         format!("{}{MANIFEST_SUFFIX}", self.stem())
     }
-    /// For messages and the catalog: where the archive file is.
+    /// For messages and the catalog: where the archive file is (a snapshot's manifest).
     pub fn archive_path(&self) -> String {
+        if self.snapshot {
+            return format!(
+                "{}/{}",
+                self.location.trim_end_matches('/'),
+                dedup::format::manifest_path(&self.name)
+            );
+        }
         format!("{}/{}", self.location.trim_end_matches('/'), self.name)
+    }
+
+    /// A snapshot's listing, in the shape every command knows.
+    pub fn of_snapshot(location: String, s: &dedup::SnapshotListing) -> Listing {
+        let manifest = s.manifest.as_ref().map(|m| Manifest {
+            format: m.format,
+            tool: m.tool.clone(),
+            tool_version: m.tool_version.clone(),
+            kind: m.kind,
+            archive: m.snapshot.clone(),
+            archive_size: m.stored_bytes,
+            archive_sha256: m.tree.sha256.clone(),
+            created: m.created,
+            host: m.host.clone(),
+            user: m.user.clone(),
+            trigger: m.trigger.clone(),
+            comment: m.comment.clone(),
+            source: m.source.clone(),
+            database: m.database.clone(),
+            uploads: m.uploads.clone(),
+            files: m.files,
+            plain_bytes: m.plain_bytes,
+            compression: m.compression.clone(),
+            encryption: m.encryption.clone(),
+            duration_ms: m.duration_ms,
+            changed_during_backup: m.changed_during_backup.clone(),
+            skipped: m.skipped.clone(),
+        });
+        let problem = match (&manifest, &s.problem) {
+            (Some(m), None) if m.archive != s.name => {
+                Some(format!("manifest describes another snapshot ({})", m.archive))
+            }
+            (_, p) => p.clone(),
+        };
+        Listing { name: s.name.clone(), location, manifest, problem, snapshot: true }
     }
 }
 
@@ -143,18 +189,44 @@ impl Store {
                         problem: Some(
                             "incomplete: no manifest (the run that wrote it was interrupted)".into(),
                         ),
+                        snapshot: false,
                     });
                 }
             }
+        }
+        // Snapshots (#9) beside the archives: one list, one retention policy.
+        match dedup::Store::open(self.backend.clone()) {
+            Ok(None) => {}
+            Ok(Some(ds)) => {
+                for sl in ds.list_snapshots()? {
+                    out.push(Listing::of_snapshot(self.location(), &sl));
+                }
+            }
+            Err(e) => log::warn!("the snapshots on {} cannot be listed: {e}", self.location()),
         }
         out.sort_by(|a, b| b.created().cmp(&a.created()).then_with(|| b.name.cmp(&a.name)));
         Ok(out)
     }
 
+    /// The snapshot store on this drive, if there is one (#9).
+    pub fn snapshots(&self) -> Result<Option<dedup::Store>> {
+        dedup::Store::open(self.backend.clone())
+    }
+
+    /// The snapshot store, created on first use (a snapshot backup).
+    pub fn snapshots_or_create(&self) -> Result<dedup::Store> {
+        dedup::Store::open_or_create(self.backend.clone(), dedup::ChunkerParams::default())
+    }
+
     fn read_listing(&self, stem: &str, archive_size: Option<u64>) -> Listing {
         let name = format!("{stem}{ARCHIVE_SUFFIX}");
-        let mut listing =
-            Listing { name: name.clone(), location: self.location(), manifest: None, problem: None };
+        let mut listing = Listing {
+            name: name.clone(),
+            location: self.location(),
+            manifest: None,
+            problem: None,
+            snapshot: false,
+        };
         let bytes = match self.backend.read_small(&format!("{stem}{MANIFEST_SUFFIX}"), MAX_MANIFEST_BYTES) {
             Ok(b) => b,
             Err(e) => {
@@ -251,6 +323,7 @@ impl Store {
             location: self.location(),
             manifest: Some(m.clone()),
             problem: None,
+            snapshot: false,
         })
     }
 
@@ -268,6 +341,12 @@ impl Store {
     /// then the file. A cut in between leaves an orphan that [`Store::clean`] removes if the
     /// caller named it in the catalog first (see `Catalog::set_run_archive`).
     pub fn delete(&self, l: &Listing) -> Result<()> {
+        if l.snapshot {
+            // Its manifest first, then refs and tree; its chunks go with the next GC.
+            let ds =
+                self.snapshots()?.ok_or_else(|| Error::integrity(&l.name, "the snapshot store is gone"))?;
+            return dedup::gc::forget(&ds, &l.name);
+        }
         for name in [l.manifest_name(), l.name.clone()] {
             self.backend.remove(&name).map_err(|e| {
                 if is_disk_full(&e) {
@@ -302,6 +381,7 @@ mod tests {
             location: "/t".into(),
             manifest: None,
             problem: None,
+            snapshot: false,
         };
         let ls = vec![l];
         for w in ["backup-1", "backup-1.tar.zst.age", "backup-1.json", "/mnt/x/backup-1.tar.zst.age"] {

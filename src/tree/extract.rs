@@ -306,6 +306,10 @@ impl<'a> Extractor<'a> {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A snapshot's reader says itself what went wrong (damage, a cancel).
+                Err(e) if e.get_ref().is_some_and(|r| r.is::<crate::store::dedup::read::ContentError>()) => {
+                    return Err(crate::store::dedup::read::content_error(self.archive, e))
+                }
                 Err(e) => return Err(damaged(self.archive, &e)),
             };
             progress.advance(n as u64);

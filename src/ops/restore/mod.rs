@@ -175,7 +175,8 @@ fn entry_path(archive: &str, entry: &str) -> Result<PathBuf> {
 }
 
 fn read_into(env: &Env, store: &Store, listing: &Listing, plan: &ExtractPlan) -> Result<ReadReport> {
-    let identities = crate::keys::load_identities(env.settings.encryption.identity.as_deref())?;
+    let identities =
+        std::sync::Arc::new(crate::keys::load_identities(env.settings.encryption.identity.as_deref())?);
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
     read_archive(store, listing, &identities, &identity_path, Some(plan), &*env.progress)
 }
