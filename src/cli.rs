@@ -70,6 +70,14 @@ impl From<Trigger> for datavault::ops::Trigger {
     }
 }
 
+/// The shells `datavault completions` writes for.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Write a commented config template (and with --keygen, a new key pair)
@@ -154,6 +162,34 @@ during a run are acknowledged by three quick flashes. SIGTERM/SIGINT stop cleanl
 cancelled and removes its partial file); SIGHUP reloads the config (a bad one is refused and the old one \
 kept); SIGUSR1 starts a backup. Speaks systemd's notify protocol when NOTIFY_SOCKET is set.")]
     Agent,
+    /// Tell the owner: record what changed, then send pending pings, ntfy posts and e-mails
+    #[command(after_help = "Run by datavault-notify.service after every backup and drill and by its timer \
+(it has the network; the backup and drill units do not, they only record). Each condition (backup failed \
+or overdue, drill failed or overdue, drive missing or nearly full) is told once when it starts and once when \
+it ends; a restore is told once. What cannot be sent stays pending and is retried at the next run (given up \
+after 7 days). Never takes the backups' lock. Configure it in [notify] (README, Notifications).")]
+    Notify {
+        /// Only send the healthchecks start ping, now (datavault-ping-start.service, before each backup)
+        #[arg(long, conflicts_with_all = ["test", "list"])]
+        start: bool,
+        /// Send a test message through ntfy and e-mail now
+        #[arg(long, conflicts_with = "list")]
+        test: bool,
+        /// Show the recent notifications and their deliveries; send nothing
+        #[arg(long)]
+        list: bool,
+    },
+    /// Print shell completions (bash, zsh or fish) to stdout
+    #[command(after_help = "The .deb and scripts/install.sh install them; by hand: \
+`datavault completions bash | sudo tee /usr/share/bash-completion/completions/datavault`.")]
+    Completions {
+        /// Which shell
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to stdout: used by the packaging scripts
+    #[command(hide = true)]
+    Man,
     /// Run the whole job on a built-in example app in a temporary folder (no Pi, no setup)
     Demo {
         /// Keep the demo folder instead of deleting it at the end
@@ -237,5 +273,10 @@ fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
         Command::Demo { keep } => commands::demo::run(*keep, ui),
         Command::Doctor => commands::doctor::run(&config_path(), ui),
         Command::Agent => commands::agent::run(&config_path()),
+        Command::Notify { start, test, list } => {
+            commands::notify::run(&env(cli, ui)?, *start, *test, *list, ui)
+        }
+        Command::Completions { shell } => commands::completions::completions(*shell),
+        Command::Man => commands::completions::man(),
     }
 }
