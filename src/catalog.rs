@@ -1082,7 +1082,50 @@ mod tests {
         cat.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(cat);
         let err = Catalog::open(&path).unwrap_err().to_string();
-        assert!(err.contains(&path.display().to_string()) && err.contains("schema version 2"), "{err}");
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_version_1_catalog_is_migrated_and_no_old_restore_is_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            insert_event(&conn, None, at(1, 2), Event::SystemRestored, Some("backup-a"), "old").unwrap();
+        }
+        let cat = Catalog::open(&path).unwrap();
+        let v: i64 = cat.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let told: String = cat
+            .conn
+            .query_row("SELECT state FROM notify_state WHERE condition = 'RESTORE_DONE'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(told, "1", "the restore made before the upgrade counts as told");
+        assert_eq!(cat.events(10).unwrap().len(), 1, "the old data is kept");
+    }
+
+    #[test]
+    fn stored_bytes_follow_creation_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cat, _) = open_in(&dir);
+        let mut a = archive("backup-a", at(1, 2));
+        a.size = 100;
+        let mut b = archive("backup-b", at(3, 2));
+        b.size = 50;
+        cat.upsert_archive(&a).unwrap();
+        cat.upsert_archive(&b).unwrap();
+        cat.record_event(None, at(4, 2), Event::Pruned, Some("backup-a"), "old").unwrap();
+        assert_eq!(cat.stored_bytes_at(at(1, 1)).unwrap(), 0);
+        assert_eq!(cat.stored_bytes_at(at(2, 0)).unwrap(), 100);
+        assert_eq!(cat.stored_bytes_at(at(3, 3)).unwrap(), 150);
+        assert_eq!(cat.stored_bytes_at(at(5, 0)).unwrap(), 50);
+        assert_eq!(cat.first_backup_at().unwrap(), Some(at(1, 2)), "pruned ones still count");
     }
 
     #[test]

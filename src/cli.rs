@@ -235,6 +235,9 @@ fn init_logging(cli: &Cli) {
     if !std::io::stderr().is_terminal() {
         b.set_time_level(LevelFilter::Off);
     }
+    // The HTTP client logs request lines at debug level, and a ping URL or an ntfy topic in
+    // them is a secret (#15): its lines are never shown; ours name the host only.
+    b.add_filter_ignore_str("attohttpc");
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);

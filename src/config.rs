@@ -1032,9 +1032,9 @@ mod tests {
         let s = parse(&example()).unwrap();
         assert_eq!(s.notify, NotifySettings::default());
         assert_eq!(s.drill.max_age_days, 8);
-        let s = parse(&format!(
-            "{}\n[notify]\nping_url = \"https://hc-ping.com/abc-uuid/\"\nping_failure_url = \"https://kuma.lan/api/push/T?status=down\"\nemail_to = [\"a@b.example\"]\n",
-            example()
+        let s = parse(&example().replace(
+            "[notify]\n",
+            "[notify]\nping_url = \"https://hc-ping.com/abc-uuid/\"\nping_failure_url = \"https://kuma.lan/api/push/T?status=down\"\nemail_to = [\"a@b.example\"]\n",
         ))
         .unwrap();
         let p = &s.notify.ping;
@@ -1056,7 +1056,7 @@ mod tests {
             ("ntfy_token_file = \"/etc/t\"", "notify.ntfy_url"),
             ("full_above_percent = 0", "notify.full_above_percent"),
         ] {
-            let m = message(&format!("{}\n[notify]\n{line}\n", example()));
+            let m = message(&example().replace("[notify]\n", &format!("[notify]\n{line}\n")));
             assert!(m.contains(expect) && m.contains("line "), "{line}: {m}");
             assert!(!m.contains("secret"), "{line}: {m}");
         }

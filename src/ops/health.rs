@@ -344,6 +344,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_forecast_says_when_the_drive_fills_at_the_last_weeks_growth() {
+        const G: u64 = 1_000_000_000;
+        // 100 GB drive, 20 GB free, archives grew from 10 to 24 GB in 7 days: 2 GB a day.
+        let f = forecast(100 * G, 20 * G, Some((10 * G, 24 * G, 7.0)), 14, 90);
+        assert_eq!(f.growth_bytes_per_day, Some(2.0 * G as f64));
+        assert_eq!(f.days_to_full, Some(10.0));
+        assert!(f.nearly_full, "full within 14 days");
+        assert_eq!(
+            crate::alerts::fill_detail(&f),
+            "80% used, 18.6 GiB free: full in ~10 days at the current growth"
+        );
+        let steady = forecast(100 * G, 20 * G, Some((24 * G, 24 * G, 7.0)), 14, 90);
+        assert!(!steady.nearly_full && steady.days_to_full.is_none(), "retention keeps it flat");
+        assert!(forecast(100 * G, 5 * G, None, 14, 90).nearly_full, "95% used");
+        assert_eq!(
+            forecast(100 * G, 50 * G, Some((0, G, 0.5)), 14, 90).growth_bytes_per_day,
+            None,
+            "half a day says nothing"
+        );
+    }
+
+    #[test]
     fn overdue_is_strictly_older_than_the_limit() {
         let t: DateTime<Utc> = "2026-12-04T04:00:00Z".parse().unwrap();
         let max = Duration::hours(26);

@@ -8,6 +8,8 @@ use std::process::{Command, Output, Stdio};
 
 use datavault::demo::{create_sample_app, fingerprint, SampleApp};
 
+pub mod http;
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub app: SampleApp,
