@@ -25,15 +25,7 @@ fn with_server(server: &Server) -> Fixture {
     f.set("notify.ping_url", server.url(&format!("/ping/{UUID}")));
     f.set("notify.ntfy_url", server.url(&format!("/{TOPIC}")));
     f.set("notify.ntfy_token_file", token.to_str().unwrap());
-    quiet_drive(&f);
     f
-}
-
-/// The test machine's own disk stands in for the drive: however full it is, it must not add
-/// "nearly full" messages to the ones a test counts.
-fn quiet_drive(f: &Fixture) {
-    f.set("notify.full_above_percent", 100);
-    f.set("notify.full_within_days", 0);
 }
 
 /// Titles of the ntfy posts among `reqs`.
@@ -146,7 +138,6 @@ fn an_unreachable_or_hung_server_never_changes_a_backup_and_is_retried() {
     f.set("notify.ping_url", format!("http://127.0.0.1:{}/ping/{UUID}", closed_port()));
     f.set("notify.ntfy_url", format!("http://127.0.0.1:{hung_port}/{TOPIC}"));
     f.set("notify.timeout_seconds", 1);
-    quiet_drive(&f);
     // No network at all for the start ping: the backup's unit goes on regardless.
     f.expect(&["notify", "--start"], 0);
     f.expect(&["backup"], 0);
@@ -193,7 +184,6 @@ fn e_mail_goes_to_sendmail_as_an_rfc_5322_message() {
     f.set("notify.email_to", toml::Value::Array(vec!["owner@example.com".into()]));
     f.set("notify.email_from", "vault@example.com");
     f.set("notify.sendmail", sendmail.to_str().unwrap());
-    quiet_drive(&f);
     f.backup(); // so that the test message is the only one to send
 
     f.expect(&["notify", "--test"], 0);
@@ -241,4 +231,21 @@ fn completions_and_the_man_page_come_from_the_command_line_definition() {
     assert!(man.contains(".TH datavault 1") && man.contains("notify"), "{}", &man[..200.min(man.len())]);
     assert!(!f.expect(&["--help"], 0).stdout.contains("\n  man "), "man stays hidden");
     f.expect(&["completions", "tcsh"], 2);
+}
+
+#[test]
+fn a_nearly_full_drive_is_told_with_its_fill_level() {
+    let server = Server::start(200);
+    let f = with_server(&server);
+    f.backup();
+    f.set("notify.full_above_percent", 1);
+    f.expect(&["notify"], 0);
+    let reqs = server.drain();
+    let full: Vec<_> =
+        reqs.iter().filter(|r| r.header("title").is_some_and(|t| t.ends_with("nearly full"))).collect();
+    assert_eq!(full.len(), 1, "{reqs:?}");
+    assert!(full[0].body.contains("% used, ") && full[0].body.contains(" free"), "{}", full[0].body);
+    assert_eq!(full[0].header("priority"), Some("4"));
+    let status = f.expect(&["status"], 0).stdout;
+    assert!(status.contains("the backup drive is nearly full"), "{status}");
 }
