@@ -15,9 +15,10 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-# Stripped aarch64 release binary, in bytes (6 MB). Raise it deliberately, with a note in
-# docs/pi-build.md saying which dependency paid for what.
-SIZE_BUDGET=${DATAVAULT_SIZE_BUDGET:-6000000}
+# Stripped aarch64 release binary, in bytes: 8 MiB, raised from 6 MB for the offsite copy's
+# S3 client and TLS (#10; 7,689,064 bytes measured). Raise it deliberately, with a note in
+# docs/pi-build.md saying which dependency paid for what; 8 MiB is the issue's ceiling.
+SIZE_BUDGET=${DATAVAULT_SIZE_BUDGET:-8388608}
 TRIPLE=aarch64-unknown-linux-gnu
 
 section() { printf '\n=== ci-aarch64: %s ===\n' "$*"; }

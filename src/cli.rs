@@ -38,7 +38,7 @@ pub struct Cli {
     /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore)
+    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore, notify)
     #[arg(long, global = true)]
     pub json: bool,
     /// More log detail (-v debug, -vv trace)
