@@ -647,11 +647,7 @@ fn the_confirmed_archive_is_the_one_restored() {
     let f = Fixture::new();
     let first = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
     // `script` gives datavault a terminal, so it asks instead of refusing.
-    let cmd = format!(
-        "{} --config {} restore",
-        env!("CARGO_BIN_EXE_datavault"),
-        f.config.display()
-    );
+    let cmd = format!("{} --config {} restore", env!("CARGO_BIN_EXE_datavault"), f.config.display());
     let mut child = std::process::Command::new("script")
         .args(["-qefc", &cmd, "/dev/null"])
         .stdin(std::process::Stdio::piped())
