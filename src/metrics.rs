@@ -11,7 +11,8 @@ use crate::fsutil::write_atomic;
 
 /// Everything the file shows is derived from the catalog, so a failed run never erases the
 /// figures of the last good one.
-pub fn write(path: &Path, catalog: &Catalog, max_age_hours: u32) -> Result<()> {
+pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings) -> Result<()> {
+    let max_age_hours = settings.agent.max_age_hours;
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -105,5 +106,24 @@ pub fn write(path: &Path, catalog: &Catalog, max_age_hours: u32) -> Result<()> {
         );
         gauge("offsite_bytes_behind", "Bytes the bucket lacked after the last push.", st.behind.bytes as f64);
     }
+    // #15: the drill rule status, doctor and the LED use, and the notification outbox.
+    let last_drill = catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?.map(|e| e.at);
+    let drill_overdue = crate::ops::health::drill_overdue(
+        last_drill,
+        catalog.first_backup_at()?,
+        crate::ops::now(),
+        chrono::Duration::days(settings.drill.max_age_days as i64),
+    );
+    gauge(
+        "drill_overdue",
+        "1 if no restore drill ran within drill.max_age_days (the rule status, doctor and the LED use).",
+        if drill_overdue { 1.0 } else { 0.0 },
+    );
+    let (pending, _) = crate::alerts::outbox::pending_summary(catalog)?;
+    gauge(
+        "notifications_pending",
+        "Notifications not yet delivered (retried at the next notify run).",
+        pending as f64,
+    );
     write_atomic(path, out.as_bytes(), 0o644)
 }
