@@ -78,6 +78,14 @@ fn a_second_snapshot_adds_little_and_both_restore_to_a_folder() {
 
     let names = complete_names(&f);
     assert!(names.contains(&s1) && names.contains(&s2), "{names:?}");
+    // Status, the catalog and the metrics see them (no key needed).
+    let st: serde_json::Value = serde_json::from_str(&f.expect(&["--json", "status"], 0).stdout).unwrap();
+    assert_eq!(st["archives"], 2, "{st}");
+    assert_eq!(st["incomplete_archives"], 0, "{st}");
+    let audit = f.expect(&["audit"], 0).stdout;
+    assert!(audit.contains(&s2), "{audit}");
+    let prom = fs::read_to_string(f.state.join("datavault.prom")).unwrap();
+    assert!(prom.contains("datavault_last_run_success 1"), "{prom}");
     // Keyless verify, deep verify, drill.
     f.expect(&["verify", "--all"], 0);
     f.expect(&["verify", "--deep", "--all"], 0);
@@ -277,4 +285,62 @@ fn kill_9_during_snapshot_backups_never_harms_existing_snapshots() {
     f.backup();
     f.expect(&["prune"], 0);
     f.expect(&["verify", "--deep", "--all"], 0);
+}
+
+/// kill -9 at random moments of a prune that forgets snapshots and collects garbage: the
+/// newest snapshot stays complete and verifies, and a later prune finishes the job.
+#[test]
+fn kill_9_during_prune_never_harms_the_snapshots_it_keeps() {
+    let trials: u32 = std::env::var("DV_PRUNE_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let f = snapshots_fixture();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut killed = 0;
+    for i in 0..trials {
+        f.set("retention.keep_last", 100);
+        for j in 0..2 {
+            fs::write(
+                f.app.uploads.join(format!("p-{j}.bin")),
+                (0..300_000u32).map(|_| rand() as u8).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            f.backup();
+        }
+        let newest = complete_names(&f)[0].clone();
+        f.set("retention.keep_last", 1);
+        f.set("retention.keep_daily", 0);
+        f.set("retention.keep_weekly", 0);
+        f.set("retention.keep_monthly", 0);
+        let mut child = f
+            .command(&["prune"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Prunes take 30-300 ms here: kill anywhere in them.
+        std::thread::sleep(Duration::from_micros(rand() % 150_000));
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        let now = complete_names(&f);
+        assert!(now.contains(&newest), "trial {i}: the newest snapshot {newest} is gone: {now:?}");
+        f.expect(&["verify", &newest], 0);
+    }
+    eprintln!("{trials} prunes, {killed} killed mid-run");
+    f.expect(&["prune"], 0);
+    assert_eq!(complete_names(&f).len(), 1);
+    f.expect(&["verify", "--deep", "--all"], 0);
+    let out = f.path().join("restored");
+    f.expect(&["restore", "--to", out.to_str().unwrap()], 0);
+    assert_eq!(
+        datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap(),
+        f.fingerprint()
+    );
 }
