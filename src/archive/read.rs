@@ -344,7 +344,7 @@ fn read_snapshot(
     plan: Option<&ExtractPlan>,
     progress: &dyn Progress,
 ) -> Result<ReadReport> {
-    use crate::store::dedup::{format::TreeKind, read::SnapshotReader, Cache};
+    use crate::store::dedup::{format::TreeKind, read::SnapshotReader};
     let name = listing.name.clone();
     let manifest = match (&listing.manifest, &listing.problem) {
         (Some(m), None) => m,
@@ -353,8 +353,7 @@ fn read_snapshot(
     };
     let ds = store.snapshots()?.ok_or_else(|| Error::integrity(&name, "the snapshot store is missing"))?;
     let mut extractor = Extractor::new(&name, plan, manifest.plain_bytes)?;
-    // A cache of this run only: reads may run beside a backup, which owns the state's cache.
-    let mut cache = Cache::open_in_memory()?;
+    let mut cache = store.dedup_cache()?;
     let mut reader = SnapshotReader::open(&ds, &mut cache, &name, identities.clone(), progress)?;
     let mut records = Vec::new();
     let (mut files, mut plain_bytes) = (0u64, 0u64);

@@ -68,6 +68,7 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     let env = run.env;
     let started = Instant::now();
     let (store, mut listings) = crate::ops::listings(env)?;
+    let store = store.with_dedup_cache(crate::ops::backup::dedup_cache_path(&env.settings));
     // The boot drill is often the first run after a power cut: it clears what a cut-off run
     // left on the drive, so that status and `verify --all` are clean again.
     if !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {

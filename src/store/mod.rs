@@ -132,11 +132,14 @@ pub fn find<'a>(listings: &'a [Listing], wanted: &str) -> Option<&'a Listing> {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// The snapshot store's local cache (#9), for runs that hold the run lock; reads without
+    /// it use a cache of their own in memory (a backup may be using the shared one).
+    dedup_cache: Option<std::path::PathBuf>,
 }
 
 impl Store {
     pub fn new(backend: Arc<dyn Backend>) -> Store {
-        Store { backend }
+        Store { backend, dedup_cache: None }
     }
 
     /// The USB drive's folder (the target checks come first: mounted, LUKS, marker).
@@ -206,6 +209,20 @@ impl Store {
         }
         out.sort_by(|a, b| b.created().cmp(&a.created()).then_with(|| b.name.cmp(&a.name)));
         Ok(out)
+    }
+
+    /// Read snapshots through the cache at `path` (only under the run lock).
+    pub fn with_dedup_cache(mut self, path: std::path::PathBuf) -> Store {
+        self.dedup_cache = Some(path);
+        self
+    }
+
+    /// A cache for reading snapshots: the shared one under the run lock, else a private one.
+    pub fn dedup_cache(&self) -> Result<dedup::Cache> {
+        match &self.dedup_cache {
+            Some(p) => dedup::Cache::open(p),
+            None => dedup::Cache::open_in_memory(),
+        }
     }
 
     /// The snapshot store on this drive, if there is one (#9).

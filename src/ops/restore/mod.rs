@@ -194,6 +194,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
     let s = &env.settings;
     let started = Instant::now();
     let (store, listings) = crate::ops::listings(env)?;
+    let store = store.with_dedup_cache(crate::ops::backup::dedup_cache_path(s));
     crate::ops::sync_catalog(&run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let name = listing.name.clone();
