@@ -570,3 +570,155 @@ fn a_remote_prune_deletes_manifest_first_merges_the_ledger_and_the_next_push_doe
         "records of deleted objects dropped, the rest kept: {report:?}"
     );
 }
+
+// ---- reading the offsite copy: list, verify, drill, restore --offsite -----------------------
+
+/// A config for "a new Pi": the same identity, credentials and `[offsite]`, but its drive
+/// path leads nowhere and its state folder is fresh (the old Pi and its drive are gone).
+fn new_pi_config(f: &Fixture) -> std::path::PathBuf {
+    let cfg = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace(&f.target.display().to_string(), &f.path().join("no-drive-here").display().to_string())
+        .replace(&f.state.display().to_string(), &f.path().join("newpi-state").display().to_string());
+    let path = f.path().join("newpi.toml");
+    fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[track_caller]
+fn with_config(_f: &Fixture, config: &Path, args: &[&str], code: i32) -> util::Run {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_datavault"));
+    c.arg("--config").arg(config).args(args).stdin(Stdio::null()).env_remove("DATAVAULT_CONFIG");
+    let r = util::run_within(c, std::time::Duration::from_secs(300));
+    assert_eq!(
+        r.code, code,
+        "datavault {args:?} exited {}\n--- stdout\n{}\n--- stderr\n{}",
+        r.code, r.stdout, r.stderr
+    );
+    r
+}
+
+#[test]
+fn list_verify_drill_and_restore_to_read_the_bucket_and_need_no_drive() {
+    let f = Fixture::new();
+    let Some(mut server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "");
+    big_upload(&f, "photo.bin", 6); // multipart upload, several ranged reads back
+    f.backup();
+    let fingerprint = f.fingerprint();
+    f.expect(&["offsite", "push"], 0);
+
+    // list / verify / verify --deep / drill --offsite, from this Pi.
+    let r = f.expect(&["--json", "list", "--offsite"], 0);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{}", r.stdout);
+    assert_eq!(rows[0]["complete"], true);
+    let archive = rows[0]["name"].as_str().unwrap().to_string();
+    let r = f.expect(&["verify", "--offsite"], 0);
+    assert!(r.stdout.contains("recorded at upload"), "{}", r.stdout);
+    let r = f.expect(&["verify", "--offsite", "--deep", "--all"], 0);
+    assert!(r.stdout.contains("deeply"), "{}", r.stdout);
+    let r = f.expect(&["drill", "--offsite"], 0);
+    assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
+
+    // A new Pi: no drive at all, a fresh state folder; the identity, the config, the
+    // credentials. It lists, drills and restores from the bucket alone.
+    let newpi = new_pi_config(&f);
+    let r = with_config(&f, &newpi, &["list", "--offsite"], 0);
+    assert!(r.stdout.contains(&archive), "{}", r.stdout);
+    with_config(&f, &newpi, &["list"], 3); // and the drive is really not there
+    let r = with_config(&f, &newpi, &["drill", "--offsite"], 0);
+    assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
+    let to = f.path().join("restored");
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--to", to.to_str().unwrap()], 0);
+    assert!(r.stdout.contains("s3://"), "{}", r.stdout);
+    let got = datavault::demo::fingerprint(&to.join("db/app.db"), Some(&to.join("uploads"))).unwrap();
+    assert_eq!(got, fingerprint, "restored from the bucket alone equals the source at backup time");
+    assert!(!f.path().join("no-drive-here").exists(), "nothing was created where the drive would be");
+
+    // Damage on the server. A flipped byte keeps the size: the keyless check (nothing
+    // downloaded) cannot see it, --deep does (exit 4). A truncated object: both do.
+    let victim = server.dir.join(BUCKET).join("pi").join(&archive);
+    let original = fs::read(&victim).unwrap();
+    let mut flipped = original.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    fs::write(&victim, &flipped).unwrap();
+    f.expect(&["verify", "--offsite"], 0);
+    let r = f.expect(&["verify", "--offsite", "--deep"], 4);
+    assert!(r.stderr.contains(&archive) && r.stderr.contains("SHA-256"), "{}", r.stderr);
+    f.expect(&["drill", "--offsite"], 4);
+    let r =
+        with_config(&f, &newpi, &["restore", "--offsite", "--to", f.path().join("r2").to_str().unwrap()], 4);
+    assert!(r.stderr.contains(&archive), "{}", r.stderr);
+    fs::write(&victim, &original[..original.len() - 10]).unwrap();
+    let r = f.expect(&["verify", "--offsite"], 4);
+    assert!(r.stderr.contains("truncated"), "{}", r.stderr);
+    fs::write(&victim, &original).unwrap();
+    f.expect(&["verify", "--offsite", "--deep"], 0);
+
+    // The server gone: one line, exit 3 (not "damaged"); wrong secret: exit 2.
+    server.kill();
+    for args in [&["list", "--offsite"][..], &["verify", "--offsite", "--deep"], &["drill", "--offsite"]] {
+        let r = f.expect(args, 3);
+        let errs: Vec<_> = r.stderr.lines().filter(|l| l.contains("error:")).collect();
+        assert_eq!(errs.len(), 1, "{}", r.stderr);
+        assert!(errs[0].contains("connection refused"), "{}", errs[0]);
+    }
+    let server = S3Server::start_on(&f.path().join("s3"), server.port);
+    write_credentials(&f.path().join("offsite.credentials"), ACCESS_KEY, "wrong-secret-0000000000");
+    let r = f.expect(&["list", "--offsite"], 2);
+    assert!(r.stderr.contains("SignatureDoesNotMatch") && !r.stderr.contains(SECRET_KEY), "{}", r.stderr);
+    drop(server);
+}
+
+#[test]
+fn restore_offsite_in_place_is_the_journaled_restore_and_without_a_drive_needs_no_live_data_or_an_explicit_flag(
+) {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "");
+    f.backup();
+    let fingerprint = f.fingerprint();
+    f.expect(&["offsite", "push"], 0);
+    let change = || fs::write(f.app.uploads.join("written-after.txt"), b"later").unwrap();
+
+    // With the drive: the same journaled restore, the safety copy on the drive.
+    change();
+    let r = f.expect(&["--json", "restore", "--offsite", "--yes"], 0);
+    let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(f.fingerprint(), fingerprint);
+    let pre = o["pre_restore_archive"].as_str().expect("a safety copy was taken").to_string();
+    assert!(f.target.join(&pre).exists(), "the safety copy is on the drive: {pre}");
+    assert!(o["from"].as_str().unwrap().starts_with("s3://"), "{o}");
+    f.assert_no_restore_leftovers();
+
+    // Without the drive, live data there: refused before anything is stopped or changed.
+    let newpi = new_pi_config(&f);
+    change();
+    let changed = f.fingerprint();
+    let log_before = fs::read_to_string(f.path().join("service.log")).unwrap_or_default();
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--yes"], 3);
+    assert!(r.stderr.contains("--no-safety-copy"), "{}", r.stderr);
+    assert_eq!(f.fingerprint(), changed, "live data untouched");
+    assert_eq!(
+        fs::read_to_string(f.path().join("service.log")).unwrap_or_default(),
+        log_before,
+        "app not stopped"
+    );
+    // ... unless the operator says so.
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--yes", "--no-safety-copy"], 0);
+    assert!(r.stdout.contains("NOT saved"), "{}", r.stdout);
+    assert_eq!(f.fingerprint(), fingerprint);
+    f.assert_no_restore_leftovers();
+    // --no-safety-copy is only for --offsite.
+    f.expect(&["restore", "--yes", "--no-safety-copy"], 2);
+
+    // A new Pi with the app installed but no data yet: nothing to save, no drive needed.
+    fs::remove_dir_all(f.app.database.parent().unwrap()).unwrap();
+    fs::remove_dir_all(&f.app.uploads).unwrap();
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--yes"], 0);
+    assert!(r.stdout.contains("no live data"), "{}", r.stdout);
+    assert_eq!(f.fingerprint(), fingerprint);
+    assert!(!f.path().join("no-drive-here").exists());
+}

@@ -116,6 +116,16 @@ pub fn connect(s: &Settings) -> Result<(S3Backend, Blame)> {
     Ok((backend, blame))
 }
 
+/// The bucket as the [`Store`](crate::store::Store) `list/verify/drill/restore --offsite`
+/// read, after one cheap request proved the endpoint, the bucket, the key and the clock.
+/// Needs nothing local: no drive, no state (a new Pi with the identity, the config and the
+/// credentials).
+pub fn open_store(s: &Settings) -> Result<crate::store::Store> {
+    let (remote, blame) = connect(s)?;
+    remote.check().map_err(|e| to_error(e, "checking the bucket", &blame))?;
+    Ok(crate::store::Store::remote(std::sync::Arc::new(remote), blame))
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PushOutcome {
     #[serde(flatten)]
