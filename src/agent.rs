@@ -118,6 +118,8 @@ pub struct HealthInputs {
     /// By the one rule, [`crate::ops::health::overdue`].
     pub overdue: bool,
     pub last_drill_failed: bool,
+    /// By the one offsite rule, [`crate::ops::health::offsite_behind`].
+    pub offsite_behind: bool,
 }
 
 impl From<&Health> for HealthInputs {
@@ -127,6 +129,7 @@ impl From<&Health> for HealthInputs {
             last_backup_failed: h.last_backup_failed() || h.catalog_problem.is_some(),
             overdue: h.overdue,
             last_drill_failed: h.last_drill_failed(),
+            offsite_behind: h.offsite_behind(),
         }
     }
 }
@@ -138,7 +141,7 @@ pub fn health(h: &HealthInputs) -> LedPattern {
         LedPattern::TargetMissing
     } else if h.last_drill_failed {
         LedPattern::DrillFailed
-    } else if h.last_backup_failed || h.overdue {
+    } else if h.last_backup_failed || h.overdue || h.offsite_behind {
         LedPattern::Failed
     } else {
         LedPattern::Healthy
@@ -509,8 +512,10 @@ mod tests {
             last_backup_failed: false,
             overdue: false,
             last_drill_failed: false,
+            offsite_behind: false,
         };
         assert_eq!(health(&good), LedPattern::Healthy);
+        assert_eq!(health(&HealthInputs { offsite_behind: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(health(&HealthInputs { overdue: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(health(&HealthInputs { last_backup_failed: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(

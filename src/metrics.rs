@@ -11,7 +11,8 @@ use crate::fsutil::write_atomic;
 
 /// Everything the file shows is derived from the catalog, so a failed run never erases the
 /// figures of the last good one.
-pub fn write(path: &Path, catalog: &Catalog, max_age_hours: u32) -> Result<()> {
+pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings) -> Result<()> {
+    let max_age_hours = settings.agent.max_age_hours;
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -104,6 +105,18 @@ pub fn write(path: &Path, catalog: &Catalog, max_age_hours: u32) -> Result<()> {
             st.behind.snapshots as f64,
         );
         gauge("offsite_bytes_behind", "Bytes the bucket lacked after the last push.", st.behind.bytes as f64);
+    }
+    if let Some(o) = crate::ops::health::OffsiteHealth::from_catalog(settings, catalog, crate::ops::now()) {
+        gauge(
+            "offsite_backups_waiting",
+            "Backups on the drive made since the last successful offsite push started (not known to be offsite).",
+            o.backups_waiting as f64,
+        );
+        gauge(
+            "offsite_behind",
+            "1 if a backup waited more than offsite.max_behind_hours to be pushed (the rule status, doctor and the LED use).",
+            if o.behind { 1.0 } else { 0.0 },
+        );
     }
     write_atomic(path, out.as_bytes(), 0o644)
 }

@@ -722,3 +722,81 @@ fn restore_offsite_in_place_is_the_journaled_restore_and_without_a_drive_needs_n
     assert_eq!(f.fingerprint(), fingerprint);
     assert!(!f.path().join("no-drive-here").exists());
 }
+
+#[test]
+fn status_doctor_and_the_metrics_show_an_offsite_copy_that_falls_behind() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "max_behind_hours = 1");
+    f.backup();
+    let status = |fake: Option<&str>| -> serde_json::Value {
+        let mut c = f.command(&["--json", "status"]);
+        if let Some(offset) = fake {
+            c.env("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+                .env("FAKETIME", offset)
+                .env("DONT_FAKE_MONOTONIC", "1");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let metrics = || fs::read_to_string(f.state.join("datavault.prom")).unwrap();
+    // Never pushed: the backup waits, but not yet for an hour.
+    let st = status(None);
+    assert_eq!(st["offsite"]["backups_waiting"], 1, "{st}");
+    assert_eq!(st["offsite"]["behind"], false);
+    assert!(metrics().contains("datavault_offsite_backups_waiting 1"), "{}", metrics());
+    assert!(metrics().contains("datavault_offsite_behind 0"));
+
+    let faketime = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1").exists();
+    if faketime {
+        // Two hours later, still not pushed: behind, in status and doctor.
+        let st = status(Some("+2h"));
+        assert_eq!(st["offsite"]["behind"], true, "{st}");
+        assert_eq!(st["healthy"], false);
+        let next = st["next_steps"].as_array().unwrap();
+        assert!(next.iter().any(|n| n.as_str().unwrap().contains("offsite copy is behind")), "{st}");
+        let o = f
+            .command(&["doctor"])
+            .env("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+            .env("FAKETIME", "+2h")
+            .env("DONT_FAKE_MONOTONIC", "1")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("offsite") && out.contains("BEHIND"), "{out}");
+    } else {
+        skip("faketime not installed (apt-get install faketime): status two hours later");
+    }
+
+    // Pushed: nothing waits, the metrics have the push's time.
+    f.expect(&["offsite", "push"], 0);
+    let st = status(None);
+    assert_eq!(
+        (st["offsite"]["backups_waiting"].as_u64(), st["offsite"]["behind"].as_bool()),
+        (Some(0), Some(false))
+    );
+    assert!(st["offsite"]["last_success"].is_string(), "{st}");
+    let m = metrics();
+    assert!(m.contains("datavault_offsite_last_success_timestamp_seconds "), "{m}");
+    assert!(
+        m.contains("datavault_offsite_behind 0") && m.contains("datavault_offsite_backups_waiting 0"),
+        "{m}"
+    );
+    if faketime {
+        assert_eq!(status(Some("+2h"))["offsite"]["behind"], false, "pushed backups never make it behind");
+    }
+    // The next backup, its push failing (the server gone): behind once it waited too long.
+    f.backup();
+    drop(server);
+    f.expect(&["offsite", "push"], 3);
+    let st = status(None);
+    assert_eq!(st["offsite"]["backups_waiting"], 1, "{st}");
+    assert!(st["offsite"]["last_error"].is_string(), "{st}");
+    if faketime {
+        let st = status(Some("+2h"));
+        assert_eq!(st["offsite"]["behind"], true, "{st}");
+        let text = st["next_steps"].to_string();
+        assert!(text.contains("the last push failed"), "{text}");
+    }
+}

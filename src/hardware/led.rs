@@ -28,7 +28,8 @@ pub enum LedPattern {
     Working,
     /// Three quick flashes, then back to the previous pattern: "button press seen".
     Acknowledge,
-    /// Steady on: no backup yet, the last run failed, or the backup is overdue.
+    /// Steady on: no backup yet, the last run failed, the backup is overdue, or the offsite
+    /// copy is behind (`offsite.max_behind_hours`).
     Failed,
     /// SOS in Morse, repeating: a restore drill failed, the backups may not restore.
     DrillFailed,

@@ -56,6 +56,10 @@ pub struct OffsiteState {
     pub location: String,
     pub last_attempt: Option<DateTime<Utc>>,
     pub last_success: Option<DateTime<Utc>>,
+    /// When the last successful push started: every backup visible on the drive then is in
+    /// the bucket (what `ops::health::offsite_behind` counts from).
+    #[serde(default)]
+    pub last_success_started: Option<DateTime<Utc>>,
     /// The last push's error (one line, no secret) and its class (`offsite`, `key`, ...).
     pub last_error: Option<String>,
     pub last_error_kind: Option<String>,
@@ -149,6 +153,7 @@ pub fn run_push(env: &Env, trigger: crate::ops::Trigger, dry_run: bool) -> Resul
     let recorded: Result<()> = match &result {
         Ok(o) if o.report.clean() => {
             state.last_success = Some(now());
+            state.last_success_started = Some(started);
             state.last_error = None;
             state.last_error_kind = None;
             Ok(())

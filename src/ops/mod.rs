@@ -212,7 +212,7 @@ impl<'e> Run<'e> {
             log::warn!("cannot record the run in the catalog: {e}");
         }
         let s = &self.env.settings;
-        if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, s.agent.max_age_hours) {
+        if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, s) {
             log::warn!("cannot write metrics: {e}");
         }
     }
