@@ -314,6 +314,18 @@ fn a_push_killed_mid_upload_is_aborted_and_resent_by_the_next_and_memory_stays_b
         fs::metadata(&archive).unwrap().len() as f64 / 1048576.0
     );
     assert!(mib < 40.0, "peak RSS {mib:.1} MiB");
+
+    // Reading it back streams too: verify --offsite --deep downloads, decrypts and checks
+    // the 40 MiB archive in ranged GETs of one part.
+    let (out, peak) = s3_util::run_sampling_rss({
+        let mut c = f.command(&["verify", "--offsite", "--deep"]);
+        c.stdin(Stdio::null());
+        c
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mib = peak as f64 / 1048576.0;
+    eprintln!("peak RSS of verify --offsite --deep: {mib:.1} MiB");
+    assert!(mib < 40.0, "peak RSS {mib:.1} MiB");
 }
 
 #[test]
