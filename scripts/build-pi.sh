@@ -31,9 +31,10 @@ done
 
 case "$target" in
     aarch64|arm64)
-        triple=aarch64-unknown-linux-gnu; gnu=aarch64-linux-gnu; deb_arch=arm64; install_flags=() ;;
+        triple=aarch64-unknown-linux-gnu; gnu=aarch64-linux-gnu; deb_arch=arm64; install_flags=()
+        qemu=qemu-aarch64-static ;;
     armv7|armhf)
-        triple=armv7-unknown-linux-gnueabihf; gnu=arm-linux-gnueabihf; deb_arch=armhf
+        triple=armv7-unknown-linux-gnueabihf; gnu=arm-linux-gnueabihf; deb_arch=armhf; qemu=qemu-arm-static
         install_flags=(--armhf) ;;
     *) echo "build-pi: --target must be aarch64 or armv7, not '$target'" >&2; exit 2 ;;
 esac
@@ -64,6 +65,26 @@ if [ -n "$declared" ] && [ "$(printf '%s\n%s\n' "$glibc_min" "$declared" | sort 
     echo "build-pi: the binary needs glibc $glibc_min but Cargo.toml's [package.metadata.deb] depends says libc6 (>= $declared): raise it" >&2
     exit 1
 fi
+
+# The man page and the shell completions, from the binary's own clap definition (#15). The
+# binary is for the Pi: it runs here through qemu (binfmt_misc, set up by
+# cross/install-toolchain.sh, or qemu-*-static directly).
+run_bin() {
+    if "$bin" --version >/dev/null 2>&1; then
+        "$bin" "$@"
+    else
+        "$qemu" -L "/usr/$gnu" -E "LD_LIBRARY_PATH=/usr/$gnu/lib" "$bin" "$@"
+    fi
+}
+gen=dist/generated
+mkdir -p "$gen"
+run_bin man | gzip -9n >"$gen/datavault.1.gz"
+run_bin completions bash >"$gen/datavault.bash"
+run_bin completions zsh >"$gen/_datavault"
+run_bin completions fish >"$gen/datavault.fish"
+for f in "$gen"/*; do
+    [ -s "$f" ] || { echo "build-pi: $f is empty: generating the man page or completions failed" >&2; exit 1; }
+done
 
 if [ "$want_deb" = 0 ]; then
     ls -l "dist/datavault-$version-$triple"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Checks the systemd units in systemd/: `systemd-analyze verify` must print nothing, and
-# `systemd-analyze security` must rate every service at most THRESHOLD/10 (default 30 = 3.0).
+# Checks the systemd units in systemd/: `systemd-analyze verify` must print nothing,
+# `systemd-analyze security` must rate every service at most THRESHOLD/10 (default 19: below
+# 2.0), every timer's OnCalendar= must parse (`systemd-analyze calendar`, next runs printed),
+# and the network boundary must hold: the units that touch the data run with
+# PrivateNetwork=yes, the ones that talk to the network hold no capability (#15).
 #
 # Usage: scripts/ci-units.sh [--threshold N]
 #
@@ -14,7 +17,7 @@ set -euo pipefail
 self=$(readlink -f "$0")
 cd "$(dirname "$0")/.."
 
-threshold=30
+threshold=19
 while [ $# -gt 0 ]; do
     case "$1" in
         --threshold) threshold="${2:?}"; shift 2 ;;
@@ -118,12 +121,39 @@ for u in datavault-backup.service datavault-drill.service datavault-agent.servic
     check "$u" "PrivateNetwork=yes" '^PrivateNetwork=yes$'
     check "$u" "no IP socket" '!^RestrictAddressFamilies=.*AF_INET'
 done
-check datavault-backup.service "starts the offsite push on success" '^OnSuccess=datavault-offsite.service$'
+check datavault-backup.service "starts the offsite push on success" '^OnSuccess=.*datavault-offsite.service'
 check datavault-offsite.service "no capability at all" '^CapabilityBoundingSet=$'
 check datavault-offsite.service "the drive stays read-only" '!^ReadWritePaths=.*/mnt'
 check datavault-offsite.service "skipped where no offsite is set up" '^ConditionPathExists=/etc/datavault/offsite.credentials$'
 check datavault-offsite.service "waits for the network" '^After=.*network-online.target'
 check datavault-offsite.timer "retries" '^Unit=datavault-offsite.service$'
+# ---- timers and the network boundary (#15) ------------------------------------------------
+echo "ci-units: systemd-analyze calendar (each timer's OnCalendar=, next 3 runs)"
+for u in "${units[@]}"; do
+    case "$u" in *.timer) ;; *) continue ;; esac
+    while read -r expr; do
+        if out=$(systemd-analyze calendar --iterations=3 "$expr" 2>&1); then
+            next=$(printf '%s\n' "$out" | sed -n 's/^ *\(Next elapse\|Iter\. #[0-9]*\): *//p' | tr '\n' ';')
+            printf '  ok    %-32s %s -> %s\n' "$u" "$expr" "$next"
+        else
+            printf '  FAIL  %-32s %s\n' "$u" "$expr"
+            printf '%s\n' "$out" | sed 's/^/        /'
+            failed=1
+        fi
+    done < <(sed -n 's/^OnCalendar=//p' "systemd/$u")
+    grep -q '^Persistent=true' "systemd/$u" || { echo "  FAIL  $u: Persistent=true missing (a Pi that was off would skip it)"; failed=1; }
+done
+echo "ci-units: network boundary (data units offline, network units without capabilities)"
+for u in datavault-backup.service datavault-drill.service datavault-drill-weekly.service datavault-agent.service; do
+    [ -f "systemd/$u" ] || continue
+    if grep -q '^PrivateNetwork=yes' "systemd/$u"; then echo "  ok    $u: PrivateNetwork=yes"
+    else echo "  FAIL  $u: must keep PrivateNetwork=yes"; failed=1; fi
+done
+for u in datavault-notify.service datavault-ping-start.service datavault-notify@.service datavault-offsite.service; do
+    [ -f "systemd/$u" ] || continue
+    if grep -q '^CapabilityBoundingSet=$' "systemd/$u"; then echo "  ok    $u: network, no capability"
+    else echo "  FAIL  $u: a unit with network must have CapabilityBoundingSet= (empty)"; failed=1; fi
+done
 
 if [ "$failed" != 0 ]; then
     echo "ci-units: FAILED" >&2

@@ -120,6 +120,9 @@ pub struct HealthInputs {
     pub last_drill_failed: bool,
     /// By the one offsite rule, [`crate::ops::health::offsite_behind`].
     pub offsite_behind: bool,
+    /// By the drill rule, [`crate::ops::health::drill_overdue`] (#15).
+    pub drill_overdue: bool,
+    pub drive_nearly_full: bool,
 }
 
 impl From<&Health> for HealthInputs {
@@ -130,19 +133,24 @@ impl From<&Health> for HealthInputs {
             overdue: h.overdue,
             last_drill_failed: h.last_drill_failed(),
             offsite_behind: h.offsite_behind(),
+            drill_overdue: h.drill_overdue,
+            drive_nearly_full: h.drive.as_ref().is_some_and(|d| d.nearly_full),
         }
     }
 }
 
 /// Most urgent first: a missing drive will make tonight fail; a failed drill means the
-/// backups may not restore; a failed or overdue backup means the data is at risk.
+/// backups may not restore; a failed or overdue backup means the data is at risk; an overdue
+/// drill or a filling drive only needs attention soon.
 pub fn health(h: &HealthInputs) -> LedPattern {
     if !h.target_ready {
         LedPattern::TargetMissing
     } else if h.last_drill_failed {
         LedPattern::DrillFailed
-    } else if h.last_backup_failed || h.overdue || h.offsite_behind {
+    } else if h.last_backup_failed || h.overdue {
         LedPattern::Failed
+    } else if h.drill_overdue || h.drive_nearly_full || h.offsite_behind {
+        LedPattern::Attention
     } else {
         LedPattern::Healthy
     }
@@ -505,6 +513,43 @@ mod tests {
         assert_eq!(t[1], vec![ReloadConfig]);
     }
 
+    /// Weeks in the life of a Pi that never reboots (#15): nightly backups, weekly drills, then
+    /// the drill timer stops. The LED follows the drill rule day by day.
+    #[test]
+    fn a_drill_that_stops_happening_shows_on_the_led_after_max_age_days() {
+        use crate::ops::health::drill_overdue;
+        use chrono::{DateTime, Duration, Utc};
+        let start: DateTime<Utc> = "2026-11-01T04:00:00Z".parse().unwrap();
+        let max = Duration::days(crate::config::DEFAULT_DRILL_MAX_AGE_DAYS as i64);
+        let mut last_drill: Option<DateTime<Utc>> = None;
+        let mut seen = Vec::new();
+        for day in 0..40 {
+            let now = start + Duration::days(day) + Duration::hours(2);
+            // Sundays' drill runs for the first three weeks only.
+            if day % 7 == 0 && day < 21 {
+                last_drill = Some(now);
+            }
+            let inputs = HealthInputs {
+                target_ready: true,
+                last_backup_failed: false,
+                overdue: false,
+                last_drill_failed: false,
+                drill_overdue: drill_overdue(last_drill, Some(start), now, max),
+                drive_nearly_full: false,
+                offsite_behind: false,
+            };
+            seen.push((day, health(&inputs)));
+        }
+        let first_attention = seen.iter().find(|(_, p)| *p == LedPattern::Attention).map(|(d, _)| *d);
+        // Last drill on day 14; overdue once more than 8 days have passed: day 23.
+        assert_eq!(first_attention, Some(23));
+        assert!(seen[..23].iter().all(|(_, p)| *p == LedPattern::Healthy));
+        assert!(seen[23..].iter().all(|(_, p)| *p == LedPattern::Attention));
+        // No drill ever, but backups for 9 days: overdue from the first backup's clock.
+        assert!(drill_overdue(None, Some(start), start + Duration::days(9), max));
+        assert!(!drill_overdue(None, None, start + Duration::days(90), max), "nothing to drill yet");
+    }
+
     #[test]
     fn health_picks_the_most_urgent_pattern() {
         let good = HealthInputs {
@@ -513,9 +558,18 @@ mod tests {
             overdue: false,
             last_drill_failed: false,
             offsite_behind: false,
+            drill_overdue: false,
+            drive_nearly_full: false,
         };
         assert_eq!(health(&good), LedPattern::Healthy);
-        assert_eq!(health(&HealthInputs { offsite_behind: true, ..good.clone() }), LedPattern::Failed);
+        assert_eq!(health(&HealthInputs { offsite_behind: true, ..good.clone() }), LedPattern::Attention);
+        assert_eq!(health(&HealthInputs { drill_overdue: true, ..good.clone() }), LedPattern::Attention);
+        assert_eq!(health(&HealthInputs { drive_nearly_full: true, ..good.clone() }), LedPattern::Attention);
+        assert_eq!(
+            health(&HealthInputs { drill_overdue: true, overdue: true, ..good.clone() }),
+            LedPattern::Failed,
+            "a backup at risk outranks a drill that is late"
+        );
         assert_eq!(health(&HealthInputs { overdue: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(health(&HealthInputs { last_backup_failed: true, ..good.clone() }), LedPattern::Failed);
         assert_eq!(

@@ -28,7 +28,7 @@ use crate::error::{Context, Error, Result};
 use crate::retention::ArchiveKind;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,6 +80,42 @@ CREATE TABLE events (
 CREATE INDEX events_by_event ON events (event, id);
 CREATE INDEX events_by_run ON events (run_id);
 CREATE INDEX events_by_archive ON events (archive);
+"#;
+
+/// Version 2 (#15): what the owner was last told about each condition, the notifications
+/// (one row per state change or backup run) and their delivery on each channel. The restore
+/// condition starts at the newest restore already recorded, so upgrading announces no old one.
+const SCHEMA_V2: &str = r#"
+CREATE TABLE notify_state (
+    condition   TEXT NOT NULL PRIMARY KEY,
+    state       TEXT NOT NULL,
+    since       TEXT NOT NULL,
+    detail      TEXT NOT NULL
+);
+INSERT INTO notify_state (condition, state, since, detail)
+    SELECT 'RESTORE_DONE', CAST(COALESCE(MAX(id), 0) AS TEXT), strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ''
+    FROM events WHERE event IN ('SYSTEM_RESTORED', 'RESTORE_ROLLED_BACK');
+
+CREATE TABLE notifications (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at  TEXT NOT NULL,
+    event       TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    severity    TEXT NOT NULL CHECK (severity IN ('INFO', 'WARNING', 'CRITICAL')),
+    title       TEXT NOT NULL,
+    body        TEXT NOT NULL
+);
+
+CREATE TABLE deliveries (
+    notification_id INTEGER NOT NULL REFERENCES notifications (id),
+    channel     TEXT NOT NULL CHECK (channel IN ('PING', 'NTFY', 'EMAIL')),
+    status      TEXT NOT NULL CHECK (status IN ('PENDING', 'SENT', 'GAVE_UP', 'SUPERSEDED')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    sent_at     TEXT,
+    last_error  TEXT,
+    PRIMARY KEY (notification_id, channel)
+);
+CREATE INDEX deliveries_pending ON deliveries (status) WHERE status = 'PENDING';
 "#;
 
 /// Gives an enum its stored text form (`as_str`, `parse`, `Display`, `ALL`).
@@ -550,6 +586,38 @@ impl Catalog {
             .context(|| self.what("reading the last event"))
     }
 
+    /// When the first backup was made (any archive the catalog ever knew, pruned ones too):
+    /// the clock of "drill overdue" starts there when no drill has run yet (#15).
+    pub fn first_backup_at(&self) -> Result<Option<DateTime<Utc>>> {
+        self.conn
+            .query_row("SELECT MIN(created_at) FROM archives WHERE kind = 'BACKUP'", [], |r| {
+                opt_time_col(r, 0)
+            })
+            .context(|| self.what("reading the first backup's time"))
+    }
+
+    /// Bytes of the archives that were on the drive at `at`: made by then, and neither pruned
+    /// nor found missing by then. Two of these a week apart give the drive's growth (#15).
+    pub fn stored_bytes_at(&self, at: DateTime<Utc>) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(SUM(a.size), 0) FROM archives a WHERE a.created_at <= ?1 AND NOT EXISTS (
+                     SELECT 1 FROM events e WHERE e.archive = a.name AND e.at <= ?1
+                     AND e.event IN ('PRUNED', 'ARCHIVE_MISSING'))",
+                params![ts(at)],
+                |r| r.get(0),
+            )
+            .context(|| self.what("adding up the archives' sizes"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The connection, for the notification outbox (`crate::alerts::outbox`), which keeps its
+    /// own tables in this file.
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     fn query<T, P: rusqlite::Params>(
         &self,
         sql: &str,
@@ -579,6 +647,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
                 )));
             }
             tx.execute_batch(SCHEMA_V1).context(doing)?;
+            tx.execute_batch(SCHEMA_V2).context(doing)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION).context(doing)?;
+        }
+        1 => {
+            tx.execute_batch(SCHEMA_V2).context(doing)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).context(doing)?;
         }
         SCHEMA_VERSION => {}
@@ -709,18 +782,18 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<EventRecord> {
 }
 
 /// The stored form of a time: RFC 3339, UTC, milliseconds (finer precision is dropped).
-fn ts(t: DateTime<Utc>) -> String {
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn time_col(r: &Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
+pub(crate) fn time_col(r: &Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
     let text: String = r.get(idx)?;
     DateTime::parse_from_rfc3339(&text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
 }
 
-fn opt_time_col(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+pub(crate) fn opt_time_col(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
     match r.get_ref(idx)? {
         rusqlite::types::ValueRef::Null => Ok(None),
         _ => time_col(r, idx).map(Some),
@@ -1059,7 +1132,50 @@ mod tests {
         cat.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(cat);
         let err = Catalog::open(&path).unwrap_err().to_string();
-        assert!(err.contains(&path.display().to_string()) && err.contains("schema version 2"), "{err}");
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_version_1_catalog_is_migrated_and_no_old_restore_is_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            insert_event(&conn, None, at(1, 2), Event::SystemRestored, Some("backup-a"), "old").unwrap();
+        }
+        let cat = Catalog::open(&path).unwrap();
+        let v: i64 = cat.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let told: String = cat
+            .conn
+            .query_row("SELECT state FROM notify_state WHERE condition = 'RESTORE_DONE'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(told, "1", "the restore made before the upgrade counts as told");
+        assert_eq!(cat.events(10).unwrap().len(), 1, "the old data is kept");
+    }
+
+    #[test]
+    fn stored_bytes_follow_creation_and_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cat, _) = open_in(&dir);
+        let mut a = archive("backup-a", at(1, 2));
+        a.size = 100;
+        let mut b = archive("backup-b", at(3, 2));
+        b.size = 50;
+        cat.upsert_archive(&a).unwrap();
+        cat.upsert_archive(&b).unwrap();
+        cat.record_event(None, at(4, 2), Event::Pruned, Some("backup-a"), "old").unwrap();
+        assert_eq!(cat.stored_bytes_at(at(1, 1)).unwrap(), 0);
+        assert_eq!(cat.stored_bytes_at(at(2, 0)).unwrap(), 100);
+        assert_eq!(cat.stored_bytes_at(at(3, 3)).unwrap(), 150);
+        assert_eq!(cat.stored_bytes_at(at(5, 0)).unwrap(), 50);
+        assert_eq!(cat.first_backup_at().unwrap(), Some(at(1, 2)), "pruned ones still count");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct Cli {
     /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore, offsite)
+    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore, offsite, notify)
     #[arg(long, global = true)]
     pub json: bool,
     /// More log detail (-v debug, -vv trace)
@@ -74,6 +74,14 @@ impl From<Trigger> for datavault::ops::Trigger {
             Trigger::Boot => datavault::ops::Trigger::Boot,
         }
     }
+}
+
+/// The shells `datavault completions` writes for.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
@@ -184,6 +192,34 @@ kept); SIGUSR1 starts a backup. Speaks systemd's notify protocol when NOTIFY_SOC
     /// Copy the drive's backups to S3-compatible storage (push), or prune that copy (prune)
     #[command(subcommand)]
     Offsite(OffsiteCommand),
+    /// Tell the owner: record what changed, then send pending pings, ntfy posts and e-mails
+    #[command(after_help = "Run by datavault-notify.service after every backup and drill and by its timer \
+(it has the network; the backup and drill units do not, they only record). Each condition (backup failed \
+or overdue, drill failed or overdue, drive missing or nearly full) is told once when it starts and once when \
+it ends; a restore is told once. What cannot be sent stays pending and is retried at the next run (given up \
+after 7 days). Never takes the backups' lock. Configure it in [notify] (README, Notifications).")]
+    Notify {
+        /// Only send the healthchecks start ping, now (datavault-ping-start.service, before each backup)
+        #[arg(long, conflicts_with_all = ["test", "list"])]
+        start: bool,
+        /// Send a test message through ntfy and e-mail now
+        #[arg(long, conflicts_with = "list")]
+        test: bool,
+        /// Show the recent notifications and their deliveries; send nothing
+        #[arg(long)]
+        list: bool,
+    },
+    /// Print shell completions (bash, zsh or fish) to stdout
+    #[command(after_help = "The .deb and scripts/install.sh install them; by hand: \
+`datavault completions bash | sudo tee /usr/share/bash-completion/completions/datavault`.")]
+    Completions {
+        /// Which shell
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to stdout: used by the packaging scripts
+    #[command(hide = true)]
+    Man,
     /// Run the whole job on a built-in example app in a temporary folder (no Pi, no setup)
     Demo {
         /// Keep the demo folder instead of deleting it at the end
@@ -264,6 +300,9 @@ fn init_logging(cli: &Cli) {
         // rust-s3's own lines ("Retrying safe S3 request...") say less than ours; -vv shows them.
         b.add_filter_ignore_str("s3");
     }
+    // The HTTP client logs request lines at debug level, and a ping URL or an ntfy topic in
+    // them is a secret (#15): its lines are never shown; ours name the host only.
+    b.add_filter_ignore_str("attohttpc");
     b.set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off);
@@ -316,5 +355,10 @@ fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
         Command::Demo { keep } => commands::demo::run(*keep, ui),
         Command::Doctor => commands::doctor::run(&config_path(), ui),
         Command::Agent => commands::agent::run(&config_path()),
+        Command::Notify { start, test, list } => {
+            commands::notify::run(&env(cli, ui)?, *start, *test, *list, ui)
+        }
+        Command::Completions { shell } => commands::completions::completions(*shell),
+        Command::Man => commands::completions::man(),
     }
 }

@@ -35,6 +35,8 @@ pub struct Settings {
     pub agent: AgentSettings,
     /// `[offsite]` (#10): the S3 copy; `None` when the section is absent.
     pub offsite: Option<OffsiteSettings>,
+    /// `[notify]` (#15): pings, ntfy, e-mail; every channel off when the section is absent.
+    pub notify: NotifySettings,
 }
 
 /// The status LED and the push button (`datavault agent`). All off by default.
@@ -98,6 +100,8 @@ pub struct ServiceSettings {
 pub struct DrillSettings {
     pub checks: Vec<String>,
     pub scratch_dir: Option<PathBuf>,
+    /// Without a drill for this long (counted from the first backup), drills are overdue (#15).
+    pub max_age_days: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +167,7 @@ struct RawConfig {
     gpio: Option<RawGpio>,
     agent: Option<RawAgent>,
     offsite: Option<RawOffsite>, // #10
+    notify: Option<RawNotify>,   // #15
 }
 
 #[derive(Deserialize)]
@@ -234,6 +239,7 @@ struct RawService {
 struct RawDrill {
     checks: Option<Vec<Spanned<String>>>,
     scratch_dir: Option<Spanned<String>>,
+    max_age_days: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +309,7 @@ impl Settings {
                 },
             },
             offsite: None,
+            notify: v.notify(raw.notify.as_ref())?, // #15
         };
         settings.offsite =
             raw.offsite.as_ref().map(|o| parse_offsite(&v, o, &settings.retention)).transpose()?; // #10
@@ -427,7 +434,13 @@ impl Validator<'_> {
     }
 
     fn drill(&self, raw: Option<&RawDrill>) -> Result<DrillSettings> {
-        let Some(d) = raw else { return Ok(DrillSettings { checks: Vec::new(), scratch_dir: None }) };
+        let Some(d) = raw else {
+            return Ok(DrillSettings {
+                checks: Vec::new(),
+                scratch_dir: None,
+                max_age_days: DEFAULT_DRILL_MAX_AGE_DAYS,
+            });
+        };
         Ok(DrillSettings {
             checks: d
                 .checks
@@ -437,6 +450,10 @@ impl Validator<'_> {
                 .map(|(i, c)| self.nonempty(&format!("drill.checks[{i}]"), c))
                 .collect::<Result<_>>()?,
             scratch_dir: d.scratch_dir.as_ref().map(|p| self.abs_path("drill.scratch_dir", p)).transpose()?,
+            max_age_days: match &d.max_age_days {
+                None => DEFAULT_DRILL_MAX_AGE_DAYS,
+                Some(n) => self.int_in("drill.max_age_days", n, 1, 366)? as u32,
+            },
         })
     }
 
@@ -490,6 +507,221 @@ impl Validator<'_> {
 }
 
 pub const DEFAULT_SERVICE_TIMEOUT_SECONDS: u64 = 120;
+/// A weekly drill timer plus a day of slack (#15).
+pub const DEFAULT_DRILL_MAX_AGE_DAYS: u32 = 8;
+
+// ==== [notify] (#15): pings, ntfy, e-mail ====================================================
+// One block on purpose: the raw form, the settings and their validation live here together;
+// the only lines elsewhere in this file are the ones marked "#15" and `drill.max_age_days`.
+
+/// A URL that may carry a secret (a healthchecks UUID, an ntfy topic): `Debug` and
+/// [`SecretUrl::redacted`] show only its scheme and host, so it cannot reach a log line, the
+/// catalog or the metrics by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// A URL as given (the config's validation is in `Validator::url`).
+    pub fn new(url: impl Into<String>) -> SecretUrl {
+        SecretUrl(url.into())
+    }
+
+    /// The full URL: only for the HTTP request itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `https://hc-ping.com/...`: enough to say which server failed.
+    pub fn redacted(&self) -> String {
+        let (scheme, rest) = self.0.split_once("://").unwrap_or(("", &self.0));
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = host.rsplit('@').next().unwrap_or(host);
+        format!("{scheme}://{host}/...")
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Where a backup run's pings go (healthchecks.io convention; any of them may be absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PingUrls {
+    pub start: Option<SecretUrl>,
+    pub success: Option<SecretUrl>,
+    pub failure: Option<SecretUrl>,
+}
+
+impl PingUrls {
+    pub fn any(&self) -> bool {
+        self.start.is_some() || self.success.is_some() || self.failure.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NtfySettings {
+    /// The topic URL (`https://ntfy.sh/my-secret-topic`): the topic name is the password.
+    pub url: SecretUrl,
+    /// A file holding an access token (mode 0600, owned by the user running datavault).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailSettings {
+    pub to: Vec<String>,
+    /// `None`: `datavault@<host name>`.
+    pub from: Option<String>,
+    /// The system's sendmail interface (msmtp, ssmtp, postfix, exim all provide one).
+    pub sendmail: PathBuf,
+}
+
+/// `[notify]`: who is told, and when the drive counts as nearly full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifySettings {
+    pub ping: PingUrls,
+    pub ntfy: Option<NtfySettings>,
+    pub email: Option<EmailSettings>,
+    /// Longest one ping, post or sendmail may take.
+    pub timeout: std::time::Duration,
+    /// The drive is nearly full when it would be full within this many days at the current
+    /// growth...
+    pub full_within_days: u32,
+    /// ...or when this much of it is used already.
+    pub full_above_percent: u32,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            ping: PingUrls::default(),
+            ntfy: None,
+            email: None,
+            timeout: std::time::Duration::from_secs(10),
+            full_within_days: 14,
+            full_above_percent: 90,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    ping_url: Option<Spanned<String>>,
+    ping_start_url: Option<Spanned<String>>,
+    ping_success_url: Option<Spanned<String>>,
+    ping_failure_url: Option<Spanned<String>>,
+    ntfy_url: Option<Spanned<String>>,
+    ntfy_token_file: Option<Spanned<String>>,
+    email_to: Option<Vec<Spanned<String>>>,
+    email_from: Option<Spanned<String>>,
+    sendmail: Option<Spanned<String>>,
+    timeout_seconds: Option<Spanned<i64>>,
+    full_within_days: Option<Spanned<i64>>,
+    full_above_percent: Option<Spanned<i64>>,
+}
+
+impl Validator<'_> {
+    fn notify(&self, raw: Option<&RawNotify>) -> Result<NotifySettings> {
+        let mut n = NotifySettings::default();
+        let Some(r) = raw else { return Ok(n) };
+        let url = |key: &str, v: &Option<Spanned<String>>| v.as_ref().map(|u| self.url(key, u)).transpose();
+        // healthchecks.io: success is the URL itself, start and failure are /start and /fail.
+        let base = url("notify.ping_url", &r.ping_url)?;
+        let derived =
+            |suffix: &str| base.as_ref().map(|b| SecretUrl(format!("{}{suffix}", b.0.trim_end_matches('/'))));
+        n.ping = PingUrls {
+            start: url("notify.ping_start_url", &r.ping_start_url)?.or_else(|| derived("/start")),
+            success: url("notify.ping_success_url", &r.ping_success_url)?.or_else(|| derived("")),
+            failure: url("notify.ping_failure_url", &r.ping_failure_url)?.or_else(|| derived("/fail")),
+        };
+        if let Some(u) = &r.ntfy_url {
+            n.ntfy = Some(NtfySettings {
+                url: self.url("notify.ntfy_url", u)?,
+                token_file: r
+                    .ntfy_token_file
+                    .as_ref()
+                    .map(|p| self.abs_path("notify.ntfy_token_file", p))
+                    .transpose()?,
+            });
+        } else if let Some(t) = &r.ntfy_token_file {
+            return Err(self.err(
+                "notify.ntfy_token_file",
+                t.span().start,
+                "is set without notify.ntfy_url; add the topic URL",
+            ));
+        }
+        let to: Vec<String> = r
+            .email_to
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, a)| self.address(&format!("notify.email_to[{i}]"), a))
+            .collect::<Result<_>>()?;
+        let from = r.email_from.as_ref().map(|a| self.address("notify.email_from", a)).transpose()?;
+        let sendmail = match &r.sendmail {
+            None => PathBuf::from("/usr/sbin/sendmail"),
+            Some(p) => self.abs_path("notify.sendmail", p)?,
+        };
+        if !to.is_empty() {
+            n.email = Some(EmailSettings { to, from, sendmail });
+        } else if let Some(f) = r.email_from.as_ref().or(r.sendmail.as_ref()) {
+            return Err(self.err(
+                "notify.email_to",
+                f.span().start,
+                "is missing: name who gets the e-mail, e.g. email_to = [\"you@example.com\"]",
+            ));
+        }
+        if let Some(t) = &r.timeout_seconds {
+            n.timeout =
+                std::time::Duration::from_secs(self.int_in("notify.timeout_seconds", t, 1, 120)? as u64);
+        }
+        if let Some(d) = &r.full_within_days {
+            n.full_within_days = self.int_in("notify.full_within_days", d, 0, 366)? as u32;
+        }
+        if let Some(p) = &r.full_above_percent {
+            n.full_above_percent = self.int_in("notify.full_above_percent", p, 1, 100)? as u32;
+        }
+        Ok(n)
+    }
+
+    /// http(s) only, one line, a host: the URL is used as written.
+    fn url(&self, key: &str, value: &Spanned<String>) -> Result<SecretUrl> {
+        let text = value.get_ref().trim();
+        let rest = text.strip_prefix("https://").or_else(|| text.strip_prefix("http://"));
+        let why = match rest {
+            None => Some("must start with https:// (or http://)"),
+            Some(r) if r.split(['/', '?', '#']).next().unwrap_or("").is_empty() => Some("has no host"),
+            Some(_) if text.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                Some("contains spaces or control characters")
+            }
+            Some(_) => None,
+        };
+        match why {
+            // The value itself may be a secret: the message names the key and line only.
+            Some(why) => Err(self.err(key, value.span().start, why)),
+            None => Ok(SecretUrl(text.to_string())),
+        }
+    }
+
+    /// A plain `local@domain` address: no display name, nothing that could add a header.
+    fn address(&self, key: &str, value: &Spanned<String>) -> Result<String> {
+        let a = value.get_ref().trim();
+        let ok = a.split('@').count() == 2
+            && a.split('@').all(|p| !p.is_empty())
+            && !a.chars().any(|c| c.is_whitespace() || c.is_control() || "<>,;:\"()[]\\".contains(c));
+        if !ok {
+            return Err(self.err(
+                key,
+                value.span().start,
+                format!("{a:?} is not a plain e-mail address (name@example.com)"),
+            ));
+        }
+        Ok(a.to_string())
+    }
+}
+// ==== end of [notify] (#15) ==================================================================
 
 /// Where everything is, to check that the paths stay out of each other's way.
 ///
@@ -1059,6 +1291,43 @@ mod tests {
     fn one_status_led_only() {
         let m = message(&example().replace("act_led = false", "act_led = true\nled_pin = 17"));
         assert!(m.contains("gpio.led_pin and gpio.act_led"), "{m}");
+    }
+
+    #[test]
+    fn notify_is_off_by_default_and_derives_the_healthchecks_urls() {
+        let s = parse(&example()).unwrap();
+        assert_eq!(s.notify, NotifySettings::default());
+        assert_eq!(s.drill.max_age_days, 8);
+        let s = parse(&example().replace(
+            "[notify]\n",
+            "[notify]\nping_url = \"https://hc-ping.com/abc-uuid/\"\nping_failure_url = \"https://kuma.lan/api/push/T?status=down\"\nemail_to = [\"a@b.example\"]\n",
+        ))
+        .unwrap();
+        let p = &s.notify.ping;
+        assert_eq!(p.start.as_ref().unwrap().expose(), "https://hc-ping.com/abc-uuid/start");
+        assert_eq!(p.success.as_ref().unwrap().expose(), "https://hc-ping.com/abc-uuid");
+        assert_eq!(p.failure.as_ref().unwrap().expose(), "https://kuma.lan/api/push/T?status=down");
+        assert_eq!(format!("{:?}", p.success), "Some(https://hc-ping.com/...)", "Debug hides the secret");
+        let e = s.notify.email.unwrap();
+        assert_eq!((e.to.len(), e.sendmail.as_path()), (1, Path::new("/usr/sbin/sendmail")));
+    }
+
+    #[test]
+    fn bad_notify_values_name_the_key_but_not_the_secret() {
+        for (line, expect) in [
+            ("ping_url = \"ftp://secret-uuid\"", "notify.ping_url"),
+            ("ntfy_url = \"https:///secret-topic\"", "notify.ntfy_url"),
+            ("email_to = [\"x@y\\nBcc: z@w\"]", "notify.email_to[0]"),
+            ("email_from = \"a@b\"", "notify.email_to"),
+            ("ntfy_token_file = \"/etc/t\"", "notify.ntfy_url"),
+            ("full_above_percent = 0", "notify.full_above_percent"),
+        ] {
+            let m = message(&example().replace("[notify]\n", &format!("[notify]\n{line}\n")));
+            assert!(m.contains(expect) && m.contains("line "), "{line}: {m}");
+            assert!(!m.contains("secret"), "{line}: {m}");
+        }
+        let m = message(&example().replace("max_age_days = 8", "max_age_days = 0"));
+        assert!(m.contains("drill.max_age_days"), "{m}");
     }
 
     #[test]

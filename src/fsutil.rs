@@ -134,19 +134,7 @@ pub fn remove_tree(path: &Path) {
                 if n.to_bytes() == b"." || n.to_bytes() == b".." {
                     continue;
                 }
-                let is_dir = match entry.file_type() {
-                    rustix::fs::FileType::Directory => true,
-                    rustix::fs::FileType::Unknown => {
-                        rustix::fs::statat(&top.fd, n, AtFlags::SYMLINK_NOFOLLOW)
-                            .map(|st| {
-                                rustix::fs::FileType::from_raw_mode(st.st_mode)
-                                    == rustix::fs::FileType::Directory
-                            })
-                            .unwrap_or(false)
-                    }
-                    _ => false,
-                };
-                if !is_dir {
+                if !is_folder(&top.fd, &entry) {
                     kept |= rustix::fs::unlinkat(&top.fd, n, AtFlags::empty()).is_err();
                     continue;
                 }
@@ -180,6 +168,21 @@ pub fn remove_tree(path: &Path) {
     }
     if kept {
         log::warn!("could not remove everything in {}; check it and delete it by hand", path.display());
+    }
+}
+
+/// Whether a directory entry is a folder (not a link to one), asking the filesystem when
+/// the entry does not say (some filesystems report `DT_UNKNOWN`).
+fn is_folder(dir: &std::os::fd::OwnedFd, entry: &rustix::fs::DirEntry) -> bool {
+    use rustix::fs::FileType;
+    match entry.file_type() {
+        FileType::Directory => true,
+        FileType::Unknown => {
+            rustix::fs::statat(dir, entry.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                .unwrap_or(false)
+        }
+        _ => false,
     }
 }
 

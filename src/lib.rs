@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod alerts;
 pub mod archive;
 pub mod catalog;
 pub mod config;

@@ -118,5 +118,24 @@ pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings)
             if o.behind { 1.0 } else { 0.0 },
         );
     }
+    // #15: the drill rule status, doctor and the LED use, and the notification outbox.
+    let last_drill = catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?.map(|e| e.at);
+    let drill_overdue = crate::ops::health::drill_overdue(
+        last_drill,
+        catalog.first_backup_at()?,
+        crate::ops::now(),
+        chrono::Duration::days(settings.drill.max_age_days as i64),
+    );
+    gauge(
+        "drill_overdue",
+        "1 if no restore drill ran within drill.max_age_days (the rule status, doctor and the LED use).",
+        if drill_overdue { 1.0 } else { 0.0 },
+    );
+    let (pending, _) = crate::alerts::outbox::pending_summary(catalog)?;
+    gauge(
+        "notifications_pending",
+        "Notifications not yet delivered (retried at the next notify run).",
+        pending as f64,
+    );
     write_atomic(path, out.as_bytes(), 0o644)
 }

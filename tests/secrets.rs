@@ -59,6 +59,7 @@ fn the_identity_never_appears_in_output_logs_catalog_metrics_or_on_the_drive() {
         "the private key was printed"
     );
     assert!(f.state.join("catalog.db").exists() && f.state.join("datavault.prom").exists());
+    notification_secrets_stay_in_the_config(&f);
     eprintln!(
         "secrets: {} runs ({} bytes of output) and {files} files in the state folder and on the drive searched",
         runs.len() + 1,
@@ -119,4 +120,58 @@ fn the_offsite_secret_never_appears_in_output_logs_catalog_metrics_or_state() {
         assert!(!String::from_utf8_lossy(&server.object(&k).unwrap()).contains(s3_util::SECRET_KEY), "{k}");
     }
     eprintln!("offsite secrets: {} bytes of output and {files} files searched", seen.len());
+}
+
+/// #15: ping URLs (a healthchecks UUID), the ntfy topic and its token are secrets too: not in
+/// any output (including the errors of a server that cannot be reached), not in the catalog,
+/// the metrics, the state folder or on the drive.
+fn notification_secrets_stay_in_the_config(f: &Fixture) {
+    use std::os::unix::fs::PermissionsExt;
+    let uuid = "0d5a7c1e-9f3b-secret-ping-uuid";
+    let topic = "topic-secret-8e1f2a";
+    let token = "tk_secretntfytoken0123456789";
+    let token_file = f.path().join("ntfy.token");
+    fs::write(&token_file, token).unwrap();
+    fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let refused = util::http::closed_port();
+    let server = util::http::Server::start(500);
+    f.set("notify.ping_url", format!("http://127.0.0.1:{refused}/{uuid}"));
+    f.set("notify.ntfy_url", server.url(&format!("/{topic}")));
+    f.set("notify.ntfy_token_file", token_file.to_str().unwrap());
+    let mut seen = String::new();
+    for args in [
+        vec!["-vv", "notify", "--start"],
+        vec!["-vv", "backup"],
+        vec!["-vv", "--json", "notify"],
+        vec!["-vv", "notify", "--test"],
+        vec!["-vv", "notify", "--list"],
+        vec!["-vv", "--json", "status"],
+        vec!["-vv", "doctor"],
+    ] {
+        let r = f.run(&args);
+        seen.push_str(&r.stdout);
+        seen.push_str(&r.stderr);
+    }
+    fs::rename(&f.target, f.path().join("usb-away")).unwrap();
+    let r = f.run(&["-vv", "backup"]);
+    assert_eq!(r.code, 3);
+    seen.push_str(&r.stderr);
+    let r = f.run(&["-vv", "notify"]);
+    seen.push_str(&r.stdout);
+    seen.push_str(&r.stderr);
+    fs::rename(f.path().join("usb-away"), &f.target).unwrap();
+    assert!(seen.contains("answered HTTP 500"), "the server was reached and refused: {seen}");
+    for secret in [uuid, topic, token] {
+        assert!(!seen.contains(secret), "{secret} was printed:\n{seen}");
+        for root in [&f.state, &f.target] {
+            for e in walkdir::WalkDir::new(root).into_iter().flatten().filter(|e| e.file_type().is_file()) {
+                let bytes = fs::read(e.path()).unwrap();
+                assert!(
+                    !String::from_utf8_lossy(&bytes).contains(secret),
+                    "{secret} is in {}",
+                    e.path().display()
+                );
+            }
+        }
+    }
 }

@@ -83,11 +83,7 @@ fn demo(root: &Path, ui: &Ui) -> Result<u8> {
     ui.text(&format!("  DRILL PASSED: recovery time {:.1} s\n", drill.recovery_seconds))?;
 
     step(ui, 6, "disaster: the database is deleted and an upload is lost")?;
-    std::fs::remove_file(&app.database).map_err(|e| Error::io("demo", e))?;
-    let _ = std::fs::remove_file(app.database.with_extension("db-wal"));
-    let _ = std::fs::remove_file(app.database.with_extension("db-shm"));
-    std::fs::remove_file(app.uploads.join("candidates/2026/11/cv-001.txt"))
-        .map_err(|e| Error::io("demo", e))?;
+    simulate_disaster(&app)?;
     ui.text("  app.db and cv-001.txt are gone\n")?;
 
     step(ui, 7, "datavault restore --yes: verify, stop, PRE-RESTORE safety copy, swap, start")?;
@@ -115,6 +111,14 @@ fn demo(root: &Path, ui: &Ui) -> Result<u8> {
     ui.text(&format!("  every row and every file is identical (fingerprint {})\n", &after[..16]))?;
     ui.text("\nDEMO OK: backup -> list -> drill -> restore all worked.\n")?;
     Ok(exit::SUCCESS)
+}
+
+/// What the demo restores from: the database (and its WAL) and one upload deleted.
+fn simulate_disaster(app: &datavault::demo::SampleApp) -> Result<()> {
+    std::fs::remove_file(&app.database).map_err(|e| Error::io("demo", e))?;
+    let _ = std::fs::remove_file(app.database.with_extension("db-wal"));
+    let _ = std::fs::remove_file(app.database.with_extension("db-shm"));
+    std::fs::remove_file(app.uploads.join("candidates/2026/11/cv-001.txt")).map_err(|e| Error::io("demo", e))
 }
 
 /// A key pair and a config for the sample app, in the demo folder.

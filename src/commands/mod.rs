@@ -5,11 +5,13 @@
 pub mod agent;
 pub mod audit;
 pub mod backup;
+pub mod completions;
 pub mod demo;
 pub mod doctor;
 pub mod drill;
 pub mod init;
 pub mod list;
+pub mod notify;
 pub mod offsite;
 pub mod prune;
 pub mod restore;

@@ -16,6 +16,19 @@ pub fn advice_text(a: &Advice, target: &std::path::Path) -> String {
         Advice::BackupOverdue { hours, max_age_hours } => format!(
             "the last good backup is {hours} hours old (more than agent.max_age_hours = {max_age_hours}): check `systemctl status datavault-backup.timer`, then run `datavault backup`"
         ),
+        Advice::DrillOverdue { days, max_age_days } => format!(
+            "restore drills are overdue ({}; drill.max_age_days = {max_age_days}): run `datavault drill`, and check `systemctl status datavault-drill-weekly.timer`",
+            days.map(|d| format!("the last one ran {d} days ago")).unwrap_or_else(|| "none since the first backup".into())
+        ),
+        Advice::DriveNearlyFull { used_percent, free_bytes, days_to_full } => format!(
+            "the backup drive is nearly full ({used_percent:.0}% used, {} free{}): lower [retention] or use a bigger drive",
+            human_bytes(*free_bytes),
+            days_to_full.map(|d| format!(", full in ~{d:.0} days at the current growth")).unwrap_or_default()
+        ),
+        Advice::NotificationsPending { count, error } => format!(
+            "{count} notification(s) not delivered yet{}: check the network and [notify], then `datavault notify`",
+            error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+        ),
         Advice::LastBackupFailed { error } => format!("the last backup failed: {error}"),
         Advice::NoDrillYet => "no drill yet: run `datavault drill` to prove the backups restore".into(),
         Advice::DrillFailed { detail } => {
@@ -68,6 +81,9 @@ pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
         ),
         None => "  last drill:       never\n".into(),
     };
+    if h.drill_overdue {
+        s += &format!("  drills:           OVERDUE (none for more than {} days)\n", h.drill_max_age_days);
+    }
     if let Some(t) = &h.target {
         s += &format!(
             "  target:           {} ({}{}, {} free of {})\n",
@@ -77,6 +93,9 @@ pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
             human_bytes(t.free_bytes),
             human_bytes(t.total_bytes)
         );
+    }
+    if let Some(d) = &h.drive {
+        s += &format!("  drive:            {}\n", datavault::alerts::fill_detail(d));
     }
     if let (Some(n), Some(bad)) = (h.archives, h.incomplete_archives) {
         s += &format!("  archives:         {n} complete, {bad} incomplete\n");

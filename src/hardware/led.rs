@@ -28,13 +28,15 @@ pub enum LedPattern {
     Working,
     /// Three quick flashes, then back to the previous pattern: "button press seen".
     Acknowledge,
-    /// Steady on: no backup yet, the last run failed, the backup is overdue, or the offsite
-    /// copy is behind (`offsite.max_behind_hours`).
+    /// Steady on: no backup yet, the last run failed, or the backup is overdue.
     Failed,
     /// SOS in Morse, repeating: a restore drill failed, the backups may not restore.
     DrillFailed,
     /// Double blink every 2 s: the USB backup drive is missing.
     TargetMissing,
+    /// Slow blink, 1 s on and 1 s off: needs attention soon, nothing failed yet (a drill is
+    /// overdue, the drive is nearly full) (#15), or the offsite copy is behind (#10).
+    Attention,
 }
 
 // Morse timing for SOS: a dot is one unit, a dash three, one unit between the signals of a
@@ -62,7 +64,7 @@ const SOS: [(bool, u32); 18] = [
 ];
 
 impl LedPattern {
-    pub const ALL: [LedPattern; 7] = [
+    pub const ALL: [LedPattern; 8] = [
         LedPattern::Off,
         LedPattern::Healthy,
         LedPattern::Working,
@@ -70,6 +72,7 @@ impl LedPattern {
         LedPattern::Failed,
         LedPattern::DrillFailed,
         LedPattern::TargetMissing,
+        LedPattern::Attention,
     ];
 
     /// The on/off timeline of one period, in ms, starting at the period's beginning.
@@ -89,6 +92,7 @@ impl LedPattern {
             LedPattern::Failed => &[(true, 1000)],
             LedPattern::DrillFailed => &SOS,
             LedPattern::TargetMissing => &[(true, 100), (false, 150), (true, 100), (false, 1650)],
+            LedPattern::Attention => &[(true, 1000), (false, 1000)],
         }
     }
 
@@ -102,6 +106,9 @@ impl LedPattern {
             LedPattern::Failed => "steady on: no backup yet, the last run failed, or the backup is overdue",
             LedPattern::DrillFailed => "SOS (... --- ...): a restore drill failed",
             LedPattern::TargetMissing => "double blink every 2 s: the USB backup drive is missing",
+            LedPattern::Attention => {
+                "slow blink (1 s on, 1 s off): a restore drill is overdue or the drive is nearly full"
+            }
         }
     }
 
@@ -489,6 +496,7 @@ mod readme_tests {
             (LedPattern::Failed, "steady on"),
             (LedPattern::DrillFailed, "SOS"),
             (LedPattern::TargetMissing, "double blink every 2 s"),
+            (LedPattern::Attention, "slow blink (1 s on, 1 s off)"),
         ] {
             assert!(pattern.describe().contains(words), "{pattern:?}: {}", pattern.describe());
             assert!(readme.contains(&format!("| {words}")), "README lacks the {pattern:?} row");

@@ -261,6 +261,65 @@ fn run_state_checks(env: &Env) -> Vec<Check> {
             ok("last drill", format!("passed at {} ({})", crate::manifest::format_time(d.at), d.detail))
         }
     });
+    checks.extend(notify_checks(env, &h));
+    checks
+}
+
+/// Drill overdue, the drive's forecast and the notification channels (#15). Warnings only:
+/// none of them stops the next backup.
+fn notify_checks(env: &Env, h: &Health) -> Vec<Check> {
+    let mut checks = Vec::new();
+    if h.drill_overdue {
+        checks.push(warn(
+            "drills",
+            format!(
+                "overdue: no restore drill for more than {} days (drill.max_age_days); run `datavault drill`, and enable datavault-drill-weekly.timer",
+                h.drill_max_age_days
+            ),
+        ));
+    }
+    if let Some(d) = &h.drive {
+        let text = crate::alerts::fill_detail(d);
+        checks.push(if d.nearly_full {
+            warn("drive space", format!("nearly full: {text}"))
+        } else {
+            ok("drive space", text)
+        });
+    }
+    let n = &env.settings.notify;
+    let channels: Vec<&str> =
+        crate::ops::notify::channels(env).into_iter().map(crate::alerts::send::channel_name).collect();
+    checks.push(if channels.is_empty() {
+        warn("notify", "no channel configured: nobody hears of a failure ([notify] in the config)")
+    } else {
+        ok("notify", format!("channels: {}", channels.join(", ")))
+    });
+    if let Some(f) = n.ntfy.as_ref().and_then(|t| t.token_file.as_deref()) {
+        if let Err(e) = crate::alerts::send::read_token(f) {
+            checks.push(warn("ntfy token", e.to_string()));
+        }
+    }
+    if let Some(e) = &n.email {
+        if !e.sendmail.exists() {
+            checks.push(warn(
+                "e-mail",
+                format!(
+                    "{} not found: install msmtp-mta (or another MTA) or set notify.sendmail",
+                    e.sendmail.display()
+                ),
+            ));
+        }
+    }
+    if h.notifications_pending > 0 {
+        checks.push(warn(
+            "notify",
+            format!(
+                "{} notification(s) not delivered yet{}",
+                h.notifications_pending,
+                h.notification_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+        ));
+    }
     checks
 }
 

@@ -105,6 +105,73 @@ fn catalog_backups(c: &Catalog, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
         .collect()
 }
 
+/// The second rule (#15): drills are overdue when the last one (passed or failed: a failed
+/// one is its own alarm) is older than `max_age` (`drill.max_age_days`), counting from the
+/// first backup while none has run. With no backup at all there is nothing to drill.
+pub fn drill_overdue(
+    last_drill: Option<DateTime<Utc>>,
+    first_backup: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    max_age: Duration,
+) -> bool {
+    last_drill.or(first_backup).is_some_and(|t| now - t > max_age)
+}
+
+/// How full the drive is, and when it will be full at the growth of the last week (#15).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DriveForecast {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub used_percent: f64,
+    /// Net growth of the archives (new ones minus pruned ones) per day; None: too little
+    /// history to tell.
+    pub growth_bytes_per_day: Option<f64>,
+    /// None: not growing, or unknown.
+    pub days_to_full: Option<f64>,
+    /// The third rule: used above `notify.full_above_percent`, or full within
+    /// `notify.full_within_days` at the current growth.
+    pub nearly_full: bool,
+}
+
+/// The window the growth is measured over: long enough to cover a weekly pattern.
+pub const GROWTH_WINDOW_DAYS: i64 = 7;
+
+/// `stored_then` bytes were on the drive `window_days` ago, `stored_now` are now.
+pub fn forecast(
+    total: u64,
+    free: u64,
+    growth: Option<(u64, u64, f64)>,
+    full_within_days: u32,
+    full_above_percent: u32,
+) -> DriveForecast {
+    let used_percent =
+        if total == 0 { 0.0 } else { 100.0 * (total.saturating_sub(free)) as f64 / total as f64 };
+    let growth_bytes_per_day =
+        growth.filter(|&(_, _, days)| days >= 1.0).map(|(then, now, days)| (now as f64 - then as f64) / days);
+    let days_to_full = growth_bytes_per_day.filter(|&g| g > 0.0).map(|g| free as f64 / g);
+    let nearly_full = used_percent >= full_above_percent as f64
+        || days_to_full.is_some_and(|d| d < full_within_days as f64);
+    DriveForecast {
+        total_bytes: total,
+        free_bytes: free,
+        used_percent,
+        growth_bytes_per_day,
+        days_to_full,
+        nearly_full,
+    }
+}
+
+/// The newest in-place restore (done or rolled back), for "a restore done" (#15).
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreSummary {
+    /// The catalog event's id: what the notifications remember having announced.
+    pub event_id: i64,
+    pub at: DateTime<Utc>,
+    pub archive: Option<String>,
+    pub rolled_back: bool,
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DrillSummary {
     pub at: DateTime<Utc>,
@@ -132,6 +199,15 @@ pub struct Health {
     pub last_drill: Option<DrillSummary>,
     pub max_age_hours: u32,
     pub overdue: bool,
+    /// `drill.max_age_days` and the rule [`drill_overdue`] (#15).
+    pub drill_max_age_days: u32,
+    pub drill_overdue: bool,
+    /// The drive's fill level and forecast, when it is there to be measured.
+    pub drive: Option<DriveForecast>,
+    pub last_restore: Option<RestoreSummary>,
+    /// Notifications waiting to be sent, and why the last attempt failed.
+    pub notifications_pending: usize,
+    pub notification_error: Option<String>,
     /// The archive an interrupted in-place restore was bringing back, if one was cut off.
     pub interrupted_restore: Option<String>,
     /// Who holds the run lock now.
@@ -145,12 +221,15 @@ pub struct Health {
 }
 
 /// What should be done about it, most urgent first. The binary words it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Advice {
     TargetNotReady { problem: String },
     NoBackupYet,
     BackupOverdue { hours: i64, max_age_hours: u32 },
+    DrillOverdue { days: Option<i64>, max_age_days: u32 },
+    DriveNearlyFull { used_percent: f64, free_bytes: u64, days_to_full: Option<f64> },
+    NotificationsPending { count: usize, error: Option<String> },
     LastBackupFailed { error: String },
     NoDrillYet,
     DrillFailed { detail: String },
@@ -177,8 +256,9 @@ impl Health {
         } else {
             None
         };
-        let (last_backup_run, last_ok_run, last_drill, catalog_problem, catalog_backups) =
-            read_catalog(env, t);
+        let facts = read_catalog(env);
+        let (last_backup_run, last_ok_run, last_drill, catalog_problem) =
+            (facts.last_backup_run, facts.last_ok_run, facts.last_drill, facts.problem);
         let backups: Option<Vec<_>> = listings.as_ref().map(|ls| {
             ls.iter()
                 .filter(|l| l.is_complete())
@@ -201,10 +281,26 @@ impl Health {
         let offsite = s.offsite.as_ref().map(|o| {
             let local: Vec<DateTime<Utc>> = match &backups {
                 Some(b) => b.iter().filter_map(|l| l.created()).collect(),
-                None => catalog_backups,
+                None => facts.backups.clone(),
             };
             OffsiteHealth::assess(o, crate::offsite::OffsiteState::load(&s.state.dir), &local, t)
         });
+        let drive = match &target {
+            Some(ts) if target_problems.is_empty() => Some(forecast(
+                ts.total_bytes,
+                ts.free_bytes,
+                facts.growth,
+                s.notify.full_within_days,
+                s.notify.full_above_percent,
+            )),
+            _ => None,
+        };
+        let drill_overdue = drill_overdue(
+            last_drill.as_ref().map(|d| d.at),
+            facts.first_backup.or(last_good_backup),
+            t,
+            Duration::days(s.drill.max_age_days as i64),
+        );
         Health {
             now: t,
             target,
@@ -217,6 +313,12 @@ impl Health {
             last_drill,
             max_age_hours: s.agent.max_age_hours,
             overdue: overdue(last_good_backup, t, max_age),
+            drill_max_age_days: s.drill.max_age_days,
+            drill_overdue,
+            drive,
+            last_restore: facts.last_restore,
+            notifications_pending: facts.pending.0,
+            notification_error: facts.pending.1,
             interrupted_restore: interrupted_restore(&s.state.restore_journal_path()),
             running: crate::lock::holder(&s.state.lock_path()),
             catalog_problem,
@@ -268,6 +370,25 @@ impl Health {
             Some(d) if !d.passed => v.push(Advice::DrillFailed { detail: d.detail.clone() }),
             _ => {}
         }
+        if self.drill_overdue {
+            v.push(Advice::DrillOverdue {
+                days: self.last_drill.as_ref().map(|d| (self.now - d.at).num_days()),
+                max_age_days: self.drill_max_age_days,
+            });
+        }
+        if let Some(d) = self.drive.as_ref().filter(|d| d.nearly_full) {
+            v.push(Advice::DriveNearlyFull {
+                used_percent: d.used_percent,
+                free_bytes: d.free_bytes,
+                days_to_full: d.days_to_full,
+            });
+        }
+        if self.notifications_pending > 0 {
+            v.push(Advice::NotificationsPending {
+                count: self.notifications_pending,
+                error: self.notification_error.clone(),
+            });
+        }
         if let Some(n) = self.incomplete_archives.filter(|&n| n > 0) {
             v.push(Advice::IncompleteArchives { count: n });
         }
@@ -281,24 +402,59 @@ impl Health {
     }
 }
 
-type CatalogFacts =
-    (Option<RunRecord>, Option<RunRecord>, Option<DrillSummary>, Option<String>, Vec<DateTime<Utc>>);
+/// What the catalog says; every field is best effort (the catalog may be damaged).
+#[derive(Default)]
+struct CatalogFacts {
+    last_backup_run: Option<RunRecord>,
+    last_ok_run: Option<RunRecord>,
+    last_drill: Option<DrillSummary>,
+    first_backup: Option<DateTime<Utc>>,
+    /// (bytes stored a window ago, bytes stored now, window in days).
+    growth: Option<(u64, u64, f64)>,
+    last_restore: Option<RestoreSummary>,
+    pending: (usize, Option<String>),
+    problem: Option<String>,
+    /// When each active backup the catalog knows was made (the offsite rule without a scan).
+    backups: Vec<DateTime<Utc>>,
+}
 
-fn read_catalog(env: &Env, now: DateTime<Utc>) -> CatalogFacts {
+fn read_catalog(env: &Env) -> CatalogFacts {
     let c = match Catalog::open(&env.settings.state.catalog_path()) {
         Ok(c) => c,
-        Err(e) => return (None, None, None, Some(e.to_string()), Vec::new()),
+        Err(e) => return CatalogFacts { problem: Some(e.to_string()), ..CatalogFacts::default() },
     };
     let drill = c.last_event(&[Event::DrillPassed, Event::DrillFailed]).ok().flatten().map(|e| {
         DrillSummary { at: e.at, passed: e.event == Event::DrillPassed, archive: e.archive, detail: e.detail }
     });
-    (
-        c.last_run("backup", None).ok().flatten(),
-        c.last_run("backup", Some(RunStatus::Success)).ok().flatten(),
-        drill,
-        None,
-        catalog_backups(&c, now),
-    )
+    let last_restore =
+        c.last_event(&[Event::SystemRestored, Event::RestoreRolledBack]).ok().flatten().map(|e| {
+            RestoreSummary {
+                event_id: e.id,
+                at: e.at,
+                rolled_back: e.event == Event::RestoreRolledBack,
+                archive: e.archive,
+                detail: e.detail,
+            }
+        });
+    let first_backup = c.first_backup_at().ok().flatten();
+    let t = now();
+    let growth = first_backup.and_then(|first| {
+        let days = (t - first).num_seconds() as f64 / 86_400.0;
+        let window = days.min(GROWTH_WINDOW_DAYS as f64);
+        let then = t - Duration::seconds((window * 86_400.0) as i64);
+        Some((c.stored_bytes_at(then).ok()?, c.stored_bytes_at(t).ok()?, window))
+    });
+    CatalogFacts {
+        last_backup_run: c.last_run("backup", None).ok().flatten(),
+        last_ok_run: c.last_run("backup", Some(RunStatus::Success)).ok().flatten(),
+        last_drill: drill,
+        first_backup,
+        growth,
+        last_restore,
+        pending: crate::alerts::outbox::pending_summary(&c).unwrap_or_default(),
+        problem: None,
+        backups: catalog_backups(&c, t),
+    }
 }
 
 /// The archive named by a restore journal left behind, if there is one.
@@ -311,6 +467,28 @@ pub fn interrupted_restore(journal: &std::path::Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forecast_says_when_the_drive_fills_at_the_last_weeks_growth() {
+        const G: u64 = 1_000_000_000;
+        // 100 GB drive, 20 GB free, archives grew from 10 to 24 GB in 7 days: 2 GB a day.
+        let f = forecast(100 * G, 20 * G, Some((10 * G, 24 * G, 7.0)), 14, 90);
+        assert_eq!(f.growth_bytes_per_day, Some(2.0 * G as f64));
+        assert_eq!(f.days_to_full, Some(10.0));
+        assert!(f.nearly_full, "full within 14 days");
+        assert_eq!(
+            crate::alerts::fill_detail(&f),
+            "80% used, 18.6 GiB free: full in ~10 days at the current growth"
+        );
+        let steady = forecast(100 * G, 20 * G, Some((24 * G, 24 * G, 7.0)), 14, 90);
+        assert!(!steady.nearly_full && steady.days_to_full.is_none(), "retention keeps it flat");
+        assert!(forecast(100 * G, 5 * G, None, 14, 90).nearly_full, "95% used");
+        assert_eq!(
+            forecast(100 * G, 50 * G, Some((0, G, 0.5)), 14, 90).growth_bytes_per_day,
+            None,
+            "half a day says nothing"
+        );
+    }
 
     #[test]
     fn overdue_is_strictly_older_than_the_limit() {

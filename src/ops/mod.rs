@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod drill;
 pub mod health;
 pub mod list;
+pub mod notify;
 pub mod prune;
 pub mod restore;
 pub mod service;
@@ -152,6 +153,7 @@ pub struct Run<'e> {
     pub env: &'e Env,
     pub catalog: Catalog,
     pub id: i64,
+    command: String,
     _lock: Option<RunLock>,
 }
 
@@ -184,7 +186,7 @@ impl<'e> Run<'e> {
             }
         }
         let id = catalog.begin_run(command, trigger.as_str(), &user(), &host(), t)?;
-        let run = Run { env, catalog, id, _lock: lock };
+        let run = Run { env, catalog, id, command: command.to_string(), _lock: lock };
         if locked {
             if let Err(e) = restore::recover_interrupted(&run) {
                 // Recorded as this run's failure, not left RUNNING for the next run to call
@@ -211,6 +213,8 @@ impl<'e> Run<'e> {
         if let Err(e) = self.catalog.end_run(self.id, now(), status, error.as_ref(), archive) {
             log::warn!("cannot record the run in the catalog: {e}");
         }
+        // Only recorded here (no network in the backup and drill units); sent by `notify` (#15).
+        notify::record_after_run(self.env, &self.catalog, &self.command, status, error.as_ref(), archive);
         let s = &self.env.settings;
         if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, s) {
             log::warn!("cannot write metrics: {e}");
@@ -229,6 +233,20 @@ pub struct RunError {
 impl RunError {
     pub fn of(e: &Error) -> RunError {
         RunError { kind: e.kind(), message: e.to_string() }
+    }
+
+    /// The exit code the command ended with (its class, [`Error::exit_code`]): what a
+    /// healthchecks failure ping reports.
+    pub fn exit_code(&self) -> u8 {
+        use crate::error::exit;
+        match self.kind {
+            "usage" | "config" | "key" => exit::USAGE,
+            "target" => exit::TARGET_NOT_READY,
+            "integrity" => exit::INTEGRITY,
+            "source" => exit::SOURCE,
+            "locked" => exit::LOCKED,
+            _ => exit::FAILURE,
+        }
     }
 }
 

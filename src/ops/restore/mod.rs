@@ -611,24 +611,7 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
             );
             (Ending::NothingMoved, Vec::new())
         }
-        Phase::Swapping | Phase::RollingBack => {
-            log::warn!(
-                "an interrupted restore of {} was found: putting the previous data back",
-                journal.archive
-            );
-            if journal.phase == Phase::Swapping {
-                journal.enter(Phase::RollingBack, &path)?;
-            }
-            let (problems, kept) = swap::rollback(&journal, &mut dirs, Undo::Keep);
-            let _ = run.catalog.record_event(
-                Some(run.id),
-                now(),
-                Event::RestoreRolledBack,
-                Some(&journal.archive),
-                "interrupted restore rolled back at the next run",
-            );
-            (if problems.is_empty() { Ending::RolledBack } else { Ending::RollbackIncomplete }, kept)
-        }
+        Phase::Swapping | Phase::RollingBack => roll_back_interrupted(run, &mut journal, &path, &mut dirs)?,
         Phase::Swapped => {
             // The restored data is live; whether the app started on it is not known: start
             // it, and if it will not start, undo the restore as the interrupted run would have.
@@ -651,6 +634,30 @@ pub fn recover_interrupted(run: &Run) -> Result<()> {
     // The application was stopped by the interrupted restore.
     let _ = restart(run);
     Ok(())
+}
+
+/// The previous data put back after a restore cut off mid-swap (or mid-rollback): the
+/// rollback phase is durable before the first rename, and what the rollback moves out of
+/// the way is kept.
+fn roll_back_interrupted(
+    run: &Run,
+    journal: &mut Journal,
+    path: &Path,
+    dirs: &mut Dirs,
+) -> Result<(Ending, Vec<PathBuf>)> {
+    log::warn!("an interrupted restore of {} was found: putting the previous data back", journal.archive);
+    if journal.phase == Phase::Swapping {
+        journal.enter(Phase::RollingBack, path)?;
+    }
+    let (problems, kept) = swap::rollback(journal, dirs, Undo::Keep);
+    let _ = run.catalog.record_event(
+        Some(run.id),
+        now(),
+        Event::RestoreRolledBack,
+        Some(&journal.archive),
+        "interrupted restore rolled back at the next run",
+    );
+    Ok((if problems.is_empty() { Ending::RolledBack } else { Ending::RollbackIncomplete }, kept))
 }
 
 /// A folder the repair of `j` would rename or delete in that this process cannot write.

@@ -124,10 +124,12 @@ check_led() { # check_led PATTERN TIMEOUT WHY
 
 # --- README -----------------------------------------------------------------------------
 
-# The README's install block, one command a line, comments stripped.
+# The README's install block, one command a line (a line ending in a backslash joined with
+# the next, as the shell would), comments stripped.
 readme_lines() {
     awk '/^## Install on a Raspberry Pi/ { f = 1 } f && /^```sh/ { b = 1; next } b && /^```/ { exit } b { print }' \
-        "$share/README.md" | sed 's/[[:space:]]\{2,\}#.*$//; s/[[:space:]]*$//' | grep -v '^$'
+        "$share/README.md" | sed -e ':a' -e '/\\$/N; s/\\\n[[:space:]]*/ /; ta' \
+        | sed 's/[[:space:]]\{2,\}#.*$//; s/[[:space:]]*$//' | grep -v '^$'
 }
 
 edit_config_as_the_owner() { # what the README's `sudoedit datavault.toml` line asks for
