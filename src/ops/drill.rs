@@ -61,22 +61,27 @@ pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillRepo
     result
 }
 
+/// The archives to drill. The boot drill is often the first run after a power cut: it clears
+/// what a cut-off run left on the drive, so that status and `verify --all` are clean again.
+/// The bucket (`--offsite`) is neither cleaned (the Pi's key may not delete) nor synced into
+/// the drive's catalog.
+fn clean_and_list(run: &Run) -> Result<(crate::store::Store, Vec<crate::store::Listing>)> {
+    let env = run.env;
+    let (store, mut listings) = crate::ops::listings(env)?;
+    if !env.offsite && !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {
+        listings = store.scan()?;
+    }
+    crate::ops::sync_catalog_if_local(env, &run.catalog, &listings);
+    Ok((store, listings))
+}
+
 /// What a boot drill says before the first backup (see [`DrillReport::nothing_to_drill`]).
 pub const NO_BACKUP_YET: &str = "no backup yet: nothing to drill; run `datavault backup`";
 
 fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
-    let (store, mut listings) = crate::ops::listings(env)?;
-    // The boot drill is often the first run after a power cut: it clears what a cut-off run
-    // left on the drive, so that status and `verify --all` are clean again. The bucket is
-    // neither cleaned (the Pi's key may not delete) nor synced into the drive's catalog.
-    if !env.offsite {
-        if !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {
-            listings = store.scan()?;
-        }
-        crate::ops::sync_catalog(&run.catalog, &listings);
-    }
+    let (store, listings) = clean_and_list(run)?;
     // Only the boot drill, only when nothing was ever there: archives that vanished (the
     // catalog knows them, now MISSING) or a damaged one still fail loudly below.
     if which.is_none()

@@ -82,15 +82,23 @@ impl OffsiteHealth {
         }
     }
 
+    /// When `[offsite]` is configured, from the state the last push recorded.
+    fn read(
+        s: &crate::config::Settings,
+        local_backups: Vec<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Option<OffsiteHealth> {
+        let o = s.offsite.as_ref()?;
+        Some(OffsiteHealth::assess(o, crate::offsite::OffsiteState::load(&s.state.dir), &local_backups, now))
+    }
+
     /// From the catalog alone (the metrics, written after every run).
     pub fn from_catalog(
         s: &crate::config::Settings,
         catalog: &Catalog,
         now: DateTime<Utc>,
     ) -> Option<OffsiteHealth> {
-        let o = s.offsite.as_ref()?;
-        let backups = catalog_backups(catalog, now);
-        Some(OffsiteHealth::assess(o, crate::offsite::OffsiteState::load(&s.state.dir), &backups, now))
+        OffsiteHealth::read(s, catalog_backups(catalog, now), now)
     }
 }
 
@@ -278,13 +286,6 @@ impl Health {
             None => last_ok_run.and_then(|r| r.ended_at),
         };
         let max_age = Duration::hours(s.agent.max_age_hours as i64);
-        let offsite = s.offsite.as_ref().map(|o| {
-            let local: Vec<DateTime<Utc>> = match &backups {
-                Some(b) => b.iter().filter_map(|l| l.created()).collect(),
-                None => facts.backups.clone(),
-            };
-            OffsiteHealth::assess(o, crate::offsite::OffsiteState::load(&s.state.dir), &local, t)
-        });
         let drive = match &target {
             Some(ts) if target_problems.is_empty() => Some(forecast(
                 ts.total_bytes,
@@ -323,7 +324,11 @@ impl Health {
             running: crate::lock::holder(&s.state.lock_path()),
             catalog_problem,
             archives_in_future: future,
-            offsite,
+            offsite: OffsiteHealth::read(
+                s,
+                backups.map(|b| b.iter().filter_map(|l| l.created()).collect()).unwrap_or(facts.backups),
+                t,
+            ),
         }
     }
 

@@ -343,6 +343,14 @@ pub fn archive_record(l: &Listing) -> Option<ArchiveRecord> {
     })
 }
 
+/// [`sync_catalog`] for listings read from the drive; those of the bucket (`--offsite`) are
+/// not the drive's and leave the catalog alone.
+pub fn sync_catalog_if_local(env: &Env, catalog: &Catalog, listings: &[Listing]) {
+    if !env.offsite {
+        sync_catalog(catalog, listings);
+    }
+}
+
 /// Bring the catalog in line with the manifests on the drive (the source of truth).
 pub fn sync_catalog(catalog: &Catalog, listings: &[Listing]) {
     let present: Vec<_> = listings.iter().filter(|l| l.is_complete()).filter_map(archive_record).collect();

@@ -196,6 +196,16 @@ pub enum SafetyCopy {
     Skip,
 }
 
+impl SafetyCopy {
+    /// Why an in-place restore saved nothing first.
+    fn none_because(self) -> &'static str {
+        match self {
+            SafetyCopy::Skip => "none (--no-safety-copy)",
+            SafetyCopy::Required => "none (no live data)",
+        }
+    }
+}
+
 /// In place: the disaster case. `which` is the archive the operator confirmed (see [`choose`]).
 ///
 /// From the offsite copy (`env.offsite`) it is the same journaled restore; the safety copy
@@ -213,21 +223,9 @@ fn in_place_in_run(run: &Run, which: Option<&str>, safety: SafetyCopy) -> Result
     let env = run.env;
     let s = &env.settings;
     let started = Instant::now();
-    if safety == SafetyCopy::Skip && !env.offsite {
-        return Err(Error::Usage(
-            "--no-safety-copy is only for a restore --offsite without the drive".into(),
-        ));
-    }
-    if env.offsite && safety == SafetyCopy::Required && has_live_data(s) {
-        // Checked before anything is downloaded or stopped: the safety copy needs the drive.
-        crate::target::require_writable(&s.target, &env.system_root, 0).map_err(|e| {
-            e.note("the live data must be saved on the drive before it is replaced: plug the drive in, or restore with --to DIR, or pass --no-safety-copy to replace the live data without a copy")
-        })?;
-    }
+    safety_copy_possible(env, safety)?;
     let (store, listings) = crate::ops::listings(env)?;
-    if !env.offsite {
-        crate::ops::sync_catalog(&run.catalog, &listings);
-    }
+    crate::ops::sync_catalog_if_local(env, &run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let name = listing.name.clone();
     let manifest = listing.manifest.clone().ok_or_else(|| Error::integrity(&name, "has no manifest"))?;
@@ -284,10 +282,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>, safety: SafetyCopy) -> Result
         "restored {} files, {} bytes; safety copy {}",
         report.files,
         report.plain_bytes,
-        pre_name.as_deref().unwrap_or(match safety {
-            SafetyCopy::Skip => "none (--no-safety-copy)",
-            SafetyCopy::Required => "none (no live data)",
-        })
+        pre_name.as_deref().unwrap_or(safety.none_because())
     );
     let _ = run.catalog.record_event(Some(run.id), now(), Event::SystemRestored, Some(&name), &detail);
     Ok(RestoreOutcome {
@@ -365,6 +360,24 @@ fn stage_and_verify(
     std::fs::rename(&staged_db, plan.database.stage.join(STAGED_DB))
         .map_err(|e| Error::io("cannot prepare the staged database", e))?;
     Ok((report, checks))
+}
+
+/// From the offsite copy, the safety copy still goes to the drive: checked before anything
+/// is downloaded or stopped. Without the drive, only a Pi with no live data, or the
+/// operator's `--no-safety-copy`, goes on.
+fn safety_copy_possible(env: &Env, safety: SafetyCopy) -> Result<()> {
+    let s = &env.settings;
+    if safety == SafetyCopy::Skip && !env.offsite {
+        return Err(Error::Usage(
+            "--no-safety-copy is only for a restore --offsite without the drive".into(),
+        ));
+    }
+    if env.offsite && safety == SafetyCopy::Required && has_live_data(s) {
+        crate::target::require_writable(&s.target, &env.system_root, 0).map_err(|e| {
+            e.note("the live data must be saved on the drive before it is replaced: plug the drive in, or restore with --to DIR, or pass --no-safety-copy to replace the live data without a copy")
+        })?;
+    }
+    Ok(())
 }
 
 /// Is there anything live a safety copy would save (see `Sources::plan`)?
