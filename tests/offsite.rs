@@ -812,3 +812,81 @@ fn status_doctor_and_the_metrics_show_an_offsite_copy_that_falls_behind() {
         assert!(text.contains("the last push failed"), "{text}");
     }
 }
+
+/// A remote backend whose archive reads drop half-way, as a connection to S3 does.
+struct DropsMidRead(LocalBackend);
+
+struct Dropping {
+    inner: Box<dyn Read + Send>,
+    left: u64,
+}
+
+impl Read for Dropping {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(datavault::offsite::remote_error::remote(
+                datavault::offsite::remote_error::RemoteClass::NotReady,
+                std::io::ErrorKind::ConnectionReset,
+                "reading: the connection to http://127.0.0.1:9 dropped (connection reset); the next push resumes",
+            ));
+        }
+        let n = buf.len().min(self.left as usize);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.left -= got as u64;
+        Ok(got)
+    }
+}
+
+impl Backend for DropsMidRead {
+    fn location(&self) -> String {
+        "s3://dvbucket/dropping".into()
+    }
+    fn list(&self, dir: &str) -> std::io::Result<Vec<datavault::store::backend::ObjectInfo>> {
+        self.0.list(dir)
+    }
+    fn size(&self, path: &str) -> std::io::Result<Option<u64>> {
+        self.0.size(path)
+    }
+    fn read_small(&self, path: &str, max: u64) -> std::io::Result<Vec<u8>> {
+        self.0.read_small(path, max)
+    }
+    fn open(&self, path: &str) -> std::io::Result<(Box<dyn Read + Send>, u64)> {
+        let (inner, size) = self.0.open(path)?;
+        Ok((Box::new(Dropping { inner, left: size / 2 }), size))
+    }
+    fn read_range(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.0.read_range(path, offset, len)
+    }
+    fn create(&self, path: &str) -> std::io::Result<Box<dyn datavault::store::backend::NewObject>> {
+        self.0.create(path)
+    }
+    fn remove(&self, path: &str) -> std::io::Result<()> {
+        self.0.remove(path)
+    }
+}
+
+#[test]
+fn a_connection_dropped_mid_download_is_not_ready_never_damaged() {
+    let f = Fixture::new();
+    big_upload(&f, "photo.bin", 2);
+    f.backup();
+    let backend = DropsMidRead(LocalBackend::open(&f.target).unwrap());
+    let blame = datavault::offsite::remote_error::Blame {
+        location: "s3://dvbucket/dropping".into(),
+        credentials: f.path().join("offsite.credentials"),
+        config: f.config.clone(),
+    };
+    let store = datavault::store::Store::remote(std::sync::Arc::new(backend), blame);
+    let listings = store.scan().unwrap();
+    let ids = datavault::keys::load_identities(Some(&f.identity)).unwrap();
+    let e =
+        datavault::archive::read::read_archive(&store, &listings[0], &ids, &f.identity, None, &NoProgress)
+            .unwrap_err();
+    assert_eq!(e.exit_code(), 3, "{e}");
+    assert!(e.to_string().contains("connection reset") && e.to_string().contains(&listings[0].name), "{e}");
+    // The same bytes from the drive read whole: the archive itself is fine.
+    let local = datavault::store::Store::open_local(&f.target).unwrap();
+    let local_listings = local.scan().unwrap();
+    datavault::archive::read::read_archive(&local, &local_listings[0], &ids, &f.identity, None, &NoProgress)
+        .unwrap();
+}
