@@ -118,6 +118,8 @@ pub struct HealthInputs {
     /// By the one rule, [`crate::ops::health::overdue`].
     pub overdue: bool,
     pub last_drill_failed: bool,
+    /// By the one offsite rule, [`crate::ops::health::offsite_behind`].
+    pub offsite_behind: bool,
     /// By the drill rule, [`crate::ops::health::drill_overdue`] (#15).
     pub drill_overdue: bool,
     pub drive_nearly_full: bool,
@@ -130,6 +132,7 @@ impl From<&Health> for HealthInputs {
             last_backup_failed: h.last_backup_failed() || h.catalog_problem.is_some(),
             overdue: h.overdue,
             last_drill_failed: h.last_drill_failed(),
+            offsite_behind: h.offsite_behind(),
             drill_overdue: h.drill_overdue,
             drive_nearly_full: h.drive.as_ref().is_some_and(|d| d.nearly_full),
         }
@@ -146,7 +149,7 @@ pub fn health(h: &HealthInputs) -> LedPattern {
         LedPattern::DrillFailed
     } else if h.last_backup_failed || h.overdue {
         LedPattern::Failed
-    } else if h.drill_overdue || h.drive_nearly_full {
+    } else if h.drill_overdue || h.drive_nearly_full || h.offsite_behind {
         LedPattern::Attention
     } else {
         LedPattern::Healthy
@@ -533,6 +536,7 @@ mod tests {
                 last_drill_failed: false,
                 drill_overdue: drill_overdue(last_drill, Some(start), now, max),
                 drive_nearly_full: false,
+                offsite_behind: false,
             };
             seen.push((day, health(&inputs)));
         }
@@ -553,10 +557,12 @@ mod tests {
             last_backup_failed: false,
             overdue: false,
             last_drill_failed: false,
+            offsite_behind: false,
             drill_overdue: false,
             drive_nearly_full: false,
         };
         assert_eq!(health(&good), LedPattern::Healthy);
+        assert_eq!(health(&HealthInputs { offsite_behind: true, ..good.clone() }), LedPattern::Attention);
         assert_eq!(health(&HealthInputs { drill_overdue: true, ..good.clone() }), LedPattern::Attention);
         assert_eq!(health(&HealthInputs { drive_nearly_full: true, ..good.clone() }), LedPattern::Attention);
         assert_eq!(

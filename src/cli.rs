@@ -8,7 +8,7 @@ use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 
 use datavault::config::{self, Settings};
 use datavault::error::{exit, Result};
-use datavault::ops::Env;
+use datavault::ops::{self, Env};
 
 use crate::commands;
 use crate::ui::{self, Ui};
@@ -107,9 +107,16 @@ pub enum Command {
         #[arg(long)]
         comment: Option<String>,
     },
-    /// List the archives on the target, newest first
-    List,
+    /// List the archives on the target (or, with --offsite, in the bucket), newest first
+    List {
+        /// The archives in the offsite copy ([offsite]) instead of on the drive
+        #[arg(long)]
+        offsite: bool,
+    },
     /// Check archives against their manifests (checksum; --deep also decrypts every entry)
+    #[command(
+        after_help = "With --offsite, the archives in the bucket: without --deep nothing is downloaded (no key needed): each object's size and the SHA-256 the push recorded while sending it are checked against its manifest; --deep downloads, decrypts and checks everything, streaming."
+    )]
     Verify {
         /// Archive name (default: the newest backup)
         archive: Option<String>,
@@ -119,6 +126,9 @@ pub enum Command {
         /// Also decrypt and check every file against the inner manifest (needs the identity)
         #[arg(long)]
         deep: bool,
+        /// The archives in the offsite copy ([offsite]) instead of on the drive
+        #[arg(long)]
+        offsite: bool,
     },
     /// Prove an archive restores: extract to scratch, integrity_check, hash every file, run the SQL checks
     Drill {
@@ -127,6 +137,10 @@ pub enum Command {
         /// What started this drill
         #[arg(long, value_enum, default_value = "manual")]
         trigger: Trigger,
+        /// Drill an archive of the offsite copy (downloaded, streaming); without the drive and
+        /// drill.scratch_dir it extracts into the state folder
+        #[arg(long)]
+        offsite: bool,
     },
     /// Restore an archive: into an empty folder (--to) or in place of the live data
     #[command(
@@ -143,6 +157,13 @@ data back if anything fails. Without --yes it asks for confirmation on a termina
         /// Do not ask for confirmation before replacing the live data
         #[arg(long)]
         yes: bool,
+        /// Restore from the offsite copy ([offsite]): no drive needed with --to, or in place
+        /// on a Pi without live data (docs/offsite.md, "Restore from offsite")
+        #[arg(long)]
+        offsite: bool,
+        /// With --offsite, in place, without the drive: replace the live data without saving it first
+        #[arg(long, requires = "offsite", conflicts_with = "to")]
+        no_safety_copy: bool,
     },
     /// Apply the retention policy (delete archives no rule keeps)
     Prune {
@@ -304,16 +325,24 @@ fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
         Command::Backup { trigger, comment } => {
             commands::backup::run(&env(cli, ui)?, (*trigger).into(), comment.clone(), ui)
         }
-        Command::List => commands::list::run(&env(cli, ui)?, ui),
-        Command::Verify { archive, all, deep } => {
-            commands::verify::run(&env(cli, ui)?, archive.as_deref(), *all, *deep, ui)
+        Command::List { offsite } => commands::list::run(&env(cli, ui)?.with_offsite(*offsite), ui),
+        Command::Verify { archive, all, deep, offsite } => {
+            commands::verify::run(&env(cli, ui)?.with_offsite(*offsite), archive.as_deref(), *all, *deep, ui)
         }
-        Command::Drill { archive, trigger } => {
-            commands::drill::run(&env(cli, ui)?, archive.as_deref(), (*trigger).into(), ui)
-        }
-        Command::Restore { archive, to, yes } => {
-            commands::restore::run(&env(cli, ui)?, archive.as_deref(), to.as_deref(), *yes, ui)
-        }
+        Command::Drill { archive, trigger, offsite } => commands::drill::run(
+            &env(cli, ui)?.with_offsite(*offsite),
+            archive.as_deref(),
+            (*trigger).into(),
+            ui,
+        ),
+        Command::Restore { archive, to, yes, offsite, no_safety_copy } => commands::restore::run(
+            &env(cli, ui)?.with_offsite(*offsite),
+            archive.as_deref(),
+            to.as_deref(),
+            *yes,
+            if *no_safety_copy { ops::restore::SafetyCopy::Skip } else { ops::restore::SafetyCopy::Required },
+            ui,
+        ),
         Command::Prune { dry_run } => commands::prune::run(&env(cli, ui)?, *dry_run, ui),
         Command::Status => commands::status::run(&env(cli, ui)?, ui),
         Command::Audit { limit } => commands::audit::run(&env(cli, ui)?, *limit, ui),

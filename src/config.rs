@@ -973,6 +973,9 @@ pub struct OffsiteSettings {
     pub timeout: std::time::Duration,
     /// What the remote keeps: `[offsite.retention]`, each missing key taken from `[retention]`.
     pub retention: RetentionPolicy,
+    /// The offsite copy is "behind" (status, doctor, the LED, the metrics) when a backup on
+    /// the drive has waited longer than this to be pushed (`ops::health::offsite_behind`).
+    pub max_behind_hours: u32,
 }
 
 #[derive(Deserialize)]
@@ -987,6 +990,7 @@ struct RawOffsite {
     part_size_mib: Option<Spanned<i64>>,
     parts_in_flight: Option<Spanned<i64>>,
     timeout_secs: Option<Spanned<i64>>,
+    max_behind_hours: Option<Spanned<i64>>,
     retention: Option<RawRetention>,
 }
 
@@ -1054,6 +1058,10 @@ fn parse_offsite(v: &Validator, o: &RawOffsite, local: &RetentionPolicy) -> Resu
         None => 120,
         Some(t) => v.int_in("offsite.timeout_secs", t, 1, 3600)? as u64,
     });
+    let max_behind_hours = match &o.max_behind_hours {
+        None => DEFAULT_OFFSITE_MAX_BEHIND_HOURS,
+        Some(h) => v.int_in("offsite.max_behind_hours", h, 1, 24 * 366)? as u32,
+    };
     let mut retention = *local;
     if let Some(r) = &o.retention {
         let field = |name: &str, f: &Option<Spanned<i64>>, default: u32| -> Result<u32> {
@@ -1082,8 +1090,13 @@ fn parse_offsite(v: &Validator, o: &RawOffsite, local: &RetentionPolicy) -> Resu
         parts_in_flight,
         timeout,
         retention,
+        max_behind_hours,
     })
 }
+
+/// A day: the push follows every backup and the offsite timer retries hourly, so a backup
+/// normally leaves within the hour; a day of a down link, server or key is worth a look.
+pub const DEFAULT_OFFSITE_MAX_BEHIND_HOURS: u32 = 24;
 
 /// `https://host[:port]`, or `http://` to the loopback address only: credentials and backups
 /// never cross a network in clear (the archives are encrypted, the signatures are not secret,

@@ -77,8 +77,38 @@ pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings)
         );
         gauge("last_drill_timestamp_seconds", "Time of the last drill (Unix time).", ts(e.at));
     }
-    // ---- offsite copy (#10): from offsite-state.json beside this file, written by pushes.
-    if let Some(st) = path.parent().and_then(crate::offsite::OffsiteState::load) {
+    offsite_gauges(&mut gauge, catalog, settings);
+    // #15: the drill rule status, doctor and the LED use, and the notification outbox.
+    let last_drill = catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?.map(|e| e.at);
+    let drill_overdue = crate::ops::health::drill_overdue(
+        last_drill,
+        catalog.first_backup_at()?,
+        crate::ops::now(),
+        chrono::Duration::days(settings.drill.max_age_days as i64),
+    );
+    gauge(
+        "drill_overdue",
+        "1 if no restore drill ran within drill.max_age_days (the rule status, doctor and the LED use).",
+        if drill_overdue { 1.0 } else { 0.0 },
+    );
+    let (pending, _) = crate::alerts::outbox::pending_summary(catalog)?;
+    gauge(
+        "notifications_pending",
+        "Notifications not yet delivered (retried at the next notify run).",
+        pending as f64,
+    );
+    write_atomic(path, out.as_bytes(), 0o644)
+}
+
+/// The offsite copy (#10): what the last push recorded (`offsite-state.json`), and the one
+/// offsite rule of `ops::health`.
+fn offsite_gauges(
+    gauge: &mut impl FnMut(&str, &str, f64),
+    catalog: &Catalog,
+    settings: &crate::config::Settings,
+) {
+    let ts = |t: chrono::DateTime<chrono::Utc>| t.timestamp_millis() as f64 / 1000.0;
+    if let Some(st) = crate::offsite::OffsiteState::load(&settings.state.dir) {
         if let Some(t) = st.last_success {
             gauge(
                 "offsite_last_success_timestamp_seconds",
@@ -106,24 +136,16 @@ pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings)
         );
         gauge("offsite_bytes_behind", "Bytes the bucket lacked after the last push.", st.behind.bytes as f64);
     }
-    // #15: the drill rule status, doctor and the LED use, and the notification outbox.
-    let last_drill = catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?.map(|e| e.at);
-    let drill_overdue = crate::ops::health::drill_overdue(
-        last_drill,
-        catalog.first_backup_at()?,
-        crate::ops::now(),
-        chrono::Duration::days(settings.drill.max_age_days as i64),
-    );
-    gauge(
-        "drill_overdue",
-        "1 if no restore drill ran within drill.max_age_days (the rule status, doctor and the LED use).",
-        if drill_overdue { 1.0 } else { 0.0 },
-    );
-    let (pending, _) = crate::alerts::outbox::pending_summary(catalog)?;
-    gauge(
-        "notifications_pending",
-        "Notifications not yet delivered (retried at the next notify run).",
-        pending as f64,
-    );
-    write_atomic(path, out.as_bytes(), 0o644)
+    if let Some(o) = crate::ops::health::OffsiteHealth::from_catalog(settings, catalog, crate::ops::now()) {
+        gauge(
+            "offsite_backups_waiting",
+            "Backups on the drive made since the last successful offsite push started (not known to be offsite).",
+            o.backups_waiting as f64,
+        );
+        gauge(
+            "offsite_behind",
+            "1 if a backup waited more than offsite.max_behind_hours to be pushed (the rule status, doctor and the LED use).",
+            if o.behind { 1.0 } else { 0.0 },
+        );
+    }
 }

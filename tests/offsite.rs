@@ -314,6 +314,18 @@ fn a_push_killed_mid_upload_is_aborted_and_resent_by_the_next_and_memory_stays_b
         fs::metadata(&archive).unwrap().len() as f64 / 1048576.0
     );
     assert!(mib < 40.0, "peak RSS {mib:.1} MiB");
+
+    // Reading it back streams too: verify --offsite --deep downloads, decrypts and checks
+    // the 40 MiB archive in ranged GETs of one part.
+    let (out, peak) = s3_util::run_sampling_rss({
+        let mut c = f.command(&["verify", "--offsite", "--deep"]);
+        c.stdin(Stdio::null());
+        c
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mib = peak as f64 / 1048576.0;
+    eprintln!("peak RSS of verify --offsite --deep: {mib:.1} MiB");
+    assert!(mib < 40.0, "peak RSS {mib:.1} MiB");
 }
 
 #[test]
@@ -569,4 +581,312 @@ fn a_remote_prune_deletes_manifest_first_merges_the_ledger_and_the_next_push_doe
         report.clean() && report.ok == 2,
         "records of deleted objects dropped, the rest kept: {report:?}"
     );
+}
+
+// ---- reading the offsite copy: list, verify, drill, restore --offsite -----------------------
+
+/// A config for "a new Pi": the same identity, credentials and `[offsite]`, but its drive
+/// path leads nowhere and its state folder is fresh (the old Pi and its drive are gone).
+fn new_pi_config(f: &Fixture) -> std::path::PathBuf {
+    let cfg = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace(&f.target.display().to_string(), &f.path().join("no-drive-here").display().to_string())
+        .replace(&f.state.display().to_string(), &f.path().join("newpi-state").display().to_string());
+    let path = f.path().join("newpi.toml");
+    fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[track_caller]
+fn with_config(_f: &Fixture, config: &Path, args: &[&str], code: i32) -> util::Run {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_datavault"));
+    c.arg("--config").arg(config).args(args).stdin(Stdio::null()).env_remove("DATAVAULT_CONFIG");
+    let r = util::run_within(c, std::time::Duration::from_secs(300));
+    assert_eq!(
+        r.code, code,
+        "datavault {args:?} exited {}\n--- stdout\n{}\n--- stderr\n{}",
+        r.code, r.stdout, r.stderr
+    );
+    r
+}
+
+#[test]
+fn list_verify_drill_and_restore_to_read_the_bucket_and_need_no_drive() {
+    let f = Fixture::new();
+    let Some(mut server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "");
+    big_upload(&f, "photo.bin", 6); // multipart upload, several ranged reads back
+    f.backup();
+    let fingerprint = f.fingerprint();
+    f.expect(&["offsite", "push"], 0);
+
+    // list / verify / verify --deep / drill --offsite, from this Pi.
+    let r = f.expect(&["--json", "list", "--offsite"], 0);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{}", r.stdout);
+    assert_eq!(rows[0]["complete"], true);
+    let archive = rows[0]["name"].as_str().unwrap().to_string();
+    let r = f.expect(&["verify", "--offsite"], 0);
+    assert!(r.stdout.contains("recorded at upload"), "{}", r.stdout);
+    let r = f.expect(&["verify", "--offsite", "--deep", "--all"], 0);
+    assert!(r.stdout.contains("deeply"), "{}", r.stdout);
+    let r = f.expect(&["drill", "--offsite"], 0);
+    assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
+
+    // A new Pi: no drive at all, a fresh state folder; the identity, the config, the
+    // credentials. It lists, drills and restores from the bucket alone.
+    let newpi = new_pi_config(&f);
+    let r = with_config(&f, &newpi, &["list", "--offsite"], 0);
+    assert!(r.stdout.contains(&archive), "{}", r.stdout);
+    with_config(&f, &newpi, &["list"], 3); // and the drive is really not there
+    let r = with_config(&f, &newpi, &["drill", "--offsite"], 0);
+    assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
+    let to = f.path().join("restored");
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--to", to.to_str().unwrap()], 0);
+    assert!(r.stdout.contains("s3://"), "{}", r.stdout);
+    let got = datavault::demo::fingerprint(&to.join("db/app.db"), Some(&to.join("uploads"))).unwrap();
+    assert_eq!(got, fingerprint, "restored from the bucket alone equals the source at backup time");
+    assert!(!f.path().join("no-drive-here").exists(), "nothing was created where the drive would be");
+
+    // Damage on the server. A flipped byte keeps the size: the keyless check (nothing
+    // downloaded) cannot see it, --deep does (exit 4). A truncated object: both do.
+    let victim = server.dir.join(BUCKET).join("pi").join(&archive);
+    let original = fs::read(&victim).unwrap();
+    let mut flipped = original.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    fs::write(&victim, &flipped).unwrap();
+    f.expect(&["verify", "--offsite"], 0);
+    let r = f.expect(&["verify", "--offsite", "--deep"], 4);
+    assert!(r.stderr.contains(&archive) && r.stderr.contains("SHA-256"), "{}", r.stderr);
+    f.expect(&["drill", "--offsite"], 4);
+    let r =
+        with_config(&f, &newpi, &["restore", "--offsite", "--to", f.path().join("r2").to_str().unwrap()], 4);
+    assert!(r.stderr.contains(&archive), "{}", r.stderr);
+    fs::write(&victim, &original[..original.len() - 10]).unwrap();
+    let r = f.expect(&["verify", "--offsite"], 4);
+    assert!(r.stderr.contains("truncated"), "{}", r.stderr);
+    fs::write(&victim, &original).unwrap();
+    f.expect(&["verify", "--offsite", "--deep"], 0);
+
+    // The server gone: one line, exit 3 (not "damaged"); wrong secret: exit 2.
+    server.kill();
+    for args in [&["list", "--offsite"][..], &["verify", "--offsite", "--deep"], &["drill", "--offsite"]] {
+        let r = f.expect(args, 3);
+        let errs: Vec<_> = r.stderr.lines().filter(|l| l.contains("error:")).collect();
+        assert_eq!(errs.len(), 1, "{}", r.stderr);
+        assert!(errs[0].contains("connection refused"), "{}", errs[0]);
+    }
+    let server = S3Server::start_on(&f.path().join("s3"), server.port);
+    write_credentials(&f.path().join("offsite.credentials"), ACCESS_KEY, "wrong-secret-0000000000");
+    let r = f.expect(&["list", "--offsite"], 2);
+    assert!(r.stderr.contains("SignatureDoesNotMatch") && !r.stderr.contains(SECRET_KEY), "{}", r.stderr);
+    drop(server);
+}
+
+#[test]
+fn restore_offsite_in_place_is_the_journaled_restore_and_without_a_drive_needs_no_live_data_or_an_explicit_flag(
+) {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "");
+    f.backup();
+    let fingerprint = f.fingerprint();
+    f.expect(&["offsite", "push"], 0);
+    let change = || fs::write(f.app.uploads.join("written-after.txt"), b"later").unwrap();
+
+    // With the drive: the same journaled restore, the safety copy on the drive.
+    change();
+    let r = f.expect(&["--json", "restore", "--offsite", "--yes"], 0);
+    let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(f.fingerprint(), fingerprint);
+    let pre = o["pre_restore_archive"].as_str().expect("a safety copy was taken").to_string();
+    assert!(f.target.join(&pre).exists(), "the safety copy is on the drive: {pre}");
+    assert!(o["from"].as_str().unwrap().starts_with("s3://"), "{o}");
+    f.assert_no_restore_leftovers();
+
+    // Without the drive, live data there: refused before anything is stopped or changed.
+    let newpi = new_pi_config(&f);
+    change();
+    let changed = f.fingerprint();
+    let log_before = fs::read_to_string(f.path().join("service.log")).unwrap_or_default();
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--yes"], 3);
+    assert!(r.stderr.contains("--no-safety-copy"), "{}", r.stderr);
+    assert_eq!(f.fingerprint(), changed, "live data untouched");
+    assert_eq!(
+        fs::read_to_string(f.path().join("service.log")).unwrap_or_default(),
+        log_before,
+        "app not stopped"
+    );
+    // ... unless the operator says so.
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--yes", "--no-safety-copy"], 0);
+    assert!(r.stdout.contains("NOT saved"), "{}", r.stdout);
+    assert_eq!(f.fingerprint(), fingerprint);
+    f.assert_no_restore_leftovers();
+    // --no-safety-copy is only for --offsite.
+    f.expect(&["restore", "--yes", "--no-safety-copy"], 2);
+
+    // A new Pi with the app installed but no data yet: nothing to save, no drive needed.
+    fs::remove_dir_all(f.app.database.parent().unwrap()).unwrap();
+    fs::remove_dir_all(&f.app.uploads).unwrap();
+    let r = with_config(&f, &newpi, &["restore", "--offsite", "--yes"], 0);
+    assert!(r.stdout.contains("no live data"), "{}", r.stdout);
+    assert_eq!(f.fingerprint(), fingerprint);
+    assert!(!f.path().join("no-drive-here").exists());
+}
+
+#[test]
+fn status_doctor_and_the_metrics_show_an_offsite_copy_that_falls_behind() {
+    let f = Fixture::new();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "max_behind_hours = 1");
+    f.backup();
+    let status = |fake: Option<&str>| -> serde_json::Value {
+        let mut c = f.command(&["--json", "status"]);
+        if let Some(offset) = fake {
+            c.env("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+                .env("FAKETIME", offset)
+                .env("DONT_FAKE_MONOTONIC", "1");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let metrics = || fs::read_to_string(f.state.join("datavault.prom")).unwrap();
+    // Never pushed: the backup waits, but not yet for an hour.
+    let st = status(None);
+    assert_eq!(st["offsite"]["backups_waiting"], 1, "{st}");
+    assert_eq!(st["offsite"]["behind"], false);
+    assert!(metrics().contains("datavault_offsite_backups_waiting 1"), "{}", metrics());
+    assert!(metrics().contains("datavault_offsite_behind 0"));
+
+    let faketime = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1").exists();
+    if faketime {
+        // Two hours later, still not pushed: behind, in status and doctor.
+        let st = status(Some("+2h"));
+        assert_eq!(st["offsite"]["behind"], true, "{st}");
+        assert_eq!(st["healthy"], false);
+        let next = st["next_steps"].as_array().unwrap();
+        assert!(next.iter().any(|n| n.as_str().unwrap().contains("offsite copy is behind")), "{st}");
+        let o = f
+            .command(&["doctor"])
+            .env("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+            .env("FAKETIME", "+2h")
+            .env("DONT_FAKE_MONOTONIC", "1")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("offsite") && out.contains("BEHIND"), "{out}");
+    } else {
+        skip("faketime not installed (apt-get install faketime): status two hours later");
+    }
+
+    // Pushed: nothing waits, the metrics have the push's time.
+    f.expect(&["offsite", "push"], 0);
+    let st = status(None);
+    assert_eq!(
+        (st["offsite"]["backups_waiting"].as_u64(), st["offsite"]["behind"].as_bool()),
+        (Some(0), Some(false))
+    );
+    assert!(st["offsite"]["last_success"].is_string(), "{st}");
+    let m = metrics();
+    assert!(m.contains("datavault_offsite_last_success_timestamp_seconds "), "{m}");
+    assert!(
+        m.contains("datavault_offsite_behind 0") && m.contains("datavault_offsite_backups_waiting 0"),
+        "{m}"
+    );
+    if faketime {
+        assert_eq!(status(Some("+2h"))["offsite"]["behind"], false, "pushed backups never make it behind");
+    }
+    // The next backup, its push failing (the server gone): behind once it waited too long.
+    f.backup();
+    drop(server);
+    f.expect(&["offsite", "push"], 3);
+    let st = status(None);
+    assert_eq!(st["offsite"]["backups_waiting"], 1, "{st}");
+    assert!(st["offsite"]["last_error"].is_string(), "{st}");
+    if faketime {
+        let st = status(Some("+2h"));
+        assert_eq!(st["offsite"]["behind"], true, "{st}");
+        let text = st["next_steps"].to_string();
+        assert!(text.contains("the last push failed"), "{text}");
+    }
+}
+
+/// A remote backend whose archive reads drop half-way, as a connection to S3 does.
+struct DropsMidRead(LocalBackend);
+
+struct Dropping {
+    inner: Box<dyn Read + Send>,
+    left: u64,
+}
+
+impl Read for Dropping {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(datavault::offsite::remote_error::remote(
+                datavault::offsite::remote_error::RemoteClass::NotReady,
+                std::io::ErrorKind::ConnectionReset,
+                "reading: the connection to http://127.0.0.1:9 dropped (connection reset); the next push resumes",
+            ));
+        }
+        let n = buf.len().min(self.left as usize);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.left -= got as u64;
+        Ok(got)
+    }
+}
+
+impl Backend for DropsMidRead {
+    fn location(&self) -> String {
+        "s3://dvbucket/dropping".into()
+    }
+    fn list(&self, dir: &str) -> std::io::Result<Vec<datavault::store::backend::ObjectInfo>> {
+        self.0.list(dir)
+    }
+    fn size(&self, path: &str) -> std::io::Result<Option<u64>> {
+        self.0.size(path)
+    }
+    fn read_small(&self, path: &str, max: u64) -> std::io::Result<Vec<u8>> {
+        self.0.read_small(path, max)
+    }
+    fn open(&self, path: &str) -> std::io::Result<(Box<dyn Read + Send>, u64)> {
+        let (inner, size) = self.0.open(path)?;
+        Ok((Box::new(Dropping { inner, left: size / 2 }), size))
+    }
+    fn read_range(&self, path: &str, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.0.read_range(path, offset, len)
+    }
+    fn create(&self, path: &str) -> std::io::Result<Box<dyn datavault::store::backend::NewObject>> {
+        self.0.create(path)
+    }
+    fn remove(&self, path: &str) -> std::io::Result<()> {
+        self.0.remove(path)
+    }
+}
+
+#[test]
+fn a_connection_dropped_mid_download_is_not_ready_never_damaged() {
+    let f = Fixture::new();
+    big_upload(&f, "photo.bin", 2);
+    f.backup();
+    let backend = DropsMidRead(LocalBackend::open(&f.target).unwrap());
+    let blame = datavault::offsite::remote_error::Blame {
+        location: "s3://dvbucket/dropping".into(),
+        credentials: f.path().join("offsite.credentials"),
+        config: f.config.clone(),
+    };
+    let store = datavault::store::Store::remote(std::sync::Arc::new(backend), blame);
+    let listings = store.scan().unwrap();
+    let ids = std::sync::Arc::new(datavault::keys::load_identities(Some(&f.identity)).unwrap());
+    let e =
+        datavault::archive::read::read_archive(&store, &listings[0], &ids, &f.identity, None, &NoProgress)
+            .unwrap_err();
+    assert_eq!(e.exit_code(), 3, "{e}");
+    assert!(e.to_string().contains("connection reset") && e.to_string().contains(&listings[0].name), "{e}");
+    // The same bytes from the drive read whole: the archive itself is fine.
+    let local = datavault::store::Store::open_local(&f.target).unwrap();
+    let local_listings = local.scan().unwrap();
+    datavault::archive::read::read_archive(&local, &local_listings[0], &ids, &f.identity, None, &NoProgress)
+        .unwrap();
 }

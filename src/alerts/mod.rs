@@ -32,16 +32,19 @@ pub enum Condition {
     DrillOverdue,
     DriveMissing,
     DriveNearlyFull,
+    /// The offsite copy is behind (#10): [`crate::ops::health::offsite_behind`].
+    OffsiteBehind,
 }
 
 impl Condition {
-    pub const ALL: [Condition; 6] = [
+    pub const ALL: [Condition; 7] = [
         Condition::BackupFailed,
         Condition::BackupOverdue,
         Condition::DrillFailed,
         Condition::DrillOverdue,
         Condition::DriveMissing,
         Condition::DriveNearlyFull,
+        Condition::OffsiteBehind,
     ];
 
     /// The catalog's name for it.
@@ -53,6 +56,7 @@ impl Condition {
             Condition::DrillOverdue => "DRILL_OVERDUE",
             Condition::DriveMissing => "DRIVE_MISSING",
             Condition::DriveNearlyFull => "DRIVE_NEARLY_FULL",
+            Condition::OffsiteBehind => "OFFSITE_BEHIND",
         }
     }
 
@@ -64,9 +68,10 @@ impl Condition {
     pub fn severity(self) -> Severity {
         match self {
             Condition::BackupFailed | Condition::DrillFailed | Condition::DriveMissing => Severity::Critical,
-            Condition::BackupOverdue | Condition::DrillOverdue | Condition::DriveNearlyFull => {
-                Severity::Warning
-            }
+            Condition::BackupOverdue
+            | Condition::DrillOverdue
+            | Condition::DriveNearlyFull
+            | Condition::OffsiteBehind => Severity::Warning,
         }
     }
 
@@ -78,6 +83,7 @@ impl Condition {
             Condition::DrillOverdue => "restore drill overdue",
             Condition::DriveMissing => "backup drive missing",
             Condition::DriveNearlyFull => "backup drive nearly full",
+            Condition::OffsiteBehind => "offsite copy behind",
         }
     }
 
@@ -89,6 +95,7 @@ impl Condition {
             Condition::DrillOverdue => "restore drills are up to date again",
             Condition::DriveMissing => "backup drive is back",
             Condition::DriveNearlyFull => "backup drive has room again",
+            Condition::OffsiteBehind => "offsite copy is up to date again",
         }
     }
 }
@@ -155,7 +162,27 @@ pub fn observe(h: &Health) -> Vec<Observation> {
             drive.map(|d| d.nearly_full),
             drive.map(fill_detail).unwrap_or_default(),
         ),
+        // Without [offsite], never known: nothing is ever said about it.
+        o(
+            Condition::OffsiteBehind,
+            h.offsite.as_ref().map(|o| o.behind),
+            h.offsite.as_ref().map(|o| offsite_detail(h, o)).unwrap_or_default(),
+        ),
     ]
+}
+
+fn offsite_detail(h: &Health, o: &crate::ops::health::OffsiteHealth) -> String {
+    let mut s = format!(
+        "{} backup(s) not pushed to {}, the oldest {} hours old (offsite.max_behind_hours = {})",
+        o.backups_waiting,
+        o.location,
+        o.waiting_since.map(|w| (h.now - w).num_hours()).unwrap_or_default(),
+        o.max_behind_hours
+    );
+    if let Some(e) = &o.last_error {
+        s += &format!("; the last push failed: {e}");
+    }
+    s
 }
 
 fn overdue_detail(h: &Health) -> String {

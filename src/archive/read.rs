@@ -61,9 +61,18 @@ pub fn read_archive(
         (None, None) => return Err(Error::integrity(&name, "has no manifest")),
     };
     let extractor = Extractor::new(&name, plan, manifest.plain_bytes)?;
-    let (file, len) = store
-        .open_archive(listing)
-        .map_err(|e| Error::integrity(&name, format!("cannot open the archive file: {e}")))?;
+    let reading = format!("reading {name}");
+    let (file, len) = store.open_archive(listing).map_err(|e| {
+        store.failure(e, &reading, |e| Error::integrity(&name, format!("cannot open the archive file: {e}")))
+    })?;
+    // A remote store's failure half-way (the server gone, a timeout) surfaces through age,
+    // zstd and tar as a damaged stream: kept here, it is reported for what it is (exit 3).
+    let remote_failure = RemoteFailure::default();
+    let file: Box<dyn Read + Send> = if store.is_remote() {
+        Box::new(RemoteFailureReader { inner: file, seen: remote_failure.clone() })
+    } else {
+        file
+    };
     let hash = SharedHash::default();
     let mut reader =
         Reader { name: &name, manifest, progress, extractor, records: Vec::new(), files: 0, plain_bytes: 0 };
@@ -72,11 +81,17 @@ pub fn read_archive(
     progress.finish();
     let inner = match result {
         Ok(inner) => inner,
-        Err(e) => return Err(explain_with_checksum(store, listing, len, manifest, &hash, e)),
+        Err(e) => {
+            if let Some(re) = remote_failure.take() {
+                return Err(store.failure(re, &reading, |_| e));
+            }
+            return Err(explain_with_checksum(store, listing, len, manifest, &hash, e));
+        }
     };
     // The archive file's own checksum, over every byte of it.
-    finish_hash(store, listing, len, &hash)
-        .map_err(|e| Error::integrity(&name, format!("cannot read the archive file: {e}")))?;
+    finish_hash(store, listing, len, &hash).map_err(|e| {
+        store.failure(e, &reading, |e| Error::integrity(&name, format!("cannot read the archive file: {e}")))
+    })?;
     if hash.hex() != manifest.archive_sha256 {
         return Err(Error::integrity(
             &name,
@@ -134,6 +149,35 @@ fn finish_hash(store: &Store, listing: &Listing, len: u64, hash: &SharedHash) ->
         hash.update(&chunk);
     }
     Ok(())
+}
+
+/// The first classified failure of a remote store seen while reading (see [`read_archive`]).
+#[derive(Clone, Default)]
+struct RemoteFailure(std::sync::Arc<std::sync::Mutex<Option<io::Error>>>);
+
+impl RemoteFailure {
+    fn take(&self) -> Option<io::Error> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+struct RemoteFailureReader {
+    inner: Box<dyn Read + Send>,
+    seen: RemoteFailure,
+}
+
+impl Read for RemoteFailureReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Err(e) if crate::offsite::remote_error::class_of(&e).is_some() => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                let mut seen = self.seen.0.lock().unwrap_or_else(|p| p.into_inner());
+                seen.get_or_insert(e);
+                Err(copy)
+            }
+            other => other,
+        }
+    }
 }
 
 struct Reader<'a> {

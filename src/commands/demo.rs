@@ -88,7 +88,8 @@ fn demo(root: &Path, ui: &Ui) -> Result<u8> {
 
     step(ui, 7, "datavault restore --yes: verify, stop, PRE-RESTORE safety copy, swap, start")?;
     let chosen = ops::restore::choose(&quiet_env, None)?;
-    let restored = ops::restore::in_place(&quiet_env, Some(&chosen.name))?;
+    let restored =
+        ops::restore::in_place(&quiet_env, Some(&chosen.name), ops::restore::SafetyCopy::Required)?;
     ui.text(&format!("  restored {} ({} files)\n", restored.archive, restored.files))?;
 
     step(ui, 8, "check: the restored data is exactly what was backed up")?;

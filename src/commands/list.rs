@@ -49,7 +49,11 @@ pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
         return Ok(exit::SUCCESS);
     }
     if listings.is_empty() {
-        out(&format!("no archives in {}\n", env.settings.target.path.display()))?;
+        let place = match (env.offsite, &env.settings.offsite) {
+            (true, Some(o)) => o.url.clone(),
+            _ => env.settings.target.path.display().to_string(),
+        };
+        out(&format!("no archives in {place}\n"))?;
         return Ok(exit::SUCCESS);
     }
     let mut s = format!(

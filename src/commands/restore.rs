@@ -11,7 +11,14 @@ use datavault::target::human_bytes;
 
 use crate::ui::{json, out, printable, Ui};
 
-pub fn run(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, ui: &Ui) -> Result<u8> {
+pub fn run(
+    env: &Env,
+    archive: Option<&str>,
+    to: Option<&Path>,
+    yes: bool,
+    safety: ops::restore::SafetyCopy,
+    ui: &Ui,
+) -> Result<u8> {
     let o = match to {
         Some(dir) => ops::restore::to_dir(env, archive, dir)?,
         None => {
@@ -19,9 +26,9 @@ pub fn run(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, ui: &
             // finishes in between.
             let chosen = ops::restore::choose(env, archive)?;
             if !yes {
-                confirm(env, &chosen)?;
+                confirm(env, &chosen, safety)?;
             }
-            ops::restore::in_place(env, Some(&chosen.name))?
+            ops::restore::in_place(env, Some(&chosen.name), safety)?
         }
     };
     if ui.json {
@@ -29,8 +36,9 @@ pub fn run(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, ui: &
         return Ok(exit::SUCCESS);
     }
     let mut s = format!(
-        "restored {} ({} files, {}) in {:.1} s\n",
+        "restored {} from {} ({} files, {}) in {:.1} s\n",
         o.archive,
+        o.from,
         o.files,
         human_bytes(o.bytes),
         o.seconds
@@ -44,6 +52,7 @@ pub fn run(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, ui: &
     if o.in_place {
         match &o.pre_restore_archive {
             Some(p) => s += &format!("  the data it replaced is saved in {p} (restore that to undo)\n"),
+            None if o.safety_copy_skipped => s += "  the data it replaced was NOT saved (--no-safety-copy)\n",
             None => s += "  there was no live data to save first\n",
         }
     }
@@ -52,7 +61,7 @@ pub fn run(env: &Env, archive: Option<&str>, to: Option<&Path>, yes: bool, ui: &
 }
 
 /// In-place restore replaces live data: ask on a terminal, refuse elsewhere.
-fn confirm(env: &Env, l: &Listing) -> Result<()> {
+fn confirm(env: &Env, l: &Listing, safety: ops::restore::SafetyCopy) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         return Err(Error::Usage(
             "restore in place replaces the live data: run it on a terminal to confirm, or pass --yes".into(),
@@ -61,10 +70,14 @@ fn confirm(env: &Env, l: &Listing) -> Result<()> {
     let created = l.created().map(format_time).unwrap_or_default();
     let prompt = format!(
         "This replaces the live data ({}{}) with {} (created {created}).\n\
-         The current data is saved first as a PRE-RESTORE archive. Type 'restore' to go on: ",
+         {} Type 'restore' to go on: ",
         env.settings.source.database.display(),
         env.settings.source.uploads.as_ref().map(|u| format!(", {}", u.display())).unwrap_or_default(),
         l.name,
+        match safety {
+            ops::restore::SafetyCopy::Required => "The current data is saved first as a PRE-RESTORE archive.",
+            ops::restore::SafetyCopy::Skip => "The current data is NOT saved first (--no-safety-copy).",
+        },
     );
     eprint!("{}", printable(&prompt));
     let _ = std::io::stderr().flush();

@@ -41,6 +41,10 @@ pub fn advice_text(a: &Advice, target: &std::path::Path) -> String {
             "an interrupted restore of {archive} was found: the next datavault run that takes the lock (backup, drill, prune, restore) finishes or undoes it; run `datavault backup` now"
         ),
         Advice::CatalogUnreadable { problem } => format!("the catalog cannot be read ({problem}); run `datavault doctor`"),
+        Advice::OffsiteBehind { hours, backups, max_behind_hours, last_error } => format!(
+            "the offsite copy is behind: {backups} backup(s) not pushed, the oldest made {hours} hours ago (more than offsite.max_behind_hours = {max_behind_hours}){}: check `systemctl status datavault-offsite.timer`, then run `datavault offsite push`",
+            last_error.as_ref().map(|e| format!("; the last push failed: {e}")).unwrap_or_default()
+        ),
         Advice::ArchivesInFuture { names } => format!(
             "{} dated in the future (made while the clock was wrong): never taken as the newest, and pruning waits until the clock passes {}; if `date` is right now, delete {} by hand",
             names.join(", "),
@@ -95,6 +99,16 @@ pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
     }
     if let (Some(n), Some(bad)) = (h.archives, h.incomplete_archives) {
         s += &format!("  archives:         {n} complete, {bad} incomplete\n");
+    }
+    if let Some(o) = &h.offsite {
+        s += &format!(
+            "  offsite:          {} (last push {}{}; {} backup(s) waiting{})\n",
+            o.location,
+            o.last_success.map(format_time).map(|t| format!("OK {t}")).unwrap_or_else(|| "never OK".into()),
+            if o.last_error.is_some() { ", the last attempt FAILED" } else { "" },
+            o.backups_waiting,
+            if o.behind { ": BEHIND" } else { "" }
+        );
     }
     if let Some(r) = &h.running {
         s += &format!("  running now:      {r}\n");

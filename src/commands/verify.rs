@@ -19,7 +19,11 @@ pub fn run(env: &Env, archive: Option<&str>, all: bool, deep: bool, ui: &Ui) -> 
         s += &format!(
             "{} archive(s) verified{}, {} failed\n",
             results.len(),
-            if deep { " deeply (decrypted, every file hashed)" } else { " (checksums)" },
+            match (deep, env.offsite) {
+                (true, _) => " deeply (decrypted, every file hashed)",
+                (false, false) => " (checksums)",
+                (false, true) => " (sizes and the SHA-256 recorded at upload; nothing downloaded)",
+            },
             bad
         );
         out(&s)?;

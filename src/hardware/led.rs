@@ -35,7 +35,7 @@ pub enum LedPattern {
     /// Double blink every 2 s: the USB backup drive is missing.
     TargetMissing,
     /// Slow blink, 1 s on and 1 s off: needs attention soon, nothing failed yet (a drill is
-    /// overdue, the drive is nearly full) (#15).
+    /// overdue, the drive is nearly full) (#15), or the offsite copy is behind (#10).
     Attention,
 }
 

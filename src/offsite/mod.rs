@@ -56,6 +56,10 @@ pub struct OffsiteState {
     pub location: String,
     pub last_attempt: Option<DateTime<Utc>>,
     pub last_success: Option<DateTime<Utc>>,
+    /// When the last successful push started: every backup visible on the drive then is in
+    /// the bucket (what `ops::health::offsite_behind` counts from).
+    #[serde(default)]
+    pub last_success_started: Option<DateTime<Utc>>,
     /// The last push's error (one line, no secret) and its class (`offsite`, `key`, ...).
     pub last_error: Option<String>,
     pub last_error_kind: Option<String>,
@@ -116,6 +120,16 @@ pub fn connect(s: &Settings) -> Result<(S3Backend, Blame)> {
     Ok((backend, blame))
 }
 
+/// The bucket as the [`Store`](crate::store::Store) `list/verify/drill/restore --offsite`
+/// read, after one cheap request proved the endpoint, the bucket, the key and the clock.
+/// Needs nothing local: no drive, no state (a new Pi with the identity, the config and the
+/// credentials).
+pub fn open_store(s: &Settings) -> Result<crate::store::Store> {
+    let (remote, blame) = connect(s)?;
+    remote.check().map_err(|e| to_error(e, "checking the bucket", &blame))?;
+    Ok(crate::store::Store::remote(std::sync::Arc::new(remote), blame))
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PushOutcome {
     #[serde(flatten)]
@@ -139,6 +153,7 @@ pub fn run_push(env: &Env, trigger: crate::ops::Trigger, dry_run: bool) -> Resul
     let recorded: Result<()> = match &result {
         Ok(o) if o.report.clean() => {
             state.last_success = Some(now());
+            state.last_success_started = Some(started);
             state.last_error = None;
             state.last_error_kind = None;
             Ok(())

@@ -351,7 +351,8 @@ impl Inner {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-range"))
             .and_then(|(_, v)| v.rsplit('/').next()?.trim().parse::<u64>().ok());
-        Ok((r.to_vec(), total))
+        // The body as received, not a copy of it (a 5 MiB chunk twice is RSS for nothing).
+        Ok((Vec::from(r.into_bytes()), total))
     }
 }
 
@@ -505,6 +506,9 @@ impl Read for RangeReader {
                 return Ok(0);
             }
             let len = self.chunk.min(self.size - self.pos);
+            // The spent chunk goes before the next one arrives: one chunk in memory, not two.
+            self.buf = Vec::new();
+            self.at = 0;
             let (bytes, total) = self.inner.range(&self.key, &self.path, self.pos, len)?;
             if bytes.len() as u64 != len || total.is_some_and(|t| t != self.size) {
                 return Err(remote(

@@ -235,6 +235,23 @@ fn run_state_checks(env: &Env) -> Vec<Check> {
             format!("{} ({} hours ago)", crate::manifest::format_time(at), (h.now - at).num_hours()),
         ),
     });
+    if let Some(o) = &h.offsite {
+        let last = o.last_success.map(crate::manifest::format_time).unwrap_or_else(|| "never".into());
+        checks.push(if o.behind {
+            warn(
+                "offsite",
+                format!(
+                    "BEHIND: {} backup(s) not pushed, the oldest {} hours old (offsite.max_behind_hours = {}); last good push {last}{}",
+                    o.backups_waiting,
+                    o.waiting_since.map(|w| (h.now - w).num_hours()).unwrap_or_default(),
+                    o.max_behind_hours,
+                    o.last_error.as_ref().map(|e| format!("; the last push failed: {e}")).unwrap_or_default()
+                ),
+            )
+        } else {
+            ok("offsite", format!("{}: last good push {last}, {} backup(s) waiting", o.location, o.backups_waiting))
+        });
+    }
     checks.push(match &h.last_drill {
         None => warn("last drill", "no drill yet: run `datavault drill`"),
         Some(d) if !d.passed => {

@@ -61,20 +61,33 @@ pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillRepo
     result
 }
 
+/// The archives to drill. The boot drill is often the first run after a power cut: it clears
+/// what a cut-off run left on the drive, so that status and `verify --all` are clean again.
+/// The bucket (`--offsite`) is neither cleaned (the Pi's key may not delete) nor synced into
+/// the drive's catalog.
+fn clean_and_list(run: &Run) -> Result<(crate::store::Store, Vec<crate::store::Listing>)> {
+    let env = run.env;
+    let (store, mut listings) = crate::ops::listings(env)?;
+    if !env.offsite && !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {
+        listings = store.scan()?;
+    }
+    crate::ops::sync_catalog_if_local(env, &run.catalog, &listings);
+    Ok((store, listings))
+}
+
 /// What a boot drill says before the first backup (see [`DrillReport::nothing_to_drill`]).
 pub const NO_BACKUP_YET: &str = "no backup yet: nothing to drill; run `datavault backup`";
 
 fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     let env = run.env;
     let started = Instant::now();
-    let (store, mut listings) = crate::ops::listings(env)?;
-    let store = store.with_dedup_cache(crate::ops::backup::dedup_cache_path(&env.settings));
-    // The boot drill is often the first run after a power cut: it clears what a cut-off run
-    // left on the drive, so that status and `verify --all` are clean again.
-    if !store.clean(&run.catalog.interrupted_archives().unwrap_or_default()).is_empty() {
-        listings = store.scan()?;
-    }
-    crate::ops::sync_catalog(&run.catalog, &listings);
+    let (store, listings) = clean_and_list(run)?;
+    // Snapshots on the drive are read through the state folder's cache (under the run lock).
+    let store = if store.is_remote() {
+        store
+    } else {
+        store.with_dedup_cache(crate::ops::backup::dedup_cache_path(&env.settings))
+    };
     // Only the boot drill, only when nothing was ever there: archives that vanished (the
     // catalog knows them, now MISSING) or a damaged one still fail loudly below.
     if which.is_none()
@@ -99,7 +112,7 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         std::sync::Arc::new(crate::keys::load_identities(env.settings.encryption.identity.as_deref())?);
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();
 
-    let scratch = prepare_scratch(&env.settings, run.id)?;
+    let scratch = prepare_scratch(env, run.id)?;
     let _cleanup = Cleanup(scratch.clone());
 
     let mut checks = Vec::new();
@@ -158,7 +171,11 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
 
     let passed = checks.iter().all(|c| c.ok);
     let secs = started.elapsed().as_secs_f64();
-    let detail = format!("{} checks, recovery time {secs:.1} s", checks.len());
+    let detail = format!(
+        "{} checks, recovery time {secs:.1} s{}",
+        checks.len(),
+        if env.offsite { format!(", from the offsite copy {}", store.location()) } else { String::new() }
+    );
     let event = if passed { Event::DrillPassed } else { Event::DrillFailed };
     let _ = run.catalog.record_event(Some(run.id), now(), event, Some(&name), &detail);
     Ok(DrillReport {
@@ -179,8 +196,9 @@ const RUN_PREFIX: &str = "datavault-drill-";
 /// drills left there (plaintext: never left lying around). Only our own names are removed:
 /// scratch_dir may be a shared folder such as /var/tmp. The default scratch folder is on
 /// the drive, where anyone with the drive could have put a link: it must be a real folder.
-fn prepare_scratch(settings: &crate::config::Settings, run_id: i64) -> Result<PathBuf> {
-    let root = settings.drill.scratch_dir(&settings.target);
+fn prepare_scratch(env: &Env, run_id: i64) -> Result<PathBuf> {
+    let settings = &env.settings;
+    let root = scratch_root(env);
     let default = settings.drill.scratch_dir.is_none();
     if default && std::fs::symlink_metadata(&root).is_ok_and(|m| !m.is_dir()) {
         return Err(Error::target(
@@ -206,6 +224,20 @@ fn prepare_scratch(settings: &crate::config::Settings, run_id: i64) -> Result<Pa
         .create(&scratch)
         .map_err(|e| Error::target(&scratch, format!("cannot create the drill scratch folder: {e}")))?;
     Ok(scratch)
+}
+
+/// Where a drill extracts: `drill.scratch_dir`, else the drive. A drill `--offsite` without
+/// the drive (a new Pi, the drive lost) extracts into `drill-scratch` in the state folder:
+/// it needs room for one restored copy there.
+fn scratch_root(env: &Env) -> PathBuf {
+    let s = &env.settings;
+    if env.offsite
+        && s.drill.scratch_dir.is_none()
+        && crate::target::require_readable(&s.target, &env.system_root).is_err()
+    {
+        return s.state.dir.join("drill-scratch");
+    }
+    s.drill.scratch_dir(&s.target)
 }
 
 /// `integrity_check` plus the configured SQL checks, on a restored database copy.

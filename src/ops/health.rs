@@ -20,6 +20,99 @@ pub fn overdue(last_good: Option<DateTime<Utc>>, now: DateTime<Utc>, max_age: Du
     last_good.is_none_or(|t| now - t > max_age)
 }
 
+/// The one offsite rule (#10): the offsite copy is behind when a good backup on the drive
+/// has waited more than `max_behind` (`offsite.max_behind_hours`) to be pushed. A backup
+/// waits from when it was made until a push that started after it succeeds: the oldest
+/// backup made after the start of the last successful push (any, when none ever
+/// succeeded) is the one that counts. A link down for an hour is not behind; pushes failing
+/// for a day while backups go on are, and so is a first push still running after a day.
+pub fn offsite_behind(
+    oldest_waiting: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    max_behind: Duration,
+) -> bool {
+    oldest_waiting.is_some_and(|t| now - t > max_behind)
+}
+
+/// The offsite copy as status, doctor, the LED and the metrics see it (no network: the
+/// state the last push recorded, and the backups on the drive or in the catalog).
+#[derive(Debug, Clone, Serialize)]
+pub struct OffsiteHealth {
+    pub location: String,
+    pub last_attempt: Option<DateTime<Utc>>,
+    pub last_success: Option<DateTime<Utc>>,
+    /// The last push's error (one line, no secret), if it failed.
+    pub last_error: Option<String>,
+    /// Backups made after the last successful push started: not known to be offsite.
+    pub backups_waiting: usize,
+    /// When the oldest of them was made.
+    pub waiting_since: Option<DateTime<Utc>>,
+    /// What the bucket still lacked when the last push ended (backups, snapshots, bytes).
+    pub behind_at_last_push: crate::offsite::push::Behind,
+    pub max_behind_hours: u32,
+    /// By the one rule, [`offsite_behind`].
+    pub behind: bool,
+}
+
+impl OffsiteHealth {
+    /// `local_backups`: when each good backup on the drive was made.
+    pub fn assess(
+        settings: &crate::config::OffsiteSettings,
+        state: Option<crate::offsite::OffsiteState>,
+        local_backups: &[DateTime<Utc>],
+        now: DateTime<Utc>,
+    ) -> OffsiteHealth {
+        let state = state.unwrap_or_default();
+        // Files written by a push before this field existed: its end is the best we know.
+        let pushed_from = state.last_success_started.or(state.last_success);
+        let waiting: Vec<DateTime<Utc>> =
+            local_backups.iter().copied().filter(|c| pushed_from.is_none_or(|p| *c >= p)).collect();
+        let waiting_since = waiting.iter().min().copied();
+        let max = settings.max_behind_hours;
+        OffsiteHealth {
+            location: settings.url.clone(),
+            last_attempt: state.last_attempt,
+            last_success: state.last_success,
+            last_error: state.last_error,
+            backups_waiting: waiting.len(),
+            waiting_since,
+            behind_at_last_push: state.behind,
+            max_behind_hours: max,
+            behind: offsite_behind(waiting_since, now, Duration::hours(max as i64)),
+        }
+    }
+
+    /// When `[offsite]` is configured, from the state the last push recorded.
+    fn read(
+        s: &crate::config::Settings,
+        local_backups: Vec<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Option<OffsiteHealth> {
+        let o = s.offsite.as_ref()?;
+        Some(OffsiteHealth::assess(o, crate::offsite::OffsiteState::load(&s.state.dir), &local_backups, now))
+    }
+
+    /// From the catalog alone (the metrics, written after every run).
+    pub fn from_catalog(
+        s: &crate::config::Settings,
+        catalog: &Catalog,
+        now: DateTime<Utc>,
+    ) -> Option<OffsiteHealth> {
+        OffsiteHealth::read(s, catalog_backups(catalog, now), now)
+    }
+}
+
+/// When each active backup the catalog knows was made (none dated in the future).
+fn catalog_backups(c: &Catalog, now: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    c.archives()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.status == crate::catalog::ArchiveStatus::Active && a.kind == ArchiveKind::Backup)
+        .map(|a| a.created_at)
+        .filter(|c| !crate::ops::is_in_future(*c, now))
+        .collect()
+}
+
 /// The second rule (#15): drills are overdue when the last one (passed or failed: a failed
 /// one is its own alarm) is older than `max_age` (`drill.max_age_days`), counting from the
 /// first backup while none has run. With no backup at all there is nothing to drill.
@@ -131,6 +224,8 @@ pub struct Health {
     pub catalog_problem: Option<String>,
     /// Archives dated in the future (made while the clock was wrong).
     pub archives_in_future: Vec<String>,
+    /// The offsite copy, when `[offsite]` is configured.
+    pub offsite: Option<OffsiteHealth>,
 }
 
 /// What should be done about it, most urgent first. The binary words it.
@@ -150,6 +245,7 @@ pub enum Advice {
     InterruptedRestore { archive: String },
     CatalogUnreadable { problem: String },
     ArchivesInFuture { names: Vec<String> },
+    OffsiteBehind { hours: i64, backups: usize, max_behind_hours: u32, last_error: Option<String> },
 }
 
 impl Health {
@@ -228,7 +324,16 @@ impl Health {
             running: crate::lock::holder(&s.state.lock_path()),
             catalog_problem,
             archives_in_future: future,
+            offsite: OffsiteHealth::read(
+                s,
+                backups.map(|b| b.iter().filter_map(|l| l.created()).collect()).unwrap_or(facts.backups),
+                t,
+            ),
         }
+    }
+
+    pub fn offsite_behind(&self) -> bool {
+        self.offsite.as_ref().is_some_and(|o| o.behind)
     }
 
     pub fn last_backup_failed(&self) -> bool {
@@ -256,6 +361,14 @@ impl Health {
         }
         if let Some(r) = self.last_backup_run.as_ref().filter(|r| r.status == RunStatus::Failed) {
             v.push(Advice::LastBackupFailed { error: r.error.clone().unwrap_or_default() });
+        }
+        if let Some(o) = self.offsite.as_ref().filter(|o| o.behind) {
+            v.push(Advice::OffsiteBehind {
+                hours: o.waiting_since.map(|w| (self.now - w).num_hours()).unwrap_or_default(),
+                backups: o.backups_waiting,
+                max_behind_hours: o.max_behind_hours,
+                last_error: o.last_error.clone(),
+            });
         }
         match &self.last_drill {
             None if self.last_good_backup.is_some() => v.push(Advice::NoDrillYet),
@@ -306,6 +419,8 @@ struct CatalogFacts {
     last_restore: Option<RestoreSummary>,
     pending: (usize, Option<String>),
     problem: Option<String>,
+    /// When each active backup the catalog knows was made (the offsite rule without a scan).
+    backups: Vec<DateTime<Utc>>,
 }
 
 fn read_catalog(env: &Env) -> CatalogFacts {
@@ -343,6 +458,7 @@ fn read_catalog(env: &Env) -> CatalogFacts {
         last_restore,
         pending: crate::alerts::outbox::pending_summary(&c).unwrap_or_default(),
         problem: None,
+        backups: catalog_backups(&c, t),
     }
 }
 
@@ -387,5 +503,44 @@ mod tests {
         assert!(!overdue(Some(t - Duration::hours(26)), t, max), "exactly the limit is not");
         assert!(overdue(Some(t - Duration::hours(26) - Duration::seconds(1)), t, max));
         assert!(!overdue(Some(t + Duration::hours(1)), t, max), "a clock behind the backup is not overdue");
+    }
+
+    #[test]
+    fn offsite_is_behind_when_a_backup_waits_longer_than_the_limit() {
+        let t: DateTime<Utc> = "2026-12-04T04:00:00Z".parse().unwrap();
+        let h = |n: i64| t - Duration::hours(n);
+        let o = crate::config::OffsiteSettings {
+            url: "s3://b/p".into(),
+            bucket: "b".into(),
+            prefix: "p".into(),
+            endpoint: "https://s3.example.com".into(),
+            region: "us-east-1".into(),
+            path_style: false,
+            credentials: None,
+            max_rate: None,
+            part_size: 5 << 20,
+            parts_in_flight: 1,
+            timeout: std::time::Duration::from_secs(120),
+            retention: Default::default(),
+            max_behind_hours: 24,
+        };
+        let state = |started: i64| crate::offsite::OffsiteState {
+            last_success: Some(h(started) + Duration::minutes(5)),
+            last_success_started: Some(h(started)),
+            ..Default::default()
+        };
+        let daily = [h(1), h(25), h(49)];
+        // Never pushed: the oldest backup waits 49 h.
+        let a = OffsiteHealth::assess(&o, None, &daily, t);
+        assert!(a.behind && a.backups_waiting == 3 && a.waiting_since == Some(h(49)), "{a:?}");
+        // Pushed 2 h ago: only the newest waits, 1 h: fine.
+        let a = OffsiteHealth::assess(&o, Some(state(2)), &daily, t);
+        assert!(!a.behind && a.backups_waiting == 1, "{a:?}");
+        // The last good push started 30 h ago, backups went on daily: the one of 25 h waits.
+        let a = OffsiteHealth::assess(&o, Some(state(30)), &daily, t);
+        assert!(a.behind && a.backups_waiting == 2 && a.waiting_since == Some(h(25)), "{a:?}");
+        // No backup at all: nothing waits (the backup rule says "no backup yet").
+        assert!(!OffsiteHealth::assess(&o, None, &[], t).behind);
+        assert!(!offsite_behind(Some(h(24)), t, Duration::hours(24)), "exactly the limit is not behind");
     }
 }

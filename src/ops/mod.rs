@@ -70,15 +70,28 @@ pub struct Env {
     pub settings: Settings,
     pub system_root: SystemRoot,
     pub progress: Arc<dyn Progress>,
+    /// `--offsite`: `list`, `verify`, `drill` and `restore` read the archives from the bucket
+    /// (`[offsite]`) instead of the USB drive (#10). Writing (a backup, the safety copy of an
+    /// in-place restore) always goes to the drive.
+    pub offsite: bool,
 }
 
 impl Env {
     pub fn new(settings: Settings, progress: Arc<dyn Progress>) -> Env {
-        Env { settings, system_root: SystemRoot::from_env(), progress }
+        Env { settings, system_root: SystemRoot::from_env(), progress, offsite: false }
     }
 
-    /// The archives on the USB drive, once the drive is known to be there and readable.
+    /// The same, reading archives from the offsite copy when `offsite` is set.
+    pub fn with_offsite(self, offsite: bool) -> Env {
+        Env { offsite, ..self }
+    }
+
+    /// The archives to read: on the USB drive, once the drive is known to be there and
+    /// readable; or, with `--offsite`, in the bucket, once one request proved it answers.
     pub fn store_for_reading(&self) -> Result<Store> {
+        if self.offsite {
+            return crate::offsite::open_store(&self.settings);
+        }
         crate::target::require_readable(&self.settings.target, &self.system_root)?;
         Store::open_local(&self.settings.target.path)
     }
@@ -328,6 +341,14 @@ pub fn archive_record(l: &Listing) -> Option<ArchiveRecord> {
         expires_at: None,
         files: m.files,
     })
+}
+
+/// [`sync_catalog`] for listings read from the drive; those of the bucket (`--offsite`) are
+/// not the drive's and leave the catalog alone.
+pub fn sync_catalog_if_local(env: &Env, catalog: &Catalog, listings: &[Listing]) {
+    if !env.offsite {
+        sync_catalog(catalog, listings);
+    }
 }
 
 /// Bring the catalog in line with the manifests on the drive (the source of truth).

@@ -1,6 +1,8 @@
 //! `datavault verify`: check archives against their manifests. Shallow: the archive file's
 //! size and SHA-256 (no key needed). Deep: also decrypt and read every entry against the
-//! inner manifest (needs the identity); nothing is written anywhere.
+//! inner manifest (needs the identity); nothing is written anywhere. With `--offsite`, the
+//! same on the bucket, except that the shallow check compares the upload ledger's records
+//! with the manifests instead of downloading the archives.
 
 use serde::Serialize;
 
@@ -25,19 +27,28 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
         vec![crate::ops::select(&listings, which, crate::ops::Pick::Newest)?]
     };
     if chosen.is_empty() {
-        return Err(Error::Usage("there are no archives on the target to verify".into()));
+        return Err(Error::Usage(format!("there are no archives in {} to verify", store.location())));
     }
     let identities = if deep {
         Some(std::sync::Arc::new(crate::keys::load_identities(env.settings.encryption.identity.as_deref())?))
     } else {
         None
     };
+    // Offsite and shallow: nothing is downloaded; the ledger the pushes wrote says what
+    // each object was when it was sent.
+    let ledger = match (&identities, store.is_remote()) {
+        (None, true) => Some(crate::offsite::ledger::Ledger::load(store.backend()).map_err(|e| {
+            store.failure(e, "reading the upload ledger", |e| Error::io("reading the upload ledger", e))
+        })?),
+        _ => None,
+    };
     let mut out = Vec::new();
     for l in chosen {
-        let res = match &identities {
-            None if l.snapshot => shallow_snapshot(&store, l),
-            None => shallow(&store, l),
-            Some(ids) => {
+        let res = match (&identities, &ledger) {
+            (None, _) if l.snapshot => shallow_snapshot(&store, l),
+            (None, Some(ledger)) => shallow_remote(&store, ledger, l),
+            (None, None) => shallow(&store, l),
+            (Some(ids), _) => {
                 let path = env.settings.encryption.identity.as_deref().unwrap_or(std::path::Path::new("?"));
                 crate::archive::read::read_archive(&store, l, ids, path, None, &*env.progress).map(|r| {
                     format!(
@@ -78,6 +89,53 @@ fn shallow_snapshot(store: &Store, l: &Listing) -> Result<String> {
         "tree and refs match the manifest; {} chunks indexed; {} packs ({} bytes) match their SHA-256",
         c.chunks, c.packs, c.pack_bytes
     ))
+}
+
+/// `verify --offsite` without `--deep`: the object's size as listed (checked against the
+/// manifest by the scan) and the size and SHA-256 the push recorded while it streamed the
+/// file, against the manifest. Keyless, and nothing but the manifests and the ledger is
+/// downloaded; bit rot inside an object of the right size is `--deep`'s to find.
+fn shallow_remote(store: &Store, ledger: &crate::offsite::ledger::Ledger, l: &Listing) -> Result<String> {
+    use crate::offsite::ledger::Shallow;
+    let (Some(m), None) = (&l.manifest, &l.problem) else {
+        return Err(Error::integrity(&l.name, l.problem.clone().unwrap_or_else(|| "has no manifest".into())));
+    };
+    let manifest_name = l.manifest_name();
+    let manifest_size = store
+        .backend()
+        .size(&manifest_name)
+        .map_err(|e| store.failure(e, &format!("checking {manifest_name}"), |e| Error::io("checking", e)))?
+        .unwrap_or(0);
+    match ledger.check(&manifest_name, manifest_size, None) {
+        Shallow::SizeDiffers { recorded, remote } => {
+            return Err(Error::integrity(
+                &l.name,
+                format!("its manifest in the bucket is {remote} bytes, {recorded} were uploaded: it was changed after the push"),
+            ))
+        }
+        Shallow::Ok | Shallow::NotRecorded | Shallow::HashDiffers { .. } => {}
+    }
+    match ledger.check(&l.name, m.archive_size, Some(&m.archive_sha256)) {
+        Shallow::Ok => Ok(format!(
+            "size and the SHA-256 recorded at upload match the manifest ({} bytes; not downloaded)",
+            m.archive_size
+        )),
+        Shallow::NotRecorded => {
+            log::warn!(
+                "{}: not in the upload ledger (a push cut off before recording it; the next push adopts it): only its size was checked; --deep reads it",
+                l.name
+            );
+            Ok(format!("size matches the manifest ({} bytes); not in the upload ledger", m.archive_size))
+        }
+        Shallow::SizeDiffers { recorded, remote } => Err(Error::integrity(
+            &l.name,
+            format!("is {remote} bytes in the bucket, {recorded} were uploaded: truncated or replaced"),
+        )),
+        Shallow::HashDiffers { recorded } => Err(Error::integrity(
+            &l.name,
+            format!("the SHA-256 recorded at upload ({recorded}) differs from its manifest: the object is not the backup that was sent"),
+        )),
+    }
 }
 
 fn shallow(store: &Store, l: &Listing) -> Result<String> {

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use crate::error::{is_disk_full, Error, Result};
 use crate::fsutil::PARTIAL_SUFFIX;
 use crate::manifest::{ArchiveKind, Manifest};
+use crate::offsite::remote_error::{class_of, to_error, Blame};
 use backend::{Backend, LocalBackend, NewObject};
 
 pub const ARCHIVE_SUFFIX: &str = ".tar.zst.age";
@@ -135,11 +136,33 @@ pub struct Store {
     /// The snapshot store's local cache (#9), for runs that hold the run lock; reads without
     /// it use a cache of their own in memory (a backup may be using the shared one).
     dedup_cache: Option<std::path::PathBuf>,
+    /// Set for a remote store (the offsite bucket): who to blame for its failures, which
+    /// then keep their class (exit 3 not ready, 2 credentials, 4 damaged) instead of being
+    /// taken for a damaged archive.
+    remote: Option<Arc<Blame>>,
 }
 
 impl Store {
     pub fn new(backend: Arc<dyn Backend>) -> Store {
-        Store { backend, dedup_cache: None }
+        Store { backend, remote: None, dedup_cache: None }
+    }
+
+    /// A store on a remote backend (the offsite bucket).
+    pub fn remote(backend: Arc<dyn Backend>, blame: Blame) -> Store {
+        Store { backend, remote: Some(Arc::new(blame)), dedup_cache: None }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// A backend failure as the error it stands for: a remote store's failures by their
+    /// class ([`to_error`]); anything else as `otherwise` says.
+    pub fn failure(&self, e: io::Error, doing: &str, otherwise: impl FnOnce(io::Error) -> Error) -> Error {
+        match &self.remote {
+            Some(b) if class_of(&e).is_some() => to_error(e, doing, b),
+            _ => otherwise(e),
+        }
     }
 
     /// The USB drive's folder (the target checks come first: mounted, LUKS, marker).
@@ -165,7 +188,10 @@ impl Store {
     /// Archives without a manifest (a run cut off between the two renames) are listed as
     /// incomplete; `*.partial` files are not listed at all.
     pub fn scan(&self) -> Result<Vec<Listing>> {
-        let objects = self.backend.list("").map_err(|e| self.not_ready("list archives", e))?;
+        let objects = self
+            .backend
+            .list("")
+            .map_err(|e| self.failure(e, "listing archives", |e| self.not_ready("list archives", e)))?;
         let sizes: std::collections::HashMap<&str, u64> =
             objects.iter().map(|o| (o.name.as_str(), o.size)).collect();
         let mut out = Vec::new();
@@ -176,12 +202,10 @@ impl Store {
             }
             if let Some(stem) = name.strip_suffix(MANIFEST_SUFFIX) {
                 if !stem.ends_with(ARCHIVE_SUFFIX) {
-                    out.push(
-                        self.read_listing(
-                            stem,
-                            sizes.get(format!("{stem}{ARCHIVE_SUFFIX}").as_str()).copied(),
-                        ),
-                    );
+                    out.push(self.read_listing(
+                        stem,
+                        sizes.get(format!("{stem}{ARCHIVE_SUFFIX}").as_str()).copied(),
+                    )?);
                 }
             } else if let Some(stem) = name.strip_suffix(ARCHIVE_SUFFIX) {
                 if !sizes.contains_key(format!("{stem}{MANIFEST_SUFFIX}").as_str()) {
@@ -235,7 +259,7 @@ impl Store {
         dedup::Store::open_or_create(self.backend.clone(), dedup::ChunkerParams::default())
     }
 
-    fn read_listing(&self, stem: &str, archive_size: Option<u64>) -> Listing {
+    fn read_listing(&self, stem: &str, archive_size: Option<u64>) -> Result<Listing> {
         let name = format!("{stem}{ARCHIVE_SUFFIX}");
         let mut listing = Listing {
             name: name.clone(),
@@ -244,11 +268,16 @@ impl Store {
             problem: None,
             snapshot: false,
         };
-        let bytes = match self.backend.read_small(&format!("{stem}{MANIFEST_SUFFIX}"), MAX_MANIFEST_BYTES) {
+        let manifest_name = format!("{stem}{MANIFEST_SUFFIX}");
+        let bytes = match self.backend.read_small(&manifest_name, MAX_MANIFEST_BYTES) {
             Ok(b) => b,
+            // The server failing is not a damaged manifest.
+            Err(e) if self.remote.is_some() && class_of(&e).is_some() => {
+                return Err(self.failure(e, &format!("reading {manifest_name}"), |e| Error::io("", e)))
+            }
             Err(e) => {
                 listing.problem = Some(format!("cannot read its manifest: {e}"));
-                return listing;
+                return Ok(listing);
             }
         };
         match Manifest::parse(&name, &bytes) {
@@ -270,7 +299,7 @@ impl Store {
                 listing.manifest = Some(m);
             }
         }
-        listing
+        Ok(listing)
     }
 
     /// Remove what interrupted runs left: `*.partial` files, and an archive whose manifest is

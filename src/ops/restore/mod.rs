@@ -51,6 +51,10 @@ pub struct RestoreOutcome {
     pub in_place: bool,
     pub destination: Vec<PathBuf>,
     pub pre_restore_archive: Option<String>,
+    /// `--no-safety-copy`: the replaced data was not saved.
+    pub safety_copy_skipped: bool,
+    /// Where the archive was read: the drive's folder, or `s3://bucket/prefix`.
+    pub from: String,
     pub files: u64,
     pub bytes: u64,
     pub checks: Vec<Check>,
@@ -120,6 +124,8 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
         in_place: false,
         destination,
         pre_restore_archive: None,
+        safety_copy_skipped: false,
+        from: store.location(),
         files: report.files,
         bytes: report.plain_bytes,
         checks,
@@ -181,21 +187,51 @@ fn read_into(env: &Env, store: &Store, listing: &Listing, plan: &ExtractPlan) ->
     read_archive(store, listing, &identities, &identity_path, Some(plan), &*env.progress)
 }
 
+/// Whether an in-place restore saves the live data first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SafetyCopy {
+    /// The PRE-RESTORE archive, on the drive (the default, and the only choice from the drive).
+    Required,
+    /// `restore --offsite --no-safety-copy`: the drive is gone and the operator said the live
+    /// data may be replaced without a copy.
+    Skip,
+}
+
+impl SafetyCopy {
+    /// Why an in-place restore saved nothing first.
+    fn none_because(self) -> &'static str {
+        match self {
+            SafetyCopy::Skip => "none (--no-safety-copy)",
+            SafetyCopy::Required => "none (no live data)",
+        }
+    }
+}
+
 /// In place: the disaster case. `which` is the archive the operator confirmed (see [`choose`]).
-pub fn in_place(env: &Env, which: Option<&str>) -> Result<RestoreOutcome> {
+///
+/// From the offsite copy (`env.offsite`) it is the same journaled restore; the safety copy
+/// still goes to the drive. Without a drive it is taken only if there is no live data at
+/// all (a new Pi); otherwise the restore is refused up front, nothing stopped or changed,
+/// unless `safety` is [`SafetyCopy::Skip`].
+pub fn in_place(env: &Env, which: Option<&str>, safety: SafetyCopy) -> Result<RestoreOutcome> {
     let run = Run::start(env, "restore", Trigger::Manual, true)?;
-    let result = in_place_in_run(&run, which);
+    let result = in_place_in_run(&run, which, safety);
     run.end(&result, RunStatus::Success, result.as_ref().ok().map(|o| o.archive.as_str()));
     result
 }
 
-fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
+fn in_place_in_run(run: &Run, which: Option<&str>, safety: SafetyCopy) -> Result<RestoreOutcome> {
     let env = run.env;
     let s = &env.settings;
     let started = Instant::now();
+    safety_copy_possible(env, safety)?;
     let (store, listings) = crate::ops::listings(env)?;
-    let store = store.with_dedup_cache(crate::ops::backup::dedup_cache_path(s));
-    crate::ops::sync_catalog(&run.catalog, &listings);
+    let store = if store.is_remote() {
+        store
+    } else {
+        store.with_dedup_cache(crate::ops::backup::dedup_cache_path(s))
+    };
+    crate::ops::sync_catalog_if_local(env, &run.catalog, &listings);
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let name = listing.name.clone();
     let manifest = listing.manifest.clone().ok_or_else(|| Error::integrity(&name, "has no manifest"))?;
@@ -223,7 +259,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
             .create(a)
             .map_err(|e| Error::io(format!("cannot create {}", a.display()), e))?;
     }
-    let pre_name = match stop_and_save(run, &name) {
+    let pre_name = match stop_and_save(run, &name, safety) {
         Ok(p) => p,
         Err(e) => {
             finish(&journal_path, &journal, Ending::NothingMoved, &[]);
@@ -252,7 +288,7 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
         "restored {} files, {} bytes; safety copy {}",
         report.files,
         report.plain_bytes,
-        pre_name.as_deref().unwrap_or("none (no live data)")
+        pre_name.as_deref().unwrap_or(safety.none_because())
     );
     let _ = run.catalog.record_event(Some(run.id), now(), Event::SystemRestored, Some(&name), &detail);
     Ok(RestoreOutcome {
@@ -262,6 +298,8 @@ fn in_place_in_run(run: &Run, which: Option<&str>) -> Result<RestoreOutcome> {
             .chain(plan.uploads.map(|u| u.live))
             .collect(),
         pre_restore_archive: pre_name,
+        safety_copy_skipped: safety == SafetyCopy::Skip,
+        from: store.location(),
         files: report.files,
         bytes: report.plain_bytes,
         checks,
@@ -330,8 +368,31 @@ fn stage_and_verify(
     Ok((report, checks))
 }
 
+/// From the offsite copy, the safety copy still goes to the drive: checked before anything
+/// is downloaded or stopped. Without the drive, only a Pi with no live data, or the
+/// operator's `--no-safety-copy`, goes on.
+fn safety_copy_possible(env: &Env, safety: SafetyCopy) -> Result<()> {
+    let s = &env.settings;
+    if safety == SafetyCopy::Skip && !env.offsite {
+        return Err(Error::Usage(
+            "--no-safety-copy is only for a restore --offsite without the drive".into(),
+        ));
+    }
+    if env.offsite && safety == SafetyCopy::Required && has_live_data(s) {
+        crate::target::require_writable(&s.target, &env.system_root, 0).map_err(|e| {
+            e.note("the live data must be saved on the drive before it is replaced: plug the drive in, or restore with --to DIR, or pass --no-safety-copy to replace the live data without a copy")
+        })?;
+    }
+    Ok(())
+}
+
+/// Is there anything live a safety copy would save (see `Sources::plan`)?
+fn has_live_data(s: &crate::config::Settings) -> bool {
+    s.source.database.exists() || s.source.uploads.as_ref().is_some_and(|u| u.exists())
+}
+
 /// Step 3: stop the app, then save what is live now. On failure the app is started again.
-fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
+fn stop_and_save(run: &Run, name: &str, safety: SafetyCopy) -> Result<Option<String>> {
     let s = &run.env.settings;
     if let Some(svc) = &s.service {
         if let Err(e) = service::run(svc, Which::Stop) {
@@ -357,6 +418,10 @@ fn stop_and_save(run: &Run, name: &str) -> Result<Option<String>> {
         )));
     }
     crash_point("restore: app stopped");
+    if safety == SafetyCopy::Skip {
+        log::warn!("--no-safety-copy: the live data is replaced without a PRE-RESTORE copy");
+        return Ok(None);
+    }
     log::info!("taking a PRE-RESTORE safety backup of the current data");
     let opts = BackupOptions {
         kind: ArchiveKind::PreRestore,
