@@ -890,3 +890,29 @@ fn a_connection_dropped_mid_download_is_not_ready_never_damaged() {
     datavault::archive::read::read_archive(&local, &local_listings[0], &ids, &f.identity, None, &NoProgress)
         .unwrap();
 }
+
+/// Snapshots (#9) travel too: a snapshot backup pushed, then listed, verified (keyless and
+/// deep) and restored from the bucket alone on a Pi without the drive.
+#[test]
+fn snapshots_are_pushed_listed_verified_and_restored_from_the_bucket() {
+    let f = Fixture::with(|c| c.push_str("[store]\nformat = \"snapshots\"\n"));
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "");
+    big_upload(&f, "photo.bin", 2);
+    let name = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let fingerprint = f.fingerprint();
+    f.expect(&["offsite", "push"], 0);
+    let r = f.expect(&["--json", "list", "--offsite"], 0);
+    let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["name"] == name.as_str()).expect("listed");
+    assert_eq!(row["complete"], true, "{}", r.stdout);
+    assert_eq!(row["format"], "snapshot", "{}", r.stdout);
+    f.expect(&["verify", "--offsite"], 0);
+    f.expect(&["verify", "--offsite", "--deep"], 0);
+    let newpi = new_pi_config(&f);
+    let to = f.path().join("restored");
+    with_config(&f, &newpi, &["restore", "--offsite", "--to", to.to_str().unwrap()], 0);
+    let got = datavault::demo::fingerprint(&to.join("db/app.db"), Some(&to.join("uploads"))).unwrap();
+    assert_eq!(got, fingerprint);
+    drop(server);
+}
