@@ -131,9 +131,10 @@ pub enum Command {
     },
     /// Restore an archive: into an empty folder (--to) or in place of the live data
     #[command(
-        after_help = "In place, datavault verifies the archive fully, takes a PRE-RESTORE safety backup of the \
-current data, runs the stop command, swaps the data in atomically, runs the start command, and puts the previous \
-data back if anything fails. Without --yes it asks for confirmation on a terminal and refuses otherwise."
+        after_help = "In place, datavault verifies the archive fully, runs the stop command, takes a PRE-RESTORE \
+safety backup of the current data (after the stop, so what the app wrote while stopping is in it), swaps the data \
+in atomically, runs the start command, and puts the previous data back if anything fails. Without --yes it asks \
+for confirmation on a terminal and refuses otherwise."
     )]
     Restore {
         /// Archive name (default: the newest complete backup)
