@@ -45,7 +45,7 @@ pub struct Cli {
     /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Machine-readable JSON on stdout (every command that reports something: init, keygen, backup, list, verify, drill, restore, prune, status, audit, doctor, offsite, notify, demo)
+    /// Machine-readable JSON on stdout, for every command that reports something (all but agent, completions)
     #[arg(long, global = true)]
     pub json: bool,
     /// More log detail (-v debug, -vv trace)
