@@ -18,7 +18,8 @@ Exit codes:
   0   success
   1   unexpected failure (a stop/start command failed, an I/O error we did not foresee)
   2   usage or configuration error (bad config, missing or unprotected key file)
-  3   target not ready (USB drive missing, not mounted, not LUKS, not enough space, full)
+  3   target not ready (USB drive missing, not mounted, not LUKS, not enough space, full;
+      no room to extract a drill or restore)
   4   integrity failure (damaged, truncated or tampered archive, wrong key, unsafe archive
       content, failed drill)
   5   source unreadable (database missing or damaged, uploads unreadable)
@@ -44,7 +45,7 @@ pub struct Cli {
     /// Config file (default: $DATAVAULT_CONFIG, else /etc/datavault/datavault.toml)
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Machine-readable JSON on stdout (list, verify, drill, status, audit, backup, prune, restore, offsite, notify)
+    /// Machine-readable JSON on stdout, for every command that reports something (all but agent, completions)
     #[arg(long, global = true)]
     pub json: bool,
     /// More log detail (-v debug, -vv trace)
@@ -144,12 +145,13 @@ pub enum Command {
     },
     /// Restore an archive: into an empty folder (--to) or in place of the live data
     #[command(
-        after_help = "In place, datavault verifies the archive fully, takes a PRE-RESTORE safety backup of the \
-current data, runs the stop command, swaps the data in atomically, runs the start command, and puts the previous \
-data back if anything fails. Without --yes it asks for confirmation on a terminal and refuses otherwise."
+        after_help = "In place, datavault verifies the archive fully, runs the stop command, takes a PRE-RESTORE \
+safety backup of the current data (after the stop, so what the app wrote while stopping is in it), swaps the data \
+in atomically, runs the start command, and puts the previous data back if anything fails. Without --yes it asks \
+for confirmation on a terminal and refuses otherwise."
     )]
     Restore {
-        /// Archive name (default: the newest backup)
+        /// Archive name (default: the newest complete backup)
         archive: Option<String>,
         /// Restore into this empty (or new) folder instead of in place
         #[arg(long, value_name = "DIR")]
@@ -180,8 +182,11 @@ data back if anything fails. Without --yes it asks for confirmation on a termina
         limit: usize,
     },
     /// Self-test: config, database, uploads, target, keys, clock, GPIO, lock, last backup and drill
-    #[command(after_help = "Exits non-zero when something would make the next backup fail: 2 config, \
-3 target, 5 source. Warnings (no identity, overdue backup, failed drill, odd clock) are listed but do not fail.")]
+    #[command(
+        after_help = "Exits non-zero when something would make the next backup fail: 2 config, paths \
+or state folder, 3 target, 5 source, 1 catalog unreadable. Warnings (no identity, overdue backup, failed drill, \
+odd clock, no notification channel, drive nearly full) are listed but do not fail."
+    )]
     Doctor,
     /// The appliance daemon: status LED, push button, SIGUSR1 backup, SIGHUP reload (run by systemd)
     #[command(after_help = "Short press: backup now. Long press (gpio.long_press_ms): drill now. Presses \

@@ -8,11 +8,11 @@ use std::path::Path;
 use crate::catalog::{Catalog, Event, RunStatus};
 use crate::error::Result;
 use crate::fsutil::write_atomic;
+use crate::ops::health::Health;
 
 /// Everything the file shows is derived from the catalog, so a failed run never erases the
 /// figures of the last good one.
-pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings) -> Result<()> {
-    let max_age_hours = settings.agent.max_age_hours;
+pub fn write(path: &Path, catalog: &Catalog, health: &Health) -> Result<()> {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -37,16 +37,11 @@ pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings)
             );
         }
     }
-    let last_good = last_backup.as_ref().map(|r| r.ended_at.unwrap_or(r.started_at));
-    let overdue = crate::ops::health::overdue(
-        last_good,
-        crate::ops::now(),
-        chrono::Duration::hours(max_age_hours as i64),
-    );
+    // The rules are ops::health's, read once for status, doctor, the LED and these lines.
     gauge(
         "backup_overdue",
         "1 if no backup succeeded within agent.max_age_hours (the rule status, doctor and the LED use).",
-        if overdue { 1.0 } else { 0.0 },
+        if health.overdue { 1.0 } else { 0.0 },
     );
     if let Some(r) = &last_any {
         gauge(
@@ -77,75 +72,60 @@ pub fn write(path: &Path, catalog: &Catalog, settings: &crate::config::Settings)
         );
         gauge("last_drill_timestamp_seconds", "Time of the last drill (Unix time).", ts(e.at));
     }
-    offsite_gauges(&mut gauge, catalog, settings);
-    // #15: the drill rule status, doctor and the LED use, and the notification outbox.
-    let last_drill = catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?.map(|e| e.at);
-    let drill_overdue = crate::ops::health::drill_overdue(
-        last_drill,
-        catalog.first_backup_at()?,
-        crate::ops::now(),
-        chrono::Duration::days(settings.drill.max_age_days as i64),
-    );
+    offsite_gauges(&mut gauge, health);
     gauge(
         "drill_overdue",
         "1 if no restore drill ran within drill.max_age_days (the rule status, doctor and the LED use).",
-        if drill_overdue { 1.0 } else { 0.0 },
+        if health.drill_overdue { 1.0 } else { 0.0 },
     );
-    let (pending, _) = crate::alerts::outbox::pending_summary(catalog)?;
     gauge(
         "notifications_pending",
         "Notifications not yet delivered (retried at the next notify run).",
-        pending as f64,
+        health.notifications_pending as f64,
     );
     write_atomic(path, out.as_bytes(), 0o644)
 }
 
 /// The offsite copy (#10): what the last push recorded (`offsite-state.json`), and the one
-/// offsite rule of `ops::health`.
-fn offsite_gauges(
-    gauge: &mut impl FnMut(&str, &str, f64),
-    catalog: &Catalog,
-    settings: &crate::config::Settings,
-) {
+/// offsite rule of `ops::health`. Nothing without `[offsite]`.
+fn offsite_gauges(gauge: &mut impl FnMut(&str, &str, f64), health: &Health) {
+    let Some(o) = &health.offsite else { return };
     let ts = |t: chrono::DateTime<chrono::Utc>| t.timestamp_millis() as f64 / 1000.0;
-    if let Some(st) = crate::offsite::OffsiteState::load(&settings.state.dir) {
-        if let Some(t) = st.last_success {
-            gauge(
-                "offsite_last_success_timestamp_seconds",
-                "End of the last successful offsite push (Unix time).",
-                ts(t),
-            );
-        }
-        if let Some(t) = st.last_attempt {
-            gauge(
-                "offsite_last_run_success",
-                "1 if the last offsite push succeeded, 0 if it failed.",
-                if st.last_error.is_none() { 1.0 } else { 0.0 },
-            );
-            gauge("offsite_last_run_timestamp_seconds", "Start of the last offsite push (Unix time).", ts(t));
-        }
+    if let Some(t) = o.last_success {
         gauge(
-            "offsite_backups_behind",
-            "Backups on the drive not yet visible in the bucket (at the last push).",
-            st.behind.backups as f64,
-        );
-        gauge(
-            "offsite_snapshots_behind",
-            "Snapshots on the drive not yet visible in the bucket (at the last push).",
-            st.behind.snapshots as f64,
-        );
-        gauge("offsite_bytes_behind", "Bytes the bucket lacked after the last push.", st.behind.bytes as f64);
-    }
-    if let Some(o) = crate::ops::health::OffsiteHealth::from_catalog(settings, catalog, crate::ops::now()) {
-        gauge(
-            "offsite_backups_waiting",
-            "Backups on the drive made since the last successful offsite push started (not known to be offsite).",
-            o.backups_waiting as f64,
-        );
-        gauge(
-            "offsite_behind",
-            "1 if a backup waited more than offsite.max_behind_hours to be pushed (the rule status, doctor and the LED use).",
-            if o.behind { 1.0 } else { 0.0 },
+            "offsite_last_success_timestamp_seconds",
+            "End of the last successful offsite push (Unix time).",
+            ts(t),
         );
     }
+    if let Some(t) = o.last_attempt {
+        gauge(
+            "offsite_last_run_success",
+            "1 if the last offsite push succeeded, 0 if it failed.",
+            if o.last_error.is_none() { 1.0 } else { 0.0 },
+        );
+        gauge("offsite_last_run_timestamp_seconds", "Start of the last offsite push (Unix time).", ts(t));
+    }
+    let behind = &o.behind_at_last_push;
+    gauge(
+        "offsite_backups_behind",
+        "Backups on the drive not yet visible in the bucket (at the last push).",
+        behind.backups as f64,
+    );
+    gauge(
+        "offsite_snapshots_behind",
+        "Snapshots on the drive not yet visible in the bucket (at the last push).",
+        behind.snapshots as f64,
+    );
+    gauge("offsite_bytes_behind", "Bytes the bucket lacked after the last push.", behind.bytes as f64);
+    gauge(
+        "offsite_backups_waiting",
+        "Backups on the drive made since the last successful offsite push started (not known to be offsite).",
+        o.backups_waiting as f64,
+    );
+    gauge(
+        "offsite_behind",
+        "1 if a backup waited more than offsite.max_behind_hours to be pushed (the rule status, doctor and the LED use).",
+        if o.behind { 1.0 } else { 0.0 },
+    );
 }

@@ -82,6 +82,13 @@ pub struct Sendmail {
 impl MailSender for Sendmail {
     fn send(&self, message: &str) -> Result<(), String> {
         let name = self.path.display().to_string();
+        // Checked first: a failed exec is not reported the same way everywhere (under
+        // qemu-user the spawn itself may succeed and the child exit 127).
+        if !self.path.is_file() {
+            return Err(format!(
+                "{name} does not exist; install msmtp-mta (or another MTA) or set notify.sendmail"
+            ));
+        }
         let mut child = Command::new(&self.path)
             .args(["-t", "-i"])
             .stdin(Stdio::piped())
@@ -159,6 +166,7 @@ mod tests {
         let e = s.send("x").unwrap_err();
         assert!(e.contains("/bin/false exited with 1"), "{e}");
         let s = Sendmail { path: "/nonexistent/sendmail".into(), timeout: Duration::from_secs(5) };
-        assert!(s.send("x").unwrap_err().contains("notify.sendmail"));
+        let e = s.send("x").unwrap_err();
+        assert!(e.contains("/nonexistent/sendmail") && e.contains("notify.sendmail"), "{e}");
     }
 }

@@ -4,8 +4,9 @@
 //! symlinks kept as links), `raw/...` (only in a pre-restore safety copy of a database SQLite
 //! could not read), and `MANIFEST.json` last (every entry's size and SHA-256).
 //!
-//! [`write`] builds archives in one streaming pass; [`read`] verifies and extracts them, and
-//! is the one place that decides whether an entry is safe to write (see [`entry_path`]).
+//! [`write`] builds archives in one streaming pass; [`read`] verifies and extracts them
+//! through [`crate::tree::extract`], the one place that decides whether an entry is safe to
+//! write (its paths through [`entry_path`]).
 
 pub mod read;
 pub mod write;

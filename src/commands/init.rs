@@ -47,7 +47,8 @@ pub fn init(config: &Path, keygen: bool, ui: &Ui) -> Result<u8> {
         );
         recipient = Some((r, identity));
     }
-    write_atomic(config, text.as_bytes(), 0o644)?;
+    // 0600: the config may come to hold secrets (notification URLs and tokens, [notify]).
+    write_atomic(config, text.as_bytes(), 0o600)?;
     if ui.json {
         json(&serde_json::json!({
             "config": config,

@@ -24,7 +24,7 @@ pub enum LedPattern {
     Off,
     /// Slow heartbeat: 100 ms on every 2 s.
     Healthy,
-    /// Fast blink at 5 Hz: a backup, drill or restore is running.
+    /// Fast blink at 5 Hz: a backup or drill the agent started (button, SIGUSR1) is running.
     Working,
     /// Three quick flashes, then back to the previous pattern: "button press seen".
     Acknowledge,
@@ -96,12 +96,12 @@ impl LedPattern {
         }
     }
 
-    /// One line for the README's legend and for `datavault doctor`.
+    /// One line, as in the README's legend (a test keeps the two in step).
     pub fn describe(self) -> &'static str {
         match self {
             LedPattern::Off => "off: the agent is not running",
             LedPattern::Healthy => "short blink every 2 s: healthy, the last backup is recent",
-            LedPattern::Working => "fast blinking: a backup, drill or restore is running",
+            LedPattern::Working => "fast blinking: a backup or drill the agent started is running",
             LedPattern::Acknowledge => "three quick flashes: button press seen",
             LedPattern::Failed => "steady on: no backup yet, the last run failed, or the backup is overdue",
             LedPattern::DrillFailed => "SOS (... --- ...): a restore drill failed",

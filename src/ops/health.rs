@@ -91,15 +91,6 @@ impl OffsiteHealth {
         let o = s.offsite.as_ref()?;
         Some(OffsiteHealth::assess(o, crate::offsite::OffsiteState::load(&s.state.dir), &local_backups, now))
     }
-
-    /// From the catalog alone (the metrics, written after every run).
-    pub fn from_catalog(
-        s: &crate::config::Settings,
-        catalog: &Catalog,
-        now: DateTime<Utc>,
-    ) -> Option<OffsiteHealth> {
-        OffsiteHealth::read(s, catalog_backups(catalog, now), now)
-    }
 }
 
 /// When each active backup the catalog knows was made (none dated in the future).

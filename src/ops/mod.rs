@@ -216,7 +216,8 @@ impl<'e> Run<'e> {
         // Only recorded here (no network in the backup and drill units); sent by `notify` (#15).
         notify::record_after_run(self.env, &self.catalog, &self.command, status, error.as_ref(), archive);
         let s = &self.env.settings;
-        if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, s) {
+        let health = health::Health::read(self.env, false);
+        if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &self.catalog, &health) {
             log::warn!("cannot write metrics: {e}");
         }
     }

@@ -83,7 +83,8 @@ pub fn run_with(env: &Env, http: &dyn HttpPoster, mail: &dyn MailSender) -> Resu
     let recorded = outbox::record(&catalog, &health, &s.notify, &host)?;
     let senders = Senders { http, mail, host };
     let sent = send::deliver_pending(&catalog, &s.notify, &senders, Utc::now())?;
-    if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &catalog, s) {
+    // Read again: the outbox changed.
+    if let Err(e) = crate::metrics::write(&s.state.metrics_path(), &catalog, &Health::read(env, false)) {
         log::warn!("cannot write metrics: {e}");
     }
     Ok(NotifyOutcome { recorded, sent, busy: false })
