@@ -994,6 +994,8 @@ struct RawOffsite {
     retention: Option<RawRetention>,
 }
 
+// Long on purpose (#12): one key after another, each with its own range and message, in the
+// order of the README's table; split, the list would only move.
 fn parse_offsite(v: &Validator, o: &RawOffsite, local: &RetentionPolicy) -> Result<OffsiteSettings> {
     let url = o.url.get_ref().trim();
     let Some(rest) = url.strip_prefix("s3://") else {

@@ -273,18 +273,14 @@ pub fn run_prune(env: &Env, dry_run: bool) -> Result<RemotePruneOutcome> {
     result
 }
 
-fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
-    let (remote, blame) = connect(s)?;
-    let o = settings(s)?;
-    let err = |doing: &str| {
-        let blame = blame.clone();
-        let doing = doing.to_string();
-        move |e| to_error(e, &doing, &blame)
-    };
-    remote.check().map_err(err("checking the bucket"))?;
-    let t = now();
-    let top: std::collections::HashMap<String, u64> =
-        remote.list("").map_err(err("listing"))?.into_iter().map(|o| (o.name, o.size)).collect();
+/// The bucket's backups as retention sees them (a manifest that does not describe its
+/// archive is not good), and the orphans to delete: manifests without their archive, and
+/// archives without a manifest older than the grace period (a push may be sending them).
+fn remote_candidates(
+    remote: &dyn Backend,
+    top: &std::collections::HashMap<String, u64>,
+    t: DateTime<Utc>,
+) -> (Vec<Candidate>, Vec<String>) {
     let mut candidates = Vec::new();
     let mut orphans = Vec::new();
     for name in top.keys() {
@@ -311,6 +307,40 @@ fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
             }
         }
     }
+    (candidates, orphans)
+}
+
+/// The ledger objects merged into one, without the records of what is gone: written first,
+/// the old ones deleted after, so a cut loses no record. Returns how many were merged.
+fn merge_ledger(remote: &dyn Backend, gone: &[String], t: DateTime<Utc>) -> std::io::Result<usize> {
+    let ledger = ledger::Ledger::load(remote)?;
+    if ledger.files.is_empty() || (ledger.files.len() == 1 && gone.is_empty()) {
+        return Ok(0);
+    }
+    let mut records: Vec<ledger::Record> =
+        ledger.records.values().filter(|r| !gone.contains(&r.path)).cloned().collect();
+    records.sort_by(|a, b| a.path.cmp(&b.path));
+    let name = join(ledger::LEDGER_DIR, &format!("{}-merged.json", t.format("%Y%m%dT%H%M%S%.3fZ")));
+    ledger::write_ledger(remote, &name, &records)?;
+    for f in &ledger.files {
+        remote.remove(&join(ledger::LEDGER_DIR, f))?;
+    }
+    Ok(ledger.files.len())
+}
+
+fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
+    let (remote, blame) = connect(s)?;
+    let o = settings(s)?;
+    let err = |doing: &str| {
+        let blame = blame.clone();
+        let doing = doing.to_string();
+        move |e| to_error(e, &doing, &blame)
+    };
+    remote.check().map_err(err("checking the bucket"))?;
+    let t = now();
+    let top: std::collections::HashMap<String, u64> =
+        remote.list("").map_err(err("listing"))?.into_iter().map(|o| (o.name, o.size)).collect();
+    let (candidates, orphans) = remote_candidates(&remote, &top, t);
     let newest = candidates.iter().filter(|c| c.good).map(|c| c.created).max();
     if let crate::retention::ClockCheck::Suspicious(why) =
         crate::retention::check_clock(t, newest, crate::ops::build_time())
@@ -356,21 +386,11 @@ fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
             aborted.push(u.path);
         }
     }
-    // Merge the ledger objects into one, without the records of what is gone: written
-    // first, the old ones deleted after, so a cut loses no record.
-    let ledger = ledger::Ledger::load(&remote).map_err(err("reading the upload ledger"))?;
-    let mut merged = 0;
-    if !dry_run && (ledger.files.len() > 1 || !gone.is_empty()) && !ledger.files.is_empty() {
-        let mut records: Vec<ledger::Record> =
-            ledger.records.values().filter(|r| !gone.contains(&r.path)).cloned().collect();
-        records.sort_by(|a, b| a.path.cmp(&b.path));
-        let name = join(ledger::LEDGER_DIR, &format!("{}-merged.json", t.format("%Y%m%dT%H%M%S%.3fZ")));
-        ledger::write_ledger(&remote, &name, &records).map_err(err("writing the upload ledger"))?;
-        for f in &ledger.files {
-            remote.remove(&join(ledger::LEDGER_DIR, f)).map_err(err("deleting an old ledger object"))?;
-        }
-        merged = ledger.files.len();
-    }
+    let merged = if dry_run {
+        0
+    } else {
+        merge_ledger(&remote, &gone, t).map_err(err("merging the upload ledger"))?
+    };
     if remote.size("store/config.json").map_err(err("checking"))?.is_some() {
         log::warn!("{}: store/ (deduplicated snapshots) is not pruned by this command yet", blame.location);
     }

@@ -129,6 +129,8 @@ enum Unit {
 /// Copy whatever `dst` lacks from `src`. I/O errors (the server unreachable, the drive
 /// gone) end the push with an error, after the ledger of what was sent is written; a
 /// conflict or a damaged local file is reported and the rest goes on.
+// Long on purpose (#12): one loop over the plan whose outcomes per file share the blocked
+// units, the ledger writer and the report; split, each step would carry all three.
 pub fn push(
     src: &dyn Backend,
     dst: &dyn Backend,
@@ -316,70 +318,76 @@ fn plan(
         items.push(Item { path: manifest.clone(), size: top[&manifest], expect: None, unit, visible: true });
     }
 
-    if let Some(size) = src.size("store/config.json")? {
-        items.push(Item { path: "store/config.json".into(), size, expect: None, unit: None, visible: false });
-        for hi in 0..=255u8 {
-            let dir = format!("store/packs/{hi:02x}");
-            let mut packs = src.list(&dir)?;
-            packs.sort_by(|a, b| a.name.cmp(&b.name));
-            for o in packs.into_iter().filter(|o| is_hex(&o.name, 64) && o.name.starts_with(&dir[12..])) {
-                items.push(Item {
-                    path: join(&dir, &o.name),
-                    size: o.size,
-                    expect: Some(o.name),
-                    unit: None,
-                    visible: false,
-                });
-            }
-        }
-        let mut index = src.list("store/index")?;
-        index.sort_by(|a, b| a.name.cmp(&b.name));
-        for o in index {
-            if o.name.strip_suffix(".json").is_some_and(|h| is_hex(h, 64)) {
-                items.push(Item {
-                    path: join("store/index", &o.name),
-                    size: o.size,
-                    expect: None,
-                    unit: None,
-                    visible: false,
-                });
-            }
-        }
-        let mut snaps = src.list("store/snapshots")?;
-        snaps.sort_by(|a, b| a.name.cmp(&b.name));
-        let stems: Vec<String> = snaps
-            .iter()
-            .filter_map(|o| o.name.strip_suffix(".json"))
-            .filter(|s| stem_time(s).is_some())
-            .map(str::to_string)
-            .collect();
-        for stem in &stems {
-            for ext in [".tree", ".refs"] {
-                if let Some(o) = snaps.iter().find(|o| o.name == format!("{stem}{ext}")) {
-                    let unit = Some(Unit::Snapshot(stem.clone()));
-                    items.push(Item {
-                        path: join("store/snapshots", &o.name),
-                        size: o.size,
-                        expect: None,
-                        unit,
-                        visible: false,
-                    });
-                }
-            }
-        }
-        for stem in &stems {
-            let o = snaps.iter().find(|o| o.name == format!("{stem}.json")).expect("listed");
-            let unit = Some(Unit::Snapshot(stem.clone()));
+    store_items(src, &mut items)?;
+    Ok(items)
+}
+
+/// The snapshot store's files (#9), when the drive has one: config, packs and index first,
+/// then each snapshot's tree and refs, its manifest (what makes it visible) last.
+fn store_items(src: &dyn Backend, items: &mut Vec<Item>) -> io::Result<()> {
+    let Some(size) = src.size("store/config.json")? else { return Ok(()) };
+    items.push(Item { path: "store/config.json".into(), size, expect: None, unit: None, visible: false });
+    for hi in 0..=255u8 {
+        let dir = format!("store/packs/{hi:02x}");
+        let mut packs = src.list(&dir)?;
+        packs.sort_by(|a, b| a.name.cmp(&b.name));
+        for o in packs.into_iter().filter(|o| is_hex(&o.name, 64) && o.name.starts_with(&dir[12..])) {
             items.push(Item {
-                path: join("store/snapshots", &o.name),
+                path: join(&dir, &o.name),
                 size: o.size,
-                expect: None,
-                unit,
-                visible: true,
+                expect: Some(o.name),
+                unit: None,
+                visible: false,
             });
         }
     }
-    Ok(items)
+    let mut index = src.list("store/index")?;
+    index.sort_by(|a, b| a.name.cmp(&b.name));
+    for o in index {
+        if o.name.strip_suffix(".json").is_some_and(|h| is_hex(h, 64)) {
+            items.push(Item {
+                path: join("store/index", &o.name),
+                size: o.size,
+                expect: None,
+                unit: None,
+                visible: false,
+            });
+        }
+    }
+    let mut snaps = src.list("store/snapshots")?;
+    snaps.sort_by(|a, b| a.name.cmp(&b.name));
+    let stems: Vec<String> = snaps
+        .iter()
+        .filter_map(|o| o.name.strip_suffix(".json"))
+        .filter(|s| stem_time(s).is_some())
+        .map(str::to_string)
+        .collect();
+    for stem in &stems {
+        for ext in [".tree", ".refs"] {
+            if let Some(o) = snaps.iter().find(|o| o.name == format!("{stem}{ext}")) {
+                let unit = Some(Unit::Snapshot(stem.clone()));
+                items.push(Item {
+                    path: join("store/snapshots", &o.name),
+                    size: o.size,
+                    expect: None,
+                    unit,
+                    visible: false,
+                });
+            }
+        }
+    }
+    for stem in &stems {
+        let o = snaps.iter().find(|o| o.name == format!("{stem}.json")).expect("listed");
+        let unit = Some(Unit::Snapshot(stem.clone()));
+        items.push(Item {
+            path: join("store/snapshots", &o.name),
+            size: o.size,
+            expect: None,
+            unit,
+            visible: true,
+        });
+    }
+    Ok(())
 }
 
 /// Complete archive/manifest pairs among top-level names: (stem, time, kind).
