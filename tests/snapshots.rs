@@ -213,7 +213,8 @@ fn a_drive_with_archives_and_snapshots_lists_restores_and_prunes_both() {
 /// and verify, nothing incomplete is listed as complete, and the next backup works.
 #[test]
 fn kill_9_during_snapshot_backups_never_harms_existing_snapshots() {
-    let trials: u32 = std::env::var("DV_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let trials: u32 =
+        std::env::var("DV_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_trials());
     // Retention keeps everything here: a snapshot that goes away was harmed, not pruned.
     let f = Fixture::with(|c| {
         c.push_str("[retention]\nkeep_last = 100000\n[store]\nformat = \"snapshots\"\n");
@@ -291,7 +292,8 @@ fn kill_9_during_snapshot_backups_never_harms_existing_snapshots() {
 /// newest snapshot stays complete and verifies, and a later prune finishes the job.
 #[test]
 fn kill_9_during_prune_never_harms_the_snapshots_it_keeps() {
-    let trials: u32 = std::env::var("DV_PRUNE_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let trials: u32 =
+        std::env::var("DV_PRUNE_KILL_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_trials());
     let f = snapshots_fixture();
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut rand = move || {
@@ -343,4 +345,14 @@ fn kill_9_during_prune_never_harms_the_snapshots_it_keeps() {
         datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap(),
         f.fingerprint()
     );
+}
+
+/// 100 kill trials natively; under qemu (DATAVAULT_TEST_EMULATED, after the native run of the
+/// same CI) ten, as the fault suite does: each costs ten times more there.
+fn default_trials() -> u32 {
+    if util::emulated() {
+        10
+    } else {
+        100
+    }
 }
