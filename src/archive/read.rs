@@ -381,6 +381,8 @@ fn meta_of<R: Read>(entry: &tar::Entry<R>) -> EntryMeta {
 /// and written by it; every chunk decrypted, decompressed with a cap and checked against its
 /// id by the snapshot reader; only the end of the tree (counts, sizes, refs and the
 /// database's SHA-256 against the manifest) proves the whole.
+// Long on purpose (#12): one loop over the snapshot's entries, each checked and handed to
+// the shared extractor, with the counts the end of the stream proves against the manifest.
 fn read_snapshot(
     store: &Store,
     listing: &Listing,

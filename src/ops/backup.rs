@@ -335,13 +335,137 @@ pub fn chunk_key_path(s: &crate::config::Settings) -> PathBuf {
     s.path.parent().unwrap_or(Path::new("/etc/datavault")).join("chunk.key")
 }
 
+/// A database that could not be snapshotted (the safety copy of a broken one): its files
+/// as they are, under `raw/`.
+fn add_raw_database(
+    w: &mut crate::store::dedup::write::SnapshotWriter<'_>,
+    db: &Path,
+    skipped: &mut Vec<crate::manifest::Skipped>,
+) -> Result<()> {
+    use crate::store::dedup::write::FileOutcome;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        let Ok(mut f) = std::fs::File::open(&p) else { continue };
+        let Ok(m) = f.metadata() else { continue };
+        if !m.is_file() {
+            continue;
+        }
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let rel = format!("raw/{name}");
+        let meta = dmeta(&crate::tree::EntryMeta::from_metadata(&m));
+        if let FileOutcome::Unreadable(e) = w.add_file(rel.as_bytes(), &meta, None, &mut f, m.len())? {
+            skipped.push(crate::manifest::Skipped { path: rel, reason: format!("unreadable: {e}") });
+        }
+    }
+    Ok(())
+}
+
+/// The uploads folder into the snapshot, by the shared walker; files unchanged since the
+/// last snapshot (size, times, inode) are not read again.
+fn add_uploads(
+    w: &mut crate::store::dedup::write::SnapshotWriter<'_>,
+    root: &Path,
+    changed: &mut Vec<String>,
+    skipped: &mut Vec<crate::manifest::Skipped>,
+) -> Result<crate::manifest::TreeInfo> {
+    use crate::store::dedup::write::FileOutcome;
+    let mut info = crate::manifest::TreeInfo::default();
+    let walked = crate::tree::walk::walk(root, crate::archive::TOP_UPLOADS, |item| -> Result<()> {
+        use crate::tree::walk::Item;
+        let skip = |skipped: &mut Vec<crate::manifest::Skipped>, rel: &[u8], reason: String| {
+            skipped.push(crate::manifest::Skipped { path: manifest::escape_path(rel), reason })
+        };
+        match item {
+            Item::Dir { rel, meta } => {
+                w.add_dir(&rel, &dmeta(&meta))?;
+                info.dirs += 1;
+            }
+            Item::Symlink { rel, meta, target } => {
+                w.add_symlink(&rel, &dmeta(&meta), &target)?;
+                info.symlinks += 1;
+            }
+            Item::File { rel, meta, stat, mut file } => {
+                let (m, st) = (dmeta(&meta), dstat(&stat));
+                if let Some(n) = w.reuse_unchanged(&rel, &m, &st)? {
+                    info.files += 1;
+                    info.bytes += n;
+                    return Ok(());
+                }
+                match w.add_file(&rel, &m, Some(&st), &mut file, stat.size)? {
+                    FileOutcome::Added { size, changed: c } => {
+                        if c {
+                            changed.push(manifest::escape_path(&rel));
+                        }
+                        info.files += 1;
+                        info.bytes += size;
+                    }
+                    FileOutcome::Unreadable(e) => {
+                        log::warn!("{}: cannot read, skipped: {e}", manifest::escape_path(&rel));
+                        skip(skipped, &rel, format!("unreadable: {e}"));
+                    }
+                }
+            }
+            Item::Special { rel } => {
+                log::warn!(
+                    "{}: special file (fifo, socket or device), not backed up",
+                    manifest::escape_path(&rel)
+                );
+                skip(skipped, &rel, "special file (fifo, socket or device)".into());
+            }
+            Item::Vanished { rel } => {
+                changed.push(manifest::escape_path(&rel));
+                skip(skipped, &rel, "vanished during the backup".into());
+            }
+            Item::Replaced { rel } => {
+                changed.push(manifest::escape_path(&rel));
+                skip(skipped, &rel, "replaced by something else (a link?) during the backup".into());
+            }
+            Item::Unreadable { rel, error } => {
+                log::warn!("{}: cannot read, skipped: {error}", manifest::escape_path(&rel));
+                skip(skipped, &rel, format!("unreadable: {error}"));
+            }
+        }
+        Ok(())
+    });
+    match walked {
+        Ok(()) => Ok(info),
+        Err(crate::tree::walk::WalkError::Visit(e)) => Err(e),
+        Err(crate::tree::walk::WalkError::Root(e)) => {
+            Err(Error::source(root, format!("cannot read the uploads folder: {e}; check source.uploads")))
+        }
+    }
+}
+
+/// The walker's metadata as the snapshot writer takes it.
+fn dmeta(m: &crate::tree::EntryMeta) -> crate::store::dedup::write::EntryMeta {
+    crate::store::dedup::write::EntryMeta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        mtime: m.mtime,
+        mtime_ns: m.mtime_ns,
+    }
+}
+
+/// The walker's file identity as the snapshot cache takes it.
+fn dstat(st: &crate::tree::FileStat) -> crate::store::dedup::cache::FileStat {
+    crate::store::dedup::cache::FileStat {
+        size: st.size,
+        mtime_ns: st.mtime_ns,
+        ctime_ns: st.ctime_ns,
+        inode: st.inode,
+    }
+}
+
 /// Like [`create_archive`], into the deduplicated snapshot store (#9): the same sources,
 /// the same database snapshot and the same walker; only what changed is written.
+// Long on purpose (#12): the steps of one backup in their order (room, writer, database,
+// raw files, uploads, finish, record); each is a call, the rest is the values they share.
 fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutcome>> {
-    use crate::store::dedup::write::{
-        EntryMeta as DMeta, FileOutcome, SnapshotMeta, SnapshotWriter, WriterOptions,
-    };
-    use crate::store::dedup::{cache::FileStat as DStat, Cache};
+    use crate::store::dedup::write::{SnapshotMeta, SnapshotWriter, WriterOptions};
+    use crate::store::dedup::Cache;
     let env = run.env;
     let s = &env.settings;
     let Some(sources) = Sources::plan(s, opts.kind)? else { return Ok(None) };
@@ -373,19 +497,6 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     if let Err(e) = run.catalog.set_run_archive(run.id, &stem) {
         log::warn!("{e}");
     }
-    let dmeta = |m: &crate::tree::EntryMeta| DMeta {
-        mode: m.mode,
-        uid: m.uid,
-        gid: m.gid,
-        mtime: m.mtime,
-        mtime_ns: m.mtime_ns,
-    };
-    let dstat = |st: &crate::tree::FileStat| DStat {
-        size: st.size,
-        mtime_ns: st.mtime_ns,
-        ctime_ns: st.ctime_ns,
-        inode: st.inode,
-    };
     env.progress.start("backing up", estimate);
     let db = &s.source.database;
     let mut raw = matches!(sources.database, DbSource::Raw);
@@ -406,94 +517,12 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     let mut changed = Vec::new();
     let mut skipped = Vec::new();
     if raw {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut p = db.as_os_str().to_owned();
-            p.push(suffix);
-            let p = PathBuf::from(p);
-            let Ok(mut f) = std::fs::File::open(&p) else { continue };
-            let Ok(m) = f.metadata() else { continue };
-            if !m.is_file() {
-                continue;
-            }
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let rel = format!("raw/{name}");
-            let meta = dmeta(&crate::tree::EntryMeta::from_metadata(&m));
-            if let FileOutcome::Unreadable(e) = w.add_file(rel.as_bytes(), &meta, None, &mut f, m.len())? {
-                skipped.push(crate::manifest::Skipped { path: rel, reason: format!("unreadable: {e}") });
-            }
-        }
+        add_raw_database(&mut w, db, &mut skipped)?;
     }
-    let mut tree_info = None;
-    if let Some(root) = &sources.uploads {
-        let mut info = crate::manifest::TreeInfo::default();
-        let walked = crate::tree::walk::walk(root, crate::archive::TOP_UPLOADS, |item| -> Result<()> {
-            use crate::tree::walk::Item;
-            let skip = |skipped: &mut Vec<crate::manifest::Skipped>, rel: &[u8], reason: String| {
-                skipped.push(crate::manifest::Skipped { path: manifest::escape_path(rel), reason })
-            };
-            match item {
-                Item::Dir { rel, meta } => {
-                    w.add_dir(&rel, &dmeta(&meta))?;
-                    info.dirs += 1;
-                }
-                Item::Symlink { rel, meta, target } => {
-                    w.add_symlink(&rel, &dmeta(&meta), &target)?;
-                    info.symlinks += 1;
-                }
-                Item::File { rel, meta, stat, mut file } => {
-                    let (m, st) = (dmeta(&meta), dstat(&stat));
-                    if let Some(n) = w.reuse_unchanged(&rel, &m, &st)? {
-                        info.files += 1;
-                        info.bytes += n;
-                        return Ok(());
-                    }
-                    match w.add_file(&rel, &m, Some(&st), &mut file, stat.size)? {
-                        FileOutcome::Added { size, changed: c } => {
-                            if c {
-                                changed.push(manifest::escape_path(&rel));
-                            }
-                            info.files += 1;
-                            info.bytes += size;
-                        }
-                        FileOutcome::Unreadable(e) => {
-                            log::warn!("{}: cannot read, skipped: {e}", manifest::escape_path(&rel));
-                            skip(&mut skipped, &rel, format!("unreadable: {e}"));
-                        }
-                    }
-                }
-                Item::Special { rel } => {
-                    log::warn!(
-                        "{}: special file (fifo, socket or device), not backed up",
-                        manifest::escape_path(&rel)
-                    );
-                    skip(&mut skipped, &rel, "special file (fifo, socket or device)".into());
-                }
-                Item::Vanished { rel } => {
-                    changed.push(manifest::escape_path(&rel));
-                    skip(&mut skipped, &rel, "vanished during the backup".into());
-                }
-                Item::Replaced { rel } => {
-                    changed.push(manifest::escape_path(&rel));
-                    skip(&mut skipped, &rel, "replaced by something else (a link?) during the backup".into());
-                }
-                Item::Unreadable { rel, error } => {
-                    log::warn!("{}: cannot read, skipped: {error}", manifest::escape_path(&rel));
-                    skip(&mut skipped, &rel, format!("unreadable: {error}"));
-                }
-            }
-            Ok(())
-        });
-        match walked {
-            Ok(()) => tree_info = Some(info),
-            Err(crate::tree::walk::WalkError::Visit(e)) => return Err(e),
-            Err(crate::tree::walk::WalkError::Root(e)) => {
-                return Err(Error::source(
-                    root,
-                    format!("cannot read the uploads folder: {e}; check source.uploads"),
-                ))
-            }
-        }
-    }
+    let tree_info = match &sources.uploads {
+        Some(root) => Some(add_uploads(&mut w, root, &mut changed, &mut skipped)?),
+        None => None,
+    };
     let m = w.finish(SnapshotMeta {
         host: crate::ops::host(),
         user: crate::ops::user(),

@@ -11,7 +11,7 @@ use std::time::Instant;
 use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::archive::read::{read_archive, ExtractPlan};
+use crate::archive::read::{read_archive, ExtractPlan, ReadReport};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{Error, Result};
 use crate::fsutil::remove_tree;
@@ -115,7 +115,6 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     let scratch = prepare_scratch(env, run.id)?;
     let _cleanup = Cleanup(scratch.clone());
 
-    let mut checks = Vec::new();
     let read = read_archive(
         &store,
         listing,
@@ -144,30 +143,8 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         Err(e) => return Err(e),
         Ok(r) => r,
     };
-    checks.push(Check {
-        name: "decrypt and extract".into(),
-        ok: true,
-        detail: format!("{} entries; archive SHA-256 matches its manifest", report.entries),
-    });
-    checks.push(Check {
-        name: "file hashes".into(),
-        ok: true,
-        detail: format!("{} files, {} bytes match the inner manifest", report.files, report.plain_bytes),
-    });
-
     let manifest = listing.manifest.as_ref().expect("selected archives are complete");
-    if let Some(db) = &manifest.database {
-        use std::os::unix::ffi::OsStrExt;
-        let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(&name, e))?;
-        let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
-        checks.extend(check_database(&db_path, &env.settings.drill.checks));
-    } else {
-        checks.push(Check {
-            name: "database".into(),
-            ok: false,
-            detail: "the archive holds no database snapshot".into(),
-        });
-    }
+    let checks = checks_after_extraction(&name, &report, manifest, &scratch, &env.settings.drill.checks)?;
 
     let passed = checks.iter().all(|c| c.ok);
     let secs = started.elapsed().as_secs_f64();
@@ -187,6 +164,43 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         bytes: report.plain_bytes,
         recovery_seconds: secs,
     })
+}
+
+/// The drill's checks once the backup is extracted into `scratch` (decryption, every file's
+/// hash and the sizes were checked on the way): the database's `integrity_check` and the
+/// configured SQL checks.
+fn checks_after_extraction(
+    name: &str,
+    report: &ReadReport,
+    manifest: &crate::manifest::Manifest,
+    scratch: &Path,
+    sql_checks: &[String],
+) -> Result<Vec<Check>> {
+    let mut checks = vec![
+        Check {
+            name: "decrypt and extract".into(),
+            ok: true,
+            detail: format!("{} entries; archive SHA-256 matches its manifest", report.entries),
+        },
+        Check {
+            name: "file hashes".into(),
+            ok: true,
+            detail: format!("{} files, {} bytes match the inner manifest", report.files, report.plain_bytes),
+        },
+    ];
+    if let Some(db) = &manifest.database {
+        use std::os::unix::ffi::OsStrExt;
+        let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(name, e))?;
+        let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
+        checks.extend(check_database(&db_path, sql_checks));
+    } else {
+        checks.push(Check {
+            name: "database".into(),
+            ok: false,
+            detail: "the archive holds no database snapshot".into(),
+        });
+    }
+    Ok(checks)
 }
 
 /// Prefix of the folders drills extract into, inside the scratch folder.
