@@ -15,10 +15,12 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-# Stripped aarch64 release binary, in bytes: 8 MiB, raised from 6 MB for the offsite copy's
-# S3 client and TLS (#10; 7,689,064 bytes measured). Raise it deliberately, with a note in
-# docs/pi-build.md saying which dependency paid for what; 8 MiB is the issue's ceiling.
-SIZE_BUDGET=${DATAVAULT_SIZE_BUDGET:-8388608}
+# Stripped aarch64 release binary, in bytes: 9 MiB. 6 MB until the offsite copy's S3 client
+# and TLS (#10, 7,689,064 bytes; its issue set 8 MiB as the ceiling); the notifications
+# (#15) and then the snapshot store (#9) brought it to 8,737,640 bytes even with every
+# non-hot crate built for size. Raised deliberately: docs/pi-build.md says which dependency
+# paid for what, and the two ways back under 8 MiB (system OpenSSL, or a non-PIE binary).
+SIZE_BUDGET=${DATAVAULT_SIZE_BUDGET:-9437184}
 TRIPLE=aarch64-unknown-linux-gnu
 
 section() { printf '\n=== ci-aarch64: %s ===\n' "$*"; }
