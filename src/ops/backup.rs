@@ -314,9 +314,7 @@ fn output_error(target_dir: &Path, e: std::io::Error) -> Error {
         Error::target(target_dir, "the drive was unmounted during the backup; nothing was written; mount it and run the backup again")
     } else if is_disk_full(&e) {
         Error::target(target_dir, "the drive filled up during the backup; the partial archive was removed; run `datavault prune` or use a bigger drive")
-    } else if matches!(e.raw_os_error(), Some(5) | Some(19) | Some(6) | Some(2) | Some(30)) {
-        // EIO, ENODEV, ENXIO, ENOENT: the USB drive went away. EROFS: ext4 made itself
-        // read-only after such errors (the next run after an unplug met it: exit 1, #13).
+    } else if crate::store::backend::drive_stopped_answering(&e) {
         Error::target(target_dir, format!("the drive stopped answering during the backup ({e}); check the USB cable and mount, then back up again"))
     } else {
         Error::io(format!("cannot write the archive to {}", target_dir.display()), e)

@@ -117,6 +117,13 @@ impl std::fmt::Display for DriveGone {
 
 impl std::error::Error for DriveGone {}
 
+/// Did the drive stop answering (an unplugged USB drive)? EIO, ENODEV, ENXIO, ENOENT; EROFS:
+/// ext4 remounts itself read-only after such errors (the run after an unplug met it, #13).
+/// Both the archive writer and the snapshot store class it as "target not ready" (3).
+pub fn drive_stopped_answering(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(5) | Some(19) | Some(6) | Some(2) | Some(30))
+}
+
 /// Is this error a [`DriveGone`]?
 pub fn is_drive_gone(e: &io::Error) -> bool {
     e.get_ref().map(|r| r.is::<DriveGone>()).unwrap_or(false)

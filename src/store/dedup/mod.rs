@@ -318,6 +318,11 @@ pub(crate) fn write_error(location: &str, e: io::Error) -> Error {
         Error::target(path, "the drive is full; prune old backups or use a bigger drive")
     } else if e.get_ref().is_some_and(|r| r.is::<crate::progress::Cancelled>()) {
         Error::Failed(format!("backup {}", crate::progress::Cancelled))
+    } else if crate::store::backend::drive_stopped_answering(&e) {
+        Error::target(
+            path,
+            format!("the drive stopped answering during the run ({e}); nothing was made visible; check the USB cable and mount, then try again"),
+        )
     } else {
         Error::io(format!("cannot write the backup store on {location}"), e)
     }
@@ -342,3 +347,21 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 use std::io::Write as _;
+
+#[cfg(test)]
+mod tests {
+    use super::write_error;
+    use std::io;
+
+    #[test]
+    fn a_drive_that_stops_answering_is_target_not_ready_like_for_archives() {
+        // An unplugged USB drive: EIO mid-write, then ENODEV, or EROFS once ext4 gave up
+        // (seen on the emulated Pi, #13): exit 3 as for an archive, not 1.
+        for errno in [5, 19, 30] {
+            let e = write_error("/mnt/datavault", io::Error::from_raw_os_error(errno));
+            assert_eq!(e.exit_code(), 3, "errno {errno}: {e}");
+        }
+        let e = write_error("/mnt/datavault", io::Error::from_raw_os_error(13));
+        assert_ne!(e.exit_code(), 3, "EACCES is not a missing drive: {e}");
+    }
+}

@@ -312,13 +312,15 @@ step_unplug() {
     head -c 24000000 /dev/urandom >"$APP_UPLOADS/video.bin"
     datavault backup --trigger manual >"$OUT/unplug-backup.out" 2>&1 &
     pid=$!
-    local i=0
-    until compgen -G "$TARGET/*.partial" >/dev/null; do
-        i=$((i + 1)); [ "$i" -lt 20000 ] && kill -0 "$pid" 2>/dev/null || break
+    # A file being written is `NAME.partial`: an archive at the top, or a snapshot's pack
+    # under store/packs/ (the template's format).
+    local i=0 partial=""
+    until partial=$(find "$TARGET" -xdev -name '*.partial' -print -quit 2>/dev/null) && [ -n "$partial" ]; do
+        i=$((i + 1)); [ "$i" -lt 5000 ] && kill -0 "$pid" 2>/dev/null || break
     done
     kill -STOP "$pid" 2>/dev/null
-    if compgen -G "$TARGET/*.partial" >/dev/null; then ok "a backup is mid-archive ($(basename "$(compgen -G "$TARGET/*.partial")"))"
-    else fail "could not catch the backup mid-archive"; fi
+    if [ -n "$partial" ]; then ok "a backup is mid-write (${partial#"$TARGET"/})"
+    else fail "could not catch the backup mid-write"; fi
     ev "unplug-now $blk"
     if wait_until 60 test ! -e "/sys/block/$blk"; then ok "the drive is gone ($blk unplugged by the host: device_del)"
     else fail "the drive did not go away"; fi
