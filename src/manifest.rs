@@ -58,6 +58,16 @@ pub struct SourceInfo {
     pub uploads: Option<String>,
 }
 
+impl SourceInfo {
+    /// The configured sources, as every manifest (archive or snapshot) records them.
+    pub fn of(s: &crate::config::Settings) -> SourceInfo {
+        SourceInfo {
+            database: s.source.database.display().to_string(),
+            uploads: s.source.uploads.as_ref().map(|p| p.display().to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseInfo {

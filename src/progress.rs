@@ -29,3 +29,21 @@ impl std::error::Error for Cancelled {}
 pub struct NoProgress;
 
 impl Progress for NoProgress {}
+
+/// A reader that advances `progress` by what it reads and stops with [`Cancelled`] once the
+/// run is cancelled: the archive writer and the snapshot writer read files through it.
+pub struct ProgressReader<'p, R> {
+    pub inner: R,
+    pub progress: &'p dyn Progress,
+}
+
+impl<R: std::io::Read> std::io::Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.progress.cancelled() {
+            return Err(std::io::Error::other(Cancelled));
+        }
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}

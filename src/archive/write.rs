@@ -130,7 +130,8 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         let progress = self.progress.clone();
         let mut append_error = None;
         let (sha256, n) = snapshot::stream_pages(conn, db_path, info, |pages| {
-            let mut hashed = HashingReader::new(ProgressReader { inner: pages, progress: &*progress });
+            let mut hashed =
+                HashingReader::new(crate::progress::ProgressReader { inner: pages, progress: &*progress });
             let res = self.tar.append_data(
                 &mut header,
                 Path::new(std::ffi::OsStr::from_bytes(&entry)),
@@ -285,7 +286,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
         let mut h = header(meta, EntryType::Regular, size);
         let progress = self.progress.clone();
         let mut reader = HashingReader::new(ExactSize {
-            inner: ProgressReader { inner: file, progress: &*progress },
+            inner: crate::progress::ProgressReader { inner: file, progress: &*progress },
             remaining: size,
             short: false,
             error: None,
@@ -443,22 +444,6 @@ fn header(meta: &crate::tree::EntryMeta, kind: EntryType, size: u64) -> Header {
     h.set_mtime(meta.mtime.max(0) as u64);
     h.set_size(size);
     h
-}
-
-struct ProgressReader<'p, R> {
-    inner: R,
-    progress: &'p dyn Progress,
-}
-
-impl<R: Read> Read for ProgressReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.progress.cancelled() {
-            return Err(io::Error::other(crate::progress::Cancelled));
-        }
-        let n = self.inner.read(buf)?;
-        self.progress.advance(n as u64);
-        Ok(n)
-    }
 }
 
 /// Yields exactly `remaining` bytes: the size written in the tar header. A file that shrank

@@ -228,10 +228,7 @@ pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOu
         user: crate::ops::user(),
         trigger: opts.trigger.as_str().into(),
         comment: opts.comment.clone(),
-        source: SourceInfo {
-            database: s.source.database.display().to_string(),
-            uploads: s.source.uploads.as_ref().map(|p| p.display().to_string()),
-        },
+        source: SourceInfo::of(s),
         database,
         uploads: tree,
         files: finished.files,
@@ -526,10 +523,7 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
         user: crate::ops::user(),
         trigger: opts.trigger.as_str().into(),
         comment: opts.comment.clone(),
-        source: SourceInfo {
-            database: s.source.database.display().to_string(),
-            uploads: s.source.uploads.as_ref().map(|p| p.display().to_string()),
-        },
+        source: SourceInfo::of(s),
         uploads: tree_info,
         changed_during_backup: changed,
         skipped,

@@ -275,7 +275,10 @@ impl<'c> SnapshotWriter<'c> {
         let mut ids = Vec::new();
         let mut size = 0u64;
         {
-            let mut limited = Watched { inner: (&mut *reader).take(expected_size), progress: &*progress };
+            let mut limited = crate::progress::ProgressReader {
+                inner: (&mut *reader).take(expected_size),
+                progress: &*progress,
+            };
             let mut chunker =
                 self.chunker.take().unwrap_or_else(|| CdcChunker::new(&self.store.config().chunker));
             chunker.reset();
@@ -716,23 +719,6 @@ fn page_error(db_path: &Path, e: io::Error) -> Error {
     match e.get_ref().and_then(|r| r.downcast_ref::<crate::snapshot::PageReadError>()) {
         Some(p) => Error::source(db_path, p.to_string()),
         None => Error::source(db_path, format!("reading the database: {e}")),
-    }
-}
-
-/// Progress and cancellation for a file being read.
-struct Watched<'p, R> {
-    inner: R,
-    progress: &'p dyn Progress,
-}
-
-impl<R: Read> Read for Watched<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.progress.cancelled() {
-            return Err(io::Error::other(crate::progress::Cancelled));
-        }
-        let n = self.inner.read(buf)?;
-        self.progress.advance(n as u64);
-        Ok(n)
     }
 }
 
