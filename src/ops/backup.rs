@@ -349,7 +349,7 @@ fn add_raw_database(
         }
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let rel = format!("raw/{name}");
-        let meta = dmeta(&crate::tree::EntryMeta::from_metadata(&m));
+        let meta = crate::tree::EntryMeta::from_metadata(&m);
         if let FileOutcome::Unreadable(e) = w.add_file(rel.as_bytes(), &meta, None, &mut f, m.len())? {
             skipped.push(crate::manifest::Skipped { path: rel, reason: format!("unreadable: {e}") });
         }
@@ -374,15 +374,15 @@ fn add_uploads(
         };
         match item {
             Item::Dir { rel, meta } => {
-                w.add_dir(&rel, &dmeta(&meta))?;
+                w.add_dir(&rel, &meta)?;
                 info.dirs += 1;
             }
             Item::Symlink { rel, meta, target } => {
-                w.add_symlink(&rel, &dmeta(&meta), &target)?;
+                w.add_symlink(&rel, &meta, &target)?;
                 info.symlinks += 1;
             }
             Item::File { rel, meta, stat, mut file } => {
-                let (m, st) = (dmeta(&meta), dstat(&stat));
+                let (m, st) = (meta, stat);
                 if let Some(n) = w.reuse_unchanged(&rel, &m, &st)? {
                     info.files += 1;
                     info.bytes += n;
@@ -430,27 +430,6 @@ fn add_uploads(
         Err(crate::tree::walk::WalkError::Root(e)) => {
             Err(Error::source(root, format!("cannot read the uploads folder: {e}; check source.uploads")))
         }
-    }
-}
-
-/// The walker's metadata as the snapshot writer takes it.
-fn dmeta(m: &crate::tree::EntryMeta) -> crate::store::dedup::write::EntryMeta {
-    crate::store::dedup::write::EntryMeta {
-        mode: m.mode,
-        uid: m.uid,
-        gid: m.gid,
-        mtime: m.mtime,
-        mtime_ns: m.mtime_ns,
-    }
-}
-
-/// The walker's file identity as the snapshot cache takes it.
-fn dstat(st: &crate::tree::FileStat) -> crate::store::dedup::cache::FileStat {
-    crate::store::dedup::cache::FileStat {
-        size: st.size,
-        mtime_ns: st.mtime_ns,
-        ctime_ns: st.ctime_ns,
-        inode: st.inode,
     }
 }
 

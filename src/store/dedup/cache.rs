@@ -49,26 +49,8 @@ pub struct SyncReport {
     pub bad_index_files: Vec<(String, String)>,
 }
 
-/// A file's identity for the file cache: unchanged when all of these are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStat {
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-    pub inode: u64,
-}
-
-impl FileStat {
-    pub fn from_metadata(m: &std::fs::Metadata) -> FileStat {
-        use std::os::unix::fs::MetadataExt;
-        FileStat {
-            size: m.len(),
-            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
-            inode: m.ino(),
-        }
-    }
-}
+/// A file's identity for the file cache (unchanged when all its fields are): the walker's type.
+pub use crate::tree::FileStat;
 
 pub struct Cache {
     pub(crate) conn: Connection,

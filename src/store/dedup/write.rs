@@ -46,28 +46,8 @@ use crate::store::backend::{Backend, NewObject};
 /// for deduplication (its packs are then unindexed garbage).
 const PACKS_PER_INDEX: usize = 32;
 
-/// The metadata of an entry, from `lstat`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct EntryMeta {
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: i64,
-    pub mtime_ns: u32,
-}
-
-impl EntryMeta {
-    pub fn from_metadata(m: &std::fs::Metadata) -> EntryMeta {
-        use std::os::unix::fs::MetadataExt;
-        EntryMeta {
-            mode: m.mode() & 0o7777,
-            uid: m.uid(),
-            gid: m.gid(),
-            mtime: m.mtime(),
-            mtime_ns: m.mtime_nsec().clamp(0, 999_999_999) as u32,
-        }
-    }
-}
+/// The metadata of an entry: the walker's and the extractor's type (one definition).
+pub use crate::tree::EntryMeta;
 
 /// What the writer needs besides the store.
 pub struct WriterOptions {
@@ -415,7 +395,7 @@ impl<'c> SnapshotWriter<'c> {
             .map_err(|e| Error::Failed(format!("snapshot writer: refused path: {e}")))?;
         for anc in self.order.missing_ancestors(&parts) {
             log::warn!("{}: folder not given by the walk; recorded as 0700", escape_path(&anc.join(&b'/')));
-            let meta = EntryMeta { mode: 0o700, ..EntryMeta::default() };
+            let meta = EntryMeta { mode: 0o700, uid: 0, gid: 0, mtime: 0, mtime_ns: 0 };
             self.order
                 .next(&anc, TreeKind::Dir)
                 .map_err(|e| Error::Failed(format!("snapshot writer: {e}")))?;
