@@ -58,6 +58,9 @@ if ! command -v cargo-deny >/dev/null; then
     [ -n "${CI_OFFLINE:-}" ] || cargo install --locked cargo-deny
 fi
 if command -v cargo-deny >/dev/null; then
+    # --offline reads every platform's crates (cargo metadata); the builds above fetched only
+    # this host's (chrono's iana-time-zone pulls android_system_properties, for one).
+    [ -n "${CI_OFFLINE:-}" ] || cargo fetch --locked
     cargo deny --offline check licenses bans sources
     if [ -z "${CI_OFFLINE:-}" ] && getent hosts github.com >/dev/null; then
         cargo deny check advisories
