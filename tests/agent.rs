@@ -41,6 +41,13 @@ impl Agent {
         panic!("the agent exited before logging {needle:?}; its log:\n{}", self.seen.join("\n"));
     }
 
+    /// Panic with what it logged if the agent has exited.
+    fn assert_running(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!("the agent exited ({st}); its log so far:\n{}", self.seen.join("\n"));
+        }
+    }
+
     fn signal(&self, sig: &str) {
         let st =
             std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
@@ -92,9 +99,10 @@ fn sigterm_during_a_backup_cancels_it_and_leaves_no_partial_file() {
     db.execute_batch("PRAGMA journal_mode=DELETE; BEGIN EXCLUSIVE;").unwrap();
     a.signal("-USR1");
     a.wait_for("starting Backup");
-    while !f.all_target_files().iter().any(|n| n.ends_with(".partial")) {
-        std::thread::yield_now();
-    }
+    util::wait_until("the backup's .partial file", std::time::Duration::from_secs(300), || {
+        a.assert_running();
+        f.all_target_files().iter().any(|n| n.ends_with(".partial"))
+    });
     a.signal("-TERM");
     a.wait_for("cancelling the running job");
     db.execute_batch("COMMIT").unwrap();

@@ -115,9 +115,10 @@ fn the_archive_holds_one_committed_state_while_a_writer_hammers_the_database() {
         })
     };
     // Let the writer get going (wait on its progress, not on time).
-    while commits.load(Ordering::Relaxed) < 100 {
-        std::thread::yield_now();
-    }
+    util::wait_until("the writer's first 100 commits", std::time::Duration::from_secs(300), || {
+        assert!(!writer.is_finished(), "the writer stopped before its 100th commit");
+        commits.load(Ordering::Relaxed) >= 100
+    });
     let before = commits.load(Ordering::Relaxed);
     f.backup();
     let during = commits.load(Ordering::Relaxed) - before;

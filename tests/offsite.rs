@@ -23,7 +23,10 @@ use datavault::retention::RetentionPolicy;
 use datavault::store::backend::{Backend, LocalBackend, MemoryBackend};
 use s3_util::{offsite_section, write_credentials, S3Server, Wrapped, ACCESS_KEY, BUCKET, SECRET_KEY};
 use sha2::{Digest, Sha256};
-use util::{skip, Fixture};
+use util::{assert_still_running, skip, wait_until, Fixture};
+
+/// How long a wait on a running push may take before the test calls it hung.
+const LONG_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A fixture whose config has an `[offsite]` section for `endpoint`.
 fn with_offsite(f: &Fixture, endpoint: &str, prefix: &str, extra: &str) {
@@ -225,12 +228,13 @@ fn a_push_cut_by_the_server_dying_resumes_and_never_shows_half_a_backup() {
     fs::remove_file(f.app.uploads.join("a.bin")).unwrap();
     big_upload(&f, "b.bin", 8);
     f.backup();
-    let child =
+    let mut child =
         f.command(&["offsite", "push"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // The first backup is complete (its ledger object written): kill the server mid-push.
-    while server.keys("p/offsite-ledger").is_empty() {
-        std::thread::yield_now();
-    }
+    wait_until("the first backup's ledger object", LONG_WAIT, || {
+        assert_still_running(&mut child, "the push");
+        !server.keys("p/offsite-ledger").is_empty()
+    });
     server.kill();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -278,12 +282,13 @@ fn a_push_killed_mid_upload_is_aborted_and_resent_by_the_next_and_memory_stays_b
     big_upload(&f, "video.bin", 40);
     f.backup();
     let mut child =
-        f.command(&["offsite", "push"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        f.command(&["offsite", "push"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     // The multipart upload has started when its id is in the journal (a whole line: the file
     // exists a moment before its line is written).
-    while !fs::read_to_string(f.state.join("offsite-uploads")).is_ok_and(|t| t.ends_with('\n')) {
-        std::thread::yield_now();
-    }
+    wait_until("the multipart upload's journal line", LONG_WAIT, || {
+        assert_still_running(&mut child, "the push");
+        fs::read_to_string(f.state.join("offsite-uploads")).is_ok_and(|t| t.ends_with('\n'))
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(

@@ -287,3 +287,26 @@ impl Drop for Tmpfs {
 pub fn skip(why: &str) {
     eprintln!("skipped: {why}");
 }
+
+/// Wait until `done()` holds, checking every millisecond; panic naming `what` if it has not
+/// after `limit` (a bound on a hang, never a timing assumption: the condition is the
+/// synchronisation). `done` may itself panic, e.g. when the process it waits on has exited.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "gave up after {limit:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Panic with `child`'s stderr if it has exited: a wait on something it should do next
+/// would otherwise never end.
+pub fn assert_still_running(child: &mut std::process::Child, what: &str) {
+    if let Some(status) = child.try_wait().unwrap() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("{what} exited ({status}) before the moment the test waits for: {err}");
+    }
+}
