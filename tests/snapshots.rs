@@ -181,6 +181,49 @@ fn prune_forgets_old_snapshots_collects_garbage_and_keeps_the_newest() {
 }
 
 #[test]
+fn prune_dry_run_shows_what_the_collection_would_free_and_changes_nothing() {
+    let f = Fixture::with(|c| {
+        c.push_str("[retention]\nkeep_last = 100\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n");
+        c.push_str("[store]\nformat = \"snapshots\"\n");
+    });
+    for i in 0..3u64 {
+        // Each snapshot alone holds one incompressible upload.
+        let mut x = 0x2545_f491_4f6c_dd1d ^ (i + 1);
+        let bytes: Vec<u8> = (0..400_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(f.app.uploads.join(format!("only-{i}.bin")), bytes).unwrap();
+        if i > 0 {
+            fs::remove_file(f.app.uploads.join(format!("only-{}.bin", i - 1))).unwrap();
+        }
+        f.backup();
+    }
+    f.set("retention.keep_last", 1i64);
+    let before = f.all_target_files();
+    let r = f.expect(&["--json", "prune", "--dry-run"], 0);
+    let dry: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let estimate = dry["gc"]["bytes_freed"].as_u64().unwrap();
+    assert!(estimate > 700_000, "two dead uploads' packs: {}", dry["gc"]);
+    assert_eq!(f.all_target_files(), before, "a dry run changes nothing");
+    let text = f.expect(&["prune", "--dry-run"], 0).stdout;
+    assert!(text.contains("snapshot store: would free about"), "{text}");
+    assert_eq!(f.all_target_files(), before, "a dry run changes nothing");
+
+    let r = f.expect(&["--json", "prune"], 0);
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let freed = done["gc"]["bytes_freed"].as_u64().unwrap();
+    eprintln!("prune: the dry run estimated {estimate} bytes, the run freed {freed}");
+    // The estimate counts packs; the run measures the whole store (index files and trees too).
+    assert!(freed >= estimate * 9 / 10 && freed <= estimate * 11 / 10, "estimate {estimate}, freed {freed}");
+    assert_eq!(complete_names(&f).len(), 1);
+}
+
+#[test]
 fn a_drive_with_archives_and_snapshots_lists_restores_and_prunes_both() {
     let f = Fixture::with(|c| {
         c.push_str("[retention]\nkeep_last = 2\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n");

@@ -26,6 +26,16 @@ pub fn run(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
     } else {
         format!("{n} archive(s) deleted\n")
     };
+    if let Some(gc) = &o.gc {
+        let (verb, freed) = if dry_run { ("would free", "about ") } else { ("freed", "") };
+        s += &format!(
+            "snapshot store: {verb} {freed}{} ({} pack(s) deleted, {} repacked, {} leftover file(s))\n",
+            datavault::target::human_bytes(gc.bytes_freed),
+            gc.packs_deleted,
+            gc.packs_repacked,
+            gc.leftovers_deleted
+        );
+    }
     out(&s)?;
     Ok(exit::SUCCESS)
 }

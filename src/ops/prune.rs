@@ -91,25 +91,37 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
     // Snapshots (#9): forgotten above (manifest first); now the packs no kept snapshot
     // needs go, and mostly-dead packs are repacked. Under the run lock: no writer runs.
     let mut gc = None;
-    if !dry_run {
+    if dry_run {
         if let Some(ds) = store.snapshots()? {
-            let mut cache =
-                crate::store::dedup::Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
+            // What the collection would free once the snapshots above are forgotten; planned
+            // in a scratch cache, so a dry run writes nothing.
+            let forgotten: Vec<String> = decisions
+                .iter()
+                .filter(|d| !d.keep && listings.iter().any(|l| l.snapshot && l.name == d.name))
+                .map(|d| d.name.clone())
+                .collect();
+            let mut scratch = crate::store::dedup::Cache::open_in_memory()?;
             let opts = crate::store::dedup::gc::GcOptions::default();
-            let plan = crate::store::dedup::gc::plan(&ds, &mut cache, &opts)?;
-            if !plan.blocked_by.is_empty() {
-                log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
-            }
-            if !plan.is_empty() {
-                let out = plan.execute(&ds, &mut cache, &opts, &*env.progress)?;
-                log::info!(
-                    "garbage collection: {} packs deleted, {} repacked, {} freed",
-                    out.packs_deleted,
-                    out.packs_repacked,
-                    crate::target::human_bytes(out.bytes_freed)
-                );
-                gc = Some(out);
-            }
+            let plan = crate::store::dedup::gc::plan_without(&ds, &mut scratch, &opts, &forgotten)?;
+            gc = Some(plan.preview());
+        }
+    } else if let Some(ds) = store.snapshots()? {
+        let mut cache =
+            crate::store::dedup::Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
+        let opts = crate::store::dedup::gc::GcOptions::default();
+        let plan = crate::store::dedup::gc::plan(&ds, &mut cache, &opts)?;
+        if !plan.blocked_by.is_empty() {
+            log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
+        }
+        if !plan.is_empty() {
+            let out = plan.execute(&ds, &mut cache, &opts, &*env.progress)?;
+            log::info!(
+                "garbage collection: {} packs deleted, {} repacked, {} freed",
+                out.packs_deleted,
+                out.packs_repacked,
+                crate::target::human_bytes(out.bytes_freed)
+            );
+            gc = Some(out);
         }
     }
     Ok(PruneOutcome { dry_run, decisions, deleted, cleaned, gc })

@@ -95,8 +95,19 @@ struct PackStat {
 
 /// Decide what to delete and repack. Fills the cache's `live` table (used by `execute`).
 pub fn plan(store: &Store, cache: &mut Cache, opts: &GcOptions) -> Result<GcPlan> {
+    plan_without(store, cache, opts, &[])
+}
+
+/// [`plan`] as if the snapshots named in `forgotten` were already gone: what `prune
+/// --dry-run` shows before it forgets anything.
+pub fn plan_without(
+    store: &Store,
+    cache: &mut Cache,
+    opts: &GcOptions,
+    forgotten: &[String],
+) -> Result<GcPlan> {
     let mut plan = GcPlan::default();
-    mark_live(store, cache, &mut plan)?;
+    mark_live(store, cache, &mut plan, forgotten)?;
     let on_drive = list_packs(store)?;
     let mut stats: HashMap<[u8; 32], PackStat> = HashMap::new();
     for name in list_index_names(store)? {
@@ -148,11 +159,11 @@ pub fn plan(store: &Store, cache: &mut Cache, opts: &GcOptions) -> Result<GcPlan
     Ok(plan)
 }
 
-fn mark_live(store: &Store, cache: &mut Cache, plan: &mut GcPlan) -> Result<()> {
+fn mark_live(store: &Store, cache: &mut Cache, plan: &mut GcPlan, forgotten: &[String]) -> Result<()> {
     let ctx = |e| Error::sqlite("cache", e);
     cache.conn.execute_batch("DROP TABLE IF EXISTS live; CREATE TABLE live(id BLOB PRIMARY KEY, found INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;").map_err(ctx)?;
     let tx = cache.conn.unchecked_transaction().map_err(ctx)?;
-    for l in store.list_snapshots()? {
+    for l in store.list_snapshots()?.into_iter().filter(|l| !forgotten.contains(&l.name)) {
         let Some(m) = &l.manifest else {
             if l.problem.as_deref().is_some_and(|p| !p.starts_with("incomplete")) {
                 plan.blocked_by.push(format!(
@@ -306,6 +317,18 @@ pub struct GcOutcome {
 }
 
 impl GcPlan {
+    /// What executing this plan would report (`prune --dry-run`); `bytes_freed` is the
+    /// plan's estimate (the run measures it).
+    pub fn preview(&self) -> GcOutcome {
+        GcOutcome {
+            packs_deleted: self.delete.len() as u64,
+            packs_repacked: self.repack.len() as u64,
+            leftovers_deleted: self.leftovers.len() as u64,
+            bytes_freed: self.bytes_freed,
+            ..Default::default()
+        }
+    }
+
     /// Does this plan change anything?
     pub fn is_empty(&self) -> bool {
         self.delete.is_empty() && self.repack.is_empty() && self.leftovers.is_empty()
