@@ -12,6 +12,15 @@
 //!
 //! Keep the read transaction short: while it is open the WAL cannot be checkpointed past it
 //! and grows. We never force RESTART/TRUNCATE checkpoints.
+//!
+//! **The catch-up checkpoint.** Whatever the application committed while our read
+//! transaction pinned the WAL piles up there (a 1 GB database read in 4 s at 200 tx/s: tens of
+//! MB). The first checkpoint after we let go copies all of it, and SQLite runs that checkpoint
+//! inside the application's next commit (its auto-checkpoint): measured here, a 116 ms commit
+//! against 16 ms idle. So we run that checkpoint ourselves, PASSIVE (it never waits for and
+//! never blocks a reader or a writer), from a connection of our own on a thread beside the
+//! rest of the backup. While it holds the checkpoint lock, the application's auto-checkpoint
+//! gets SQLITE_BUSY, which SQLite ignores, and its commits stay short.
 
 use std::io::{self, Read};
 use std::path::Path;
@@ -99,6 +108,47 @@ pub fn begin(conn: &Connection, path: &Path) -> Result<SnapshotInfo> {
 /// End the read transaction (it only read, so this cannot lose anything).
 pub fn end(conn: &Connection) {
     let _ = conn.execute_batch("COMMIT");
+}
+
+/// The catch-up checkpoint running on its thread; dropping it waits for the checkpoint.
+pub struct CatchUp(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for CatchUp {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Start the catch-up checkpoint (see the module's notes) beside the rest of the backup.
+/// Best effort: a database we may not write (its folder read-only to us), or one not in WAL
+/// mode, is left as it is, with a debug line.
+pub fn catch_up_checkpoint(path: &Path) -> CatchUp {
+    let path = path.to_path_buf();
+    CatchUp(Some(std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        match checkpoint_passive(&path) {
+            Ok((log, done)) => log::debug!(
+                "catch-up checkpoint of {}: {done} of {log} WAL frames in {:?}",
+                path.display(),
+                t0.elapsed()
+            ),
+            Err(e) => log::debug!("catch-up checkpoint of {} not run: {e}", path.display()),
+        }
+    })))
+}
+
+/// `PRAGMA wal_checkpoint(PASSIVE)` from a read-write connection that never creates the file:
+/// (frames in the WAL, frames checkpointed).
+fn checkpoint_passive(path: &Path) -> rusqlite::Result<(i64, i64)> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    if mode != "wal" {
+        return Err(rusqlite::Error::InvalidParameterName(format!("journal mode {mode}")));
+    }
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?)))
 }
 
 fn classify(path: &Path, e: rusqlite::Error) -> Error {

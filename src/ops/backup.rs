@@ -143,11 +143,13 @@ impl Sources {
     ) -> Result<(Option<crate::manifest::DatabaseInfo>, Option<crate::manifest::TreeInfo>)> {
         let mut database = None;
         let mut raw = matches!(self.database, DbSource::Raw);
+        let mut _catch_up = None; // waited for when it goes out of scope (a binding, not `_`)
         if let DbSource::Live(conn) = &self.database {
             match snapshot::begin(conn, db) {
                 Ok(info) => {
                     let res = writer.add_database(conn, db, &info, created);
                     snapshot::end(conn);
+                    _catch_up = Some(snapshot::catch_up_checkpoint(db));
                     database = Some(res.map_err(|e| write_error(target_dir, e))?);
                 }
                 Err(e) if self.safety_copy => {
@@ -474,11 +476,13 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     env.progress.start("backing up", estimate);
     let db = &s.source.database;
     let mut raw = matches!(sources.database, DbSource::Raw);
+    let mut _catch_up = None; // waited for when it goes out of scope (a binding, not `_`)
     if let DbSource::Live(conn) = &sources.database {
         match snapshot::begin(conn, db) {
             Ok(info) => {
                 let res = w.add_database(conn, db, &info, created);
                 snapshot::end(conn);
+                _catch_up = Some(snapshot::catch_up_checkpoint(db));
                 res?;
             }
             Err(e) if sources.safety_copy => {
