@@ -88,6 +88,10 @@ fn backup(work: &Path, out: &Path, state: &Path) -> Result<()> {
         level: std::env::var("BENCH_ZSTD_LEVEL").ok().and_then(|l| l.parse().ok()).unwrap_or(3),
         progress: Arc::new(NoProgress),
         racy_window_ms: RACY_WINDOW_MS,
+        workers: std::env::var("BENCH_WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get().min(4)).unwrap_or(1)),
     };
     let mut w = SnapshotWriter::begin(&store, &mut cache, opts)?;
     let db = work.join("app.db");

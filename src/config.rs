@@ -100,8 +100,11 @@ pub struct EncryptionSettings {
 #[derive(Debug, Clone, Copy)]
 pub struct CompressionSettings {
     pub level: i32,
-    /// Resolved worker count (>= 1).
+    /// Archives: zstd workers (>= 1; default 1).
     pub threads: u32,
+    /// Snapshots: sealer threads, each compressing and encrypting into a pack of its own
+    /// (>= 1): `threads` when the config sets it, else one per core, at most 4.
+    pub snapshot_workers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -427,7 +430,13 @@ impl Validator<'_> {
     }
 
     fn compression(&self, raw: Option<&RawCompression>) -> Result<CompressionSettings> {
-        let Some(c) = raw else { return Ok(CompressionSettings { level: 3, threads: 1 }) };
+        let Some(c) = raw else {
+            return Ok(CompressionSettings {
+                level: 3,
+                threads: 1,
+                snapshot_workers: default_threads() as usize,
+            });
+        };
         let level = match &c.level {
             None => 3,
             Some(l) => self.int_in("compression.level", l, 1, 19)? as i32,
@@ -439,7 +448,9 @@ impl Validator<'_> {
                 n => n as u32,
             },
         };
-        Ok(CompressionSettings { level, threads })
+        let snapshot_workers =
+            if c.threads.is_some() { threads as usize } else { default_threads() as usize };
+        Ok(CompressionSettings { level, threads, snapshot_workers })
     }
 
     fn retention(&self, raw: Option<&RawRetention>) -> Result<RetentionPolicy> {
@@ -1284,6 +1295,17 @@ mod tests {
         assert_eq!(s.compression.level, 3);
         assert!(s.service.is_some());
         assert!(s.target.require_luks);
+    }
+
+    #[test]
+    fn compression_threads_sets_the_snapshot_sealers_too_and_its_absence_means_one_per_core() {
+        let set = parse(&example()).unwrap();
+        assert_eq!((set.compression.threads, set.compression.snapshot_workers), (1, 1));
+        let two = parse(&example().replace("\nthreads = 1\n", "\nthreads = 2\n")).unwrap();
+        assert_eq!((two.compression.threads, two.compression.snapshot_workers), (2, 2));
+        let unset = parse(&example().replace("\nthreads = 1\n", "\n")).unwrap();
+        assert_eq!(unset.compression.threads, 1, "archives: one zstd worker unless asked");
+        assert_eq!(unset.compression.snapshot_workers, default_threads() as usize);
     }
 
     #[test]

@@ -467,6 +467,7 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
             level: s.compression.level,
             progress: env.progress.clone(),
             racy_window_ms: crate::store::dedup::write::RACY_WINDOW_MS,
+            workers: s.compression.snapshot_workers,
         },
     )?;
     let stem = w.name().to_string();

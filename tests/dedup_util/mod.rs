@@ -95,6 +95,7 @@ pub fn options(key: &ChunkKey, keys: &Keys, created: DateTime<Utc>) -> WriterOpt
         level: 3,
         progress: Arc::new(NoProgress),
         racy_window_ms: 0,
+        workers: 2,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Making a snapshot: the primitives the backup's walker calls, in walk order.
 //!
 //! The caller's thread reads, cuts chunks, hashes them (keyed BLAKE3), asks the cache whether
-//! each is stored already and writes the tree. Sealer threads (one per core, at most four)
+//! each is stored already and writes the tree. Sealer threads (`compression.threads`; by default one per core, at most four)
 //! each keep a pack of their own open: they compress each new chunk and encrypt it into a
 //! blob under that pack's age file key (blob.rs: one X25519 wrap per pack and recipient,
 //! not per chunk), and write it straight to the pack's temporary file on the drive, hashing
@@ -61,6 +61,8 @@ pub struct WriterOptions {
     /// Files changed less than this long before the run began are read again next time
     /// rather than trusted by their timestamps (see `trust_before_ns`); [`RACY_WINDOW_MS`].
     pub racy_window_ms: u64,
+    /// Sealer threads (compression, encryption, pack hashing and writes), >= 1.
+    pub workers: usize,
 }
 
 /// A second: far more than any filesystem clock tick (ext4's coarse clock: 1-10 ms).
@@ -772,10 +774,11 @@ type Threads = (
     JoinHandle<io::Result<Totals>>,
 );
 
-/// One sealer per core (at most four: beyond that the caller's thread, which reads, cuts
-/// and hashes, is the limit), each with a pack of its own, and the indexer.
+/// `opts.workers` sealers (by default one per core, at most four: beyond that the caller's
+/// thread, which reads, cuts and hashes, is the limit), each with a pack of its own, and
+/// the indexer.
 fn start_threads(store: &Store, opts: &WriterOptions) -> io::Result<Threads> {
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
+    let workers = opts.workers.max(1);
     let (to_sealers, rx) = sync_channel::<ToSealer>(1);
     let rx = Arc::new(std::sync::Mutex::new(rx));
     let (packs_tx, packs_rx) = sync_channel::<ToIndexer>(PACKS_PER_INDEX);
