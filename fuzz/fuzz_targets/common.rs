@@ -5,8 +5,11 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use std::sync::Arc;
+
 use datavault::keys::Identities;
-use datavault::manifest::{Listing, Manifest};
+use datavault::manifest::Manifest;
+use datavault::store::{Listing, Store};
 use sha2::Digest;
 
 pub const TEST_IDENTITY: &str = "AGE-SECRET-KEY-145FN57GE4TGMHK0DH7WKJSPEKUJUNGK79MSAP9GHK57SZ7J9RUAQY89L87";
@@ -26,13 +29,7 @@ pub fn listing(dir: &Path, bytes: &[u8]) -> Listing {
     let mut m = Manifest::parse(NAME, TEMPLATE).expect("the template parses");
     m.archive_size = bytes.len() as u64;
     m.archive_sha256 = hex::encode(sha2::Sha256::digest(bytes));
-    Listing {
-        name: NAME.into(),
-        archive_path,
-        manifest_path: dir.join(NAME.replace(".tar.zst.age", ".json")),
-        manifest: Some(m),
-        problem: None,
-    }
+    Listing { name: NAME.into(), location: dir.display().to_string(), manifest: Some(m), problem: None, snapshot: false }
 }
 
 /// Read (and, with `extract`, unpack into a fresh folder). Must return, never panic; on
@@ -40,11 +37,13 @@ pub fn listing(dir: &Path, bytes: &[u8]) -> Listing {
 pub fn read(bytes: &[u8], extract: bool) {
     let dir = tempfile::tempdir().unwrap();
     let l = listing(dir.path(), bytes);
+    let store = Store::open_local(dir.path()).unwrap();
     let stage = dir.path().join("stage");
     let plan = datavault::archive::read::ExtractPlan::into_dir(&stage);
     let _ = datavault::archive::read::read_archive(
+        &store,
         &l,
-        &identities(),
+        &Arc::new(identities()),
         Path::new("fuzz-identity.txt"),
         extract.then_some(&plan),
         &datavault::progress::NoProgress,
