@@ -1299,13 +1299,14 @@ mod tests {
 
     #[test]
     fn compression_threads_sets_the_snapshot_sealers_too_and_its_absence_means_one_per_core() {
-        let set = parse(&example()).unwrap();
-        assert_eq!((set.compression.threads, set.compression.snapshot_workers), (1, 1));
-        let two = parse(&example().replace("\nthreads = 1\n", "\nthreads = 2\n")).unwrap();
-        assert_eq!((two.compression.threads, two.compression.snapshot_workers), (2, 2));
-        let unset = parse(&example().replace("\nthreads = 1\n", "\n")).unwrap();
+        let unset = parse(&example()).unwrap();
         assert_eq!(unset.compression.threads, 1, "archives: one zstd worker unless asked");
         assert_eq!(unset.compression.snapshot_workers, default_threads() as usize);
+        for n in [1, 2] {
+            let text = example().replace("\nlevel = 3\n", &format!("\nlevel = 3\nthreads = {n}\n"));
+            let set = parse(&text).unwrap();
+            assert_eq!((set.compression.threads, set.compression.snapshot_workers), (n, n as usize));
+        }
     }
 
     #[test]

@@ -73,8 +73,8 @@ fn cases() -> Vec<Case> {
         ("level 0", Box::new(|t| set(t, "level", "level = 0")), "level"),
         ("level 20", Box::new(|t| set(t, "level", "level = 20")), "level"),
         ("level a string", Box::new(|t| set(t, "level", "level = \"3\"")), "level"),
-        ("threads negative", Box::new(|t| set(t, "threads", "threads = -1")), "threads"),
-        ("threads huge", Box::new(|t| set(t, "threads", "threads = 100000")), "threads"),
+        ("threads negative", Box::new(|t| add(t, "compression", "threads = -1")), "threads"),
+        ("threads huge", Box::new(|t| add(t, "compression", "threads = 100000")), "threads"),
         ("keep_last negative", Box::new(|t| add(t, "retention", "keep_last = -1")), "keep_last"),
         ("keep_daily a float", Box::new(|t| add(t, "retention", "keep_daily = 1.5")), "keep_daily"),
         (
