@@ -121,14 +121,24 @@ impl Drop for CatchUp {
     }
 }
 
-/// Start the catch-up checkpoint (see the module's notes) beside the rest of the backup.
+/// End the read transaction, then start the catch-up checkpoint (see the module's notes)
+/// beside the rest of the backup. The connection it runs on is opened before the read
+/// transaction ends: the app commits every few milliseconds, and its auto-checkpoint must not
+/// get to the piled-up WAL first while ours is still opening a file.
 /// Best effort: a database we may not write (its folder read-only to us), or one not in WAL
 /// mode, is left as it is, with a debug line.
-pub fn catch_up_checkpoint(path: &Path) -> CatchUp {
+pub fn end_with_catch_up(conn: &Connection, path: &Path) -> CatchUp {
+    let prepared = checkpoint_connection(path);
+    end(conn);
     let path = path.to_path_buf();
     CatchUp(Some(std::thread::spawn(move || {
         let t0 = std::time::Instant::now();
-        match checkpoint_passive(&path) {
+        let res = prepared.and_then(|c| {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+        });
+        match res {
             Ok((log, done)) => log::debug!(
                 "catch-up checkpoint of {}: {done} of {log} WAL frames in {:?}",
                 path.display(),
@@ -139,16 +149,16 @@ pub fn catch_up_checkpoint(path: &Path) -> CatchUp {
     })))
 }
 
-/// `PRAGMA wal_checkpoint(PASSIVE)` from a read-write connection that never creates the file:
-/// (frames in the WAL, frames checkpointed).
-fn checkpoint_passive(path: &Path) -> rusqlite::Result<(i64, i64)> {
+/// A read-write connection that never creates the file (a read-only one cannot checkpoint),
+/// for a database in WAL mode.
+fn checkpoint_connection(path: &Path) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
     let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
     if mode != "wal" {
         return Err(rusqlite::Error::InvalidParameterName(format!("journal mode {mode}")));
     }
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?)))
+    Ok(conn)
 }
 
 fn classify(path: &Path, e: rusqlite::Error) -> Error {

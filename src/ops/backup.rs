@@ -148,8 +148,7 @@ impl Sources {
             match snapshot::begin(conn, db) {
                 Ok(info) => {
                     let res = writer.add_database(conn, db, &info, created);
-                    snapshot::end(conn);
-                    _catch_up = Some(snapshot::catch_up_checkpoint(db));
+                    _catch_up = Some(snapshot::end_with_catch_up(conn, db));
                     database = Some(res.map_err(|e| write_error(target_dir, e))?);
                 }
                 Err(e) if self.safety_copy => {
@@ -482,8 +481,7 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
         match snapshot::begin(conn, db) {
             Ok(info) => {
                 let res = w.add_database(conn, db, &info, created);
-                snapshot::end(conn);
-                _catch_up = Some(snapshot::catch_up_checkpoint(db));
+                _catch_up = Some(snapshot::end_with_catch_up(conn, db));
                 res?;
             }
             Err(e) if sources.safety_copy => {
