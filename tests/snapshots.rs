@@ -224,6 +224,30 @@ fn prune_dry_run_shows_what_the_collection_would_free_and_changes_nothing() {
 }
 
 #[test]
+fn a_damaged_store_config_is_shown_by_status_and_doctor_and_a_backup_refuses_it() {
+    let f = snapshots_fixture();
+    f.backup();
+    let before = f.expect(&["--json", "status"], 0).stdout;
+    assert!(!before.contains("snapshot_store_damaged"), "{before}");
+    let config = f.target.join("store/config.json");
+    fs::write(&config, b"{ not json").unwrap();
+
+    let st: serde_json::Value = serde_json::from_str(&f.run(&["--json", "status"]).stdout).unwrap();
+    assert_eq!(st["healthy"], false, "{st}");
+    assert!(st["store_problem"].as_str().is_some_and(|p| p.contains("store/config.json")), "{st}");
+    assert!(st["advice"].as_array().unwrap().iter().any(|a| a["kind"] == "snapshot_store_damaged"), "{st}");
+    let text = f.run(&["status"]).stdout;
+    assert!(text.contains("the snapshot store on the drive cannot be opened"), "{text}");
+    let doctor = f.run(&["doctor"]);
+    assert_eq!(doctor.code, 4, "doctor: {}{}", doctor.stdout, doctor.stderr);
+    assert!(doctor.stdout.contains("snapshot store"), "{}", doctor.stdout);
+    // A backup does not write over it (the next snapshots would be unreadable).
+    let b = f.run(&["backup"]);
+    assert_eq!(b.code, 4, "{}", b.stderr);
+    assert_eq!(fs::read(&config).unwrap(), b"{ not json", "the damaged file is left for the owner");
+}
+
+#[test]
 fn a_drive_with_archives_and_snapshots_lists_restores_and_prunes_both() {
     let f = Fixture::with(|c| {
         c.push_str("[retention]\nkeep_last = 2\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n");

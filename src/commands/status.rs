@@ -41,6 +41,9 @@ pub fn advice_text(a: &Advice, target: &std::path::Path) -> String {
             "an interrupted restore of {archive} was found: the next datavault run that takes the lock (backup, drill, prune, restore) finishes or undoes it; run `datavault backup` now"
         ),
         Advice::CatalogUnreadable { problem } => format!("the catalog cannot be read ({problem}); run `datavault doctor`"),
+        Advice::SnapshotStoreDamaged { problem } => format!(
+            "the snapshot store on the drive cannot be opened ({problem}): its snapshots are not listed and backups to it fail; the archives still restore (`datavault list`)"
+        ),
         Advice::OffsiteBehind { hours, backups, max_behind_hours, last_error } => format!(
             "the offsite copy is behind: {backups} backup(s) not pushed, the oldest made {hours} hours ago (more than offsite.max_behind_hours = {max_behind_hours}){}: check `systemctl status datavault-offsite.timer`, then run `datavault offsite push`",
             last_error.as_ref().map(|e| format!("; the last push failed: {e}")).unwrap_or_default()

@@ -216,6 +216,9 @@ fn run_state_checks(env: &Env) -> Vec<Check> {
     if let Some(p) = &h.catalog_problem {
         checks.push(fail("catalog", p.clone(), exit::FAILURE));
     }
+    if let Some(p) = &h.store_problem {
+        checks.push(fail("snapshot store", p.clone(), exit::INTEGRITY));
+    }
     checks.push(match (&h.last_backup_run, h.last_good_backup) {
         (Some(r), _) if r.status == RunStatus::Failed => warn(
             "last backup",

@@ -213,6 +213,9 @@ pub struct Health {
     pub running: Option<String>,
     /// The catalog could not be read: what is known comes from the drive alone.
     pub catalog_problem: Option<String>,
+    /// The drive's snapshot store (#9) could not be opened (a damaged `store/config.json`):
+    /// its snapshots are then missing from every list, and backups to it fail.
+    pub store_problem: Option<String>,
     /// Archives dated in the future (made while the clock was wrong).
     pub archives_in_future: Vec<String>,
     /// The offsite copy, when `[offsite]` is configured.
@@ -235,6 +238,7 @@ pub enum Advice {
     IncompleteArchives { count: usize },
     InterruptedRestore { archive: String },
     CatalogUnreadable { problem: String },
+    SnapshotStoreDamaged { problem: String },
     ArchivesInFuture { names: Vec<String> },
     OffsiteBehind { hours: i64, backups: usize, max_behind_hours: u32, last_error: Option<String> },
 }
@@ -250,10 +254,13 @@ impl Health {
             Some(t) => t.problems(&s.target),
             None => vec!["cannot be inspected".into()],
         };
-        let listings = if scan_drive && target.as_ref().is_some_and(|t| t.exists) {
-            crate::store::Store::open_local(&s.target.path).and_then(|st| st.scan()).ok()
+        let (listings, store_problem) = if scan_drive && target.as_ref().is_some_and(|t| t.exists) {
+            match crate::store::Store::open_local(&s.target.path) {
+                Ok(st) => (st.scan().ok(), st.snapshots().err().map(|e| e.to_string())),
+                Err(_) => (None, None),
+            }
         } else {
-            None
+            (None, None)
         };
         let facts = read_catalog(env);
         let (last_backup_run, last_ok_run, last_drill, catalog_problem) =
@@ -314,6 +321,7 @@ impl Health {
             interrupted_restore: interrupted_restore(&s.state.restore_journal_path()),
             running: crate::lock::holder(&s.state.lock_path()),
             catalog_problem,
+            store_problem,
             archives_in_future: future,
             offsite: OffsiteHealth::read(
                 s,
@@ -390,6 +398,9 @@ impl Health {
         }
         if let Some(p) = &self.catalog_problem {
             v.push(Advice::CatalogUnreadable { problem: p.clone() });
+        }
+        if let Some(p) = &self.store_problem {
+            v.push(Advice::SnapshotStoreDamaged { problem: p.clone() });
         }
         if !self.archives_in_future.is_empty() {
             v.push(Advice::ArchivesInFuture { names: self.archives_in_future.clone() });
