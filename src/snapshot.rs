@@ -137,6 +137,7 @@ pub fn end_with_catch_up(conn: &Connection, path: &Path) -> CatchUp {
             c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             })
+            .map_err(|e| e.to_string())
         });
         match res {
             Ok((log, done)) => log::debug!(
@@ -151,12 +152,12 @@ pub fn end_with_catch_up(conn: &Connection, path: &Path) -> CatchUp {
 
 /// A read-write connection that never creates the file (a read-only one cannot checkpoint),
 /// for a database in WAL mode.
-fn checkpoint_connection(path: &Path) -> rusqlite::Result<Connection> {
+fn checkpoint_connection(path: &Path) -> std::result::Result<Connection, String> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| e.to_string())?;
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(|e| e.to_string())?;
     if mode != "wal" {
-        return Err(rusqlite::Error::InvalidParameterName(format!("journal mode {mode}")));
+        return Err(format!("journal mode {mode}, not wal"));
     }
     Ok(conn)
 }

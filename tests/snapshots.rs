@@ -1,5 +1,6 @@
 //! Deduplicated snapshots (#9) through the real binary: `[store] format = "snapshots"`.
 
+mod dedup_util;
 mod util;
 
 use std::fs;
@@ -188,16 +189,7 @@ fn prune_dry_run_shows_what_the_collection_would_free_and_changes_nothing() {
     });
     for i in 0..3u64 {
         // Each snapshot alone holds one incompressible upload.
-        let mut x = 0x2545_f491_4f6c_dd1d ^ (i + 1);
-        let bytes: Vec<u8> = (0..400_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        fs::write(f.app.uploads.join(format!("only-{i}.bin")), bytes).unwrap();
+        fs::write(f.app.uploads.join(format!("only-{i}.bin")), dedup_util::noise(i + 1, 400_000)).unwrap();
         if i > 0 {
             fs::remove_file(f.app.uploads.join(format!("only-{}.bin", i - 1))).unwrap();
         }

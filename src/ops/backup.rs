@@ -383,13 +383,12 @@ fn add_uploads(
                 info.symlinks += 1;
             }
             Item::File { rel, meta, stat, mut file } => {
-                let (m, st) = (meta, stat);
-                if let Some(n) = w.reuse_unchanged(&rel, &m, &st)? {
+                if let Some(n) = w.reuse_unchanged(&rel, &meta, &stat)? {
                     info.files += 1;
                     info.bytes += n;
                     return Ok(());
                 }
-                match w.add_file(&rel, &m, Some(&st), &mut file, stat.size)? {
+                match w.add_file(&rel, &meta, Some(&stat), &mut file, stat.size)? {
                     FileOutcome::Added { size, changed: c } => {
                         if c {
                             changed.push(manifest::escape_path(&rel));

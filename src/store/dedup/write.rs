@@ -1,11 +1,11 @@
 //! Making a snapshot: the primitives the backup's walker calls, in walk order.
 //!
 //! The caller's thread reads, cuts chunks, hashes them (keyed BLAKE3), asks the cache whether
-//! each is stored already and writes the tree. Sealer threads (`compression.threads`; by default one per core, at most four)
-//! each keep a pack of their own open: they compress each new chunk and encrypt it into a
-//! blob under that pack's age file key (blob.rs: one X25519 wrap per pack and recipient,
-//! not per chunk), and write it straight to the pack's temporary file on the drive, hashing
-//! as they go; a full pack is committed under its SHA-256 and handed to the indexer thread,
+//! each is stored already and writes the tree. Sealer threads (`compression.threads`; by
+//! default one per core, at most four) each keep a pack of their own open: they compress each
+//! new chunk and encrypt it into a blob under that pack's age file key (blob.rs: one X25519
+//! wrap per pack and recipient, not per chunk), and write it straight to the pack's temporary
+//! file on the drive, hashing as they go; a full pack is committed under its SHA-256 and handed to the indexer thread,
 //! which writes an index file after every 32 packs. Memory is fixed and small: a chunk in
 //! the channel, and per sealer a chunk, its compressed form, a 256 KiB write buffer and the
 //! compressor's context; no pack is held in memory.
