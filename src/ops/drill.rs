@@ -41,6 +41,21 @@ pub struct DrillReport {
     pub recovery_seconds: f64,
 }
 
+impl DrillReport {
+    /// A boot drill's report before the first backup (see `nothing_to_drill`).
+    fn nothing_yet(seconds: f64) -> DrillReport {
+        DrillReport {
+            archive: String::new(),
+            passed: false,
+            nothing_to_drill: Some(NO_BACKUP_YET.into()),
+            checks: Vec::new(),
+            files: 0,
+            bytes: 0,
+            recovery_seconds: seconds,
+        }
+    }
+}
+
 pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
     crate::ops::run_in_background_priority();
     let run = Run::start(env, "drill", trigger, true)?;
@@ -96,15 +111,7 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         && run.catalog.archives()?.is_empty()
     {
         log::warn!("{NO_BACKUP_YET}");
-        return Ok(DrillReport {
-            archive: String::new(),
-            passed: false,
-            nothing_to_drill: Some(NO_BACKUP_YET.into()),
-            checks: Vec::new(),
-            files: 0,
-            bytes: 0,
-            recovery_seconds: started.elapsed().as_secs_f64(),
-        });
+        return Ok(DrillReport::nothing_yet(started.elapsed().as_secs_f64()));
     }
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
@@ -127,10 +134,10 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         }),
         &*env.progress,
     );
-    let report = match read {
+    let report = read.inspect_err(|e| {
         // Only what the archive is to blame for fails the drill: no room for the scratch
         // folder or a cancelled run says nothing about whether the backup restores.
-        Err(e @ Error::Integrity { .. }) => {
+        if let Error::Integrity { .. } = e {
             let _ = run.catalog.record_event(
                 Some(run.id),
                 now(),
@@ -138,11 +145,8 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
                 Some(&name),
                 &e.to_string(),
             );
-            return Err(e);
         }
-        Err(e) => return Err(e),
-        Ok(r) => r,
-    };
+    })?;
     let manifest = listing.manifest.as_ref().expect("selected archives are complete");
     let checks = checks_after_extraction(&name, &report, manifest, &scratch, &env.settings.drill.checks)?;
 

@@ -243,6 +243,15 @@ pub enum Advice {
     OffsiteBehind { hours: i64, backups: usize, max_behind_hours: u32, last_error: Option<String> },
 }
 
+/// The archives and snapshots on the drive, and what is wrong with its snapshot store
+/// (a damaged `store/config.json`), if anything.
+fn scan_drive_of(s: &crate::config::Settings) -> (Option<Vec<crate::store::Listing>>, Option<String>) {
+    match crate::store::Store::open_local(&s.target.path) {
+        Ok(st) => (st.scan().ok(), st.snapshots().err().map(|e| e.to_string())),
+        Err(_) => (None, None),
+    }
+}
+
 impl Health {
     /// Read the target, the catalog and (if `scan_drive`) the manifests on the drive. The
     /// agent does not scan every 30 s: it would keep a USB disk from ever spinning down.
@@ -255,10 +264,7 @@ impl Health {
             None => vec!["cannot be inspected".into()],
         };
         let (listings, store_problem) = if scan_drive && target.as_ref().is_some_and(|t| t.exists) {
-            match crate::store::Store::open_local(&s.target.path) {
-                Ok(st) => (st.scan().ok(), st.snapshots().err().map(|e| e.to_string())),
-                Err(_) => (None, None),
-            }
+            scan_drive_of(s)
         } else {
             (None, None)
         };

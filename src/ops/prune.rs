@@ -10,6 +10,9 @@ use crate::catalog::{ArchiveStatus, Event, RunStatus};
 use crate::error::{Error, Result};
 use crate::ops::{now, Env, Run, Trigger};
 use crate::retention::{Candidate, Decision};
+use crate::store::dedup::gc::{self, GcOptions, GcOutcome};
+use crate::store::dedup::{Cache, Store as DedupStore};
+use crate::store::Listing;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneOutcome {
@@ -18,7 +21,7 @@ pub struct PruneOutcome {
     pub deleted: Vec<String>,
     pub cleaned: Vec<String>,
     /// Snapshot store (#9): what the garbage collection after forgetting freed.
-    pub gc: Option<crate::store::dedup::gc::GcOutcome>,
+    pub gc: Option<GcOutcome>,
 }
 
 pub fn run(env: &Env, dry_run: bool) -> Result<PruneOutcome> {
@@ -90,39 +93,45 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
     }
     // Snapshots (#9): forgotten above (manifest first); now the packs no kept snapshot
     // needs go, and mostly-dead packs are repacked. Under the run lock: no writer runs.
-    let mut gc = None;
-    if dry_run {
-        if let Some(ds) = store.snapshots()? {
-            // What the collection would free once the snapshots above are forgotten; planned
-            // in a scratch cache, so a dry run writes nothing.
-            let forgotten: Vec<String> = decisions
-                .iter()
-                .filter(|d| !d.keep && listings.iter().any(|l| l.snapshot && l.name == d.name))
-                .map(|d| d.name.clone())
-                .collect();
-            let mut scratch = crate::store::dedup::Cache::open_in_memory()?;
-            let opts = crate::store::dedup::gc::GcOptions::default();
-            let plan = crate::store::dedup::gc::plan_without(&ds, &mut scratch, &opts, &forgotten)?;
-            gc = Some(plan.preview());
-        }
-    } else if let Some(ds) = store.snapshots()? {
-        let mut cache =
-            crate::store::dedup::Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
-        let opts = crate::store::dedup::gc::GcOptions::default();
-        let plan = crate::store::dedup::gc::plan(&ds, &mut cache, &opts)?;
-        if !plan.blocked_by.is_empty() {
-            log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
-        }
-        if !plan.is_empty() {
-            let out = plan.execute(&ds, &mut cache, &opts, &*env.progress)?;
-            log::info!(
-                "garbage collection: {} packs deleted, {} repacked, {} freed",
-                out.packs_deleted,
-                out.packs_repacked,
-                crate::target::human_bytes(out.bytes_freed)
-            );
-            gc = Some(out);
-        }
-    }
+    let gc = match store.snapshots()? {
+        Some(ds) if dry_run => Some(preview_garbage(&ds, &decisions, &listings)?),
+        Some(ds) => collect_garbage(env, &ds)?,
+        None => None,
+    };
     Ok(PruneOutcome { dry_run, decisions, deleted, cleaned, gc })
+}
+
+/// What the collection would free once the snapshots the decisions drop are forgotten;
+/// planned in a scratch cache, so a dry run writes nothing.
+fn preview_garbage(ds: &DedupStore, decisions: &[Decision], listings: &[Listing]) -> Result<GcOutcome> {
+    let forgotten: Vec<String> = decisions
+        .iter()
+        .filter(|d| !d.keep && listings.iter().any(|l| l.snapshot && l.name == d.name))
+        .map(|d| d.name.clone())
+        .collect();
+    let mut scratch = Cache::open_in_memory()?;
+    let plan = gc::plan_without(ds, &mut scratch, &GcOptions::default(), &forgotten)?;
+    Ok(plan.preview())
+}
+
+/// Delete the packs no kept snapshot needs and repack the mostly-dead ones; `None` when
+/// there was nothing to collect.
+fn collect_garbage(env: &Env, ds: &DedupStore) -> Result<Option<GcOutcome>> {
+    let mut cache = Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
+    let opts = GcOptions::default();
+    let plan = gc::plan(ds, &mut cache, &opts)?;
+    if !plan.blocked_by.is_empty() {
+        log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
+    }
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    let out = plan.execute(ds, &mut cache, &opts, &*env.progress)?;
+    log::info!(
+        "garbage collection: {} packs deleted, {} repacked, {} freed",
+        out.packs_deleted,
+        out.packs_repacked,
+        crate::target::human_bytes(out.bytes_freed)
+    );
+    Ok(Some(out))
 }

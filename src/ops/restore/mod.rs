@@ -232,17 +232,8 @@ fn in_place_in_run(run: &Run, which: Option<&str>, safety: SafetyCopy) -> Result
         store.with_dedup_cache(crate::ops::backup::dedup_cache_path(s))
     };
     crate::ops::sync_catalog_if_local(env, &run.catalog, &listings);
-    let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
+    let (listing, manifest) = restorable_in_place(s, &listings, which)?;
     let name = listing.name.clone();
-    let manifest = listing.manifest.clone().ok_or_else(|| Error::integrity(&name, "has no manifest"))?;
-    if manifest.database.is_none() {
-        return Err(Error::Usage(format!(
-            "{name} holds no database snapshot (a raw safety copy); restore it with --to DIR and copy the files by hand"
-        )));
-    }
-    if manifest.uploads.is_some() && s.source.uploads.is_none() {
-        log::warn!("{name} holds uploads but source.uploads is not configured: they are not restored");
-    }
     let plan = RestorePlan::new(s, &name, &plan::new_tag(run.id), manifest.uploads.is_some())?;
     plan.preflight(&env.system_root, s)?;
 
@@ -305,6 +296,26 @@ fn in_place_in_run(run: &Run, which: Option<&str>, safety: SafetyCopy) -> Result
         checks,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The archive to put in place of the live data: complete, and holding a database.
+fn restorable_in_place<'a>(
+    s: &crate::config::Settings,
+    listings: &'a [crate::store::Listing],
+    which: Option<&str>,
+) -> Result<(&'a crate::store::Listing, crate::manifest::Manifest)> {
+    let listing = crate::ops::select(listings, which, crate::ops::Pick::NewestComplete)?;
+    let name = &listing.name;
+    let manifest = listing.manifest.clone().ok_or_else(|| Error::integrity(name, "has no manifest"))?;
+    if manifest.database.is_none() {
+        return Err(Error::Usage(format!(
+            "{name} holds no database snapshot (a raw safety copy); restore it with --to DIR and copy the files by hand"
+        )));
+    }
+    if manifest.uploads.is_some() && s.source.uploads.is_none() {
+        log::warn!("{name} holds uploads but source.uploads is not configured: they are not restored");
+    }
+    Ok((listing, manifest))
 }
 
 /// Step 2: extract into the staging folders and prove it all before anything live moves.
