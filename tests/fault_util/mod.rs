@@ -55,13 +55,20 @@ pub fn list(rows: &str) -> Vec<serde_json::Value> {
     v.as_array().expect("list --json is an array").clone()
 }
 
-/// Complete archives on the target: name -> SHA-256 of the file as it is on disk now.
+/// Complete archives on the target: name -> SHA-256 of the file as it is on disk now. For a
+/// snapshot, of its encrypted tree: the part that never changes (its chunks may move to
+/// another pack when a prune repacks; `verify` proves they are all still there).
 pub fn complete_archives(target: &Path, rows: &[serde_json::Value]) -> BTreeMap<String, String> {
     rows.iter()
         .filter(|r| r["complete"] == true)
         .map(|r| {
             let name = r["name"].as_str().unwrap().to_string();
-            let (sha, _) = datavault::fsutil::sha256_file(&target.join(&name)).unwrap();
+            let file = match r["format"].as_str() {
+                Some("snapshot") => target.join("store/snapshots").join(format!("{name}.tree")),
+                _ => target.join(&name),
+            };
+            let (sha, _) = datavault::fsutil::sha256_file(&file)
+                .unwrap_or_else(|e| panic!("{name} is listed complete but {}: {e}", file.display()));
             (name, sha)
         })
         .collect()
@@ -92,6 +99,23 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
             }
         }
     }
+    // A snapshot store's half-written packs, index files and snapshots.
+    v.extend(partials_under(&dir.join("store"), "store"));
     v.sort();
+    v
+}
+
+fn partials_under(dir: &Path, shown: &str) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut v = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let shown = format!("{shown}/{name}");
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            v.extend(partials_under(&e.path(), &shown));
+        } else if name.ends_with(".partial") {
+            v.push(shown);
+        }
+    }
     v
 }
