@@ -135,7 +135,8 @@ pub enum Command {
     Drill {
         /// Archive name (default: the newest backup)
         archive: Option<String>,
-        /// What started this drill
+        /// What started this drill. `timer` (the weekly drill) skips, exit 0, when the newest
+        /// backup already passed a drill in the last 24 hours (the boot drill just before it)
         #[arg(long, value_enum, default_value = "manual")]
         trigger: Trigger,
         /// Drill an archive of the offsite copy (downloaded, streaming); without the drive and

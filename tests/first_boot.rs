@@ -71,3 +71,38 @@ fn a_boot_drill_after_the_first_backup_drills_it() {
     let r = f.expect(&["drill", "--trigger", "boot"], 0);
     assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
 }
+
+/// A Pi that was off on Sunday boots: the weekly timer's catch-up (`Persistent=`) starts right
+/// after the boot drill. It must not drill the same backup again (on a big Pi that is another
+/// full restore at boot), nor race the boot drill: a newer backup makes it drill again.
+#[test]
+fn the_weekly_drill_right_after_the_boot_drill_skips_the_backup_it_just_proved() {
+    let f = Fixture::new();
+    let first = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    f.expect(&["drill", "--trigger", "boot"], 0);
+    let events_before = audit(&f)["events"].as_array().unwrap().len();
+
+    let r = f.expect(&["--json", "drill", "--trigger", "timer"], 0);
+    let d: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(d["archive"], first.as_str(), "{d}");
+    assert!(d["nothing_to_drill"].as_str().unwrap().contains("nothing new to prove"), "{d}");
+    assert!(d["checks"].as_array().unwrap().is_empty(), "nothing was drilled: {d}");
+    // A SUCCESS run that records no drill: the boot drill's pass stays the last drill.
+    let a = audit(&f);
+    assert_eq!(
+        (a["runs"][0]["command"].as_str(), a["runs"][0]["trigger"].as_str()),
+        (Some("drill"), Some("timer"))
+    );
+    assert_eq!(a["runs"][0]["status"], "SUCCESS", "{a}");
+    assert_eq!(a["events"].as_array().unwrap().len(), events_before, "{a}");
+
+    // A manual drill is never skipped, nor is the weekly drill of a newer backup.
+    assert!(f.expect(&["drill"], 0).stdout.contains("DRILL PASSED"));
+    let second = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let r = f.expect(&["drill", "--trigger", "timer"], 0);
+    assert!(
+        r.stdout.contains(&format!("drill of {second}")) && r.stdout.contains("DRILL PASSED"),
+        "{}",
+        r.stdout
+    );
+}

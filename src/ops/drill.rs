@@ -32,6 +32,8 @@ pub struct DrillReport {
     /// recorded in the catalog (a fresh install, before the first backup). Neither a pass nor
     /// a failure: the run is recorded as WARNING, the command exits 0 (the failure hook must
     /// not fire on every fresh install) and `status` says "no backup yet" (issue #13).
+    /// Also set, with `archive` named, when the weekly drill finds the newest backup passed a
+    /// drill in the last 24 hours: the run is a SUCCESS that records no drill event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nothing_to_drill: Option<String>,
     pub checks: Vec<Check>,
@@ -61,7 +63,11 @@ pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillRepo
     let run = Run::start(env, "drill", trigger, true)?;
     let result = drill_in_run(&run, which, trigger);
     match &result {
-        Ok(r) if r.nothing_to_drill.is_some() => run.end(&result, RunStatus::Warning, None),
+        // No backup yet deserves a look; the newest backup drilled already does not.
+        Ok(r) if r.nothing_to_drill.is_some() && r.archive.is_empty() => {
+            run.end(&result, RunStatus::Warning, None)
+        }
+        Ok(r) if r.nothing_to_drill.is_some() => run.end(&result, RunStatus::Success, None),
         // A drill that ran to the end but failed a check is a failed run in the catalog,
         // yet its report is still what the operator needs to see.
         Ok(r) if !r.passed => {
@@ -90,6 +96,30 @@ fn clean_and_list(run: &Run) -> Result<(crate::store::Store, Vec<crate::store::L
     Ok((store, listings))
 }
 
+/// How recent a passed drill of the newest backup must be for the weekly drill to skip it.
+/// The case it is for: a Pi that was off on Sunday boots, and the weekly timer's catch-up
+/// (`Persistent=`) starts right after the boot drill (its unit is ordered after it) with
+/// nothing new to prove.
+const DRILLED_RECENTLY: chrono::Duration = chrono::Duration::hours(24);
+
+/// `Some(why)` when the last drill recorded passed on `archive` less than [`DRILLED_RECENTLY`]
+/// ago. A failed drill since, or a newer backup, and the weekly drill runs.
+fn drilled_recently(run: &Run, archive: &str) -> Result<Option<String>> {
+    let last = run.catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?;
+    Ok(last.filter(|e| {
+        e.event == Event::DrillPassed
+            && e.archive.as_deref() == Some(archive)
+            && now() - e.at < DRILLED_RECENTLY
+            && e.at <= now()
+    })
+    .map(|e| {
+        format!(
+            "{archive} passed a drill at {} (less than 24 h ago): nothing new to prove, the weekly drill is skipped",
+            e.at.format("%Y-%m-%d %H:%M UTC")
+        )
+    }))
+}
+
 /// What a boot drill says before the first backup (see [`DrillReport::nothing_to_drill`]).
 pub const NO_BACKUP_YET: &str = "no backup yet: nothing to drill; run `datavault backup`";
 
@@ -115,6 +145,14 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     }
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::Newest)?;
     let name = listing.name.clone();
+    if which.is_none() && trigger == Trigger::Timer && !env.offsite {
+        if let Some(why) = drilled_recently(run, &name)? {
+            log::info!("{why}");
+            let mut r = DrillReport::nothing_yet(started.elapsed().as_secs_f64());
+            (r.archive, r.nothing_to_drill) = (name, Some(why));
+            return Ok(r);
+        }
+    }
     let identities =
         std::sync::Arc::new(crate::keys::load_identities(env.settings.encryption.identity.as_deref())?);
     let identity_path = env.settings.encryption.identity.clone().unwrap_or_default();

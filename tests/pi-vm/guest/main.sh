@@ -14,7 +14,7 @@
 #                 so; the README's first backup and drill; SIGUSR1 to the agent; reboot
 #   reboot        the drive unlocks and mounts from crypttab, the boot drill passes on its
 #                 own, the agent is up; the timer fires at 04:00 (guest clock set to 03:59:50)
-#   missed        booted at 05:00 the next day: the missed 04:00 backup runs (Persistent=);
+#   missed        booted at 05:30 the next day: the missed 04:00 backup runs (Persistent=);
 #                 the drive unplugged mid-backup (exit 3, nothing on the SD card, LED "drive
 #                 missing", the hook), plugged back, the next run fine
 #   cut-N         checks after the previous power cut, a new backup and drill, then the next
@@ -257,15 +257,29 @@ step_reboot() {
     systemctl start datavault-agent.service
     check "the agent starts again" test "$(systemctl is-active datavault-agent.service)" = active
 
-    # The timer, on its own: the guest clock set to 03:59:50 (tomorrow). The test drop-in only
-    # zeroes RandomizedDelaySec (up to 10 min otherwise); OnCalendar= is the shipped one.
+    # The timer, on its own: the guest clock set to 03:59:50 of the next 04:00 still ahead.
+    # Not always tomorrow's: before 04:00, today's 04:00 is the one the timer waits for, and
+    # jumping past it to tomorrow makes the timer fire at once (a missed run), at 03:59:5x.
+    # The test drop-in only zeroes RandomizedDelaySec (up to 10 min otherwise); OnCalendar=
+    # is the shipped one.
     systemctl list-timers --all datavault-backup.timer
-    mkdir -p /etc/systemd/system/datavault-backup.timer.d
+    mkdir -p /etc/systemd/system/datavault-backup.timer.d /etc/systemd/system/datavault-drill-weekly.timer.d
     printf '[Timer]\nRandomizedDelaySec=0\n' >/etc/systemd/system/datavault-backup.timer.d/pi-vm-test.conf
+    # The weekly drill's catch-up (Persistent=) then fires at boot, ordered after the boot
+    # drill and the backup, instead of at a random moment inside a later step of this test.
+    printf '[Timer]\nRandomizedDelaySec=0\n' >/etc/systemd/system/datavault-drill-weekly.timer.d/pi-vm-test.conf
     systemctl daemon-reload
-    local before day row started
+    local before day row started tod
+    tod=$(date -u +%H%M%S)
+    if [ $((10#$tod)) -ge 35800 ] && [ $((10#$tod)) -lt 40500 ]; then
+        # Today's 04:00 is about to fire or has just fired: let it, then aim at tomorrow's.
+        note "the guest clock is near 04:00 ($tod): waiting for today's run to pass"
+        wait_until 600 bash -c '[ $((10#$(date -u +%H%M%S))) -ge 40500 ]' || true
+        wait_until 300 sh -c '! systemctl is-active -q datavault-backup.service' || true
+    fi
+    tod=$(date -u +%H%M%S)
+    if [ $((10#$tod)) -lt 35800 ]; then day=$(date -u +%F); else day=$(date -u -d tomorrow +%F); fi
     before=$(last_run_id)
-    day=$(date -u -d tomorrow +%F)
     date -u -s "$day 03:59:50" >/dev/null
     ev "clock set to $day 03:59:50"
     systemctl list-timers --all datavault-backup.timer
@@ -297,6 +311,21 @@ step_missed() {
         [ "$(cut -d'|' -f2 <<<"$row")" = SUCCESS ] && ok "the missed 04:00 backup ran after boot (Persistent=true): $row" || fail "the catch-up backup: $row"
     else
         fail "no catch-up backup within 180 s of boot"
+    fi
+    # The weekly drill's catch-up, when a Sunday 05:00 fell before this boot: its unit is
+    # ordered after the boot drill and the backup, so it comes last and the steps below wait
+    # for it (a drill holding the lock would make their backup exit 75).
+    local weekly_ended wrow
+    weekly_ended() { ! systemctl is-active -q datavault-drill-weekly.service \
+        && ! systemctl list-jobs --no-legend | grep -q datavault-drill-weekly; }
+    wait_until 300 weekly_ended || fail "the weekly drill's catch-up did not end within 300 s"
+    wrow=$(sqlite3 /var/lib/datavault/catalog.db "SELECT id, status, started_at FROM runs WHERE command = 'drill' AND trigger = 'timer' AND started_at >= '$boot_at' ORDER BY id LIMIT 1")
+    if [ -z "$wrow" ]; then
+        note "the weekly drill had no catch-up at this boot (no Sunday 05:00 since its timer first ran)"
+    elif [ "$(cut -d'|' -f2 <<<"$wrow")" = SUCCESS ] && [ "$(cut -d'|' -f1 <<<"$wrow")" -gt "$(cut -d'|' -f1 <<<"${row:-0}")" ]; then
+        ok "the weekly drill's catch-up ran after the boot drill and the catch-up backup: $wrow ($(journalctl -b -q -u datavault-drill-weekly.service -o cat | grep -E 'DRILL PASSED|nothing new to prove' | tail -n 1))"
+    else
+        fail "the weekly drill's catch-up: $wrow (the catch-up backup: $row)"
     fi
     note "timer: last trigger $(unit_prop datavault-backup.timer LastTriggerUSec)"
     check_agent
