@@ -241,7 +241,8 @@ pub enum OffsiteCommand {
         after_help = "Resumable: a push cut off (kill, dropped connection) leaves nothing half-visible; the \
 next one aborts the unfinished upload and sends only what is missing. Never overwrites a remote object: a \
 put-only credential (no DeleteObject) is enough and is the recommended setup (docs/offsite.md). Archives \
-that [offsite.retention] would not keep are not sent. Takes its own lock (offsite.lock), never the backup's. \
+and snapshots that [offsite.retention] would not keep are not sent; a snapshot travels with the packs \
+holding the chunks the bucket lacks, nothing more. Takes its own lock (offsite.lock), never the backup's. \
 Exit 3: server unreachable, DNS, TLS, timeout, bucket missing or full, clock skew; 2: credentials or \
 [offsite] config; 4: a remote object conflicts, or a file on the drive is damaged (not sent)."
     )]
@@ -257,7 +258,9 @@ Exit 3: server unreachable, DNS, TLS, timeout, bucket missing or full, clock ske
     #[command(after_help = "Deletes manifests first, then their archives; archives without a manifest and \
 unfinished uploads older than a day; merges the upload ledger. With the Pi's put-only credential it fails \
 with exit 2 (AccessDenied), by design: a thief or ransomware on the Pi cannot delete the offsite copy. \
-The deduplicated store (store/) is not pruned by this command yet.")]
+Snapshots (store/): forgets those the policy drops (manifest first), then deletes or repacks the packs no \
+snapshot left in the bucket needs (no key needed); the packs wait while a push is under way (markers in \
+store/locks/). Never expire store/ with a bucket lifecycle rule.")]
     Prune {
         /// Only show what would be deleted
         #[arg(long)]

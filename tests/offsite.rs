@@ -13,14 +13,17 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 
 use datavault::config::Settings;
 use datavault::offsite::ledger::{Ledger, Shallow};
 use datavault::offsite::push::{push, PushOptions};
 use datavault::offsite::s3::S3Backend;
+use datavault::offsite::{collect, locks};
 use datavault::progress::NoProgress;
 use datavault::retention::RetentionPolicy;
 use datavault::store::backend::{Backend, LocalBackend, MemoryBackend};
+use datavault::store::dedup;
 use s3_util::{offsite_section, write_credentials, S3Server, Wrapped, ACCESS_KEY, BUCKET, SECRET_KEY};
 use sha2::{Digest, Sha256};
 use util::{assert_still_running, skip, wait_until, Fixture};
@@ -140,13 +143,8 @@ fn a_push_reads_back_identically_through_the_backend_and_restores_with_nothing_b
     // pulled (the same engine, reversed) into an empty folder, and restored from there.
     let newpi = f.path().join("newpi");
     fs::create_dir(&newpi).unwrap();
-    let pulled = push(
-        &remote,
-        &LocalBackend::open(&newpi).unwrap(),
-        &PushOptions { retention: RetentionPolicy::default(), dry_run: false, now: chrono::Utc::now() },
-        &NoProgress,
-    )
-    .unwrap();
+    let pulled =
+        push(Arc::new(remote), Arc::new(LocalBackend::open(&newpi).unwrap()), &opts(), &NoProgress).unwrap();
     assert_eq!(pulled.uploaded.len(), 4);
     let cfg = fs::read_to_string(&f.config)
         .unwrap()
@@ -447,7 +445,17 @@ fn every_offsite_failure_is_one_line_with_its_exit_code_and_the_local_backup_is_
 // ---- the engine alone, between in-memory and local backends (no server needed) ----------
 
 fn opts() -> PushOptions {
-    PushOptions { retention: RetentionPolicy::default(), dry_run: false, now: chrono::Utc::now() }
+    PushOptions {
+        retention: RetentionPolicy::default(),
+        dry_run: false,
+        now: chrono::Utc::now(),
+        cache_dir: None,
+    }
+}
+
+/// The engine takes shared backends; the tests keep a handle to look inside.
+fn arc<B: Backend + 'static>(b: &Arc<B>) -> Arc<dyn Backend> {
+    b.clone()
 }
 
 #[test]
@@ -455,29 +463,27 @@ fn the_engine_sends_data_before_visibility_resumes_after_a_drop_and_works_with_a
     let f = Fixture::new();
     f.backup();
     f.backup();
-    // A deduplicated store beside the archives (layout of the dedup issue).
+    // Then a deduplicated snapshot store beside the archives, and a file of the store's
+    // shape that is not one of its files.
+    f.set("store.format", "snapshots");
+    let snap = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
     let t = &f.target;
-    let pack = b"pack bytes".to_vec();
-    let pack_name = sha(&pack);
     for (p, bytes) in [
-        ("store/config.json".to_string(), b"{}".to_vec()),
-        (format!("store/packs/{}/{pack_name}", &pack_name[..2]), pack.clone()),
-        (format!("store/index/{}.json", "0".repeat(64)), b"[]".to_vec()),
-        ("store/snapshots/backup-20261201T040000.000Z.tree".into(), b"t".to_vec()),
-        ("store/snapshots/backup-20261201T040000.000Z.refs".into(), b"r".to_vec()),
-        ("store/snapshots/backup-20261201T040000.000Z.json".into(), b"{}".to_vec()),
-        ("store/snapshots/backup-20261201T040000.000Z.json.partial".into(), b"x".to_vec()),
+        (format!("store/snapshots/{snap}.json.partial"), b"x".to_vec()),
         ("stray.txt".into(), b"not ours".to_vec()),
     ] {
-        fs::create_dir_all(t.join(&p).parent().unwrap()).unwrap();
         fs::write(t.join(&p), bytes).unwrap();
     }
-    let local = LocalBackend::open(t).unwrap();
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(t).unwrap());
     let mut dropping = Wrapped::new(MemoryBackend::new());
-    dropping.fail_after = Some(3);
-    let e = push(&local, &dropping, &opts(), &NoProgress).unwrap_err();
+    dropping.fail_after = Some(4);
+    let dropping = Arc::new(dropping);
+    let e = push(local.clone(), arc(&dropping), &opts(), &NoProgress).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
-    let first = dropping.order();
+    let order = dropping.order();
+    // The push's marker first (there is snapshot data to send), then the data.
+    assert!(order[0].starts_with("store/locks/push-"), "{order:?}");
+    let first: Vec<&String> = order.iter().filter(|o| !o.starts_with("store/locks/")).collect();
     assert_eq!(first.len(), 3, "{first:?}");
     assert!(
         first[0].ends_with(".tar.zst.age")
@@ -489,33 +495,52 @@ fn the_engine_sends_data_before_visibility_resumes_after_a_drop_and_works_with_a
     // Resume with a put-only remote: nothing is sent twice, nothing deleted or overwritten.
     let mut put_only = Wrapped::new(dropping.inner.clone());
     put_only.put_only = true;
-    let r = push(&local, &put_only, &opts(), &NoProgress).unwrap();
+    let put_only = Arc::new(put_only);
+    let r = push(local.clone(), arc(&put_only), &opts(), &NoProgress).unwrap();
     assert!(r.clean(), "{r:?}");
     assert_eq!(r.already_there, 2);
     let order = put_only.order();
     let pos =
         |p: &str| order.iter().position(|o| o == p).unwrap_or_else(|| panic!("{p} not sent: {order:?}"));
-    let data: Vec<_> = order.iter().filter(|o| !o.starts_with("offsite-ledger/")).cloned().collect();
-    assert_eq!(data.len(), 8, "2 archive files and 6 store files: {data:?}");
-    assert!(data[0].ends_with(".tar.zst.age") && data[1].ends_with(".json"));
-    assert!(pos("store/config.json") < pos(&format!("store/packs/{}/{pack_name}", &pack_name[..2])));
+    let data: Vec<_> = order
+        .iter()
+        .filter(|o| !o.starts_with("offsite-ledger/") && !o.starts_with("store/locks/"))
+        .cloned()
+        .collect();
+    assert!(data[0].ends_with(".tar.zst.age") && data[1].ends_with(".json"), "{data:?}");
+    let packs: Vec<&String> = data.iter().filter(|d| d.starts_with("store/packs/")).collect();
+    let index: Vec<&String> = data.iter().filter(|d| d.starts_with("store/index/")).collect();
+    assert!(!packs.is_empty() && !index.is_empty(), "{data:?}");
+    assert!(pos("store/config.json") < pos(index[0]));
+    // Every index file before any pack: a pack is never on the remote unindexed.
+    assert!(pos(index.last().unwrap()) < pos(packs[0]), "{data:?}");
+    assert!(pos(packs.last().unwrap()) < pos(&format!("store/snapshots/{snap}.tree")));
     assert_eq!(
         data.last().unwrap(),
-        "store/snapshots/backup-20261201T040000.000Z.json",
+        &format!("store/snapshots/{snap}.json"),
         "the snapshot manifest goes last"
     );
     assert!(!order.iter().any(|o| o.contains("partial") || o.contains("stray")));
+    // The push marked its start and its end (a prune elsewhere waits for neither then).
+    let locks: Vec<&String> = order.iter().filter(|o| o.starts_with("store/locks/")).collect();
+    assert!(locks.len() == 2 && locks[0].ends_with(".json") && locks[1].ends_with(".done"), "{locks:?}");
     assert_eq!(r.behind.files, 0);
-    let again = push(&local, &put_only, &opts(), &NoProgress).unwrap();
-    assert_eq!((again.uploaded.len(), again.already_there), (0, 10));
+    let again = push(local.clone(), arc(&put_only), &opts(), &NoProgress).unwrap();
+    assert_eq!(again.uploaded.len(), 0, "{again:?}");
+    // 4 archive files; the store's config, and the snapshot's tree, refs and manifest (a
+    // snapshot the remote shows is not looked into again).
+    assert_eq!(again.already_there, 8, "{again:?}");
 
     // A damaged pack is not sent, and no snapshot manifest goes while it is missing.
-    let remote = MemoryBackend::new();
-    fs::write(t.join(format!("store/packs/{}/{pack_name}", &pack_name[..2])), b"rotten bytes").unwrap();
-    let r = push(&local, &remote, &opts(), &NoProgress).unwrap();
+    let remote = Arc::new(MemoryBackend::new());
+    let pack = t.join(packs[0]);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[40] ^= 1;
+    fs::write(&pack, bytes).unwrap();
+    let r = push(local, arc(&remote), &opts(), &NoProgress).unwrap();
     assert!(!r.clean() && r.damaged_locally.len() == 1, "{r:?}");
-    assert!(remote.size("store/snapshots/backup-20261201T040000.000Z.json").unwrap().is_none());
-    assert!(remote.size("store/snapshots/backup-20261201T040000.000Z.tree").unwrap().is_some());
+    assert!(remote.size(&format!("store/snapshots/{snap}.json")).unwrap().is_none());
+    assert!(remote.size(&format!("store/snapshots/{snap}.tree")).unwrap().is_some());
     assert_eq!(r.behind.snapshots, 1);
 }
 
@@ -525,11 +550,12 @@ fn the_engine_does_not_resend_what_the_remote_retention_dropped_nor_a_damaged_ar
     f.backup();
     f.backup();
     f.backup();
-    let local = LocalBackend::open(&f.target).unwrap();
-    let remote = MemoryBackend::new();
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(&f.target).unwrap());
+    let remote = Arc::new(MemoryBackend::new());
     let keep_one =
         RetentionPolicy { keep_last: 1, keep_daily: 0, keep_weekly: 0, keep_monthly: 0, keep_pre_restore: 0 };
-    let r = push(&local, &remote, &PushOptions { retention: keep_one, ..opts() }, &NoProgress).unwrap();
+    let r = push(local.clone(), arc(&remote), &PushOptions { retention: keep_one, ..opts() }, &NoProgress)
+        .unwrap();
     assert_eq!((r.uploaded.len(), r.not_kept_remotely.len()), (2, 2), "{r:?}");
     // A flipped byte on the drive: hashed while streaming, refused before it becomes visible.
     let archives = f.archive_files();
@@ -538,8 +564,8 @@ fn the_engine_does_not_resend_what_the_remote_retention_dropped_nor_a_damaged_ar
     let n = bytes.len();
     bytes[n / 2] ^= 1;
     fs::write(newest, bytes).unwrap();
-    let remote = MemoryBackend::new();
-    let r = push(&local, &remote, &opts(), &NoProgress).unwrap();
+    let remote = Arc::new(MemoryBackend::new());
+    let r = push(local, arc(&remote), &opts(), &NoProgress).unwrap();
     assert_eq!(r.damaged_locally.len(), 1, "{r:?}");
     assert!(r.damaged_locally[0].why.contains("SHA-256"));
     let name = newest.file_name().unwrap().to_str().unwrap();
@@ -548,6 +574,141 @@ fn the_engine_does_not_resend_what_the_remote_retention_dropped_nor_a_damaged_ar
             && remote.size(&name.replace(".tar.zst.age", ".json")).unwrap().is_none()
     );
     assert_eq!(r.uploaded.len(), 4, "the two good backups travel");
+}
+
+fn keep_one() -> RetentionPolicy {
+    RetentionPolicy { keep_last: 1, keep_daily: 0, keep_weekly: 0, keep_monthly: 0, keep_pre_restore: 0 }
+}
+
+fn snapshot_fixture() -> Fixture {
+    Fixture::with(|c| c.push_str("[store]\nformat = \"snapshots\"\n"))
+}
+
+fn pack_bytes(b: &MemoryBackend) -> u64 {
+    b.snapshot().iter().filter(|(k, _)| k.starts_with("store/packs/")).map(|(_, v)| v.len() as u64).sum()
+}
+
+fn remote_store(b: &Arc<MemoryBackend>) -> dedup::Store {
+    dedup::Store::open(arc(b)).unwrap().expect("the bucket has a snapshot store")
+}
+
+/// Keyless (every chunk indexed, every pack it needs hashed), then decrypted to the end.
+#[track_caller]
+fn restorable_from(b: &Arc<MemoryBackend>, f: &Fixture, name: &str) {
+    let store = remote_store(b);
+    let mut cache = dedup::Cache::open_in_memory().unwrap();
+    dedup::verify::verify_snapshot(&store, &mut cache, name, &NoProgress).unwrap();
+    let ids = Arc::new(datavault::keys::load_identities(Some(&f.identity)).unwrap());
+    let mut r = dedup::read::SnapshotReader::open(&store, &mut cache, name, ids, &NoProgress).unwrap();
+    let mut files = 0;
+    while r.next_entry().unwrap().is_some() {
+        std::io::copy(&mut r.content(), &mut std::io::sink()).unwrap();
+        files += 1;
+    }
+    assert!(files > 3, "{name}: {files} entries");
+}
+
+#[test]
+fn the_bucket_forgets_and_collects_what_its_retention_drops_and_a_push_resends_a_chunk_it_collected() {
+    let f = snapshot_fixture();
+    big_upload(&f, "old.bin", 2);
+    let b1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(&f.target).unwrap());
+    let remote = Arc::new(MemoryBackend::new());
+    assert!(push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap().clean());
+    let old = fs::read(f.app.uploads.join("old.bin")).unwrap();
+    fs::remove_file(f.app.uploads.join("old.bin")).unwrap();
+    big_upload(&f, "new.bin", 1);
+    let b2 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let r = push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap();
+    assert!(r.clean() && r.behind.snapshots == 0, "{r:?}");
+    // Only what b2 added travelled: about the 1 MiB file, not the 2 MiB one again.
+    assert!(r.uploaded_bytes < (3 << 19), "{} bytes for the second snapshot", r.uploaded_bytes);
+    let before = pack_bytes(&remote);
+
+    // The bucket keeps one snapshot: b1 is forgotten and old.bin's chunks collected.
+    let dry = collect::prune_store(arc(&remote), &keep_one(), chrono::Utc::now(), true, &NoProgress)
+        .unwrap()
+        .unwrap();
+    assert_eq!(dry.forgotten, vec![b1.clone()]);
+    assert_eq!(pack_bytes(&remote), before, "a dry run deletes nothing");
+    let out = collect::prune_store(arc(&remote), &keep_one(), chrono::Utc::now(), false, &NoProgress)
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.forgotten, vec![b1.clone()]);
+    let gc = out.gc.expect("collected");
+    assert!(gc.bytes_freed >= 2 << 20, "{gc:?}");
+    assert!(pack_bytes(&remote) + (2 << 20) <= before, "{} of {before} bytes left", pack_bytes(&remote));
+    let left: Vec<String> = remote.snapshot().keys().cloned().collect();
+    assert!(!left.iter().any(|k| k.contains(&b1)), "{left:?}");
+    assert!(!left.iter().any(|k| k.starts_with("store/locks/")), "markers cleaned up: {left:?}");
+    restorable_from(&remote, &f, &b2);
+
+    // old.bin comes back: its chunks are on the drive (which keeps b1) and no longer in the
+    // bucket. The push finds them through the bucket's own index and sends their pack again.
+    fs::write(f.app.uploads.join("old.bin"), &old).unwrap();
+    let b3 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let keep = PushOptions { retention: keep_one(), ..opts() };
+    let r = push(local.clone(), arc(&remote), &keep, &NoProgress).unwrap();
+    assert!(r.clean(), "{r:?}");
+    assert!(r.uploaded.iter().any(|u| u.path.starts_with("store/packs/")), "{r:?}");
+    assert!(r.uploaded_bytes >= 2 << 20, "old.bin's pack travelled again: {r:?}");
+    restorable_from(&remote, &f, &b3);
+    // Nothing more to send; b1 and b2 (kept on the drive, not in the bucket) stay home.
+    let r = push(local, arc(&remote), &keep, &NoProgress).unwrap();
+    assert_eq!(r.uploaded.len(), 0, "{r:?}");
+    assert!(remote.size(&format!("store/snapshots/{b1}.json")).unwrap().is_none());
+}
+
+#[test]
+fn a_push_and_a_prune_of_the_bucket_keep_apart_through_their_markers() {
+    let f = snapshot_fixture();
+    big_upload(&f, "old.bin", 2);
+    let b1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(&f.target).unwrap());
+    let remote = Arc::new(MemoryBackend::new());
+    push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap();
+    fs::remove_file(f.app.uploads.join("old.bin")).unwrap();
+    big_upload(&f, "new.bin", 1);
+    let b2 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+
+    // A prune is running elsewhere: the push sends its archives (none here) but no snapshot.
+    let now = chrono::Utc::now();
+    let prune = locks::write(&*remote, "prune", now).unwrap();
+    let r = push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap();
+    assert!(r.snapshots_deferred.as_deref().is_some_and(|w| w.contains("prune")), "{r:?}");
+    assert!(
+        r.uploaded.iter().all(|u| u.path.starts_with("store/locks/") || !u.path.starts_with("store/")),
+        "{r:?}"
+    );
+    assert_eq!(r.behind.snapshots, 1, "{r:?}");
+    assert!(remote.size(&format!("store/snapshots/{b2}.json")).unwrap().is_none());
+    remote.remove(&format!("store/locks/{}.json", prune.stem)).unwrap();
+
+    // A push died mid-way (its marker has no `.done`): the prune forgets, but collects
+    // nothing (it could delete what that push counts on).
+    let r = push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap();
+    assert!(r.snapshots_deferred.is_none() && r.behind.snapshots == 0, "{r:?}");
+    locks::write(&*remote, "push", now).unwrap();
+    let out = collect::prune_store(arc(&remote), &keep_one(), now, false, &NoProgress).unwrap().unwrap();
+    assert_eq!(out.forgotten, vec![b1.clone()]);
+    assert!(out.gc.is_none(), "{out:?}");
+    assert!(out.gc_deferred.as_deref().is_some_and(|w| w.contains("push")), "{out:?}");
+    // A day later that marker is stale: collected then.
+    let out = collect::prune_store(
+        arc(&remote),
+        &keep_one(),
+        now + chrono::Duration::hours(25),
+        false,
+        &NoProgress,
+    )
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.gc_deferred.is_none() && out.gc.as_ref().is_some_and(|g| g.bytes_freed >= 2 << 20),
+        "{out:?}"
+    );
+    restorable_from(&remote, &f, &b2);
 }
 
 #[test]
@@ -917,6 +1078,67 @@ fn snapshots_are_pushed_listed_verified_and_restored_from_the_bucket() {
     let newpi = new_pi_config(&f);
     let to = f.path().join("restored");
     with_config(&f, &newpi, &["restore", "--offsite", "--to", to.to_str().unwrap()], 0);
+    let got = datavault::demo::fingerprint(&to.join("db/app.db"), Some(&to.join("uploads"))).unwrap();
+    assert_eq!(got, fingerprint);
+    drop(server);
+}
+
+fn bucket_pack_bytes(b: &S3Backend) -> u64 {
+    (0..=255u8).flat_map(|i| b.list(&format!("store/packs/{i:02x}")).unwrap()).map(|o| o.size).sum()
+}
+
+#[test]
+fn offsite_prune_forgets_and_collects_snapshots_in_a_real_bucket_which_still_restores() {
+    let f = snapshot_fixture();
+    let Some(server) = server_or_skip(&f.path().join("s3")) else { return };
+    with_offsite(&f, &server.endpoint(), "pi", "");
+    big_upload(&f, "old.bin", 2);
+    let b1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    f.expect(&["offsite", "push"], 0);
+    let old = fs::read(f.app.uploads.join("old.bin")).unwrap();
+    fs::remove_file(f.app.uploads.join("old.bin")).unwrap();
+    big_upload(&f, "new.bin", 1);
+    let b2 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    f.expect(&["offsite", "push"], 0);
+    let before = bucket_pack_bytes(&s3(&f));
+
+    // The pruning machine keeps one snapshot in the bucket.
+    let keep_one = "[offsite.retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0";
+    with_offsite(&f, &server.endpoint(), "pi", keep_one);
+    let r = f.expect(&["offsite", "prune", "--dry-run"], 0);
+    assert!(r.stdout.contains(&format!("WOULD FORGET snapshot {b1}")), "{}", r.stdout);
+    assert_eq!(bucket_pack_bytes(&s3(&f)), before, "a dry run deletes nothing");
+    let r = f.expect(&["--json", "offsite", "prune"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["store"]["forgotten"], serde_json::json!([b1]), "{j}");
+    assert!(j["store"]["gc"]["bytes_freed"].as_u64().unwrap() >= 2 << 20, "{j}");
+    assert!(bucket_pack_bytes(&s3(&f)) + (2 << 20) <= before);
+    assert!(
+        !server.keys("pi").iter().any(|k| k.contains(&b1) || k.contains("store/locks/")),
+        "{:?}",
+        server.keys("pi")
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&f.expect(&["--json", "list", "--offsite"], 0).stdout).unwrap();
+    let names: Vec<&str> = rows.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec![b2.as_str()]);
+    f.expect(&["verify", "--offsite"], 0);
+    f.expect(&["verify", "--offsite", "--deep"], 0);
+
+    // The Pi keeps both; its next push sends nothing back. Then old.bin returns: its pack,
+    // collected from the bucket, travels again, and a new Pi restores from the bucket alone.
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(j["uploaded"].as_array().unwrap().len(), 0, "{j}");
+    fs::write(f.app.uploads.join("old.bin"), &old).unwrap();
+    f.backup();
+    let fingerprint = f.fingerprint();
+    let r = f.expect(&["--json", "offsite", "push"], 0);
+    let j: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(j["uploaded_bytes"].as_u64().unwrap() >= 2 << 20, "{j}");
+    f.expect(&["verify", "--offsite", "--deep"], 0);
+    let to = f.path().join("restored");
+    with_config(&f, &new_pi_config(&f), &["restore", "--offsite", "--to", to.to_str().unwrap()], 0);
     let got = datavault::demo::fingerprint(&to.join("db/app.db"), Some(&to.join("uploads"))).unwrap();
     assert_eq!(got, fingerprint);
     drop(server);

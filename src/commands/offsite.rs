@@ -49,6 +49,9 @@ pub fn push(env: &Env, trigger: Trigger, dry_run: bool, ui: &Ui) -> Result<u8> {
     for v in &r.vanished {
         s += &format!("  gone from the drive meanwhile (pruned?): {v}\n");
     }
+    if let Some(why) = &r.snapshots_deferred {
+        s += &format!("  snapshots not sent: {why}\n");
+    }
     if !dry_run {
         let b = &r.behind;
         s += &if b.files == 0 {
@@ -102,6 +105,33 @@ pub fn prune(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
         o.deleted.len(),
         if dry_run { "would be deleted (dry run)" } else { "deleted" }
     );
+    if let Some(st) = &o.store {
+        for d in &st.decisions {
+            let verb = match (d.keep, dry_run) {
+                (true, _) => "keep  ",
+                (false, true) => "WOULD FORGET",
+                (false, false) => "forgot",
+            };
+            s += &format!("{verb} snapshot {}  ({})\n", d.name, d.reasons.join(", "));
+        }
+        if let Some(why) = &st.gc_deferred {
+            s += &format!("packs not collected: {why}\n");
+        }
+        if let Some(g) = &st.gc {
+            s += &format!(
+                "snapshot store: {} pack(s) {}, {} repacked, {} freed\n",
+                g.packs_deleted,
+                if dry_run { "would be deleted" } else { "deleted" },
+                g.packs_repacked,
+                human_bytes(g.bytes_freed)
+            );
+        }
+        s += &format!(
+            "{} snapshot(s) {}\n",
+            st.forgotten.len(),
+            if dry_run { "would be forgotten (dry run)" } else { "forgotten" }
+        );
+    }
     out(&s)?;
     Ok(exit::SUCCESS)
 }

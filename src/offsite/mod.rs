@@ -16,13 +16,17 @@
 //! delete-capable one (docs/offsite.md).
 
 pub mod check;
+pub mod collect;
 pub mod credentials;
 pub mod ledger;
+pub mod locks;
 pub mod push;
 pub mod remote_error;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -233,8 +237,13 @@ fn push_in_run(env: &Env, dry_run: bool) -> Result<PushOutcome> {
         remote.clear_upload_journal();
     }
     let o = settings(s)?;
-    let opts = push::PushOptions { retention: o.retention, dry_run, now: now() };
-    let report = push::push(&local, &remote, &opts, &*env.progress).map_err(|e| {
+    let opts = push::PushOptions {
+        retention: o.retention,
+        dry_run,
+        now: now(),
+        cache_dir: Some(s.state.dir.clone()),
+    };
+    let report = push::push(Arc::new(local), Arc::new(remote), &opts, &*env.progress).map_err(|e| {
         if crate::store::backend::is_drive_gone(&e)
             || remote_error::class_of(&e).is_none() && e.raw_os_error().is_some()
         {
@@ -260,6 +269,8 @@ pub struct RemotePruneOutcome {
     pub aborted_uploads: Vec<String>,
     /// Ledger objects merged into one.
     pub ledger_merged: usize,
+    /// The snapshot store (#9): snapshots forgotten, packs collected; `None` without one.
+    pub store: Option<collect::StorePrune>,
 }
 
 /// `datavault offsite prune`: the remote retention policy, run on a machine with a
@@ -268,7 +279,7 @@ pub fn run_prune(env: &Env, dry_run: bool) -> Result<RemotePruneOutcome> {
     let s = &env.settings;
     let _lock = RunLock::acquire(&s.state.dir.join(LOCK_FILE), "offsite prune")?;
     let run = Run::start(env, "offsite-prune", crate::ops::Trigger::Manual, false)?;
-    let result = prune_in_run(s, dry_run);
+    let result = prune_in_run(s, dry_run, &*env.progress);
     run.end(&result, RunStatus::Success, None);
     result
 }
@@ -328,8 +339,13 @@ fn merge_ledger(remote: &dyn Backend, gone: &[String], t: DateTime<Utc>) -> std:
     Ok(ledger.files.len())
 }
 
-fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
+fn prune_in_run(
+    s: &Settings,
+    dry_run: bool,
+    progress: &dyn crate::progress::Progress,
+) -> Result<RemotePruneOutcome> {
     let (remote, blame) = connect(s)?;
+    let remote = Arc::new(remote);
     let o = settings(s)?;
     let err = |doing: &str| {
         let blame = blame.clone();
@@ -340,8 +356,10 @@ fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
     let t = now();
     let top: std::collections::HashMap<String, u64> =
         remote.list("").map_err(err("listing"))?.into_iter().map(|o| (o.name, o.size)).collect();
-    let (candidates, orphans) = remote_candidates(&remote, &top, t);
-    let newest = candidates.iter().filter(|c| c.good).map(|c| c.created).max();
+    let (candidates, orphans) = remote_candidates(&*remote, &top, t);
+    let dyn_remote: Arc<dyn Backend> = remote.clone();
+    let newest_snapshot = collect::newest(&dyn_remote)?;
+    let newest = candidates.iter().filter(|c| c.good).map(|c| c.created).chain(newest_snapshot).max();
     if let crate::retention::ClockCheck::Suspicious(why) =
         crate::retention::check_clock(t, newest, crate::ops::build_time())
     {
@@ -386,14 +404,20 @@ fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
             aborted.push(u.path);
         }
     }
+    let store = collect::prune_store(dyn_remote.clone(), &o.retention, t, dry_run, progress)?;
+    if store.is_some() && !dry_run {
+        // What the store's forgetting and collection deleted leaves the ledger too.
+        let present = collect::store_objects(&*dyn_remote).map_err(err("listing the snapshot store"))?;
+        let records = ledger::Ledger::load(&*remote).map_err(err("reading the upload ledger"))?;
+        gone.extend(
+            records.records.keys().filter(|p| p.starts_with("store/") && !present.contains(*p)).cloned(),
+        );
+    }
     let merged = if dry_run {
         0
     } else {
-        merge_ledger(&remote, &gone, t).map_err(err("merging the upload ledger"))?
+        merge_ledger(&*remote, &gone, t).map_err(err("merging the upload ledger"))?
     };
-    if remote.size("store/config.json").map_err(err("checking"))?.is_some() {
-        log::warn!("{}: store/ (deduplicated snapshots) is not pruned by this command yet", blame.location);
-    }
     Ok(RemotePruneOutcome {
         location: blame.location.clone(),
         dry_run,
@@ -406,5 +430,6 @@ fn prune_in_run(s: &Settings, dry_run: bool) -> Result<RemotePruneOutcome> {
         },
         aborted_uploads: aborted,
         ledger_merged: merged,
+        store,
     })
 }

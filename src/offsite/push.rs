@@ -5,11 +5,20 @@
 //! **Order.** Whatever makes a backup visible goes last, so a push cut at any point leaves
 //! nothing half-visible on the remote:
 //! 1. archives, newest first, each `<stem>.tar.zst.age` then its `<stem>.json`;
-//! 2. the snapshot store: `store/config.json`, `store/packs/*/*`, `store/index/*`,
-//!    `store/snapshots/*.tree` and `*.refs`, and last `store/snapshots/*.json`.
+//! 2. the snapshot store: `store/config.json`, then for the snapshots the bucket keeps and
+//!    lacks, the index files and packs holding the chunks the bucket has not, their trees and
+//!    refs, and last their `store/snapshots/*.json`.
 //!
-//! A snapshot manifest goes only if every store file listed before it is on the remote (we
-//! do not parse which packs a snapshot needs: all of them listed at the start must be there).
+//! The bucket's store is not a mirror of the drive's: it keeps the snapshots its own
+//! retention keeps, and `offsite prune` collects packs no snapshot there needs. So for each
+//! snapshot it makes visible, the push reads the snapshot's refs (secret-free) and sends the
+//! packs that hold the chunks the bucket's index lacks, found through the drive's index, each
+//! with an index file that names it and *before* it: a reader ignores an index entry for a
+//! pack that is not there, while a pack no index names would be a leftover for the
+//! collection. The two indexes live in SQLite caches in the state folder, so memory does not
+//! grow with the store. A push and a prune on two machines keep apart through markers
+//! ([`super::locks`]). A snapshot manifest goes only if every store file listed before it
+//! reached the remote.
 //!
 //! **Resume.** Files are never appended to: a file is on the remote complete or not at all.
 //! A push killed mid-file leaves an unfinished multipart upload, which the next push aborts
@@ -28,6 +37,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -37,6 +48,7 @@ use crate::manifest::Manifest;
 use crate::progress::Progress;
 use crate::retention::{ArchiveKind, Candidate, RetentionPolicy};
 use crate::store::backend::{join, Backend};
+use crate::store::dedup::{self, format as store_format, Cache};
 use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 
 /// Files at least this big get their ledger record written as soon as they are sent.
@@ -64,6 +76,10 @@ pub struct PushReport {
     pub damaged_locally: Vec<Problem>,
     /// Listed, then gone before they were read (a local prune ran meanwhile).
     pub vanished: Vec<String>,
+    /// Why no snapshot data was sent this time (a prune of the bucket is running): the next
+    /// push sends it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots_deferred: Option<String>,
     /// After this push.
     pub behind: Behind,
 }
@@ -105,7 +121,14 @@ pub struct PushOptions {
     pub retention: RetentionPolicy,
     pub dry_run: bool,
     pub now: DateTime<Utc>,
+    /// Where the chunk-index caches of the drive and of the bucket live (the state folder);
+    /// `None`: in memory (tests).
+    pub cache_dir: Option<PathBuf>,
 }
+
+/// The caches' file names in [`PushOptions::cache_dir`].
+pub const LOCAL_CACHE: &str = "offsite-drive-index.db";
+pub const REMOTE_CACHE: &str = "offsite-bucket-index.db";
 
 /// One file to send.
 #[derive(Debug, Clone)]
@@ -132,24 +155,50 @@ enum Unit {
 // Long on purpose (#12): one loop over the plan whose outcomes per file share the blocked
 // units, the ledger writer and the report; split, each step would carry all three.
 pub fn push(
-    src: &dyn Backend,
-    dst: &dyn Backend,
+    src_store: Arc<dyn Backend>,
+    dst_store: Arc<dyn Backend>,
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> io::Result<PushReport> {
+    let (src, dst) = (&*src_store, &*dst_store);
     let mut report = PushReport {
         source: src.location(),
         destination: dst.location(),
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let top_remote: HashMap<String, u64> = dst.list("")?.into_iter().map(|o| (o.name, o.size)).collect();
-    let items = plan(src, &top_remote, opts, &mut report)?;
-    let mut remote: HashMap<String, u64> = top_remote.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    let dirs: BTreeSet<&str> = items.iter().filter_map(|i| i.path.rsplit_once('/').map(|(d, _)| d)).collect();
-    for d in dirs {
-        for o in dst.list(d)? {
-            remote.insert(join(d, &o.name), o.size);
+    // What the remote has and what it lacks. Looked at again once the push's marker is in
+    // the bucket (super::locks): a prune that ran before it is then seen in full.
+    let survey = |report: &mut PushReport| -> io::Result<(Vec<Item>, HashMap<String, u64>)> {
+        let top_remote: HashMap<String, u64> = dst.list("")?.into_iter().map(|o| (o.name, o.size)).collect();
+        let mut items = plan(src, &top_remote, opts, report)?;
+        store_items(&src_store, &dst_store, opts, &mut items, report)?;
+        let mut remote = top_remote;
+        let dirs: BTreeSet<&str> =
+            items.iter().filter_map(|i| i.path.rsplit_once('/').map(|(d, _)| d)).collect();
+        for d in dirs {
+            for o in dst.list(d)? {
+                remote.insert(join(d, &o.name), o.size);
+            }
+        }
+        Ok((items, remote))
+    };
+    let blank = report.clone();
+    let (mut items, mut remote) = survey(&mut report)?;
+    let mut marker = None;
+    if !opts.dry_run && items.iter().any(|i| i.path.starts_with("store/") && !remote.contains_key(&i.path)) {
+        marker = Some(super::locks::write(dst, "push", opts.now)?);
+        match super::locks::prune_running(&super::locks::list(dst)?, opts.now, None) {
+            Some(t) => {
+                report.snapshots_deferred = Some(format!(
+                    "a prune of the bucket started at {} is running; the snapshots go with the next push",
+                    t.format("%Y-%m-%d %H:%M UTC")
+                ))
+            }
+            None => {
+                report = blank;
+                (items, remote) = survey(&mut report)?;
+            }
         }
     }
     let ledger = Ledger::load(dst)?;
@@ -158,6 +207,10 @@ pub fn push(
     // A problem with any shared store file blocks every snapshot manifest of this push.
     let mut store_blocked = false;
 
+    let all_items = items.clone();
+    if report.snapshots_deferred.is_some() {
+        items.retain(|i| !i.path.starts_with("store/"));
+    }
     let todo: u64 = items.iter().filter(|i| !remote.contains_key(&i.path)).map(|i| i.size).sum();
     progress.start("offsite", todo);
     let result = (|| -> io::Result<()> {
@@ -235,9 +288,12 @@ pub fn push(
     progress.finish();
     // What was sent is recorded even when the push failed half-way.
     let flushed = if opts.dry_run { Ok(()) } else { writer.flush(dst) };
+    // Over, whichever way: the collection need not wait for this push any more.
+    let finished = marker.map_or(Ok(()), |m| super::locks::finish_push(dst, &m));
     result?;
     flushed?;
-    report.behind = behind(&items, &remote);
+    finished?;
+    report.behind = behind(&all_items, &remote);
     Ok(report)
 }
 
@@ -318,76 +374,197 @@ fn plan(
         items.push(Item { path: manifest.clone(), size: top[&manifest], expect: None, unit, visible: true });
     }
 
-    store_items(src, &mut items)?;
     Ok(items)
 }
 
-/// The snapshot store's files (#9), when the drive has one: config, packs and index first,
-/// then each snapshot's tree and refs, its manifest (what makes it visible) last.
-fn store_items(src: &dyn Backend, items: &mut Vec<Item>) -> io::Result<()> {
-    let Some(size) = src.size("store/config.json")? else { return Ok(()) };
-    items.push(Item { path: "store/config.json".into(), size, expect: None, unit: None, visible: false });
-    for hi in 0..=255u8 {
-        let dir = format!("store/packs/{hi:02x}");
-        let mut packs = src.list(&dir)?;
-        packs.sort_by(|a, b| a.name.cmp(&b.name));
-        for o in packs.into_iter().filter(|o| is_hex(&o.name, 64) && o.name.starts_with(&dir[12..])) {
-            items.push(Item {
-                path: join(&dir, &o.name),
-                size: o.size,
-                expect: Some(o.name),
-                unit: None,
-                visible: false,
-            });
+/// The snapshot store's files (#9), when the drive has one: its config; for each snapshot
+/// the remote keeps and lacks, the index files and packs holding the chunks the remote's
+/// index has not (index files before packs); then each such snapshot's tree and refs; and
+/// last their manifests. Snapshots the remote shows already are listed too (tree, refs,
+/// manifest), so that they count as there.
+fn store_items(
+    src: &Arc<dyn Backend>,
+    dst: &Arc<dyn Backend>,
+    opts: &PushOptions,
+    items: &mut Vec<Item>,
+    report: &mut PushReport,
+) -> io::Result<()> {
+    let Some(config_size) = src.size(store_format::CONFIG_PATH)? else { return Ok(()) };
+    let damaged = |report: &mut PushReport, path: &str, why: String| {
+        report.damaged_locally.push(Problem { path: path.to_string(), why })
+    };
+    let local = match dedup::Store::open(src.clone()) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            damaged(report, store_format::CONFIG_PATH, format!("{e}: no snapshot sent"));
+            return Ok(());
         }
-    }
-    let mut index = src.list("store/index")?;
-    index.sort_by(|a, b| a.name.cmp(&b.name));
-    for o in index {
-        if o.name.strip_suffix(".json").is_some_and(|h| is_hex(h, 64)) {
-            items.push(Item {
-                path: join("store/index", &o.name),
-                size: o.size,
-                expect: None,
-                unit: None,
-                visible: false,
+    };
+    let remote = match dedup::Store::open(dst.clone()) {
+        Ok(Some(r)) if r.config().store_id != local.config().store_id => {
+            report.conflicts.push(Problem {
+                path: store_format::CONFIG_PATH.into(),
+                why: "the bucket holds another drive's snapshot store: no snapshot sent".into(),
             });
+            return Ok(());
         }
-    }
-    let mut snaps = src.list("store/snapshots")?;
-    snaps.sort_by(|a, b| a.name.cmp(&b.name));
-    let stems: Vec<String> = snaps
+        Ok(r) => r,
+        Err(e) => {
+            report.conflicts.push(Problem {
+                path: store_format::CONFIG_PATH.into(),
+                why: format!("the bucket's copy: {e}; no snapshot sent"),
+            });
+            return Ok(());
+        }
+    };
+    let store_item = |path: String, size: u64, expect: Option<String>| Item {
+        path,
+        size,
+        expect,
+        unit: None,
+        visible: false,
+    };
+    items.push(store_item(store_format::CONFIG_PATH.into(), config_size, None));
+
+    let snaps = local.list_snapshots().map_err(other)?;
+    let on_remote: HashSet<String> = match &remote {
+        Some(r) => r
+            .list_snapshots()
+            .map_err(other)?
+            .into_iter()
+            .filter(|l| l.manifest.is_some())
+            .map(|l| l.name)
+            .collect(),
+        None => HashSet::new(),
+    };
+    // Retention over both sides, so a snapshot the bucket's prune forgot is not sent again.
+    let mut seen = HashSet::new();
+    let candidates: Vec<Candidate> = snaps
         .iter()
-        .filter_map(|o| o.name.strip_suffix(".json"))
-        .filter(|s| stem_time(s).is_some())
-        .map(str::to_string)
+        .filter(|l| l.is_complete())
+        .map(|l| l.name.clone())
+        .chain(on_remote.iter().cloned())
+        .filter(|n| seen.insert(n.clone()))
+        .filter_map(|n| stem_time(&n).map(|(kind, created)| Candidate { name: n, kind, created, good: true }))
         .collect();
-    for stem in &stems {
-        for ext in [".tree", ".refs"] {
-            if let Some(o) = snaps.iter().find(|o| o.name == format!("{stem}{ext}")) {
-                let unit = Some(Unit::Snapshot(stem.clone()));
-                items.push(Item {
-                    path: join("store/snapshots", &o.name),
-                    size: o.size,
-                    expect: None,
-                    unit,
-                    visible: false,
-                });
+    let keep: HashSet<String> =
+        opts.retention.apply(&candidates).into_iter().filter(|d| d.keep).map(|d| d.name).collect();
+
+    let open_cache = |name: &str| match &opts.cache_dir {
+        Some(dir) => Cache::open(&dir.join(name)),
+        None => Cache::open_in_memory(),
+    };
+    let mut local_index = open_cache(LOCAL_CACHE).map_err(other)?;
+    let mut remote_index = open_cache(REMOTE_CACHE).map_err(other)?;
+    local_index.sync(&local).map_err(other)?;
+    if let Some(r) = &remote {
+        remote_index.sync(r).map_err(other)?;
+    }
+
+    let (mut index_files, mut packs) = (Vec::new(), Vec::new());
+    let (mut planned_index, mut planned_packs) = (HashSet::new(), HashSet::new());
+    let mut sending = Vec::new();
+    for l in snaps.iter().filter(|l| l.is_complete()) {
+        let m = l.manifest.as_ref().expect("complete");
+        let manifest_path = store_format::manifest_path(&l.name);
+        if !keep.contains(&l.name) {
+            if !on_remote.contains(&l.name) {
+                report.not_kept_remotely.push(manifest_path);
+            }
+            continue;
+        }
+        if !on_remote.contains(&l.name) {
+            let needed = needed_packs(&local, &local_index, &remote_index, &l.name, m, &mut planned_packs);
+            match needed.map_err(|e| e.to_string()).and_then(|n| n) {
+                Ok(needed) => {
+                    for (pack, index) in needed {
+                        let path = store_format::pack_path(&pack);
+                        let Some(size) = src.size(&path)? else {
+                            damaged(
+                                report,
+                                &path,
+                                format!("snapshot {} needs it and it is gone: not sent", l.name),
+                            );
+                            continue;
+                        };
+                        if planned_index.insert(index.clone()) {
+                            let ipath = store_format::index_path(&index);
+                            match src.size(&ipath)? {
+                                Some(isize) => index_files.push(store_item(ipath, isize, Some(index))),
+                                None => damaged(report, &ipath, "listed, then gone: not sent".into()),
+                            }
+                        }
+                        packs.push(store_item(path, size, Some(pack)));
+                    }
+                }
+                Err(why) => {
+                    damaged(report, &store_format::refs_path(&l.name), format!("{why}: snapshot not sent"));
+                    continue;
+                }
+            }
+        }
+        sending.push((l.name.clone(), m.tree.size, m.refs.size));
+    }
+    items.extend(index_files);
+    items.extend(packs);
+    let snapshot_item = |path: String, size: u64, stem: &str, visible: bool| Item {
+        path,
+        size,
+        expect: None,
+        unit: Some(Unit::Snapshot(stem.to_string())),
+        visible,
+    };
+    for (stem, tree, refs) in &sending {
+        items.push(snapshot_item(store_format::tree_path(stem), *tree, stem, false));
+        items.push(snapshot_item(store_format::refs_path(stem), *refs, stem, false));
+    }
+    for (stem, ..) in &sending {
+        let path = store_format::manifest_path(stem);
+        match src.size(&path)? {
+            Some(size) => items.push(snapshot_item(path, size, stem, true)),
+            None => report.vanished.push(path),
+        }
+    }
+    Ok(())
+}
+
+/// The packs (and, for each, an index file naming it) holding the chunks of snapshot `name`
+/// that the remote's index lacks and no pack already planned holds. `Err` inside: the drive's
+/// store cannot give them (a refs file or an index entry is missing or damaged).
+fn needed_packs(
+    local: &dedup::Store,
+    local_index: &Cache,
+    remote_index: &Cache,
+    name: &str,
+    m: &dedup::SnapshotManifest,
+    planned: &mut HashSet<[u8; 32]>,
+) -> crate::error::Result<std::result::Result<Vec<(String, String)>, String>> {
+    let refs = match dedup::read::read_refs(local, name, m) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let mut out = Vec::new();
+    for id in refs {
+        if remote_index.is_stored(&id)? {
+            continue;
+        }
+        match local_index.locate_indexed(&id)? {
+            Some((loc, _)) if planned.contains(&loc.pack) => {}
+            Some((loc, index)) => {
+                planned.insert(loc.pack);
+                out.push((hex::encode(loc.pack), index));
+            }
+            None => {
+                return Ok(Err(format!("chunk {} is in no indexed pack on the drive", hex::encode(&id[..8]))))
             }
         }
     }
-    for stem in &stems {
-        let o = snaps.iter().find(|o| o.name == format!("{stem}.json")).expect("listed");
-        let unit = Some(Unit::Snapshot(stem.clone()));
-        items.push(Item {
-            path: join("store/snapshots", &o.name),
-            size: o.size,
-            expect: None,
-            unit,
-            visible: true,
-        });
-    }
-    Ok(())
+    Ok(Ok(out))
+}
+
+fn other(e: crate::error::Error) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 /// Complete archive/manifest pairs among top-level names: (stem, time, kind).
@@ -421,10 +598,6 @@ pub fn stem_time(stem: &str) -> Option<(ArchiveKind, DateTime<Utc>)> {
     };
     let t = NaiveDateTime::parse_from_str(ts, "%Y%m%dT%H%M%S%.3f").ok()?;
     Some((kind, t.and_utc()))
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 enum Copied {

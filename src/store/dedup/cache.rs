@@ -384,6 +384,31 @@ impl Cache {
         .context(ctx)
     }
 
+    /// Where a chunk is, and the name of an index file that names its pack (each names all
+    /// of a pack's blobs): what a copy of the store needs beside the pack to find the chunk.
+    pub(crate) fn locate_indexed(&self, id: &ChunkId) -> Result<Option<(BlobLoc, String)>> {
+        let ctx = || "cache".to_string();
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT p.hash, b.off, b.len, b.plain, f.name FROM blobs b JOIN packs p ON p.id=b.pack \
+                 JOIN index_files f ON f.id=b.idx WHERE b.id=?1 LIMIT 1",
+            )
+            .context(ctx)?;
+        st.query_row([&id[..]], |r| {
+            let hash: Vec<u8> = r.get(0)?;
+            let loc = BlobLoc {
+                pack: hash.as_slice().try_into().unwrap_or([0; 32]),
+                offset: r.get::<_, i64>(1)? as u64,
+                length: r.get::<_, i64>(2)? as u64,
+                plain: r.get::<_, i64>(3)? as u64,
+            };
+            Ok((loc, r.get::<_, String>(4)?))
+        })
+        .optional()
+        .context(ctx)
+    }
+
     pub(crate) fn is_stored(&self, id: &ChunkId) -> Result<bool> {
         let mut st =
             self.conn.prepare_cached("SELECT 1 FROM blobs WHERE id=?1 LIMIT 1").context(|| "cache".into())?;
