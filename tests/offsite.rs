@@ -660,6 +660,37 @@ fn the_bucket_forgets_and_collects_what_its_retention_drops_and_a_push_resends_a
     assert!(remote.size(&format!("store/snapshots/{b1}.json")).unwrap().is_none());
 }
 
+/// The index caches persist in the state folder between pushes: they must follow the bucket,
+/// not trust themselves. Another bucket (or prefix) gets everything, and so does a bucket
+/// whose packs someone deleted.
+#[test]
+fn the_bucket_index_cache_follows_the_bucket_another_bucket_or_lost_packs_get_everything() {
+    let f = snapshot_fixture();
+    big_upload(&f, "photo.bin", 1);
+    let b1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(&f.target).unwrap());
+    let cached = PushOptions { cache_dir: Some(f.state.clone()), ..opts() };
+    let first = Arc::new(MemoryBackend::new());
+    assert!(push(local.clone(), arc(&first), &cached, &NoProgress).unwrap().clean());
+    // Again: the bucket has a store now, so its cache is filled and kept on disk.
+    assert_eq!(push(local.clone(), arc(&first), &cached, &NoProgress).unwrap().uploaded.len(), 0);
+    assert!(f.state.join(datavault::offsite::push::REMOTE_CACHE).exists());
+    let second = Arc::new(MemoryBackend::new());
+    assert!(push(local.clone(), arc(&second), &cached, &NoProgress).unwrap().clean());
+    restorable_from(&second, &f, &b1);
+    assert_eq!(pack_bytes(&second), pack_bytes(&first));
+
+    // Packs lost from the first bucket (and the snapshot with them): all sent again.
+    for k in
+        first.snapshot().keys().filter(|k| k.starts_with("store/packs/") || k.starts_with("store/snapshots/"))
+    {
+        first.remove(k).unwrap();
+    }
+    let r = push(local, arc(&first), &cached, &NoProgress).unwrap();
+    assert!(r.clean() && r.uploaded.iter().any(|u| u.path.starts_with("store/packs/")), "{r:?}");
+    restorable_from(&first, &f, &b1);
+}
+
 #[test]
 fn a_push_and_a_prune_of_the_bucket_keep_apart_through_their_markers() {
     let f = snapshot_fixture();

@@ -456,11 +456,17 @@ fn store_items(
         None => Cache::open_in_memory(),
     };
     let mut local_index = open_cache(LOCAL_CACHE).map_err(other)?;
-    let mut remote_index = open_cache(REMOTE_CACHE).map_err(other)?;
     local_index.sync(&local).map_err(other)?;
-    if let Some(r) = &remote {
-        remote_index.sync(r).map_err(other)?;
-    }
+    // The bucket's cache follows what the bucket lists (packs and index files gone from it
+    // leave the cache); a bucket with no store yet (a new one, another prefix) has nothing.
+    let remote_index = match &remote {
+        Some(r) => {
+            let mut c = open_cache(REMOTE_CACHE).map_err(other)?;
+            c.sync(r).map_err(other)?;
+            c
+        }
+        None => Cache::open_in_memory().map_err(other)?,
+    };
 
     let (mut index_files, mut packs) = (Vec::new(), Vec::new());
     let (mut planned_index, mut planned_packs) = (HashSet::new(), HashSet::new());
