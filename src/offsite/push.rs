@@ -481,33 +481,44 @@ fn store_items(
             continue;
         }
         if !on_remote.contains(&l.name) {
-            let needed = needed_packs(&local, &local_index, &remote_index, &l.name, m, &mut planned_packs);
-            match needed.map_err(|e| e.to_string()).and_then(|n| n) {
-                Ok(needed) => {
-                    for (pack, index) in needed {
-                        let path = store_format::pack_path(&pack);
-                        let Some(size) = src.size(&path)? else {
-                            damaged(
-                                report,
-                                &path,
-                                format!("snapshot {} needs it and it is gone: not sent", l.name),
-                            );
-                            continue;
-                        };
-                        if planned_index.insert(index.clone()) {
-                            let ipath = store_format::index_path(&index);
-                            match src.size(&ipath)? {
-                                Some(isize) => index_files.push(store_item(ipath, isize, Some(index))),
-                                None => damaged(report, &ipath, "listed, then gone: not sent".into()),
-                            }
-                        }
-                        packs.push(store_item(path, size, Some(pack)));
-                    }
-                }
-                Err(why) => {
+            let needed = match needed_packs(&local, &local_index, &remote_index, &l.name, m, &planned_packs) {
+                Ok(Ok(n)) => n,
+                Ok(Err(why)) => {
                     damaged(report, &store_format::refs_path(&l.name), format!("{why}: snapshot not sent"));
                     continue;
                 }
+                Err(e) => return Err(other(e)),
+            };
+            // Each pack and the index file naming it must still be on the drive (a local
+            // prune may have just collected them); else the snapshot waits for the next push.
+            let mut found = Vec::new();
+            let mut gone = None;
+            for (pack, index) in needed {
+                let (path, ipath) =
+                    (store_format::pack_path(&hex::encode(pack)), store_format::index_path(&index));
+                match (src.size(&path)?, src.size(&ipath)?) {
+                    (Some(size), Some(isize)) => found.push((
+                        pack,
+                        store_item(path, size, Some(hex::encode(pack))),
+                        store_item(ipath, isize, Some(index)),
+                    )),
+                    (None, _) => gone = Some(path),
+                    (_, None) => gone = Some(ipath),
+                }
+                if gone.is_some() {
+                    break;
+                }
+            }
+            if let Some(g) = gone {
+                report.vanished.push(g);
+                continue;
+            }
+            for (pack, p, i) in found {
+                planned_packs.insert(pack);
+                if planned_index.insert(i.path.clone()) {
+                    index_files.push(i);
+                }
+                packs.push(p);
             }
         }
         sending.push((l.name.clone(), m.tree.size, m.refs.size));
@@ -535,8 +546,11 @@ fn store_items(
     Ok(())
 }
 
+/// A pack's hash and the name of an index file that names it.
+type PackToSend = ([u8; 32], String);
+
 /// The packs (and, for each, an index file naming it) holding the chunks of snapshot `name`
-/// that the remote's index lacks and no pack already planned holds. `Err` inside: the drive's
+/// that the remote's index lacks and no pack in `planned` holds. `Err` inside: the drive's
 /// store cannot give them (a refs file or an index entry is missing or damaged).
 fn needed_packs(
     local: &dedup::Store,
@@ -544,22 +558,23 @@ fn needed_packs(
     remote_index: &Cache,
     name: &str,
     m: &dedup::SnapshotManifest,
-    planned: &mut HashSet<[u8; 32]>,
-) -> crate::error::Result<std::result::Result<Vec<(String, String)>, String>> {
+    planned: &HashSet<[u8; 32]>,
+) -> crate::error::Result<std::result::Result<Vec<PackToSend>, String>> {
     let refs = match dedup::read::read_refs(local, name, m) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e.to_string())),
     };
+    let mut mine = HashSet::new();
     let mut out = Vec::new();
     for id in refs {
         if remote_index.is_stored(&id)? {
             continue;
         }
         match local_index.locate_indexed(&id)? {
-            Some((loc, _)) if planned.contains(&loc.pack) => {}
+            Some((loc, _)) if planned.contains(&loc.pack) || mine.contains(&loc.pack) => {}
             Some((loc, index)) => {
-                planned.insert(loc.pack);
-                out.push((hex::encode(loc.pack), index));
+                mine.insert(loc.pack);
+                out.push((loc.pack, index));
             }
             None => {
                 return Ok(Err(format!("chunk {} is in no indexed pack on the drive", hex::encode(&id[..8]))))
