@@ -711,7 +711,10 @@ fn a_pack_gone_from_the_drive_holds_back_only_its_snapshot() {
     let remote = Arc::new(MemoryBackend::new());
     let r = push(local, arc(&remote), &opts(), &NoProgress).unwrap();
     // The drive's index no longer finds those chunks: the snapshot is damaged there (exit 4).
-    assert!(r.damaged_locally.iter().any(|d| d.path.contains(&b2) && d.why.contains("no indexed pack")), "{r:?}");
+    assert!(
+        r.damaged_locally.iter().any(|d| d.path.contains(&b2) && d.why.contains("no indexed pack")),
+        "{r:?}"
+    );
     assert!(remote.size(&format!("store/snapshots/{b2}.json")).unwrap().is_none());
     restorable_from(&remote, &f, &b1);
 }

@@ -102,6 +102,34 @@ fn a_second_snapshot_adds_little_and_both_restore_to_a_folder() {
     }
 }
 
+/// chunk.key lost (a config folder restored without it): the next backup is a full copy,
+/// nothing breaks, and the log says why the drive fills; the one after dedups again.
+#[test]
+fn a_lost_chunk_key_costs_one_full_copy_and_says_so() {
+    let f = snapshots_fixture();
+    let s1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let added1 = snapshot_manifest(&f, &s1)["added_bytes"].as_u64().unwrap();
+    let key = f.config.parent().unwrap().join("chunk.key");
+    assert!(key.exists());
+    fs::remove_file(&key).unwrap();
+    let r = f.expect(&["--json", "backup"], 0);
+    assert!(r.stderr.contains("chunk key") && r.stderr.contains("full copy"), "{}", r.stderr);
+    let s2 = serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()["manifest"]["archive"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let added2 = snapshot_manifest(&f, &s2)["added_bytes"].as_u64().unwrap();
+    assert!(added2 * 10 >= added1 * 9, "a full copy: {added2} bytes added, the first added {added1}");
+    let r = f.expect(&["--json", "backup"], 0);
+    assert!(!r.stderr.contains("chunk key"), "{}", r.stderr);
+    let s3 = serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()["manifest"]["archive"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(snapshot_manifest(&f, &s3)["added_bytes"].as_u64().unwrap() * 4 < added1);
+    f.expect(&["verify", "--all", "--deep"], 0);
+}
+
 #[test]
 fn in_place_restore_from_a_snapshot_with_a_snapshot_safety_copy() {
     let f = snapshots_fixture();

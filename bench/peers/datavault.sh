@@ -32,11 +32,17 @@ STATE=${DATAVAULT_STATE_DIR:-${BENCH_PEER_STATE:-${TMPDIR:-/tmp}}/datavault-stat
 mkdir -p "$STATE"
 STATE=$(realpath "$STATE")
 
-# config TARGET DATABASE UPLOADS [SCRATCH]: write $SCRATCH/datavault.toml
+# The config lives in the peer's state folder, which the second-day scenario keeps between
+# the two backups: chunk.key (the snapshots' dedup key) is created beside it, and a new key
+# would make the second backup a full copy.
+CONFIG_DIR=$CACHES/datavault-config
+mkdir -p "$CONFIG_DIR"
+
+# config TARGET DATABASE UPLOADS [SCRATCH]: write $CONFIG_DIR/datavault.toml
 config() {
 	local drill_scratch=""
 	[ -n "${4:-}" ] && drill_scratch="scratch_dir = \"$4\""
-	cat >"$SCRATCH/datavault.toml" <<EOF
+	cat >"$CONFIG_DIR/datavault.toml" <<EOF
 # written by bench/peers/datavault.sh
 [source]
 database = "$2"
@@ -67,10 +73,10 @@ ${DATAVAULT_EXTRA_TOML:-}
 EOF
 	if [ "${DATAVAULT_SNAPSHOTS:-0}" = 1 ]; then
 		printf '%s\n' "${DATAVAULT_SNAPSHOT_TOML:-[store]
-format = \"snapshots\"}" >>"$SCRATCH/datavault.toml"
+format = \"snapshots\"}" >>"$CONFIG_DIR/datavault.toml"
 	fi
 }
-dv() { "$DV" --config "$SCRATCH/datavault.toml" "$@"; }
+dv() { "$DV" --config "$CONFIG_DIR/datavault.toml" "$@"; }
 
 case $CMD in
 backup)

@@ -432,7 +432,18 @@ impl Cache {
     /// Start a backup run: clears the pending set, ties the file cache to the chunk key (a
     /// new key makes new ids: the old file entries would name chunks by the old ones).
     pub(crate) fn begin_run(&self, key_fingerprint: &str) -> Result<i64> {
-        if self.meta("key")?.as_deref() != Some(key_fingerprint) {
+        let before = self.meta("key")?;
+        if before.as_deref() != Some(key_fingerprint) {
+            if before.is_some() {
+                // Nothing is lost, but nothing this backup reads matches a chunk already
+                // stored: it costs a full copy. Said, so an owner who restored /etc from
+                // somewhere without chunk.key knows why the drive fills.
+                log::warn!(
+                    "the chunk key (chunk.key beside the config) is not the one earlier backups used: \
+                     this backup deduplicates against none of them (a full copy); put the old chunk.key back \
+                     if you have it"
+                );
+            }
             self.wipe("DELETE FROM files;")?;
             self.set_meta("key", key_fingerprint)?;
         }
