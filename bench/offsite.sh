@@ -107,7 +107,7 @@ if [ "$FORMAT" = snapshots ]; then
     "$DV" --config "$DATA/datavault.toml" -q backup >/dev/null
     "$DV" --config "$DATA/datavault.toml" -q offsite push >/dev/null
     python3 "$HERE/day2.py" "$DATA/day2/wl" >/dev/null
-    ADDED=$("$DV" --config "$DATA/datavault.toml" -q --json backup | python3 -c 'import json,sys; print(json.load(sys.stdin)["manifest"]["added_bytes"])')
+    ADDED=$("$DV" --config "$DATA/datavault.toml" -q --json backup | python3 -c 'import json,sys; print(json.load(sys.stdin)["added_bytes"])')
     SENT=$("$DV" --config "$DATA/datavault.toml" -q --json offsite push | python3 -c 'import json,sys; print(json.load(sys.stdin)["uploaded_bytes"])')
     D2RATIO=$(awk -v a="$SENT" -v b="$ADDED" 'BEGIN { printf "%.2f", a / b }')
     DAY2="${D2RATIO}x ($(awk -v b="$SENT" 'BEGIN { printf "%.1f MB", b / 1e6 }') sent, $(awk -v b="$ADDED" 'BEGIN { printf "%.1f MB", b / 1e6 }') added)"
