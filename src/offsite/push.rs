@@ -405,7 +405,10 @@ fn store_items(
         Ok(Some(r)) if r.config().store_id != local.config().store_id => {
             report.conflicts.push(Problem {
                 path: store_format::CONFIG_PATH.into(),
-                why: "the bucket holds another drive's snapshot store: no snapshot sent".into(),
+                why:
+                    "the bucket holds another drive's snapshot store (a new drive?): no snapshot sent; \
+                      give [offsite] url another prefix, or delete the bucket's store/ from a trusted machine"
+                        .into(),
             });
             return Ok(());
         }
