@@ -871,6 +871,9 @@ fn list_verify_drill_and_restore_to_read_the_bucket_and_need_no_drive() {
     assert!(r.stdout.contains("deeply"), "{}", r.stdout);
     let r = f.expect(&["drill", "--offsite"], 0);
     assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
+    // The bucket's copy passing proves nothing about the drive's: the weekly drill still runs.
+    let r = f.expect(&["drill", "--trigger", "timer"], 0);
+    assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
 
     // A new Pi: no drive at all, a fresh state folder; the identity, the config, the
     // credentials. It lists, drills and restores from the bucket alone.

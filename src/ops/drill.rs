@@ -102,13 +102,19 @@ fn clean_and_list(run: &Run) -> Result<(crate::store::Store, Vec<crate::store::L
 /// nothing new to prove.
 const DRILLED_RECENTLY: chrono::Duration = chrono::Duration::hours(24);
 
-/// `Some(why)` when the last drill recorded passed on `archive` less than [`DRILLED_RECENTLY`]
-/// ago. A failed drill since, or a newer backup, and the weekly drill runs.
+/// In a drill event's detail: the drill read the offsite copy, which proves nothing about the
+/// drive's.
+const FROM_OFFSITE: &str = ", from the offsite copy ";
+
+/// `Some(why)` when the last drill recorded passed on `archive` (on the drive, not the
+/// offsite copy) less than [`DRILLED_RECENTLY`] ago. A failed drill since, or a newer
+/// backup, and the weekly drill runs.
 fn drilled_recently(run: &Run, archive: &str) -> Result<Option<String>> {
     let last = run.catalog.last_event(&[Event::DrillPassed, Event::DrillFailed])?;
     Ok(last.filter(|e| {
         e.event == Event::DrillPassed
             && e.archive.as_deref() == Some(archive)
+            && !e.detail.contains(FROM_OFFSITE)
             && now() - e.at < DRILLED_RECENTLY
             && e.at <= now()
     })
@@ -193,7 +199,7 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     let detail = format!(
         "{} checks, recovery time {secs:.1} s{}",
         checks.len(),
-        if env.offsite { format!(", from the offsite copy {}", store.location()) } else { String::new() }
+        if env.offsite { format!("{FROM_OFFSITE}{}", store.location()) } else { String::new() }
     );
     let event = if passed { Event::DrillPassed } else { Event::DrillFailed };
     let _ = run.catalog.record_event(Some(run.id), now(), event, Some(&name), &detail);
