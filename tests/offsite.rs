@@ -608,14 +608,27 @@ fn restorable_from(b: &Arc<MemoryBackend>, f: &Fixture, name: &str) {
     assert!(files > 3, "{name}: {files} entries");
 }
 
-#[test]
-fn the_bucket_forgets_and_collects_what_its_retention_drops_and_a_push_resends_a_chunk_it_collected() {
+/// Day one: a snapshot with old.bin (2 MiB) pushed to an in-memory bucket.
+struct DayOne {
+    f: Fixture,
+    b1: String,
+    local: Arc<dyn Backend>,
+    remote: Arc<MemoryBackend>,
+}
+
+fn day_one() -> DayOne {
     let f = snapshot_fixture();
     big_upload(&f, "old.bin", 2);
     let b1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
     let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(&f.target).unwrap());
     let remote = Arc::new(MemoryBackend::new());
     assert!(push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap().clean());
+    DayOne { f, b1, local, remote }
+}
+
+#[test]
+fn the_bucket_forgets_and_collects_what_its_retention_drops_and_a_push_resends_a_chunk_it_collected() {
+    let DayOne { f, b1, local, remote } = day_one();
     let old = fs::read(f.app.uploads.join("old.bin")).unwrap();
     fs::remove_file(f.app.uploads.join("old.bin")).unwrap();
     big_upload(&f, "new.bin", 1);
@@ -735,12 +748,7 @@ fn walk_packs(target: &Path) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn a_push_and_a_prune_of_the_bucket_keep_apart_through_their_markers() {
-    let f = snapshot_fixture();
-    big_upload(&f, "old.bin", 2);
-    let b1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
-    let local: Arc<dyn Backend> = Arc::new(LocalBackend::open(&f.target).unwrap());
-    let remote = Arc::new(MemoryBackend::new());
-    push(local.clone(), arc(&remote), &opts(), &NoProgress).unwrap();
+    let DayOne { f, b1, local, remote } = day_one();
     fs::remove_file(f.app.uploads.join("old.bin")).unwrap();
     big_upload(&f, "new.bin", 1);
     let b2 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
@@ -1160,7 +1168,7 @@ fn snapshots_are_pushed_listed_verified_and_restored_from_the_bucket() {
 }
 
 fn bucket_pack_bytes(b: &S3Backend) -> u64 {
-    (0..=255u8).flat_map(|i| b.list(&format!("store/packs/{i:02x}")).unwrap()).map(|o| o.size).sum()
+    dedup::format::pack_dirs().flat_map(|d| b.list(&d).unwrap()).map(|o| o.size).sum()
 }
 
 #[test]

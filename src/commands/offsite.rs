@@ -6,6 +6,7 @@ use datavault::offsite;
 use datavault::ops::{Env, Trigger};
 use datavault::target::human_bytes;
 
+use super::prune::{decision_lines, gc_line};
 use crate::ui::{json, out, Ui};
 
 pub fn push(env: &Env, trigger: Trigger, dry_run: bool, ui: &Ui) -> Result<u8> {
@@ -83,14 +84,7 @@ pub fn prune(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
         return Ok(exit::SUCCESS);
     }
     let mut s = format!("offsite prune {}\n", o.location);
-    for d in &o.decisions {
-        let verb = match (d.keep, dry_run) {
-            (true, _) => "keep  ",
-            (false, true) => "WOULD DELETE",
-            (false, false) => "deleted",
-        };
-        s += &format!("{verb} {}  ({})\n", d.name, d.reasons.join(", "));
-    }
+    s += &decision_lines(&o.decisions, dry_run, ("WOULD DELETE", "deleted"), "");
     for p in &o.orphans_deleted {
         s += &format!("{} {p} (incomplete)\n", if dry_run { "WOULD DELETE" } else { "deleted" });
     }
@@ -106,25 +100,12 @@ pub fn prune(env: &Env, dry_run: bool, ui: &Ui) -> Result<u8> {
         if dry_run { "would be deleted (dry run)" } else { "deleted" }
     );
     if let Some(st) = &o.store {
-        for d in &st.decisions {
-            let verb = match (d.keep, dry_run) {
-                (true, _) => "keep  ",
-                (false, true) => "WOULD FORGET",
-                (false, false) => "forgot",
-            };
-            s += &format!("{verb} snapshot {}  ({})\n", d.name, d.reasons.join(", "));
-        }
+        s += &decision_lines(&st.decisions, dry_run, ("WOULD FORGET", "forgot"), "snapshot ");
         if let Some(why) = &st.gc_deferred {
             s += &format!("packs not collected: {why}\n");
         }
         if let Some(g) = &st.gc {
-            s += &format!(
-                "snapshot store: {} pack(s) {}, {} repacked, {} freed\n",
-                g.packs_deleted,
-                if dry_run { "would be deleted" } else { "deleted" },
-                g.packs_repacked,
-                human_bytes(g.bytes_freed)
-            );
+            s += &gc_line(g, dry_run);
         }
         s += &format!(
             "{} snapshot(s) {}\n",

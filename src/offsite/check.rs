@@ -77,8 +77,7 @@ pub fn shallow(remote: &dyn Backend) -> io::Result<ShallowReport> {
         note(&mut r, manifest.clone(), ledger.check(&manifest, msize, None));
     }
     if remote.size("store/config.json")?.is_some() {
-        for hi in 0..=255u8 {
-            let dir = format!("store/packs/{hi:02x}");
+        for dir in crate::store::dedup::format::pack_dirs() {
             for o in remote.list(&dir)? {
                 let path = join(&dir, &o.name);
                 let result = ledger.check(&path, o.size, Some(&o.name));

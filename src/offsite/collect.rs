@@ -112,7 +112,7 @@ pub fn store_objects(remote: &dyn Backend) -> std::io::Result<std::collections::
     use crate::store::dedup::format;
     let mut dirs =
         vec!["store".to_string(), format::INDEX_DIR.to_string(), format::SNAPSHOTS_DIR.to_string()];
-    dirs.extend((0..=255u8).map(|i| format!("{}/{i:02x}", format::PACKS_DIR)));
+    dirs.extend(format::pack_dirs());
     let mut out = std::collections::HashSet::new();
     for d in dirs {
         out.extend(remote.list(&d)?.into_iter().map(|o| join(&d, &o.name)));

@@ -105,12 +105,22 @@ pub(crate) fn parse_index(name_hex: &str, bytes: &[u8]) -> std::result::Result<P
     Ok(ParsedIndex { packs })
 }
 
+/// A `BlobLoc` from the first four columns of a row: pack hash, offset, length, plain length.
+fn blob_loc(r: &rusqlite::Row<'_>) -> rusqlite::Result<BlobLoc> {
+    let hash: Vec<u8> = r.get(0)?;
+    Ok(BlobLoc {
+        pack: hash.as_slice().try_into().unwrap_or([0; 32]),
+        offset: r.get::<_, i64>(1)? as u64,
+        length: r.get::<_, i64>(2)? as u64,
+        plain: r.get::<_, i64>(3)? as u64,
+    })
+}
+
 /// Every pack on the drive and its size. Packs sit in 256 folders by their first two digits.
 pub(crate) fn list_packs(store: &Store) -> Result<HashMap<[u8; 32], u64>> {
     let mut out = HashMap::new();
     let loc = store.location();
-    for i in 0..=255u8 {
-        let dir = format!("{}/{i:02x}", format::PACKS_DIR);
+    for dir in format::pack_dirs() {
         for o in store.backend().list(&dir).map_err(|e| read_error(&loc, &dir, &e))? {
             if let Some(h) =
                 format::parse_hex32(&o.name).filter(|_| o.name.starts_with(&dir[dir.len() - 2..]))
@@ -371,17 +381,7 @@ impl Cache {
                 "SELECT p.hash, b.off, b.len, b.plain FROM blobs b JOIN packs p ON p.id=b.pack WHERE b.id=?1 LIMIT 1",
             )
             .context(ctx)?;
-        st.query_row([&id[..]], |r| {
-            let hash: Vec<u8> = r.get(0)?;
-            Ok(BlobLoc {
-                pack: hash.as_slice().try_into().unwrap_or([0; 32]),
-                offset: r.get::<_, i64>(1)? as u64,
-                length: r.get::<_, i64>(2)? as u64,
-                plain: r.get::<_, i64>(3)? as u64,
-            })
-        })
-        .optional()
-        .context(ctx)
+        st.query_row([&id[..]], blob_loc).optional().context(ctx)
     }
 
     /// Where a chunk is, and the name of an index file that names its pack (each names all
@@ -395,18 +395,7 @@ impl Cache {
                  JOIN index_files f ON f.id=b.idx WHERE b.id=?1 LIMIT 1",
             )
             .context(ctx)?;
-        st.query_row([&id[..]], |r| {
-            let hash: Vec<u8> = r.get(0)?;
-            let loc = BlobLoc {
-                pack: hash.as_slice().try_into().unwrap_or([0; 32]),
-                offset: r.get::<_, i64>(1)? as u64,
-                length: r.get::<_, i64>(2)? as u64,
-                plain: r.get::<_, i64>(3)? as u64,
-            };
-            Ok((loc, r.get::<_, String>(4)?))
-        })
-        .optional()
-        .context(ctx)
+        st.query_row([&id[..]], |r| Ok((blob_loc(r)?, r.get::<_, String>(4)?))).optional().context(ctx)
     }
 
     pub(crate) fn is_stored(&self, id: &ChunkId) -> Result<bool> {

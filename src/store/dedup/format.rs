@@ -256,6 +256,11 @@ pub fn pack_path(hex: &str) -> String {
 }
 /// Where a pack is written until its SHA-256 (its name) is known: the backend's `.partial`
 /// of this path (gc removes a killed run's).
+/// The 256 folders packs sit in, by the first two hex digits of their name.
+pub fn pack_dirs() -> impl Iterator<Item = String> {
+    (0..=255u8).map(|i| format!("{PACKS_DIR}/{i:02x}"))
+}
+
 pub fn pack_tmp_path(random_hex: &str) -> String {
     format!("{PACKS_DIR}/tmp-{random_hex}")
 }

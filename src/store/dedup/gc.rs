@@ -233,7 +233,7 @@ fn leftover_snapshot_files(store: &Store, plan: &mut GcPlan) -> Result<()> {
         }
     }
     let mut dirs = vec!["store".to_string(), format::INDEX_DIR.to_string(), format::PACKS_DIR.to_string()];
-    dirs.extend((0..=255u8).map(|i| format!("{}/{i:02x}", format::PACKS_DIR)));
+    dirs.extend(format::pack_dirs());
     for dir in dirs {
         for o in store.backend().list(&dir).map_err(|e| read_error(&loc, &dir, &e))? {
             if o.name.ends_with(crate::fsutil::PARTIAL_SUFFIX) {
