@@ -209,6 +209,55 @@ fn prune_forgets_old_snapshots_collects_garbage_and_keeps_the_newest() {
     );
 }
 
+/// What `prune --dry-run` says the collection would free now.
+fn collectable(f: &Fixture) -> u64 {
+    let r = f.expect(&["--json", "prune", "--dry-run"], 0);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v["gc"]["bytes_freed"].as_u64().unwrap()
+}
+
+/// A backup's own prune skips the collection (reading every snapshot's refs and every
+/// index entry) on nights when nothing died, and still collects when something did: a
+/// snapshot deleted by hand, a killed run's leftovers.
+#[test]
+fn a_backup_collects_garbage_only_when_something_died_or_was_left_behind() {
+    let f = Fixture::with(|c| {
+        c.push_str("[retention]\nkeep_last = 100\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n");
+        c.push_str("[store]\nformat = \"snapshots\"\n");
+    });
+    let skipped = "garbage collection skipped";
+    fs::write(f.app.uploads.join("only-first.bin"), dedup_util::noise(7, 400_000)).unwrap();
+    let first = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    fs::remove_file(f.app.uploads.join("only-first.bin")).unwrap();
+    let r = f.expect(&["-v", "backup"], 0);
+    assert!(r.stderr.contains(skipped), "nothing died: no collection\n{}", r.stderr);
+
+    // An owner deletes the first snapshot by hand: its upload is garbage now.
+    fs::remove_file(f.target.join(format!("store/snapshots/{first}.json"))).unwrap();
+    assert!(collectable(&f) > 300_000, "the deleted snapshot's upload is collectable");
+    let r = f.expect(&["-v", "backup"], 0);
+    assert!(!r.stderr.contains(skipped), "a snapshot went: the backup collects\n{}", r.stderr);
+    assert_eq!(collectable(&f), 0, "the backup's collection took it");
+
+    // A killed run's half-written pack.
+    let partial = f.target.join("store/packs/00/00aa.partial");
+    fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    fs::write(&partial, vec![1u8; 5000]).unwrap();
+    let r = f.expect(&["-v", "backup"], 0);
+    assert!(!r.stderr.contains(skipped), "a leftover: the backup collects\n{}", r.stderr);
+    assert!(!partial.exists(), "the leftover is removed");
+
+    let r = f.expect(&["-v", "backup"], 0);
+    assert!(r.stderr.contains(skipped), "clean again: no collection\n{}", r.stderr);
+    f.expect(&["verify", "--deep", "--all"], 0);
+    let out = f.path().join("restored");
+    f.expect(&["restore", "--to", out.to_str().unwrap()], 0);
+    assert_eq!(
+        datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap(),
+        f.fingerprint()
+    );
+}
+
 #[test]
 fn prune_dry_run_shows_what_the_collection_would_free_and_changes_nothing() {
     let f = Fixture::with(|c| {

@@ -74,13 +74,15 @@ fn backup_in_run(run: &Run, opts: &BackupOptions) -> Result<BackupOutcome> {
 
     // Retention runs only once the new archive is complete, and never on a suspicious clock.
     match crate::retention::check_clock(now(), previous_newest, crate::ops::build_time()) {
-        crate::retention::ClockCheck::Sane => match prune::prune_in_run(run, false) {
-            Ok(p) => outcome.pruned = p.deleted,
-            Err(e) => {
-                log::warn!("backup done, but pruning failed: {e}");
-                outcome.prune_skipped = Some(format!("pruning failed: {e}"));
+        crate::retention::ClockCheck::Sane => {
+            match prune::prune_in_run(run, false, prune::Collect::WhenNeeded) {
+                Ok(p) => outcome.pruned = p.deleted,
+                Err(e) => {
+                    log::warn!("backup done, but pruning failed: {e}");
+                    outcome.prune_skipped = Some(format!("pruning failed: {e}"));
+                }
             }
-        },
+        }
         crate::retention::ClockCheck::Suspicious(why) => {
             log::warn!("clock looks wrong ({why}): backed up, but nothing was pruned; set the time (NTP) and run `datavault prune`");
             outcome.prune_skipped = Some(format!("clock looks wrong: {why}"));
@@ -443,10 +445,17 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     let env = run.env;
     let s = &env.settings;
     let Some(sources) = Sources::plan(s, opts.kind)? else { return Ok(None) };
-    let estimate = estimate_size(&s.source.database, sources.uploads.as_deref());
     // A first snapshot needs room for everything; later ones for what changed (a drive
-    // that fills up mid-run is reported as such, exit 3).
-    let first = env.store_for_reading().ok().and_then(|st| st.snapshots().ok().flatten()).is_none();
+    // that fills up mid-run is reported as such, exit 3). A later one is sized from the
+    // newest snapshot, for the progress bar: walking every upload a second time each night
+    // to estimate would cost more than the estimate is worth.
+    let previous = env.store_for_reading().ok().and_then(|st| st.snapshots().ok().flatten());
+    let first = previous.is_none();
+    let newest_size = previous.and_then(|ds| ds.list_snapshots().ok()).and_then(|ls| {
+        ls.iter().filter_map(|l| l.manifest.as_ref()).max_by_key(|m| m.created).map(|m| m.plain_bytes)
+    });
+    let estimate =
+        newest_size.unwrap_or_else(|| estimate_size(&s.source.database, sources.uploads.as_deref()));
     let needed = if first { estimate } else { estimate.min(64 << 20) };
     let store = env.store_for_writing(needed)?;
     let cleaned = store.clean(&run.catalog.interrupted_archives().unwrap_or_default());

@@ -34,14 +34,18 @@ pub fn run(env: &Env, dry_run: bool) -> Result<PruneOutcome> {
         {
             return Err(Error::Clock(format!("refusing to prune: {why}")));
         }
-        prune_in_run(&run, dry_run)
+        prune_in_run(&run, dry_run, Collect::Always)
     })();
     run.end(&result, RunStatus::Success, None);
     result
 }
 
 /// Decide, and unless `dry_run`, delete. The caller holds the run lock and has checked the clock.
-pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
+///
+/// `collect`: [`Collect::Always`] for the `prune` command (an owner who prunes by hand
+/// wants every byte back); a backup's own prune passes [`Collect::WhenNeeded`], which skips
+/// reading every snapshot's refs when nothing can have died since the last collection.
+pub fn prune_in_run(run: &Run, dry_run: bool, collect: Collect) -> Result<PruneOutcome> {
     let env = run.env;
     let dir = &env.settings.target.path;
     if !dry_run {
@@ -95,7 +99,7 @@ pub fn prune_in_run(run: &Run, dry_run: bool) -> Result<PruneOutcome> {
     // needs go, and mostly-dead packs are repacked. Under the run lock: no writer runs.
     let gc = match store.snapshots()? {
         Some(ds) if dry_run => Some(preview_garbage(&ds, &decisions, &listings)?),
-        Some(ds) => collect_garbage(env, &ds)?,
+        Some(ds) => collect_garbage(env, &ds, collect)?,
         None => None,
     };
     Ok(PruneOutcome { dry_run, decisions, deleted, cleaned, gc })
@@ -114,19 +118,41 @@ fn preview_garbage(ds: &DedupStore, decisions: &[Decision], listings: &[Listing]
     Ok(plan.preview())
 }
 
+/// When the snapshot store's garbage collection runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collect {
+    Always,
+    /// Only when [`gc::is_clean`] says something may have died or been left behind. Not
+    /// seen: chunks a failed backup indexed that no snapshot uses; the next backup reuses
+    /// most of them, and the next collection (the next forget) takes the rest.
+    WhenNeeded,
+}
+
 /// Delete the packs no kept snapshot needs and repack the mostly-dead ones; `None` when
 /// there was nothing to collect.
-fn collect_garbage(env: &Env, ds: &DedupStore) -> Result<Option<GcOutcome>> {
+fn collect_garbage(env: &Env, ds: &DedupStore, collect: Collect) -> Result<Option<GcOutcome>> {
     let mut cache = Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
+    if collect == Collect::WhenNeeded && gc::is_clean(ds, &mut cache)? {
+        log::debug!("garbage collection skipped: nothing forgotten or left behind since the last one");
+        gc::record_clean(ds, &cache)?;
+        return Ok(None);
+    }
     let opts = GcOptions::default();
     let plan = gc::plan(ds, &mut cache, &opts)?;
     if !plan.blocked_by.is_empty() {
         log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
     }
+    let clean_after = plan.blocked_by.is_empty() && plan.missing_chunks == 0;
     if plan.is_empty() {
+        if clean_after {
+            gc::record_clean(ds, &cache)?;
+        }
         return Ok(None);
     }
     let out = plan.execute(ds, &mut cache, &opts, &*env.progress)?;
+    if clean_after && out.damaged_packs.is_empty() && !env.progress.cancelled() {
+        gc::record_clean(ds, &cache)?;
+    }
     log::info!(
         "garbage collection: {} packs deleted, {} repacked, {} freed",
         out.packs_deleted,

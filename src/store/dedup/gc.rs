@@ -36,6 +36,60 @@ pub fn forget(store: &Store, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Cache meta key: the complete snapshots the store held when a collection last left it
+/// clean, one name per line.
+const CLEAN_SNAPSHOTS: &str = "gc_clean_snapshots";
+
+/// Whether a collection could free anything, decided from listings and the cache instead
+/// of every snapshot's refs and every index entry (what [`plan`] reads): a backup's own
+/// prune skips the collection when this says no, which is most nights' whole prune cost
+/// while retention forgets nothing. No when:
+/// * the cache has no record of a clean store (a new or rebuilt cache), or was told of
+///   something it did not write itself ([`Cache::note_unclean`]: index files of a killed
+///   or failed backup, a killed collection's);
+/// * a snapshot the record names is gone (forgotten by a prune, deleted by hand) or any
+///   snapshot is damaged;
+/// * a pack no index file names, an orphan tree or refs, or a `.partial` is on the drive.
+///
+/// The cache is synced with the drive first.
+pub fn is_clean(store: &Store, cache: &mut Cache) -> Result<bool> {
+    let report = cache.sync(store)?;
+    if !report.bad_index_files.is_empty() || cache.unclean()? {
+        return Ok(false);
+    }
+    let Some(recorded) = cache.meta(CLEAN_SNAPSHOTS)? else { return Ok(false) };
+    let listed = store.list_snapshots()?;
+    if listed.iter().any(|l| l.problem.as_deref().is_some_and(|p| !p.starts_with("incomplete"))) {
+        return Ok(false);
+    }
+    let complete: std::collections::HashSet<&str> =
+        listed.iter().filter(|l| l.is_complete()).map(|l| l.name.as_str()).collect();
+    if recorded.lines().any(|n| !complete.contains(n)) {
+        return Ok(false);
+    }
+    let mut debris = GcPlan::default();
+    leftover_snapshot_files(store, &mut debris)?;
+    if !debris.leftovers.is_empty() {
+        return Ok(false);
+    }
+    for hash in list_packs(store)?.keys() {
+        if !cache.knows_pack(hash)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Record that the store is clean now (after a collection with nothing left undone, or
+/// after [`is_clean`] said so and only new snapshots were added).
+pub fn record_clean(store: &Store, cache: &Cache) -> Result<()> {
+    let mut names: Vec<String> =
+        store.list_snapshots()?.into_iter().filter(|l| l.is_complete()).map(|l| l.name).collect();
+    names.sort();
+    cache.set_meta(CLEAN_SNAPSHOTS, &names.join("\n"))?;
+    cache.clear_unclean()
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct GcOptions {
     /// Repack a pack once at least this share of its bytes is dead.
@@ -110,6 +164,8 @@ pub fn plan_without(
     mark_live(store, cache, &mut plan, forgotten)?;
     let on_drive = list_packs(store)?;
     let mut stats: HashMap<[u8; 32], PackStat> = HashMap::new();
+    // One transaction for the per-chunk marks below: without it each is a commit of its own.
+    let tx = cache.conn.unchecked_transaction().map_err(|e| Error::sqlite("cache", e))?;
     for name in list_index_names(store)? {
         let path = format::index_path(&name);
         let parsed = store
@@ -143,6 +199,7 @@ pub fn plan_without(
             }
         }
     }
+    tx.commit().map_err(|e| Error::sqlite("cache", e))?;
     plan.missing_chunks = count_missing(cache)?;
     for (hash, size) in &on_drive {
         plan.pack_bytes += size;

@@ -223,9 +223,10 @@ impl<'c> SnapshotWriter<'c> {
     pub fn reuse_unchanged(&mut self, rel: &[u8], meta: &EntryMeta, stat: &FileStat) -> Result<Option<u64>> {
         let Some(ids) = self.cache.unchanged_file(rel, stat)? else { return Ok(None) };
         let size = stat.size;
+        // Every chunk still stored, and their sizes add up to the file's.
         let mut sum = 0u64;
         for id in &ids {
-            sum += self.cache.locate(id)?.map(|l| l.plain).unwrap_or(u64::MAX / 4);
+            sum = sum.saturating_add(self.cache.locate(id)?.map_or(u64::MAX, |l| l.plain));
         }
         if sum != size {
             return Ok(None);
