@@ -61,6 +61,16 @@ fn a_second_snapshot_adds_little_and_both_restore_to_a_folder() {
     let m1 = snapshot_manifest(&f, &s1);
     let added1 = m1["added_bytes"].as_u64().unwrap();
     assert!(added1 > 0);
+    // A first snapshot references every chunk on the drive: its stored bytes are all the
+    // chunks' (the cache's table, read once the backup has let it go).
+    let cache = Connection::open(f.state.join("dedup-cache.db")).unwrap();
+    let all: i64 = cache
+        .query_row("SELECT sum(len) FROM (SELECT id, min(len) AS len FROM blobs GROUP BY id)", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    drop(cache);
+    assert_eq!(m1["stored_bytes"].as_u64().unwrap(), all as u64, "{m1}");
     let first = f.fingerprint();
 
     // A small change: a few rows and one new upload.
@@ -73,6 +83,8 @@ fn a_second_snapshot_adds_little_and_both_restore_to_a_folder() {
     let m2 = snapshot_manifest(&f, &s2);
     let added2 = m2["added_bytes"].as_u64().unwrap();
     assert_eq!(b2["added_bytes"].as_u64(), Some(added2), "backup --json reports what it added");
+    let stored2 = m2["stored_bytes"].as_u64().unwrap();
+    assert!(stored2 > m1["stored_bytes"].as_u64().unwrap() && stored2 < added1 + added2, "{m2}");
     eprintln!("first snapshot added {added1} bytes, the second {added2}");
     assert!(added2 * 5 < added1, "second added {added2}, first {added1}");
     let second = f.fingerprint();

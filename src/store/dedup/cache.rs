@@ -138,6 +138,11 @@ impl Cache {
     pub fn open(path: &Path) -> Result<Cache> {
         match Cache::try_open(path) {
             Ok(c) => Ok(c),
+            // Held by another process (the lock is exclusive, see `setup`): never wipe it.
+            Err(e) if e.to_string().contains("database is locked") => Err(Error::Failed(format!(
+                "{}: the chunk cache is in use by another datavault process; wait for it to finish",
+                path.display()
+            ))),
             Err(e) => {
                 log::warn!("{}: cache unusable ({e}); rebuilding it from the drive", path.display());
                 for suffix in ["", "-wal", "-shm", "-journal"] {
@@ -166,6 +171,7 @@ impl Cache {
 
     fn setup(conn: Connection) -> Result<Cache> {
         let ctx = || "cannot set up the cache".to_string();
+        conn.busy_timeout(std::time::Duration::from_secs(5)).context(ctx)?;
         conn.execute_batch(
             // Exclusive: only one process uses a cache at a time (the run lock, or the offsite
             // lock), and without it SQLite takes and drops file locks around every statement:
@@ -439,6 +445,30 @@ impl Cache {
         )))
     }
 
+    /// The stored bytes of `sorted` (ascending, no duplicates), in one pass over the chunk
+    /// table in id order rather than a lookup each; `Err(id)` names a chunk no pack holds.
+    pub(crate) fn stored_length(&self, sorted: &[ChunkId]) -> Result<std::result::Result<u64, ChunkId>> {
+        let ctx = || "cache".to_string();
+        let mut st = self.conn.prepare_cached("SELECT id, len FROM blobs ORDER BY id").context(ctx)?;
+        let mut rows = st.query([]).context(ctx)?;
+        let mut wanted = sorted.iter().peekable();
+        let mut total = 0u64;
+        while let Some(want) = wanted.peek() {
+            let Some(row) = rows.next().context(ctx)? else { break };
+            let id =
+                row.get_ref(0).context(ctx)?.as_blob().map_err(|e| Error::Failed(format!("cache: {e}")))?;
+            match id.cmp(&want[..]) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => {
+                    total += row.get::<_, i64>(1).context(ctx)? as u64;
+                    wanted.next();
+                }
+                std::cmp::Ordering::Greater => return Ok(Err(**want)),
+            }
+        }
+        Ok(wanted.next().map_or(Ok(total), |id| Err(*id)))
+    }
+
     pub(crate) fn is_stored(&self, id: &ChunkId) -> Result<bool> {
         let mut st =
             self.conn.prepare_cached("SELECT 1 FROM blobs WHERE id=?1 LIMIT 1").context(|| "cache".into())?;
@@ -556,5 +586,26 @@ impl Cache {
             q("SELECT count(*) FROM packs")?,
             q("SELECT count(*) FROM files")?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lock is held for the connection's life: a second opener is told, and the file
+    /// the first one uses is not wiped as "unusable".
+    #[test]
+    fn a_cache_in_use_is_refused_not_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup-cache.db");
+        let first = Cache::open(&path).unwrap();
+        first.set_meta("probe", "kept").unwrap();
+        let err = Cache::open(&path).err().expect("a second opener is refused").to_string();
+        assert!(err.contains("in use by another datavault process"), "{err}");
+        assert_eq!(first.meta("probe").unwrap().as_deref(), Some("kept"));
+        drop(first);
+        let again = Cache::open(&path).unwrap();
+        assert_eq!(again.meta("probe").unwrap().as_deref(), Some("kept"), "not rebuilt");
     }
 }

@@ -148,6 +148,8 @@ pub struct SnapshotWriter<'c> {
     in_transaction: bool,
     /// One chunker buffer (the max chunk size) for every file of the run.
     chunker: Option<CdcChunker>,
+    /// One tree line, serialised before it goes to the compressor.
+    line_buf: Vec<u8>,
 }
 
 /// The tree as it is written: JSON lines -> zstd -> age -> SHA-256 -> the store.
@@ -195,6 +197,7 @@ impl<'c> SnapshotWriter<'c> {
             database: None,
             in_transaction: true,
             chunker: None,
+            line_buf: Vec::new(),
         })
     }
 
@@ -496,9 +499,16 @@ impl<'c> SnapshotWriter<'c> {
 
     fn tree_line(&mut self, line: &TreeLine) -> Result<()> {
         let loc = self.store.location();
+        // Whole lines into zstd: serde_json writes token by token, and each small write was
+        // a trip through the compressor (15 % of a second backup's caller thread).
+        let mut buf = std::mem::take(&mut self.line_buf);
+        buf.clear();
+        serde_json::to_writer(&mut buf, line).map_err(|e| write_error(&loc, e.into()))?;
+        buf.push(b'\n');
         let tree = self.tree.as_mut().expect("open until finish");
-        serde_json::to_writer(&mut *tree, line).map_err(|e| write_error(&loc, e.into()))?;
-        tree.write_all(b"\n").map_err(|e| write_error(&loc, e))
+        let written = tree.write_all(&buf);
+        self.line_buf = buf;
+        written.map_err(|e| write_error(&loc, e))
     }
 
     /// Make everything durable in order (packs, index, tree, refs) and then the manifest,
@@ -517,16 +527,12 @@ impl<'c> SnapshotWriter<'c> {
         let mut refs = std::mem::take(&mut self.refs);
         refs.sort_unstable();
         refs.dedup();
-        let mut stored_bytes = 0u64;
-        for id in &refs {
-            let loc_ = self.cache.locate(id)?.ok_or_else(|| {
-                Error::Failed(format!(
-                    "snapshot writer: chunk {} was never stored (internal error)",
-                    hex::encode(id)
-                ))
-            })?;
-            stored_bytes += loc_.length;
-        }
+        let stored_bytes = self.cache.stored_length(&refs)?.map_err(|id| {
+            Error::Failed(format!(
+                "snapshot writer: chunk {} was never stored (internal error)",
+                hex::encode(id)
+            ))
+        })?;
         let refs_bytes = format::encode_refs(&refs);
         put(self.store.backend(), &format::refs_path(&self.stem), &refs_bytes)
             .map_err(|e| write_error(&loc, e))?;
