@@ -47,6 +47,10 @@ pub struct SyncReport {
     pub packs_missing: u64,
     /// Index files that are damaged (bad hash, bad JSON, impossible ranges): not trusted.
     pub bad_index_files: Vec<(String, String)>,
+    /// Packs on the drive no loaded index file names (a killed run's, or a damaged index's).
+    pub unindexed_packs: u64,
+    /// `.partial` files in the pack folders (a killed write).
+    pub pack_partials: u64,
 }
 
 /// A file's identity for the file cache (unchanged when all its fields are): the walker's type.
@@ -108,7 +112,14 @@ pub(crate) fn parse_index(name_hex: &str, bytes: &[u8]) -> std::result::Result<P
 /// A `BlobLoc` from the first four columns of a row: pack hash, offset, length, plain length.
 /// Every pack on the drive and its size. Packs sit in 256 folders by their first two digits.
 pub(crate) fn list_packs(store: &Store) -> Result<HashMap<[u8; 32], u64>> {
+    scan_packs(store).map(|(packs, _)| packs)
+}
+
+/// Every pack and its size, and how many `.partial` files (a killed write) the pack
+/// folders hold, in one listing of each.
+fn scan_packs(store: &Store) -> Result<(HashMap<[u8; 32], u64>, u64)> {
     let mut out = HashMap::new();
+    let mut partials = 0;
     let loc = store.location();
     for dir in format::pack_dirs() {
         for o in store.backend().list(&dir).map_err(|e| read_error(&loc, &dir, &e))? {
@@ -116,10 +127,12 @@ pub(crate) fn list_packs(store: &Store) -> Result<HashMap<[u8; 32], u64>> {
                 format::parse_hex32(&o.name).filter(|_| o.name.starts_with(&dir[dir.len() - 2..]))
             {
                 out.insert(h, o.size);
+            } else if o.name.ends_with(crate::fsutil::PARTIAL_SUFFIX) {
+                partials += 1;
             }
         }
     }
-    Ok(out)
+    Ok((out, partials))
 }
 
 /// Index file names on the drive (hex, without `.json`).
@@ -254,7 +267,8 @@ impl Cache {
             )?;
             self.set_meta("store_id", &store.config().store_id)?;
         }
-        let packs_on_drive = list_packs(store)?;
+        let (packs_on_drive, partials) = scan_packs(store)?;
+        report.pack_partials = partials;
         let names = list_index_names(store)?;
         let tx = self.conn.unchecked_transaction().context(|| "cache".into())?;
         report.packs_missing = self.drop_vanished_packs(&packs_on_drive)?;
@@ -283,6 +297,11 @@ impl Cache {
                     log::warn!("{path}: {why}; not used (run `datavault verify --all`)");
                     report.bad_index_files.push((name.clone(), why));
                 }
+            }
+        }
+        for hash in packs_on_drive.keys() {
+            if !self.knows_pack(hash)? {
+                report.unindexed_packs += 1;
             }
         }
         if report.index_files_loaded + report.index_files_dropped + report.packs_missing > 0 {

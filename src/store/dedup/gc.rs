@@ -54,7 +54,11 @@ const CLEAN_SNAPSHOTS: &str = "gc_clean_snapshots";
 /// The cache is synced with the drive first.
 pub fn is_clean(store: &Store, cache: &mut Cache) -> Result<bool> {
     let report = cache.sync(store)?;
-    if !report.bad_index_files.is_empty() || cache.unclean()? {
+    if !report.bad_index_files.is_empty()
+        || report.unindexed_packs > 0
+        || report.pack_partials > 0
+        || cache.unclean()?
+    {
         return Ok(false);
     }
     let Some(recorded) = cache.meta(CLEAN_SNAPSHOTS)? else { return Ok(false) };
@@ -67,17 +71,10 @@ pub fn is_clean(store: &Store, cache: &mut Cache) -> Result<bool> {
     if recorded.lines().any(|n| !complete.contains(n)) {
         return Ok(false);
     }
+    // The pack folders were scanned by the sync.
     let mut debris = GcPlan::default();
-    leftover_snapshot_files(store, &mut debris)?;
-    if !debris.leftovers.is_empty() {
-        return Ok(false);
-    }
-    for hash in list_packs(store)?.keys() {
-        if !cache.knows_pack(hash)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    leftover_files(store, &mut debris, false)?;
+    Ok(debris.leftovers.is_empty())
 }
 
 /// Record that the store is clean now (after a collection with nothing left undone, or
@@ -273,6 +270,11 @@ fn count_missing(cache: &Cache) -> Result<u64> {
 /// Trees and refs without a manifest (a killed backup), and `.partial` files anywhere in
 /// the store (a killed write).
 fn leftover_snapshot_files(store: &Store, plan: &mut GcPlan) -> Result<()> {
+    leftover_files(store, plan, true)
+}
+
+/// [`leftover_snapshot_files`], the 256 pack folders only with `pack_dirs`.
+fn leftover_files(store: &Store, plan: &mut GcPlan, pack_dirs: bool) -> Result<()> {
     let loc = store.location();
     let files = store
         .backend()
@@ -290,7 +292,9 @@ fn leftover_snapshot_files(store: &Store, plan: &mut GcPlan) -> Result<()> {
         }
     }
     let mut dirs = vec!["store".to_string(), format::INDEX_DIR.to_string(), format::PACKS_DIR.to_string()];
-    dirs.extend(format::pack_dirs());
+    if pack_dirs {
+        dirs.extend(format::pack_dirs());
+    }
     for dir in dirs {
         for o in store.backend().list(&dir).map_err(|e| read_error(&loc, &dir, &e))? {
             if o.name.ends_with(crate::fsutil::PARTIAL_SUFFIX) {
