@@ -109,7 +109,6 @@ pub(crate) fn parse_index(name_hex: &str, bytes: &[u8]) -> std::result::Result<P
     Ok(ParsedIndex { packs })
 }
 
-/// A `BlobLoc` from the first four columns of a row: pack hash, offset, length, plain length.
 /// Every pack on the drive and its size. Packs sit in 256 folders by their first two digits.
 pub(crate) fn list_packs(store: &Store) -> Result<HashMap<[u8; 32], u64>> {
     scan_packs(store).map(|(packs, _)| packs)

@@ -205,7 +205,7 @@ pub fn plan_without(
             plan.leftover_bytes += size;
         }
     }
-    leftover_snapshot_files(store, &mut plan)?;
+    leftover_files(store, &mut plan, true)?;
     if plan.blocked_by.is_empty() {
         choose_packs(&mut plan, &stats, &on_drive, opts);
     }
@@ -268,12 +268,7 @@ fn count_missing(cache: &Cache) -> Result<u64> {
 }
 
 /// Trees and refs without a manifest (a killed backup), and `.partial` files anywhere in
-/// the store (a killed write).
-fn leftover_snapshot_files(store: &Store, plan: &mut GcPlan) -> Result<()> {
-    leftover_files(store, plan, true)
-}
-
-/// [`leftover_snapshot_files`], the 256 pack folders only with `pack_dirs`.
+/// the store (a killed write); the 256 pack folders are listed only with `pack_dirs`.
 fn leftover_files(store: &Store, plan: &mut GcPlan, pack_dirs: bool) -> Result<()> {
     let loc = store.location();
     let files = store
