@@ -370,7 +370,7 @@ fn add_uploads(
 ) -> Result<crate::manifest::TreeInfo> {
     use crate::store::dedup::write::FileOutcome;
     let mut info = crate::manifest::TreeInfo::default();
-    let walked = crate::tree::walk::walk(root, crate::archive::TOP_UPLOADS, |item| -> Result<()> {
+    let walked = crate::tree::walk::walk_ahead(root, crate::archive::TOP_UPLOADS, |item| -> Result<()> {
         use crate::tree::walk::Item;
         let skip = |skipped: &mut Vec<crate::manifest::Skipped>, rel: &[u8], reason: String| {
             skipped.push(crate::manifest::Skipped { path: manifest::escape_path(rel), reason })

@@ -101,6 +101,47 @@ pub fn walk<E>(
     Ok(())
 }
 
+/// How many items the walker of [`walk_ahead`] may be ahead of the visitor: each may hold
+/// an open file, so this bounds the descriptors as well as the memory.
+pub const AHEAD: usize = 64;
+
+/// [`walk`], with the walking itself (listing, `statat`, `openat`, `fstat`: system calls) on
+/// a thread of its own, at most [`AHEAD`] items ahead of `visit`, which runs on the caller's
+/// thread. On a second snapshot, where most files are vouched for by the cache and not
+/// read, the walk's system calls were half of the uploads' time with the other core idle.
+/// Items still reach `visit` in the walk's order; if `visit` fails, the walker stops at its
+/// next item and the items it had found are closed.
+pub fn walk_ahead<E>(
+    root: &Path,
+    prefix: &str,
+    mut visit: impl FnMut(Item) -> Result<(), E>,
+) -> Result<(), WalkError<E>> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Item>(AHEAD);
+        let spawned = std::thread::Builder::new()
+            .name("datavault-walk".into())
+            .spawn_scoped(scope, move || walk(root, prefix, |item| tx.send(item)));
+        let Ok(walker) = spawned else {
+            // No thread to be had: walk on this one.
+            return walk(root, prefix, &mut visit);
+        };
+        let mut visited = Ok(());
+        for item in rx.iter() {
+            if let Err(e) = visit(item) {
+                visited = Err(WalkError::Visit(e));
+                break;
+            }
+        }
+        drop(rx);
+        match walker.join() {
+            Ok(Err(WalkError::Root(e))) => Err(WalkError::Root(e)),
+            // Ok, or its send failed because `visit` failed and the receiver is gone.
+            Ok(_) => visited,
+            Err(_) => Err(WalkError::Root(io::Error::other("the folder walker's thread panicked"))),
+        }
+    })
+}
+
 enum Step {
     Item(Item),
     /// A folder: report it, then walk into it.
@@ -228,6 +269,56 @@ mod tests {
                 "s uploads/pipe"
             ]
         );
+    }
+
+    /// The walker thread changes nothing a visitor sees: same items, same order, same
+    /// errors; a visitor's error stops it (the call returns, with that error).
+    #[test]
+    fn walking_ahead_gives_the_same_walk_and_stops_at_the_visitors_error() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for i in 0..(AHEAD * 3) {
+            let sub = r.join(format!("d{}", i % 7));
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::write(sub.join(format!("f{i:04}")), vec![b'x'; i]).unwrap();
+        }
+        std::os::unix::fs::symlink("d0", r.join("link")).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, r.join("pipe"), FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+            .unwrap();
+        let describe = |item: &Item| match item {
+            Item::File { rel, stat, .. } => format!("f {} {}", String::from_utf8_lossy(rel), stat.size),
+            other => format!("{other:?}"),
+        };
+        let mut ahead = Vec::new();
+        walk_ahead::<()>(r, "uploads", |item| {
+            ahead.push(describe(&item));
+            Ok(())
+        })
+        .unwrap();
+        let mut inline = Vec::new();
+        walk::<()>(r, "uploads", |item| {
+            inline.push(describe(&item));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ahead.len(), AHEAD * 3 + 7 + 3);
+        assert_eq!(ahead, inline);
+
+        let mut seen = 0;
+        let e = walk_ahead(r, "uploads", |_| {
+            seen += 1;
+            if seen == 5 {
+                Err("stop")
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(e, WalkError::Visit("stop")), "{e:?}");
+        assert_eq!(seen, 5);
+
+        let e = walk_ahead::<()>(&r.join("absent"), "uploads", |_| Ok(())).unwrap_err();
+        assert!(matches!(e, WalkError::Root(ref e) if e.kind() == io::ErrorKind::NotFound), "{e:?}");
     }
 
     #[test]

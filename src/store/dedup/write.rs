@@ -92,9 +92,17 @@ pub enum FileOutcome {
 }
 
 enum ToSealer {
-    Chunk(ChunkId, Vec<u8>),
+    /// New chunks, in order. Small ones (the database's) travel in batches of about
+    /// [`SEAL_BATCH`] bytes: one hand-off per chunk kept the caller's thread waiting on the
+    /// sealer, and the sealer on the caller, for a third of a second backup's database pass.
+    Chunks(Vec<(ChunkId, Vec<u8>)>),
     Finish,
 }
+
+/// Bytes of new chunks the caller gathers before handing them to a sealer. A files' chunk
+/// (at least 256 KiB) goes alone; memory stays bounded by the channel's one message plus
+/// the batch being gathered.
+const SEAL_BATCH: usize = 256 << 10;
 
 enum ToIndexer {
     /// A pack a sealer made durable under its name.
@@ -128,6 +136,9 @@ pub struct SnapshotWriter<'c> {
     recipients: Vec<String>,
     tree: Option<TreeStream>,
     to_sealers: Option<SyncSender<ToSealer>>,
+    /// New chunks not yet handed to a sealer, and their bytes (see [`SEAL_BATCH`]).
+    batch: Vec<(ChunkId, Vec<u8>)>,
+    batch_bytes: usize,
     from_indexer: Receiver<IndexWritten>,
     sealers: Vec<JoinHandle<io::Result<()>>>,
     indexer: Option<JoinHandle<io::Result<Totals>>>,
@@ -182,6 +193,8 @@ impl<'c> SnapshotWriter<'c> {
             recipients: opts.recipients.iter().map(|r| r.to_string()).collect(),
             tree: Some(tree),
             to_sealers: Some(to_sealers),
+            batch: Vec::new(),
+            batch_bytes: 0,
             from_indexer,
             sealers,
             indexer: Some(handle),
@@ -428,8 +441,23 @@ impl<'c> SnapshotWriter<'c> {
 
     fn send_new(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         self.cache.add_pending(&id)?;
+        self.batch_bytes += data.len();
+        self.batch.push((id, data));
+        if self.batch_bytes >= SEAL_BATCH {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Hand the gathered new chunks to a sealer.
+    fn flush_batch(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         let sent =
-            self.to_sealers.as_ref().map(|tx| tx.send(ToSealer::Chunk(id, data)).is_ok()).unwrap_or(false);
+            self.to_sealers.as_ref().map(|tx| tx.send(ToSealer::Chunks(batch)).is_ok()).unwrap_or(false);
         if !sent {
             return Err(self.thread_error());
         }
@@ -579,6 +607,7 @@ impl<'c> SnapshotWriter<'c> {
     }
 
     fn stop_threads(&mut self) -> Result<Totals> {
+        self.flush_batch()?;
         let mut sent = true;
         if let Some(tx) = self.to_sealers.as_ref() {
             for _ in 0..self.sealers.len() {
@@ -739,6 +768,12 @@ fn unique_stem(store: &Store, kind: ArchiveKind, created: DateTime<Utc>) -> Resu
     Err(Error::Failed(format!("no free snapshot name near {base}")))
 }
 
+/// The tree's zstd level, whatever the configured one: a tree is mostly hex chunk ids,
+/// which compress to their entropy at any level; level 1 does it fastest (measured on a
+/// 1.7 MB tree: 608 KB at 408 MB/s, against 639 KB at 176 MB/s for level 3), and the tree
+/// is written on the caller's thread, the one a second backup waits for.
+const TREE_LEVEL: i32 = 1;
+
 fn open_tree(backend: &dyn Backend, store_id: &str, stem: &str, opts: &WriterOptions) -> Result<TreeStream> {
     let loc = backend.location();
     let obj = backend.create(&format::tree_path(stem)).map_err(|e| write_error(&loc, e))?;
@@ -746,7 +781,7 @@ fn open_tree(backend: &dyn Backend, store_id: &str, stem: &str, opts: &WriterOpt
     let enc = age::Encryptor::with_recipients(opts.recipients.iter().map(|r| r as &dyn age::Recipient))
         .map_err(|e| Error::Failed(format!("cannot set up encryption: {e}")))?;
     let age_w = enc.wrap_output(hashed).map_err(|e| write_error(&loc, e))?;
-    let mut tree = zstd::stream::write::Encoder::new(age_w, opts.level).map_err(|e| write_error(&loc, e))?;
+    let mut tree = zstd::stream::write::Encoder::new(age_w, TREE_LEVEL).map_err(|e| write_error(&loc, e))?;
     tree.include_checksum(true).map_err(|e| write_error(&loc, e))?;
     let header = TreeLine::Header {
         format: format::STORE_FORMAT,
@@ -845,15 +880,17 @@ impl PackSealer {
         loop {
             let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
             match msg {
-                Ok(ToSealer::Chunk(id, data)) => {
-                    self.add(&id, &data)?;
-                    drop(data);
-                    let full = self
-                        .open
-                        .as_ref()
-                        .is_some_and(|p| p.len >= self.target || p.blobs.len() >= MAX_PACK_BLOBS);
-                    if full {
-                        self.close_pack()?;
+                Ok(ToSealer::Chunks(batch)) => {
+                    for (id, data) in batch {
+                        self.add(&id, &data)?;
+                        drop(data);
+                        let full = self
+                            .open
+                            .as_ref()
+                            .is_some_and(|p| p.len >= self.target || p.blobs.len() >= MAX_PACK_BLOBS);
+                        if full {
+                            self.close_pack()?;
+                        }
                     }
                 }
                 Ok(ToSealer::Finish) => {
