@@ -529,6 +529,11 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     );
     let manifest = listing.manifest.clone().expect("just written");
     record(run, &listing, &manifest);
+    if opts.kind != ArchiveKind::PreRestore {
+        // For this backup's own prune. Not a restore's safety copy: the restore may read
+        // snapshots through the cache again, and the open one holds its exclusive lock.
+        run.keep_chunk_cache(cache);
+    }
     log::info!(
         "snapshot written: {} ({} referenced, {} added)",
         m.snapshot,

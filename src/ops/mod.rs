@@ -154,10 +154,24 @@ pub struct Run<'e> {
     pub catalog: Catalog,
     pub id: i64,
     command: String,
+    /// The snapshot store's chunk cache, left open by a backup for its own prune: opening
+    /// it again (its integrity check) and closing it twice cost more than the rest of a
+    /// nightly prune. Declared before the lock: closed before the lock is let go.
+    chunk_cache: std::cell::RefCell<Option<crate::store::dedup::Cache>>,
     _lock: Option<RunLock>,
 }
 
 impl<'e> Run<'e> {
+    /// Keep the chunk cache open for a later step of this run ([`Run::take_chunk_cache`]).
+    pub fn keep_chunk_cache(&self, cache: crate::store::dedup::Cache) {
+        *self.chunk_cache.borrow_mut() = Some(cache);
+    }
+
+    /// The chunk cache an earlier step of this run kept open, if any.
+    pub fn take_chunk_cache(&self) -> Option<crate::store::dedup::Cache> {
+        self.chunk_cache.borrow_mut().take()
+    }
+
     /// Take the lock (unless `locked` is false: read-only commands), open the catalog, record
     /// the run, and clean up after any interrupted run.
     pub fn start(env: &'e Env, command: &str, trigger: Trigger, locked: bool) -> Result<Run<'e>> {
@@ -186,7 +200,14 @@ impl<'e> Run<'e> {
             }
         }
         let id = catalog.begin_run(command, trigger.as_str(), &user(), &host(), t)?;
-        let run = Run { env, catalog, id, command: command.to_string(), _lock: lock };
+        let run = Run {
+            env,
+            catalog,
+            id,
+            command: command.to_string(),
+            chunk_cache: Default::default(),
+            _lock: lock,
+        };
         if locked {
             if let Err(e) = restore::recover_interrupted(&run) {
                 // Recorded as this run's failure, not left RUNNING for the next run to call

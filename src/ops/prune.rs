@@ -99,7 +99,7 @@ pub fn prune_in_run(run: &Run, dry_run: bool, collect: Collect) -> Result<PruneO
     // needs go, and mostly-dead packs are repacked. Under the run lock: no writer runs.
     let gc = match store.snapshots()? {
         Some(ds) if dry_run => Some(preview_garbage(&ds, &decisions, &listings)?),
-        Some(ds) => collect_garbage(env, &ds, collect)?,
+        Some(ds) => collect_garbage(run, &ds, collect)?,
         None => None,
     };
     Ok(PruneOutcome { dry_run, decisions, deleted, cleaned, gc })
@@ -130,8 +130,12 @@ pub enum Collect {
 
 /// Delete the packs no kept snapshot needs and repack the mostly-dead ones; `None` when
 /// there was nothing to collect.
-fn collect_garbage(env: &Env, ds: &DedupStore, collect: Collect) -> Result<Option<GcOutcome>> {
-    let mut cache = Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?;
+fn collect_garbage(run: &Run, ds: &DedupStore, collect: Collect) -> Result<Option<GcOutcome>> {
+    let env = run.env;
+    let mut cache = match run.take_chunk_cache() {
+        Some(c) => c,
+        None => Cache::open(&crate::ops::backup::dedup_cache_path(&env.settings))?,
+    };
     if collect == Collect::WhenNeeded && gc::is_clean(ds, &mut cache)? {
         log::debug!("garbage collection skipped: nothing forgotten or left behind since the last one");
         gc::record_clean(ds, &cache)?;
