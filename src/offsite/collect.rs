@@ -66,7 +66,7 @@ pub fn prune_store(
     let mut out = StorePrune { decisions: policy.apply(&candidates), ..Default::default() };
     out.forgotten = out.decisions.iter().filter(|d| !d.keep).map(|d| d.name.clone()).collect();
     if dry_run {
-        let mut scratch = Cache::open_in_memory()?;
+        let mut scratch = Cache::open_private()?;
         let plan = gc::plan_without(&ds, &mut scratch, &GcOptions::default(), &out.forgotten)?;
         out.gc = Some(plan.preview());
         return Ok(Some(out));
@@ -86,7 +86,7 @@ pub fn prune_store(
     } else {
         // The bucket's index is read into a cache of its own for this run (on the machine
         // that prunes, not the Pi).
-        let mut cache = Cache::open_in_memory()?;
+        let mut cache = Cache::open_private()?;
         let opts = GcOptions::default();
         let plan = gc::plan(&ds, &mut cache, &opts)?;
         if !plan.blocked_by.is_empty() {

@@ -456,7 +456,7 @@ fn store_items(
 
     let open_cache = |name: &str| match &opts.cache_dir {
         Some(dir) => Cache::open(&dir.join(name)),
-        None => Cache::open_in_memory(),
+        None => Cache::open_private(),
     };
     let mut local_index = open_cache(LOCAL_CACHE).map_err(other)?;
     local_index.sync(&local).map_err(other)?;
@@ -468,7 +468,7 @@ fn store_items(
             c.sync(r).map_err(other)?;
             c
         }
-        None => Cache::open_in_memory().map_err(other)?,
+        None => Cache::open_private().map_err(other)?,
     };
 
     let (mut index_files, mut packs) = (Vec::new(), Vec::new());

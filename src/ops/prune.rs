@@ -113,7 +113,7 @@ fn preview_garbage(ds: &DedupStore, decisions: &[Decision], listings: &[Listing]
         .filter(|d| !d.keep && listings.iter().any(|l| l.snapshot && l.name == d.name))
         .map(|d| d.name.clone())
         .collect();
-    let mut scratch = Cache::open_in_memory()?;
+    let mut scratch = Cache::open_private()?;
     let plan = gc::plan_without(ds, &mut scratch, &GcOptions::default(), &forgotten)?;
     Ok(plan.preview())
 }

@@ -82,7 +82,7 @@ fn shallow_snapshot(store: &Store, l: &Listing) -> Result<String> {
         return Err(Error::integrity(&l.name, p.clone()));
     }
     let ds = store.snapshots()?.ok_or_else(|| Error::integrity(&l.name, "the snapshot store is missing"))?;
-    let mut cache = crate::store::dedup::Cache::open_in_memory()?;
+    let mut cache = crate::store::dedup::Cache::open_private()?;
     let c =
         crate::store::dedup::verify::verify_snapshot(&ds, &mut cache, &l.name, &crate::progress::NoProgress)?;
     Ok(format!(

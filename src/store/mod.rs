@@ -245,7 +245,7 @@ impl Store {
     pub fn dedup_cache(&self) -> Result<dedup::Cache> {
         match &self.dedup_cache {
             Some(p) => dedup::Cache::open(p),
-            None => dedup::Cache::open_in_memory(),
+            None => dedup::Cache::open_private(),
         }
     }
 
