@@ -171,8 +171,8 @@ impl Cache {
     /// --to`, `verify`, the offsite commands, a dry-run prune): SQLite's temporary database,
     /// a file it deletes on close (in `/var/tmp` unless `SQLITE_TMPDIR` or `TMPDIR` says
     /// otherwise). Only its 4 MiB page cache is in memory: the index of a big store (about
-    /// 70 bytes a chunk here) spills to disk instead of growing the process, which an
-    /// in-memory database did (9 MiB of a large restore's 64 MiB peak).
+    /// 60 bytes a chunk) spills to disk instead of growing the process, which an
+    /// in-memory database did (9 MiB of heap in a large restore).
     pub fn open_private() -> Result<Cache> {
         let conn = Connection::open("").context(|| "cannot open a temporary cache".into())?;
         Cache::setup(conn)
