@@ -65,7 +65,7 @@ fn every_blob_is_an_age_file_of_its_own_with_its_packs_header_and_a_fresh_nonce(
     let db = make_source(src.path());
     checkpoint(&db);
     let (mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (key, keys) = (ChunkKey::random(), Keys::new());
     backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-23T04:00:00.000Z")).unwrap();
     std::fs::write(src.path().join("uploads/new.bin"), noise(9, 300_000)).unwrap();
@@ -112,7 +112,7 @@ fn a_store_for_two_recipients_restores_with_each_identity() {
     let db = make_source(src.path());
     checkpoint(&db);
     let (mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (key, a, b) = (ChunkKey::random(), Keys::new(), Keys::new());
     let mut opts = options(&key, &a, time("2026-11-23T04:00:00.000Z"));
     opts.recipients.push(b.recipient.clone());
@@ -125,7 +125,7 @@ fn a_store_for_two_recipients_restores_with_each_identity() {
         assert_eq!(stanzas, 2, "pack {pack}: one stanza per recipient");
     }
     for keys in [&a, &b] {
-        let mut fresh = Cache::open_in_memory().unwrap();
+        let mut fresh = Cache::open_private().unwrap();
         let out = tempfile::tempdir().unwrap();
         let store = Store::open(std::sync::Arc::new(mem.clone())).unwrap().unwrap();
         restore(&store, &mut fresh, &m.snapshot, &keys.ids(), out.path()).unwrap();

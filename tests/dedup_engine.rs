@@ -18,7 +18,7 @@ fn a_snapshot_restores_byte_for_byte() {
     let db = make_source(src.path());
     checkpoint(&db);
     let (_mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (key, keys) = (ChunkKey::random(), Keys::new());
     let (m, _) =
         backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-23T04:00:00.000Z")).unwrap();
@@ -29,7 +29,7 @@ fn a_snapshot_restores_byte_for_byte() {
     assert!(listed[0].is_complete(), "{:?}", listed[0].problem);
 
     // A fresh cache (a new Pi) restores from the drive alone.
-    let mut fresh = Cache::open_in_memory().unwrap();
+    let mut fresh = Cache::open_private().unwrap();
     let out = tempfile::tempdir().unwrap();
     restore(&store, &mut fresh, &m.snapshot, &keys.ids(), out.path()).unwrap();
     assert_eq!(digest(&out.path().join("uploads")), digest(&src.path().join("uploads")));
@@ -79,7 +79,7 @@ fn a_second_snapshot_costs_what_changed() {
     let src = tempfile::tempdir().unwrap();
     let db = make_source(src.path());
     let (_mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (key, keys) = (ChunkKey::random(), Keys::new());
     let (first, s1) =
         backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-23T04:00:00.000Z")).unwrap();
@@ -133,7 +133,7 @@ fn gc_frees_dead_packs_and_keeps_every_live_chunk() {
     let src = tempfile::tempdir().unwrap();
     make_source(src.path());
     let (mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (key, keys) = (ChunkKey::random(), Keys::new());
     let mut names = Vec::new();
     for day in 0..4u64 {
@@ -169,7 +169,7 @@ fn gc_frees_dead_packs_and_keeps_every_live_chunk() {
     assert!(after <= kept.stored_bytes * 13 / 10 + (64 << 10), "{after} vs {}", kept.stored_bytes);
     // Everything kept still reads back, from the cache and from the drive alone.
     let out_dir = tempfile::tempdir().unwrap();
-    let mut fresh = Cache::open_in_memory().unwrap();
+    let mut fresh = Cache::open_private().unwrap();
     restore(&store, &mut fresh, &names[3], &keys.ids(), out_dir.path()).unwrap();
     assert_eq!(digest(&out_dir.path().join("uploads")), digest(&src.path().join("uploads")));
     let check = verify::verify_store(&store, &mut cache, &NoProgress).unwrap();
@@ -187,7 +187,7 @@ fn keyless_verify_finds_a_flipped_byte_in_a_pack() {
     let src = tempfile::tempdir().unwrap();
     make_source(src.path());
     let (mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (key, keys) = (ChunkKey::random(), Keys::new());
     let (m, _) =
         backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-23T04:00:00.000Z")).unwrap();

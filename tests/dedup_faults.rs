@@ -118,7 +118,7 @@ fn check_after_cut(
     what: &str,
 ) {
     let store = Store::open(Arc::new(mem.clone())).unwrap().unwrap();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let listed = store.list_snapshots().unwrap();
     for name in must {
         let l = listed.iter().find(|l| &l.name == name).unwrap_or_else(|| panic!("{what}: {name} vanished"));
@@ -149,7 +149,7 @@ fn a_backup_cut_at_any_step_harms_nothing() {
     let db = make_source(src.path());
     let (base, store) = mem_store();
     let (key, keys) = (ChunkKey::random(), Keys::new());
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let (a, _) =
         backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-23T04:00:00.000Z")).unwrap();
     // Day two's changes: some new chunks to pack.
@@ -164,7 +164,7 @@ fn a_backup_cut_at_any_step_harms_nothing() {
         let mem = copy_of(&base);
         let faulty = Faulty { inner: mem.clone(), ops: Arc::new(AtomicU64::new(0)), fail_at: n };
         let store = Store::open(Arc::new(faulty.clone())).unwrap().unwrap();
-        let mut cache = Cache::open_in_memory().unwrap();
+        let mut cache = Cache::open_private().unwrap();
         let res = backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-24T04:00:00.000Z"));
         let what = format!("backup cut at operation {n}");
         match res {
@@ -198,7 +198,7 @@ fn a_prune_cut_at_any_step_loses_nothing_still_referenced() {
     make_source(src.path());
     let (base, store) = mem_store();
     let (key, keys) = (ChunkKey::random(), Keys::new());
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let mut names = Vec::new();
     for day in 0..3u64 {
         std::fs::write(src.path().join("uploads/a/b/big.bin"), noise(300 + day, 300_000)).unwrap();
@@ -220,7 +220,7 @@ fn a_prune_cut_at_any_step_loses_nothing_still_referenced() {
         let mem = copy_of(&base);
         let faulty = Faulty { inner: mem.clone(), ops: Arc::new(AtomicU64::new(0)), fail_at: n };
         let store = Store::open(Arc::new(faulty.clone())).unwrap().unwrap();
-        let mut cache = Cache::open_in_memory().unwrap();
+        let mut cache = Cache::open_private().unwrap();
         let what = format!("prune cut at operation {n}");
         let res = (|| {
             gc::forget(&store, &names[0])?;

@@ -23,7 +23,7 @@ fn fresh() -> Ctx {
     let src = tempfile::tempdir().unwrap();
     make_source(src.path());
     let (mem, store) = mem_store();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let keys = Keys::new();
     let (m, _) =
         backup(&store, &mut cache, &ChunkKey::random(), &keys, src.path(), time("2026-11-23T04:00:00.000Z"))
@@ -362,7 +362,7 @@ fn hostile_stores_are_refused_with_exit_4_and_nothing_outside_staging() {
         let parent = tempfile::tempdir().unwrap();
         let staging = parent.path().join("staging");
         fs::create_dir(&staging).unwrap();
-        let mut cache = Cache::open_in_memory().unwrap();
+        let mut cache = Cache::open_private().unwrap();
         match restore(&c.store, &mut cache, &c.stem, &c.keys.ids(), &staging) {
             Ok(n) => failures.push(format!("{name}: accepted ({n} entries)")),
             Err(e) if e.exit_code() != 4 => failures.push(format!("{name}: exit {} ({e})", e.exit_code())),
@@ -380,7 +380,7 @@ fn hostile_stores_are_refused_with_exit_4_and_nothing_outside_staging() {
 fn a_store_made_for_another_key_says_wrong_key() {
     let c = fresh();
     let other = Keys::new();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let staging = tempfile::tempdir().unwrap();
     let e = restore(&c.store, &mut cache, &c.stem, &other.ids(), staging.path()).unwrap_err();
     assert_eq!(e.exit_code(), 4);

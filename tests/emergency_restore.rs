@@ -35,7 +35,7 @@ fn the_emergency_script_restores_a_snapshot_without_datavault() {
     // The production chunk sizes for files, small DB chunks: several chunks and `more` lines.
     let params = ChunkerParams { database_fixed: 4096, ..ChunkerParams::default() };
     let store = Store::open_or_create_with(backend, params, 256 << 10).unwrap();
-    let mut cache = Cache::open_in_memory().unwrap();
+    let mut cache = Cache::open_private().unwrap();
     let keys = Keys::new();
     let key = ChunkKey::random();
     let t = time("2026-11-23T04:00:00.000Z");

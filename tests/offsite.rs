@@ -596,7 +596,7 @@ fn remote_store(b: &Arc<MemoryBackend>) -> dedup::Store {
 #[track_caller]
 fn restorable_from(b: &Arc<MemoryBackend>, f: &Fixture, name: &str) {
     let store = remote_store(b);
-    let mut cache = dedup::Cache::open_in_memory().unwrap();
+    let mut cache = dedup::Cache::open_private().unwrap();
     dedup::verify::verify_snapshot(&store, &mut cache, name, &NoProgress).unwrap();
     let ids = Arc::new(datavault::keys::load_identities(Some(&f.identity)).unwrap());
     let mut r = dedup::read::SnapshotReader::open(&store, &mut cache, name, ids, &NoProgress).unwrap();

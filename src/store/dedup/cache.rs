@@ -178,12 +178,6 @@ impl Cache {
         Cache::setup(conn)
     }
 
-    /// A cache that lives in memory only (tests).
-    pub fn open_in_memory() -> Result<Cache> {
-        let conn = Connection::open_in_memory().context(|| "cannot open an in-memory cache".into())?;
-        Cache::setup(conn)
-    }
-
     fn try_open(path: &Path) -> Result<Cache> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).context(|| format!("cannot create {}", parent.display()))?;
