@@ -17,8 +17,9 @@
 //!   `If-None-Match: *` (the server refuses to replace an existing key: AWS, R2, MinIO,
 //!   Garage), and a multipart upload checks with HEAD before it starts and before it
 //!   completes. A put-only credential (no DeleteObject) is therefore enough to push.
-//! - Every PUT carries Content-MD5 and the payload's SHA-256 in its signature, so the server
-//!   rejects bytes damaged in transit.
+//! - A multipart part carries Content-MD5 and the payload's SHA-256 in its signature (rust-s3's
+//!   way); a single PUT goes through a presigned URL with an unsigned payload, which spares
+//!   three hashing passes per object ([`put_once`] says why that loses no integrity).
 //!
 //! Memory: `2 * part_size` for uploads with one part in flight (the default: the part and
 //! rust-s3's copy of it while it is sent, on the calling thread); with more, about
@@ -738,6 +739,19 @@ fn forget_upload(journal: &std::path::Path, id: &str) {
     }
 }
 
+/// How long a single PUT's presigned URL stays valid: far longer than any PUT of one part
+/// takes, short enough that a URL seen in transit is soon worthless.
+const PRESIGN_SECS: u32 = 3600;
+
+/// One object up to a part in size, in one PUT.
+///
+/// Sent through a presigned URL (`UNSIGNED-PAYLOAD`) rather than rust-s3's signed-payload
+/// PUT, which hashes the body twice with SHA-256 for the signature, once with MD5 for
+/// Content-MD5, and copies it twice: on the push of a snapshot store, a PUT per 4 MiB pack,
+/// that was most of the push's CPU (#10). Integrity does not depend on those hashes: the
+/// push has already hashed the bytes against the manifest or the pack's name before it
+/// commits, TLS authenticates every byte in transit, and `verify --offsite` checks what the
+/// bucket holds against the ledger.
 fn put_once(i: &Inner, key: &str, path: &str, body: &[u8]) -> io::Result<()> {
     // Checked first on every server (rclone, older Ceph and SeaweedFS ignore or refuse the
     // condition below); the condition then closes the race where the server honours it.
@@ -752,10 +766,7 @@ fn put_once(i: &Inner, key: &str, path: &str, body: &[u8]) -> io::Result<()> {
         Err(e) => return Err(i.classify(e, "checking", path)),
     }
     if i.conditional_put.load(Ordering::Relaxed) {
-        let mut h = http::HeaderMap::new();
-        h.insert(http::header::IF_NONE_MATCH, http::HeaderValue::from_static("*"));
-        match i.bucket.put_object_with_content_type_and_headers(key, body, CONTENT_TYPE, Some(h)) {
-            Ok(_) => return Ok(()),
+        match presigned_put(i, key, body, true) {
             Err(S3Error::HttpFailWithBody(501, _)) => {
                 log::debug!(
                     "{}: conditional PUT not implemented by the server; checking before writing only",
@@ -763,13 +774,32 @@ fn put_once(i: &Inner, key: &str, path: &str, body: &[u8]) -> io::Result<()> {
                 );
                 i.conditional_put.store(false, Ordering::Relaxed);
             }
-            Err(e) => return Err(i.classify(e, "uploading", path)),
+            done => return done.map_err(|e| i.classify(e, "uploading", path)),
         }
     }
-    i.bucket
-        .put_object_with_content_type(key, body, CONTENT_TYPE)
-        .map(|_| ())
-        .map_err(|e| i.classify(e, "uploading", path))
+    presigned_put(i, key, body, false).map_err(|e| i.classify(e, "uploading", path))
+}
+
+/// PUT `body` at `key` through a URL signed for it (with `If-None-Match: *` when
+/// `conditional`); an answer other than 2xx comes back as the S3 error it carries.
+fn presigned_put(i: &Inner, key: &str, body: &[u8], conditional: bool) -> Result<(), S3Error> {
+    let mut signed = http::HeaderMap::new();
+    if conditional {
+        signed.insert(http::header::IF_NONE_MATCH, http::HeaderValue::from_static("*"));
+    }
+    let url = i.bucket.presign_put(key, PRESIGN_SECS, Some(signed), None)?;
+    let mut req = attohttpc::put(url).timeout(i.timeout).header("content-type", CONTENT_TYPE);
+    if conditional {
+        req = req.header("if-none-match", "*");
+    }
+    let resp = req.bytes(body).send()?;
+    let status = resp.status().as_u16();
+    if resp.is_success() {
+        return Ok(());
+    }
+    // The error document names the failure (SignatureDoesNotMatch, RequestTimeTooSkewed...).
+    let text = resp.text().unwrap_or_default();
+    Err(S3Error::HttpFailWithBody(status, text))
 }
 
 impl Drop for Upload {
