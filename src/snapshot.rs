@@ -138,7 +138,8 @@ impl Drop for CatchUp {
 /// Best effort: a database we may not write (its folder read-only to us), or one not in WAL
 /// mode, is left as it is, with a debug line.
 pub fn end_with_catch_up(conn: &Connection, path: &Path) -> CatchUp {
-    let prepared = checkpoint_connection(path).and_then(|c| Ok((c, checkpoint_connection(path)?)));
+    // The pin only reads: the snapshot's own read-only opener.
+    let prepared = checkpoint_connection(path).and_then(|c| Ok((c, open(path).map_err(|e| e.to_string())?)));
     end(conn);
     let path = path.to_path_buf();
     CatchUp(Some(std::thread::spawn(move || {
@@ -184,7 +185,7 @@ fn catch_up(
             .and_then(|f| f.sync_data())
             .map_err(|e| format!("syncing the database: {e}"))
     });
-    let _ = pin.execute_batch("COMMIT");
+    end(pin);
     synced?;
     done
 }
@@ -338,7 +339,7 @@ mod tests {
         let app_checkpoint = || -> (i64, i64) {
             app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(1)?, r.get(2)?))).unwrap()
         };
-        let (c, pin) = (checkpoint_connection(&db).unwrap(), checkpoint_connection(&db).unwrap());
+        let (c, pin) = (checkpoint_connection(&db).unwrap(), open(&db).unwrap());
         let mut seen = Vec::new();
         let (log, done) = catch_up(&c, &pin, &db, &mut |step| {
             match step {

@@ -787,19 +787,19 @@ fn presigned_put(i: &Inner, key: &str, body: &[u8], conditional: bool) -> Result
     if conditional {
         signed.insert(http::header::IF_NONE_MATCH, http::HeaderValue::from_static("*"));
     }
-    let url = i.bucket.presign_put(key, PRESIGN_SECS, Some(signed), None)?;
+    let url = i.bucket.presign_put(key, PRESIGN_SECS, Some(signed.clone()), None)?;
+    // The headers sent are the headers signed (a signed header missing is a bad signature).
     let mut req = attohttpc::put(url).timeout(i.timeout).header("content-type", CONTENT_TYPE);
-    if conditional {
-        req = req.header("if-none-match", "*");
+    for (name, value) in &signed {
+        req = req.header(name, value);
     }
     let resp = req.bytes(body).send()?;
-    let status = resp.status().as_u16();
     if resp.is_success() {
         return Ok(());
     }
+    let status = resp.status().as_u16();
     // The error document names the failure (SignatureDoesNotMatch, RequestTimeTooSkewed...).
-    let text = resp.text().unwrap_or_default();
-    Err(S3Error::HttpFailWithBody(status, text))
+    Err(S3Error::HttpFailWithBody(status, resp.text().unwrap_or_default()))
 }
 
 impl Drop for Upload {
