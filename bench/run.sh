@@ -23,7 +23,9 @@
 #                                    BENCH_DAY2_PEERS (restic,borg,datavault-engine), target peer
 #                                    BENCH_DAY2_TARGET; results/PROFILE-day2.{md,json}
 #   BENCH_DEST=loop                  loop: OUTDIRs on a loop-mounted ext4 image (a separate
-#                                    filesystem, like the USB drive); dir: same filesystem
+#                                    filesystem, like the USB drive), restores and drills on a
+#                                    second one (ext4 with its journal, like the Pi's SD card);
+#                                    dir: both on the same filesystem as the workload
 set -euo pipefail
 export LC_ALL=C
 STARTED=$(date +%s.%N)
@@ -85,48 +87,84 @@ export BENCH_AGE_RECIPIENT BENCH_PASSPHRASE
 # 3. destination: like the Pi's USB drive, a separate ext4 filesystem (a loop-mounted image
 #    file with direct I/O), so the peers' bulk writes and fsyncs do not share a journal
 #    with the live database. BENCH_DEST=dir keeps OUTDIRs on the same filesystem instead.
+#    Restores and drills go to a second one, ext4 with its journal like the Pi's SD card: the
+#    filesystem under /tmp may have no journal (this project's CI machines mount their root
+#    without one), and ext4 without a journal will not reuse an inode freed in the last 60-360 s
+#    (ialloc.c, recently_deleted()), so each restore there scans past every file the previous
+#    restore or drill deleted: measured 0.49 s for a fresh `tar -x` of the medium uploads, 0.91 s
+#    and 1.15 s for the next two after an `rm -rf`, against 0.50 s each on a journaled ext4.
 DEST=$DATA/dest
+RESTORE_ROOT=$DATA/runs
 DEST_DESC="a directory on the same filesystem as the database"
-LOOPDEV=
+RESTORE_DESC="to $RESTORE_ROOT on the same filesystem as the database"
+LOOPDEVS=()
+MOUNTS=()
 cleanup() {
-	if mountpoint -q "$DEST" 2>/dev/null; then umount "$DEST"; fi
-	if [ -n "$LOOPDEV" ]; then losetup -d "$LOOPDEV" 2>/dev/null || true; fi
-	rm -f "$DATA/usb.img"
+	local m d
+	for m in "${MOUNTS[@]}"; do
+		if mountpoint -q "$m" 2>/dev/null; then umount "$m"; fi
+	done
+	for d in "${LOOPDEVS[@]}"; do losetup -d "$d" 2>/dev/null || true; done
+	rm -f "$DATA/usb.img" "$DATA/sd.img"
+}
+# loop_fs IMAGE BYTES LABEL MOUNTPOINT: a fresh ext4 over a file, mounted; prints the loop
+# device (the caller records it for cleanup: this runs in a subshell); undoes itself on failure
+loop_fs() {
+	local dev
+	rm -f "$1"
+	mkdir -p "$4"
+	truncate -s "$2" "$1" && mkfs.ext4 -q -F -L "$3" "$1" || return 1
+	dev=$(losetup -f --show --direct-io=on "$1" 2>/dev/null) || dev=$(losetup -f --show "$1") || return 1
+	if ! mount -o noatime "$dev" "$4"; then
+		losetup -d "$dev"
+		return 1
+	fi
+	echo "$dev"
 }
 if [ "${BENCH_DEST:-loop}" = loop ]; then
-	if mountpoint -q "$DEST" 2>/dev/null; then
-		echo "$DEST is already mounted (another run?); set BENCH_DATA to a different directory" >&2
-		exit 1
-	fi
-	IMG_BYTES=$(python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["input_bytes"] * 2.5) + (512 << 20))' "$WL/workload.json")
-	rm -f "$DATA/usb.img"
-	mkdir -p "$DEST"
-	if truncate -s "$IMG_BYTES" "$DATA/usb.img" && mkfs.ext4 -q -F -L benchusb "$DATA/usb.img" &&
-		{ LOOPDEV=$(losetup -f --show --direct-io=on "$DATA/usb.img" 2>/dev/null) ||
-			LOOPDEV=$(losetup -f --show "$DATA/usb.img"); } &&
-		mount -o noatime "$LOOPDEV" "$DEST"; then
-		trap cleanup EXIT
-		trap 'exit 130' INT TERM
-		DEST_DESC="a separate ext4 filesystem (loop device $LOOPDEV over a file, $((IMG_BYTES >> 20)) MiB, like the Pi's USB drive)"
+	for m in "$DEST" "$DATA/sd"; do
+		if mountpoint -q "$m" 2>/dev/null; then
+			echo "$m is already mounted (another run?); set BENCH_DATA to a different directory" >&2
+			exit 1
+		fi
+	done
+	INPUT_BYTES=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["input_bytes"])' "$WL/workload.json")
+	trap cleanup EXIT
+	trap 'exit 130' INT TERM
+	if USBDEV=$(loop_fs "$DATA/usb.img" $((INPUT_BYTES * 5 / 2 + (512 << 20))) benchusb "$DEST"); then
+		LOOPDEVS+=("$USBDEV")
+		MOUNTS+=("$DEST")
+		DEST_DESC="a separate ext4 filesystem (loop device $USBDEV over a file, $(((INPUT_BYTES * 5 / 2 + (512 << 20)) >> 20)) MiB, like the Pi's USB drive)"
 		echo "destination: $DEST_DESC"
 	else
 		cleanup
-		LOOPDEV=
+		LOOPDEVS=()
+		MOUNTS=()
 		echo "warning: could not mount a loop filesystem; OUTDIRs go to $DEST on the same filesystem" >&2
+	fi
+	if [ ${#MOUNTS[@]} -gt 0 ] && SDDEV=$(loop_fs "$DATA/sd.img" $((INPUT_BYTES * 2 + (512 << 20))) benchsd "$DATA/sd"); then
+		LOOPDEVS+=("$SDDEV")
+		MOUNTS+=("$DATA/sd")
+		RESTORE_ROOT=$DATA/sd
+		RESTORE_DESC="to a second ext4 filesystem with its journal (loop device $SDDEV, like the Pi's SD card; the workload's own filesystem may have none, bench/run.sh says why)"
+		echo "restores and drills: $RESTORE_ROOT"
+	elif [ ${#MOUNTS[@]} -gt 0 ]; then
+		echo "warning: could not mount a second loop filesystem; restores go to $RESTORE_ROOT" >&2
 	fi
 fi
 
 # 4. measure (BENCH_SCENARIO=day2: the second-day scenario of issue #9, lib/day2.py)
 if [ "${BENCH_SCENARIO:-}" = day2 ]; then
 	python3 "$HERE/lib/day2.py" --profile "$PROFILE" --workload "$WL" --pristine "$PRISTINE" \
-		--data "$DATA" --dest "$DEST" --results "${BENCH_RESULTS:-$HERE/results}" \
+		--data "$DATA" --dest "$DEST" --restore-root "$RESTORE_ROOT" --results "${BENCH_RESULTS:-$HERE/results}" \
 		--peers "${BENCH_DAY2_PEERS:-restic,borg,datavault-engine}" --target-peer "${BENCH_DAY2_TARGET:-datavault-engine}" \
 		--repeats "${BENCH_REPEATS:-3}" --machine "$(nproc) cores, $(uname -r)"
 	awk -v a="$STARTED" -v b="$(date +%s.%N)" 'BEGIN { printf "bench/run.sh total: %.0f s\n", b - a }'
 	exit 0
 fi
 python3 "$HERE/lib/harness.py" --profile "$PROFILE" --workload "$WL" --pristine "$PRISTINE" \
-	--data "$DATA" --dest "$DEST" --dest-desc "$DEST_DESC" --results "${BENCH_RESULTS:-$HERE/results}" \
+	--data "$DATA" --dest "$DEST" --dest-desc "$DEST_DESC" \
+	--restore-root "$RESTORE_ROOT" --restore-desc "$RESTORE_DESC" --results "${BENCH_RESULTS:-$HERE/results}" \
 	--peers "$PEERS" --baseline "${BENCH_BASELINE:-pipeline}" --target-peer "${BENCH_TARGET_PEER:-datavault}" \
 	--repeats "${BENCH_REPEATS:-3}" --rate "${BENCH_WRITER_RATE:-200}" --zstd-level "$BENCH_ZSTD_LEVEL" \
 	--load-timeout-min "${BENCH_LOAD_TIMEOUT_MIN:-30}" --load-timeout-factor "${BENCH_LOAD_TIMEOUT_FACTOR:-3}" \

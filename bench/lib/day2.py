@@ -101,7 +101,9 @@ def one(a, peer: str, rep: int) -> dict:
     b2 = timed([script, "backup", work, out], env, os.path.join(run, "backup2"))
     b2["sync"] = syncfs(out)
     r["size2"] = du(out)
-    rdir = os.path.join(tmp, "restore")
+    # on the restores' own filesystem when run.sh mounted one (a journaled ext4, like the SD card)
+    rdir = os.path.join(a.restore_root, f"day2-{peer}-{rep}-restore") if a.restore_root else os.path.join(tmp, "restore")
+    shutil.rmtree(rdir, ignore_errors=True)
     rs = timed([script, "restore", out, rdir], dict(env, BENCH_INCREMENTAL="0"), os.path.join(run, "restore"))
     rs["sync"] = syncfs(rdir) if os.path.isdir(rdir) else 0.0
     ver = subprocess.run([sys.executable, os.path.join(BENCH, "verify.py"), rdir, work, "--mode", "quiet"],
@@ -203,6 +205,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     for k in ("profile", "workload", "pristine", "data", "dest", "results", "peers", "target-peer", "machine"):
         ap.add_argument("--" + k, required=k not in ("machine",))
+    ap.add_argument("--restore-root", help="where the restore goes (default: the run's TMPDIR)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=20260207)
     a = ap.parse_args()

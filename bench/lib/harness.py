@@ -221,6 +221,8 @@ class Harness:
         self.runs_dir = os.path.join(a.data, "runs", a.profile)
         self.dest = a.dest or os.path.join(a.data, "dest")
         os.makedirs(self.dest, exist_ok=True)
+        # restores and drills: their own filesystem when run.sh could mount one (like the SD card)
+        self.restore_root = os.path.join(a.restore_root or self.runs_dir, "restores", a.profile)
         self.env = dict(os.environ)
         self.records: list[dict] = []
 
@@ -268,7 +270,7 @@ class Harness:
             {"ok": False, "problems": ["restore failed: " + r.get("stderr_tail", "")]}
         if mode == "quiet" and "drill" in peer_caps(peer):
             shutil.rmtree(rst, ignore_errors=True)  # same free space / cache situation as the restore had
-            scratch = os.path.join(base, "drill")
+            scratch = os.path.join(os.path.dirname(rst), "drill")
             evict_from_page_cache(out)
             d = run_timed(self.peer_cmd(peer, "drill", out, scratch), env, os.path.join(base, "log-drill"),
                           self.a.quiet_timeout)
@@ -306,7 +308,7 @@ class Harness:
     def quiet(self, peer: str, rep: int) -> dict:
         base = self.fresh(peer, f"r{rep}-quiet")
         out = self.fresh_out(f"{peer}-r{rep}-quiet")
-        rst, tmp = (os.path.join(base, d) for d in ("restore", "tmp"))
+        rst, tmp = self.restore_dir(peer, f"r{rep}-quiet"), os.path.join(base, "tmp")
         os.makedirs(tmp)
         env = dict(self.env, TMPDIR=tmp)
         self.reset_db()
@@ -327,7 +329,7 @@ class Harness:
         name = peer or "(no backup)"
         base = self.fresh(peer or "_control", f"r{rep}-load")
         out = self.fresh_out(f"{peer or '_control'}-r{rep}-load")
-        rst, tmp = (os.path.join(base, d) for d in ("restore", "tmp"))
+        rst, tmp = self.restore_dir(peer or "_control", f"r{rep}-load"), os.path.join(base, "tmp")
         os.makedirs(tmp)
         env = dict(self.env, TMPDIR=tmp)
         self.reset_db()
@@ -359,6 +361,14 @@ class Harness:
         self.cleanup(base, out)
         return rec
 
+    def restore_dir(self, *parts: str) -> str:
+        """Where a restore goes (the peer creates it); the drill's scratch folder is its sibling."""
+        d = os.path.join(self.restore_root, *parts)
+        if os.path.exists(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        return os.path.join(d, "restore")
+
     def fresh_out(self, name: str) -> str:
         """OUTDIR on the destination filesystem (the "USB drive"); the peer creates it."""
         d = os.path.join(self.dest, name)
@@ -377,8 +387,9 @@ class Harness:
         b["durable_s"] = round(b["wall_s"] + b["flush_s"], 4)
 
     def cleanup(self, base: str, out: str) -> None:
-        for d in ("restore", "tmp", "drill"):
-            shutil.rmtree(os.path.join(base, d), ignore_errors=True)
+        shutil.rmtree(os.path.join(base, "tmp"), ignore_errors=True)
+        peer, tag = os.path.relpath(base, self.runs_dir).split(os.sep)
+        shutil.rmtree(os.path.join(self.restore_root, peer, tag), ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
 
     # -- main loop
@@ -759,8 +770,8 @@ def write_markdown(a: argparse.Namespace, m: dict, s: dict, path: str, meta: dic
              f"incompressible bytes, {m['uploads']['min_file'] / 1e3:.1f} KB – {m['uploads']['max_file'] / 1e6:.2f} MB); "
              f"input {m['input_bytes'] / 1e6:.2f} MB.\n")
     L.append(f"Setup: source data warm in the page cache (under /tmp); each OUTDIR on {a.dest_desc}; restores "
-             "and drills to /tmp. *durable* = wall + `sync -f` (syncfs) of the filesystem written to (the "
-             "destination after a backup, /tmp after a restore), so peers that do not fsync (the shell ones) "
+             f"and drills {getattr(a, 'restore_desc', None) or 'to /tmp'}. *durable* = wall + `sync -f` (syncfs) of the "
+             "filesystem written to (the destination after a backup, the restore's after a restore), so peers that do not fsync (the shell ones) "
              "and peers that do (restic, borg, datavault) are compared at the same point. *Peak RSS "
              "(largest proc)* is /usr/bin/time -v's maximum resident set size (the largest single process); "
              "*whole tree* is the sampled (every 20 ms) sum over every process of the command at once, so "
@@ -875,6 +886,8 @@ def main() -> int:
     ap.add_argument("--results")
     ap.add_argument("--dest", help="where OUTDIRs go (a separate filesystem, like the USB drive)")
     ap.add_argument("--dest-desc", default="a directory on the same filesystem")
+    ap.add_argument("--restore-root", help="where restores and drills go (default: under --data)")
+    ap.add_argument("--restore-desc", help="how the report describes --restore-root")
     ap.add_argument("--peers", default="all")
     ap.add_argument("--baseline", default="pipeline")
     ap.add_argument("--repeats", type=int, default=3)
