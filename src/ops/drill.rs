@@ -4,6 +4,7 @@
 //! database, check every file against the inner manifest, run the configured SQL checks,
 //! time it all (that is the recovery time to expect), and clean up.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -166,19 +167,24 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     let scratch = prepare_scratch(env, run.id)?;
     let _cleanup = Cleanup(scratch.clone());
 
-    let read = read_archive(
-        &store,
-        listing,
-        &identities,
-        &identity_path,
-        Some(&ExtractPlan {
-            durable: false,
-            room_hint: "set drill.scratch_dir to a folder with more room (the drill extracts there)",
-            ..ExtractPlan::into_dir(&scratch)
-        }),
-        &*env.progress,
-    );
-    let report = read.inspect_err(|e| {
+    let plan = ExtractPlan {
+        durable: false,
+        room_hint: "set drill.scratch_dir to a folder with more room (the drill extracts there)",
+        ..ExtractPlan::into_dir(&scratch)
+    };
+    let read = |plan: &ExtractPlan| {
+        read_archive(&store, listing, &identities, &identity_path, Some(plan), &*env.progress)
+    };
+    // No manifest (or a damaged one): the read says what is wrong.
+    let read = match listing.manifest.as_ref().and_then(|m| m.database.as_ref()) {
+        Some(db) => {
+            let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(&name, e))?;
+            let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
+            read_and_check(plan, &db_path, &env.settings.drill.checks, read).map(|(r, c)| (r, Some(c)))
+        }
+        None => read(&plan).map(|r| (r, None)),
+    };
+    let (report, db_checks) = read.inspect_err(|e| {
         // Only what the archive is to blame for fails the drill: no room for the scratch
         // folder or a cancelled run says nothing about whether the backup restores.
         if let Error::Integrity { .. } = e {
@@ -191,8 +197,7 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
             );
         }
     })?;
-    let manifest = listing.manifest.as_ref().expect("selected archives are complete");
-    let checks = checks_after_extraction(&name, &report, manifest, &scratch, &env.settings.drill.checks)?;
+    let checks = checks_after_extraction(&report, db_checks);
 
     let passed = checks.iter().all(|c| c.ok);
     let secs = started.elapsed().as_secs_f64();
@@ -214,41 +219,41 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     })
 }
 
-/// The drill's checks once the backup is extracted into `scratch` (decryption, every file's
-/// hash and the sizes were checked on the way): the database's `integrity_check` and the
-/// configured SQL checks.
-fn checks_after_extraction(
-    name: &str,
-    report: &ReadReport,
-    manifest: &crate::manifest::Manifest,
-    scratch: &Path,
-    sql_checks: &[String],
-) -> Result<Vec<Check>> {
+/// The drill's checks once the backup is extracted (decryption, every byte and the sizes
+/// were checked on the way), then the database's (`integrity_check` and the configured SQL
+/// checks, `None` when the backup holds no database).
+fn checks_after_extraction(report: &ReadReport, db_checks: Option<Vec<Check>>) -> Vec<Check> {
+    use crate::config::StoreFormat;
+    let (read, content) = match report.format {
+        StoreFormat::Archives => {
+            ("archive SHA-256 matches its manifest", "match the inner manifest (SHA-256 of each file)")
+        }
+        StoreFormat::Snapshots => (
+            "tree and refs match the manifest",
+            "match their chunks' keyed hashes; the database its SHA-256 in the manifest",
+        ),
+    };
     let mut checks = vec![
         Check {
             name: "decrypt and extract".into(),
             ok: true,
-            detail: format!("{} entries; archive SHA-256 matches its manifest", report.entries),
+            detail: format!("{} entries; {read}", report.entries),
         },
         Check {
             name: "file hashes".into(),
             ok: true,
-            detail: format!("{} files, {} bytes match the inner manifest", report.files, report.plain_bytes),
+            detail: format!("{} files, {} bytes {content}", report.files, report.plain_bytes),
         },
     ];
-    if let Some(db) = &manifest.database {
-        use std::os::unix::ffi::OsStrExt;
-        let entry = crate::manifest::unescape_path(&db.entry).map_err(|e| Error::integrity(name, e))?;
-        let db_path = scratch.join(std::ffi::OsStr::from_bytes(&entry));
-        checks.extend(check_database(&db_path, sql_checks));
-    } else {
-        checks.push(Check {
+    match db_checks {
+        Some(c) => checks.extend(c),
+        None => checks.push(Check {
             name: "database".into(),
             ok: false,
             detail: "the archive holds no database snapshot".into(),
-        });
+        }),
     }
-    Ok(checks)
+    checks
 }
 
 /// Prefix of the folders drills extract into, inside the scratch folder.
@@ -303,6 +308,36 @@ fn scratch_root(env: &Env) -> PathBuf {
 }
 
 /// `integrity_check` plus the configured SQL checks, on a restored database copy.
+/// Read a backup with `plan` (`read`: `read_archive` with its arguments) and check the
+/// database that lands at `database`, on a thread of its own that starts as soon as the
+/// extraction has written that file. A backup holds its database first (`db/` sorts before
+/// `uploads/`), so `integrity_check` and the SQL checks run while the uploads are still being
+/// written rather than after them: on a backup of 105 MB of database and 420 MB of uploads
+/// that took 0.3 s off a 1.6 s drill. Nothing is concluded before `read` has succeeded (the
+/// checks' result is only looked at then); if the file never came, they run afterwards.
+pub fn read_and_check(
+    mut plan: ExtractPlan,
+    database: &Path,
+    sql_checks: &[String],
+    read: impl FnOnce(&ExtractPlan) -> Result<ReadReport>,
+) -> Result<(ReadReport, Vec<Check>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+    plan.database_written = Some(tx);
+    std::thread::scope(|scope| {
+        // A crafted backup may hold other files under db/: only the one the manifest names.
+        let early =
+            std::thread::Builder::new().name("datavault-check".into()).spawn_scoped(scope, move || {
+                rx.iter().find(|p| p == database).map(|p| check_database(&p, sql_checks))
+            });
+        let report = read(&plan);
+        drop(plan); // hangs up: a checker still waiting stops
+        let early = early.ok().and_then(|h| h.join().ok().flatten());
+        let report = report?;
+        let checks = early.unwrap_or_else(|| check_database(database, sql_checks));
+        Ok((report, checks))
+    })
+}
+
 pub fn check_database(db_path: &Path, sql_checks: &[String]) -> Vec<Check> {
     let mut checks = Vec::new();
     // Read-write only so that SQLite may open a WAL database without its -shm; query_only
@@ -363,5 +398,88 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         remove_tree(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::Sender;
+
+    fn report() -> ReadReport {
+        ReadReport {
+            inner: crate::manifest::InnerManifest {
+                format: crate::manifest::FORMAT_VERSION,
+                created: chrono::Utc::now(),
+                entries: Vec::new(),
+            },
+            archive_sha256: String::new(),
+            archive_bytes: 0,
+            entries: 0,
+            files: 0,
+            plain_bytes: 0,
+            format: crate::config::StoreFormat::Snapshots,
+        }
+    }
+
+    fn database(path: &Path, rows: i64) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x);").unwrap();
+        for i in 0..rows {
+            c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+        }
+    }
+
+    fn tell(plan: &ExtractPlan) -> &Sender<PathBuf> {
+        plan.database_written.as_ref().expect("read_and_check listens")
+    }
+
+    #[test]
+    fn the_database_named_is_checked_as_soon_as_it_is_written_and_a_decoy_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let (db, decoy) = (d.path().join("db/app.db"), d.path().join("db/other.db"));
+        std::fs::create_dir(d.path().join("db")).unwrap();
+        let checks = vec!["SELECT count(*) = 3 FROM t".to_string()];
+        let (_, got) = read_and_check(ExtractPlan::into_dir(d.path()), &db, &checks, |plan| {
+            // A crafted backup's other db/ file comes first: not the one the manifest names.
+            std::fs::write(&decoy, b"not a database").unwrap();
+            tell(plan).send(decoy.clone()).unwrap();
+            database(&db, 3);
+            tell(plan).send(db.clone()).unwrap();
+            Ok(report())
+        })
+        .unwrap();
+        let names: Vec<_> = got.iter().map(|c| (c.name.as_str(), c.ok)).collect();
+        assert_eq!(names, [("integrity_check", true), (checks[0].as_str(), true)], "{got:?}");
+    }
+
+    #[test]
+    fn a_failed_read_is_the_answer_and_a_database_never_announced_is_checked_afterwards() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("app.db");
+        let e = read_and_check(ExtractPlan::into_dir(d.path()), &db, &[], |plan| {
+            database(&db, 1);
+            tell(plan).send(db.clone()).unwrap();
+            Err(Error::integrity("b", "damaged halfway"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("damaged halfway"), "{e}");
+        // Written without a word (or the checker could not start): checked once read returns.
+        std::fs::remove_file(&db).unwrap();
+        let (_, got) = read_and_check(ExtractPlan::into_dir(d.path()), &db, &[], |_| {
+            database(&db, 2);
+            Ok(report())
+        })
+        .unwrap();
+        assert!(got.iter().all(|c| c.ok) && got[0].name == "integrity_check", "{got:?}");
+        // And a database that is not one fails its check, early or late.
+        let bad = d.path().join("bad.db");
+        let (_, got) = read_and_check(ExtractPlan::into_dir(d.path()), &bad, &[], |plan| {
+            std::fs::write(&bad, vec![7u8; 8192]).unwrap();
+            tell(plan).send(bad.clone()).unwrap();
+            Ok(report())
+        })
+        .unwrap();
+        assert!(got.iter().any(|c| !c.ok), "{got:?}");
     }
 }

@@ -27,10 +27,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
+use sha2::{Digest, Sha256};
 
 use super::{open_dir, EntryMeta, DIR};
 use crate::error::{is_disk_full, Error, Result};
-use crate::fsutil::HashingReader;
 use crate::manifest::{escape_path, EntryKind};
 use crate::progress::Progress;
 
@@ -49,6 +49,9 @@ pub struct ExtractPlan {
     pub durable: bool,
     /// What to tell the operator when there is not enough room.
     pub room_hint: &'static str,
+    /// Told the path of each file under `db/` as soon as it is written, so that the database
+    /// can be checked while the rest is still being extracted (`ops::drill::read_and_check`).
+    pub database_written: Option<std::sync::mpsc::Sender<PathBuf>>,
 }
 
 /// An in-place restore gives the restored entries the owner the live data has now: on a new
@@ -75,6 +78,7 @@ impl ExtractPlan {
             live_owners: Vec::new(),
             durable: true,
             room_hint: "free space or restore with --to onto a bigger disk",
+            database_written: None,
         }
     }
 
@@ -267,15 +271,19 @@ impl<'a> Extractor<'a> {
     }
 
     /// Check (and with a plan, write) a file of `declared` bytes from `content`; returns its
-    /// SHA-256 (hex) and length. `content` ending early or running long is damage.
+    /// length and, if `hash`, its SHA-256 (hex). `content` ending early or running long is
+    /// damage. An archive asks for the hash (its inner manifest lists one per file); a
+    /// snapshot's reader has already checked every byte against its chunk's keyed hash and
+    /// the database against the manifest's SHA-256, so a third pass would prove nothing more.
     pub fn file(
         &mut self,
         parts: &[Vec<u8>],
         meta: &EntryMeta,
         declared: u64,
         content: &mut dyn Read,
+        hash: bool,
         progress: &dyn Progress,
-    ) -> Result<(String, u64)> {
+    ) -> Result<(Option<String>, u64)> {
         self.check(parts, EntryKind::File)?;
         let shown = escape_path(&parts.join(&b'/'));
         if declared > self.budget {
@@ -299,10 +307,12 @@ impl<'a> Extractor<'a> {
                 Some((std::fs::File::from(fd), dest))
             }
         };
-        let mut hashed = HashingReader::new(content.take(declared));
+        let mut sha = hash.then(Sha256::new);
+        let mut n_read = 0u64;
+        let mut content = content.take(declared);
         let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = match hashed.read(&mut buf) {
+            let n = match content.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -312,6 +322,10 @@ impl<'a> Extractor<'a> {
                 }
                 Err(e) => return Err(damaged(self.archive, &e)),
             };
+            if let Some(h) = sha.as_mut() {
+                h.update(&buf[..n]);
+            }
+            n_read += n as u64;
             progress.advance(n as u64);
             if progress.cancelled() {
                 return Err(Error::Cancelled(format!("reading {}", self.archive)));
@@ -320,7 +334,7 @@ impl<'a> Extractor<'a> {
                 f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;
             }
         }
-        let (sha256, n) = hashed.finish();
+        let (sha256, n) = (sha.map(crate::fsutil::hex_digest), n_read);
         if n != declared {
             return Err(damaged(self.archive, &io::Error::from(io::ErrorKind::UnexpectedEof)));
         }
@@ -336,6 +350,19 @@ impl<'a> Extractor<'a> {
                 );
             }
             let _ = rustix::fs::futimens(&f, &times(meta));
+            let is_db = parts[0] == crate::archive::TOP_DB.as_bytes();
+            if self.plan.is_some_and(|p| p.durable) && !is_db {
+                // Start writing it out now, while the next files are extracted, rather than
+                // all at once in the final syncfs (and keep a small Pi's page cache for the
+                // app). Not the database: its checks are about to read it.
+                crate::fsutil::drop_from_page_cache(&f);
+            }
+            drop(f);
+            let tell = self.plan.and_then(|p| p.database_written.as_ref());
+            if let Some(tx) = tell.filter(|_| is_db) {
+                // Nobody listening any more is not our concern.
+                let _ = tx.send(dest);
+            }
         }
         self.done(parts, EntryKind::File, meta);
         Ok((sha256, n))
@@ -503,23 +530,52 @@ mod tests {
         let mut x = Extractor::new("a", Some(&plan), 1 << 20).unwrap();
         x.dir(&parts("uploads"), &meta()).unwrap();
         x.dir(&parts("uploads/sub"), &meta()).unwrap();
-        let (_, n) = x
-            .file(&parts("uploads/sub/f"), &meta(), 3, &mut &b"abc"[..], &crate::progress::NoProgress)
+        let (sha, n) = x
+            .file(&parts("uploads/sub/f"), &meta(), 3, &mut &b"abc"[..], true, &crate::progress::NoProgress)
             .unwrap();
         assert_eq!(n, 3);
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha.as_deref(), Some(abc), "the SHA-256 of what was written");
+        let (sha, n) = x
+            .file(&parts("uploads/sub/e"), &meta(), 2, &mut &b"ab"[..], false, &crate::progress::NoProgress)
+            .unwrap();
+        assert_eq!((sha, n), (None, 2), "no hash unless asked");
+        assert_eq!(std::fs::read(stage.join("uploads/sub/e")).unwrap(), b"ab");
         // The app swaps the folder being written for a link to somewhere else.
         std::fs::rename(stage.join("uploads/sub"), d.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(outside.path(), stage.join("uploads/sub")).unwrap();
         // The cached descriptor still points at the real folder (now moved): the file lands
         // there; and a folder reached anew through the link is refused.
-        x.file(&parts("uploads/sub/g"), &meta(), 3, &mut &b"xyz"[..], &crate::progress::NoProgress).unwrap();
+        x.file(&parts("uploads/sub/g"), &meta(), 3, &mut &b"xyz"[..], true, &crate::progress::NoProgress)
+            .unwrap();
         assert!(d.path().join("moved/g").exists());
         let e = x.dir(&parts("uploads/sub/deeper"), &meta());
         assert!(e.is_err() || !outside.path().join("deeper").exists());
         x.dir(&parts("uploads/other"), &meta()).unwrap();
-        let e = x.file(&parts("uploads/sub/h"), &meta(), 3, &mut &b"xyz"[..], &crate::progress::NoProgress);
+        let e =
+            x.file(&parts("uploads/sub/h"), &meta(), 3, &mut &b"xyz"[..], true, &crate::progress::NoProgress);
         assert!(e.is_err(), "a link in place of a folder we made is refused once the cache moved on");
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing written through the link");
+    }
+
+    #[test]
+    fn the_plan_hears_of_each_database_file_once_it_is_written_and_of_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = d.path().join("stage");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let plan = ExtractPlan { database_written: Some(tx), ..ExtractPlan::into_dir(&stage) };
+        let mut x = Extractor::new("a", Some(&plan), 1 << 20).unwrap();
+        x.file(&parts("db/app.db"), &meta(), 3, &mut &b"abc"[..], false, &crate::progress::NoProgress)
+            .unwrap();
+        let told = rx.try_recv().expect("told as soon as the file is complete");
+        assert_eq!(told, stage.join("db/app.db"));
+        assert_eq!(std::fs::read(&told).unwrap(), b"abc", "all of it is there when told");
+        x.dir(&parts("uploads"), &meta()).unwrap();
+        x.file(&parts("uploads/f"), &meta(), 2, &mut &b"xy"[..], false, &crate::progress::NoProgress)
+            .unwrap();
+        x.finish().unwrap();
+        assert!(rx.try_recv().is_err(), "uploads are not announced");
+        assert_eq!(std::fs::read(stage.join("uploads/f")).unwrap(), b"xy", "nor lost to the early writeback");
     }
 
     #[test]
@@ -530,9 +586,10 @@ mod tests {
         let plan = ExtractPlan { durable: false, ..ExtractPlan::into_dir(&stage) };
         let mut x = Extractor::new("a", Some(&plan), 4).unwrap();
         x.dir(&parts("uploads"), &meta()).unwrap();
-        x.file(&parts("uploads/f"), &meta(), 3, &mut &b"abc"[..], &crate::progress::NoProgress).unwrap();
+        x.file(&parts("uploads/f"), &meta(), 3, &mut &b"abc"[..], true, &crate::progress::NoProgress)
+            .unwrap();
         let e = x
-            .file(&parts("uploads/g"), &meta(), 3, &mut &b"abc"[..], &crate::progress::NoProgress)
+            .file(&parts("uploads/g"), &meta(), 3, &mut &b"abc"[..], true, &crate::progress::NoProgress)
             .unwrap_err();
         assert!(e.to_string().contains("more than"), "{e}");
         x.finish().unwrap();
@@ -549,7 +606,9 @@ mod tests {
         assert!(x.symlink(&parts("uploads"), &m, b"/etc").is_err(), "top-level link");
         x.dir(&parts("uploads"), &m).unwrap();
         x.symlink(&parts("uploads/l"), &m, b"/etc").unwrap();
-        assert!(x.file(&parts("uploads/l/x"), &m, 0, &mut &b""[..], &crate::progress::NoProgress).is_err());
+        assert!(x
+            .file(&parts("uploads/l/x"), &m, 0, &mut &b""[..], true, &crate::progress::NoProgress)
+            .is_err());
         assert!(x.dir(&parts("uploads"), &m).is_err(), "twice");
         assert!(x.symlink(&parts("db/x"), &m, b"y").is_err(), "link in db");
         assert!(x.dir(&parts("db/x"), &m).is_err(), "folder in db");

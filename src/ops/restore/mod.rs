@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::{fsync_dir, remove_tree};
 use crate::manifest::{unescape_path, ArchiveKind, Manifest};
 use crate::ops::backup::{create_archive, BackupOptions};
-use crate::ops::drill::{check_database, Check};
+use crate::ops::drill::{read_and_check, Check};
 use crate::ops::service::{self, Which};
 use crate::ops::{now, Env, Run, Trigger};
 use crate::store::{Listing, Store};
@@ -84,8 +84,17 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
     let (store, listings) = crate::ops::listings(env)?;
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
     let stage = dir.join(format!("{STAGE_PREFIX}{}", run.id));
-    let report = read_into(env, &store, listing, &ExtractPlan::into_dir(&stage));
-    let report = match report {
+    let plan = ExtractPlan::into_dir(&stage);
+    let read = |plan: &ExtractPlan| read_into(env, &store, listing, plan);
+    // The database is checked in the staging folder, while the uploads are written (a WAL
+    // database's -wal and -shm are gone once its checks close it, before anything moves).
+    // No manifest (or a damaged one): the read says what is wrong.
+    let read = match listing.manifest.as_ref().and_then(|m| m.database.as_ref()) {
+        Some(db) => entry_path(&listing.name, &db.entry)
+            .and_then(|entry| read_and_check(plan, &stage.join(entry), &[], read)),
+        None => read(&plan).map(|r| (r, Vec::new())),
+    };
+    let (report, checks) = match read {
         Ok(r) => r,
         Err(e) => {
             remove_tree(&stage);
@@ -103,11 +112,6 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
     }
     remove_tree(&stage);
     fsync_dir(dir)?;
-    let manifest = listing.manifest.as_ref().expect("complete");
-    let checks = match &manifest.database {
-        Some(db) => check_database(&dir.join(entry_path(&listing.name, &db.entry)?), &[]),
-        None => Vec::new(),
-    };
     if let Some(bad) = checks.iter().find(|c| !c.ok) {
         return Err(Error::integrity(
             &listing.name,
@@ -354,12 +358,14 @@ fn stage_and_verify(
         live_owners,
         durable: true,
         room_hint: "free space beside the app's data (the restore is staged there before the swap)",
+        database_written: None,
     };
     log::info!("verifying and staging {name}");
-    let report = read_into(env, store, listing, &extract)?;
     let db = manifest.database.as_ref().expect("checked by the caller");
     let staged_db = plan.database.stage.join(entry_path(name, &db.entry)?);
-    let checks = check_database(&staged_db, &env.settings.drill.checks);
+    let (report, checks) = read_and_check(extract, &staged_db, &env.settings.drill.checks, |extract| {
+        read_into(env, store, listing, extract)
+    })?;
     if let Some(bad) = checks.iter().find(|c| !c.ok) {
         return Err(Error::integrity(
             name,
