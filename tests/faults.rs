@@ -125,6 +125,8 @@ fn spawn(f: &Fixture, config: &Path, args: &[&str]) -> std::process::Child {
         .arg(config)
         .args(args)
         .env_remove("DATAVAULT_CONFIG")
+        // Killed -9 at random moments: its own libfaketime semaphore (see util::command).
+        .env_remove("FAKETIME_SHARED")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

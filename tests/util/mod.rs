@@ -116,6 +116,10 @@ impl Fixture {
         let mut c = Command::new(env!("CARGO_BIN_EXE_datavault"));
         c.arg("--config").arg(&self.config).args(args).stdin(Stdio::null());
         c.env_remove("DATAVAULT_CONFIG");
+        // Under libfaketime (the year-ahead run of scripts/ci-faults.sh) every process that
+        // inherits FAKETIME_SHARED takes one shared semaphore around each stat(): a child
+        // killed -9 while holding it would hang every other one. Each child gets its own.
+        c.env_remove("FAKETIME_SHARED");
         c
     }
 
