@@ -131,7 +131,7 @@ pub enum Command {
         #[arg(long)]
         offsite: bool,
     },
-    /// Prove an archive restores: extract to scratch, integrity_check, hash every file, run the SQL checks
+    /// Prove an archive restores: extract to scratch (every byte checked against its hash), integrity_check, run the SQL checks
     Drill {
         /// Archive name (default: the newest backup)
         archive: Option<String>,

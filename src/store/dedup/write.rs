@@ -5,13 +5,14 @@
 //! default one per core, at most four) each keep a pack of their own open: they compress each
 //! new chunk and encrypt it into a blob under that pack's age file key (blob.rs: one X25519
 //! wrap per pack and recipient, not per chunk), and write it straight to the pack's temporary
-//! file on the drive, hashing as they go; a full pack is committed under its SHA-256 and handed to the indexer thread,
-//! which writes an index file after every 32 packs. Memory is fixed and small: a chunk in
+//! file on the drive, hashing as they go; a full pack goes to the indexer thread, which makes
+//! it durable under its SHA-256 while the sealer fills its next one, and writes an index file
+//! after every 32 packs. Memory is fixed and small: a chunk in
 //! the channel, and per sealer a chunk, its compressed form, a 256 KiB write buffer and the
 //! compressor's context; no pack is held in memory.
 //!
 //! Durability order, the whole crash-safety argument: packs (each fsynced and renamed from
-//! its temporary name by the backend) -> the index file naming them -> the tree -> the refs -> the manifest. A
+//! its temporary name by the backend, on the indexer's thread) -> the index file naming them -> the tree -> the refs -> the manifest. A
 //! kill before the manifest leaves no snapshot, only unreferenced packs, index files and a
 //! tree without manifest, which `gc` removes; nothing that existed before is touched.
 
