@@ -1,7 +1,9 @@
 //! `datavault drill`: prove that an archive really restores, without touching live data.
 //!
 //! Decrypt and extract into a scratch folder, run `PRAGMA integrity_check` on the restored
-//! database, check every file against the inner manifest, run the configured SQL checks,
+//! database (while the uploads are still being extracted: [`read_and_check`]), check every
+//! byte on the way (each file against the inner manifest in an archive, each chunk against
+//! its keyed hash in a snapshot), run the configured SQL checks,
 //! time it all (that is the recovery time to expect), and clean up.
 
 use std::os::unix::ffi::OsStrExt;
@@ -307,7 +309,6 @@ fn scratch_root(env: &Env) -> PathBuf {
     s.drill.scratch_dir(&s.target)
 }
 
-/// `integrity_check` plus the configured SQL checks, on a restored database copy.
 /// Read a backup with `plan` (`read`: `read_archive` with its arguments) and check the
 /// database that lands at `database`, on a thread of its own that starts as soon as the
 /// extraction has written that file. A backup holds its database first (`db/` sorts before
@@ -338,6 +339,7 @@ pub fn read_and_check(
     })
 }
 
+/// `integrity_check` plus the configured SQL checks, on a restored database copy.
 pub fn check_database(db_path: &Path, sql_checks: &[String]) -> Vec<Check> {
     let mut checks = Vec::new();
     // Read-write only so that SQLite may open a WAL database without its -shm; query_only
