@@ -402,10 +402,21 @@ fn kill_restores(format: Format) {
 
 #[test]
 fn a_target_unmounted_mid_run_exits_3_and_nothing_lands_on_the_folder_underneath() {
+    target_unmounted_mid_run(Format::Archives);
+}
+
+#[test]
+fn a_snapshot_whose_drive_is_unmounted_mid_run_exits_3_and_nothing_lands_underneath() {
+    // Snapshots make each pack durable on the indexer's thread: the drive found gone there
+    // must still be the error the operator reads, with its exit code.
+    target_unmounted_mid_run(Format::Snapshots);
+}
+
+fn target_unmounted_mid_run(format: Format) {
     if !is_root() || emulated() {
         return skip("needs root and a real kernel for mounts (ran natively in CI)");
     }
-    let f = Fixture::new();
+    let f = format.fixture();
     f.set("target.require_mountpoint", true);
     let _m = Tmpfs::mount(&f.target, "64m");
     f.backup();
@@ -415,55 +426,9 @@ fn a_target_unmounted_mid_run_exits_3_and_nothing_lands_on_the_folder_underneath
     c.execute_batch("COMMIT").unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("unmounted"), "{stderr}");
-    assert_eq!(f.all_target_files(), Vec::<String>::new(), "written to the SD card underneath");
-}
-
-/// Every file below `dir`, as paths relative to it (a snapshot store keeps its files in
-/// folders: `store/packs/..`, `store/snapshots/..`).
-fn files_below(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                todo.push(e.path());
-            } else {
-                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-#[test]
-fn a_snapshot_whose_drive_is_unmounted_mid_run_exits_3_and_nothing_lands_underneath() {
-    if !is_root() || emulated() {
-        return skip("needs root and a real kernel for mounts (ran natively in CI)");
-    }
-    // Snapshots make each pack durable on the indexer's thread: the drive found gone there
-    // must still be the error the operator reads, with its exit code.
-    let f = Fixture::with(|c| c.push_str("[store]\nformat = \"snapshots\"\n"));
-    f.set("target.require_mountpoint", true);
-    let _m = Tmpfs::mount(&f.target, "64m");
-    f.backup();
-    // The database held: the second backup has opened its tree and waits to read the pages.
-    let c = Connection::open(&f.app.database).unwrap();
-    c.execute_batch("PRAGMA journal_mode=DELETE; BEGIN EXCLUSIVE;").unwrap();
-    let child = f.command(&["backup"]).stderr(Stdio::piped()).spawn().unwrap();
-    while !files_below(&f.target).iter().any(|n| n.ends_with(".partial")) {
-        std::thread::yield_now();
-    }
-    let st = Command::new("umount").arg("-l").arg(&f.target).status().unwrap();
-    assert!(st.success());
-    c.execute_batch("COMMIT").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("unmounted"), "{stderr}");
-    assert_eq!(files_below(&f.target), Vec::<String>::new(), "written to the SD card underneath");
+    assert_eq!(out.status.code(), Some(3), "{format:?}: {stderr}");
+    assert!(stderr.contains("unmounted"), "{format:?}: {stderr}");
+    assert_eq!(f.files_below_target(), Vec::<String>::new(), "{format:?}: written to the SD card underneath");
 }
 
 // ---- 3. source trouble ------------------------------------------------------------------------

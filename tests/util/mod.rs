@@ -166,6 +166,24 @@ impl Fixture {
         v
     }
 
+    /// Every file below the target, as paths relative to it: a snapshot store keeps its
+    /// files in folders (`store/packs/..`, `store/snapshots/..`).
+    pub fn files_below_target(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut todo = vec![self.target.clone()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    todo.push(e.path());
+                } else {
+                    out.push(e.path().strip_prefix(&self.target).unwrap().display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.app.database, Some(&self.app.uploads)).unwrap()
     }
@@ -200,13 +218,13 @@ impl Fixture {
     }
 
     /// A database writer holding its lock pauses a backup at a known point, with the
-    /// `.partial` archive already created: no sleeps needed to hit "mid-run". Commit the
-    /// returned connection's transaction to let the backup go on.
+    /// `.partial` archive (or a snapshot's `.partial` tree) already created: no sleeps needed
+    /// to hit "mid-run". Commit the returned connection's transaction to let the backup go on.
     pub fn pause_backup_mid_run(&self) -> (rusqlite::Connection, std::process::Child) {
         let c = rusqlite::Connection::open(&self.app.database).unwrap();
         c.execute_batch("PRAGMA journal_mode=DELETE; BEGIN EXCLUSIVE;").unwrap();
         let child = self.command(&["backup"]).stderr(Stdio::piped()).spawn().unwrap();
-        while !self.all_target_files().iter().any(|n| n.ends_with(".partial")) {
+        while !self.files_below_target().iter().any(|n| n.ends_with(".partial")) {
             std::thread::yield_now();
         }
         (c, child)
