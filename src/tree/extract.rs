@@ -52,6 +52,12 @@ pub struct ExtractPlan {
     /// Told the path of each file under `db/` as soon as it is written, so that the database
     /// can be checked while the rest is still being extracted (`ops::drill::read_and_check`).
     pub database_written: Option<std::sync::mpsc::Sender<PathBuf>>,
+    /// Handed each file but the database's, as (its folder, its name), once it is written and
+    /// closed. Nothing reads an upload back from the disk (an archive's hashes are taken on
+    /// the way in and compared from memory, a snapshot's chunks checked as they are read), so
+    /// a drill deletes each one on another thread while the next ones extract, instead of all
+    /// of them at the end (`ops::drill::discard_as_written`).
+    pub discard: Option<std::sync::mpsc::SyncSender<(OwnedFd, CString)>>,
 }
 
 /// An in-place restore gives the restored entries the owner the live data has now: on a new
@@ -79,6 +85,7 @@ impl ExtractPlan {
             durable: true,
             room_hint: "free space or restore with --to onto a bigger disk",
             database_written: None,
+            discard: None,
         }
     }
 
@@ -304,7 +311,7 @@ impl<'a> Extractor<'a> {
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| write_error(&dest, e.into()))?;
-                Some((std::fs::File::from(fd), dest))
+                Some((std::fs::File::from(fd), dest, parent, name))
             }
         };
         let mut sha = hash.then(Sha256::new);
@@ -330,7 +337,7 @@ impl<'a> Extractor<'a> {
             if progress.cancelled() {
                 return Err(Error::Cancelled(format!("reading {}", self.archive)));
             }
-            if let Some((f, dest)) = out.as_mut() {
+            if let Some((f, dest, ..)) = out.as_mut() {
                 f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;
             }
         }
@@ -339,7 +346,7 @@ impl<'a> Extractor<'a> {
             return Err(damaged(self.archive, &io::Error::from(io::ErrorKind::UnexpectedEof)));
         }
         self.budget -= n;
-        if let Some((f, dest)) = out {
+        if let Some((f, dest, parent, name)) = out {
             rustix::fs::fchmod(&f, Mode::from_raw_mode(meta.mode & 0o777))
                 .map_err(|e| write_error(&dest, e.into()))?;
             if let Some((uid, gid)) = self.owner_for(parts, meta) {
@@ -362,6 +369,9 @@ impl<'a> Extractor<'a> {
             if let Some(tx) = tell.filter(|_| is_db) {
                 // Nobody listening any more is not our concern.
                 let _ = tx.send(dest);
+            }
+            if let Some(tx) = self.plan.and_then(|p| p.discard.as_ref()).filter(|_| !is_db) {
+                let _ = tx.send((parent, name));
             }
         }
         self.done(parts, EntryKind::File, meta);

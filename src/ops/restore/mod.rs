@@ -359,6 +359,7 @@ fn stage_and_verify(
         durable: true,
         room_hint: "free space beside the app's data (the restore is staged there before the swap)",
         database_written: None,
+        discard: None,
     };
     log::info!("verifying and staging {name}");
     let db = manifest.database.as_ref().expect("checked by the caller");
