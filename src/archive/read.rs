@@ -322,7 +322,8 @@ impl Reader<'_> {
         // and that is the size the tar reader will actually hand out.
         let size = entry.size();
         let meta = meta_of(entry);
-        let (sha256, n) = self.extractor.file(parts, &meta, size, entry, true, self.progress)?;
+        let mut entry = std::io::BufReader::with_capacity(256 << 10, entry);
+        let (sha256, n) = self.extractor.file(parts, &meta, size, &mut entry, true, self.progress)?;
         self.files += 1;
         self.plain_bytes += n;
         self.records.push(EntryRecord {

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -287,7 +287,7 @@ impl<'a> Extractor<'a> {
         parts: &[Vec<u8>],
         meta: &EntryMeta,
         declared: u64,
-        content: &mut dyn Read,
+        content: &mut dyn BufRead,
         hash: bool,
         progress: &dyn Progress,
     ) -> Result<(Option<String>, u64)> {
@@ -316,12 +316,13 @@ impl<'a> Extractor<'a> {
         };
         let mut sha = hash.then(Sha256::new);
         let mut n_read = 0u64;
+        // Written straight from the reader's buffer (a snapshot chunk, or an archive's
+        // BufReader): no copy in between.
         let mut content = content.take(declared);
-        let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = match content.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
+            let piece = match content.fill_buf() {
+                Ok([]) => break,
+                Ok(piece) => piece,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // A snapshot's reader says itself what went wrong (damage, a cancel).
                 Err(e) if e.get_ref().is_some_and(|r| r.is::<crate::store::dedup::read::ContentError>()) => {
@@ -329,16 +330,18 @@ impl<'a> Extractor<'a> {
                 }
                 Err(e) => return Err(damaged(self.archive, &e)),
             };
+            let n = piece.len();
             if let Some(h) = sha.as_mut() {
-                h.update(&buf[..n]);
+                h.update(piece);
             }
+            if let Some((f, dest, ..)) = out.as_mut() {
+                f.write_all(piece).map_err(|e| write_error(dest, e))?;
+            }
+            content.consume(n);
             n_read += n as u64;
             progress.advance(n as u64);
             if progress.cancelled() {
                 return Err(Error::Cancelled(format!("reading {}", self.archive)));
-            }
-            if let Some((f, dest, ..)) = out.as_mut() {
-                f.write_all(&buf[..n]).map_err(|e| write_error(dest, e))?;
             }
         }
         let (sha256, n) = (sha.map(crate::fsutil::hex_digest), n_read);

@@ -543,8 +543,10 @@ pub struct Content<'r, 'a> {
     reader: &'r mut SnapshotReader<'a>,
 }
 
-impl Read for Content<'_, '_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+impl BufRead for Content<'_, '_> {
+    /// The rest of the current chunk, the next one (verified) once it is used up; empty at
+    /// the end of the file.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         let r = &mut *self.reader;
         if r.progress.cancelled() {
             return Err(io::Error::other(ContentError(Error::Failed(format!(
@@ -554,13 +556,9 @@ impl Read for Content<'_, '_> {
             )))));
         }
         loop {
-            let Some(f) = r.file.as_mut() else { return Ok(0) };
+            let Some(f) = r.file.as_mut() else { return Ok(&[]) };
             if f.pos < f.buf.len() {
-                let n = out.len().min(f.buf.len() - f.pos);
-                out[..n].copy_from_slice(&f.buf[f.pos..f.pos + n]);
-                f.pos += n;
-                r.progress.advance(n as u64);
-                return Ok(n);
+                break;
             }
             match r.next_chunk() {
                 Ok(Some(chunk)) => {
@@ -568,10 +566,31 @@ impl Read for Content<'_, '_> {
                     f.buf = chunk;
                     f.pos = 0;
                 }
-                Ok(None) => return Ok(0),
+                Ok(None) => return Ok(&[]),
                 Err(e) => return Err(io::Error::other(ContentError(e))),
             }
         }
+        let f = r.file.as_ref().expect("in a file");
+        Ok(&f.buf[f.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        let r = &mut *self.reader;
+        if let Some(f) = r.file.as_mut() {
+            let n = n.min(f.buf.len() - f.pos);
+            f.pos += n;
+            r.progress.advance(n as u64);
+        }
+    }
+}
+
+impl Read for Content<'_, '_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let piece = self.fill_buf()?;
+        let n = out.len().min(piece.len());
+        out[..n].copy_from_slice(&piece[..n]);
+        self.consume(n);
+        Ok(n)
     }
 }
 
