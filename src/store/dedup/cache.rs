@@ -492,6 +492,56 @@ impl Cache {
         Ok(wanted.next().map_or(Ok(total), |id| Err(*id)))
     }
 
+    /// Where each of `sorted` (ascending, no duplicates) is, in one pass over the chunk
+    /// table in id order rather than a lookup each (like [`Cache::stored_length`]): calls
+    /// `found(i, loc)` for every `i` in order, `None` for a chunk no loaded index names. The
+    /// same answer as [`Cache::locate`] for each: the first index entry of the chunk, `None`
+    /// if its pack is unknown. A restore of the medium bench's 16,000 chunks spent 40 ms
+    /// looking them up one by one before its first byte.
+    pub(crate) fn locate_sorted(
+        &self,
+        sorted: &[ChunkId],
+        mut found: impl FnMut(usize, Option<BlobLoc>) -> Result<()>,
+    ) -> Result<()> {
+        let ctx = || "cache".to_string();
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT b.id, p.hash, b.off, b.len, b.plain FROM blobs b LEFT JOIN packs p ON p.id = b.pack \
+                 ORDER BY b.id, b.idx",
+            )
+            .context(ctx)?;
+        let mut rows = st.query([]).context(ctx)?;
+        let mut i = 0;
+        while i < sorted.len() {
+            let Some(row) = rows.next().context(ctx)? else { break };
+            let id =
+                row.get_ref(0).context(ctx)?.as_blob().map_err(|e| Error::Failed(format!("cache: {e}")))?;
+            while i < sorted.len() && sorted[i][..] < *id {
+                found(i, None)?;
+                i += 1;
+            }
+            // Later entries of the same chunk (other index files) sort after its first.
+            if i == sorted.len() || sorted[i][..] != *id {
+                continue;
+            }
+            let hash: Option<Vec<u8>> = row.get(1).context(ctx)?;
+            let loc = hash.map(|h| BlobLoc {
+                pack: h.as_slice().try_into().unwrap_or([0; 32]),
+                offset: row.get::<_, i64>(2).unwrap_or(0) as u64,
+                length: row.get::<_, i64>(3).unwrap_or(0) as u64,
+                plain: row.get::<_, i64>(4).unwrap_or(0) as u64,
+            });
+            found(i, loc)?;
+            i += 1;
+        }
+        while i < sorted.len() {
+            found(i, None)?;
+            i += 1;
+        }
+        Ok(())
+    }
+
     pub(crate) fn is_stored(&self, id: &ChunkId) -> Result<bool> {
         let mut st =
             self.conn.prepare_cached("SELECT 1 FROM blobs WHERE id=?1 LIMIT 1").context(|| "cache".into())?;
@@ -630,6 +680,68 @@ mod tests {
         drop(first);
         let again = Cache::open(&path).unwrap();
         assert_eq!(again.meta("probe").unwrap().as_deref(), Some("kept"), "not rebuilt");
+    }
+
+    #[test]
+    fn locating_sorted_chunks_in_one_pass_answers_as_one_lookup_each() {
+        let c = Cache::open_private().unwrap();
+        let id = |i: u32| -> ChunkId { *blake3::hash(&i.to_le_bytes()).as_bytes() };
+        for (pack, byte) in [(1, 0x11u8), (2, 0x22)] {
+            c.conn
+                .execute(
+                    "INSERT INTO packs(id, hash, size) VALUES (?1, ?2, 10)",
+                    params![pack, &[byte; 32][..]],
+                )
+                .unwrap();
+        }
+        let blob = |i: u32, idx: i64, pack: i64| {
+            c.conn
+                .execute(
+                    "INSERT INTO blobs(id, idx, pack, off, len, plain) VALUES (?1, ?2, ?3, ?4, 5, 6)",
+                    params![&id(i)[..], idx, pack, i64::from(i) * 100 + idx],
+                )
+                .unwrap();
+        };
+        for i in 0..300 {
+            match i % 5 {
+                0 => {} // in no index
+                1 => blob(i, 1, 1),
+                2 => {
+                    // Twice: the first index entry wins.
+                    blob(i, 2, 2);
+                    blob(i, 1, 1);
+                }
+                3 => {
+                    // The first entry's pack is unknown: not found.
+                    blob(i, 1, 99);
+                    blob(i, 2, 2);
+                }
+                _ => blob(i, 3, 2),
+            }
+        }
+        let mut wanted: Vec<ChunkId> = (0..300).map(id).collect();
+        wanted.sort();
+        let mut got = Vec::new();
+        c.locate_sorted(&wanted, |i, loc| {
+            got.push((i, loc.map(|l| (l.pack[0], l.offset))));
+            Ok(())
+        })
+        .unwrap();
+        let one_by_one: Vec<_> = wanted
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i, c.locate(w).unwrap().map(|l| (l.pack[0], l.offset))))
+            .collect();
+        assert_eq!(got, one_by_one);
+        assert_eq!(got.iter().filter(|(_, l)| l.is_some()).count(), 180, "kinds 1, 2 and 4 are found");
+        assert!(got.iter().any(|(_, l)| l.is_some_and(|(p, off)| p == 0x11 && off % 100 == 1)));
+        // An error from the callback stops the pass.
+        let mut calls = 0;
+        let e = c.locate_sorted(&wanted, |_, _| {
+            calls += 1;
+            Err(Error::Failed("stop".into()))
+        });
+        assert!(e.is_err() && calls == 1);
     }
 
     /// A private cache holds more than its page cache (it spills to its temporary file)

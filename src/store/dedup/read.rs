@@ -737,20 +737,20 @@ struct Locations {
 
 impl Locations {
     /// Look every ref up in the cache; one missing or out of range refuses the snapshot.
+    /// `refs` is sorted (the reader binary-searches it), so one pass over the cache does.
     fn find(cache: &Cache, name: &str, refs: &[ChunkId]) -> Result<Locations> {
         let mut numbers: std::collections::HashMap<[u8; 32], u32> = Default::default();
         let mut locs = Locations { packs: Vec::new(), at: Vec::with_capacity(refs.len()) };
-        for id in refs {
-            let missing = || {
+        cache.locate_sorted(refs, |i, loc| {
+            let loc = loc.ok_or_else(|| {
                 Error::integrity(
                     name,
                     format!(
                         "needs chunk {} which no index on the drive holds (a pack or index file is missing)",
-                        hex::encode(id)
+                        hex::encode(refs[i])
                     ),
                 )
-            };
-            let loc = cache.locate(id)?.ok_or_else(missing)?;
+            })?;
             let pack = *numbers.entry(loc.pack).or_insert_with(|| {
                 locs.packs.push(loc.pack);
                 locs.packs.len() as u32 - 1
@@ -760,7 +760,8 @@ impl Locations {
                 u32::try_from(v).map_err(|_| Error::integrity(name, "an index entry is out of range"))
             };
             locs.at.push([pack, fit(loc.offset)?, fit(loc.length)?, fit(loc.plain)?]);
-        }
+            Ok(())
+        })?;
         Ok(locs)
     }
 
