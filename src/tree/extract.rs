@@ -381,11 +381,14 @@ impl<'a> Extractor<'a> {
         Ok((sha256, n))
     }
 
-    /// Folder modes, owners and times, deepest first; then everything to disk if asked.
+    /// Folder modes, owners and times, deepest first (not for a drill's `discard`); then
+    /// everything to disk if asked.
     pub fn finish(mut self) -> Result<()> {
         let Some(plan) = self.plan else { return Ok(()) };
         self.cached = None;
-        let dirs = std::mem::take(&mut self.dirs);
+        // A drill's folders are deleted next: their modes and times would prove nothing
+        // (setting them never fails the run), and took 2,500 opens at the end of a drill.
+        let dirs = if plan.discard.is_some() { Vec::new() } else { std::mem::take(&mut self.dirs) };
         for (parts, meta) in dirs.iter().rev() {
             let Ok((parent, name)) = self.parent(parts) else { continue };
             let Ok(fd) = open_dir(&parent, name.as_c_str()) else {
