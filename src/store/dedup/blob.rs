@@ -30,7 +30,10 @@
 //!
 //! Decryption uses age's own [`age::Decryptor`] (it checks the header MAC and the STREAM);
 //! [`KeyCache`] is an [`age::Identity`] that remembers which file key a stanza unwraps to,
-//! so opening the blobs of a pack costs one agreement, not one per blob.
+//! so opening the blobs of a pack costs one agreement, not one per blob. Once age has
+//! accepted a header, the next blobs that start with the very same bytes have only their
+//! payload opened ([`Opener`]), under age's STREAM rules; a test checks that these open
+//! exactly when age's own reader would open them.
 //!
 //! Every chunk is compressed, also the incompressible ones: zstd 3 passes random data at
 //! 2.8 GB/s here (and stores it in raw blocks, +0.002 %), so a "stored raw" marker would save
@@ -272,10 +275,11 @@ impl age::Identity for KeyRecorder<'_> {
 /// share their header, so a pack costs one X25519 agreement per restore instead of one per
 /// blob. Sound because unwrapping is a pure function of the identity and the stanza's bytes
 /// (tag, arguments, body): the same stanza always gives the same file key, and age's
-/// Decryptor still checks every blob's header MAC and payload with it. The file keys stay in
-/// secret (zeroized) boxes and go when the cache is dropped with its reader; at most
-/// [`KeyCache::MAX_KEYS`] are kept (the reader meets packs in order, so forgetting all at
-/// that point costs at most one agreement per pack again).
+/// Decryptor still checks the header MAC with it (once per header: [`Opener`]) and every
+/// payload is authenticated. The file keys stay in secret (zeroized) boxes and go when the
+/// cache is dropped with its reader; at most [`KeyCache::MAX_KEYS`] are kept (the reader
+/// meets packs in order, so forgetting all at that point costs at most one agreement per
+/// pack again).
 pub struct KeyCache {
     identities: Arc<Identities>,
     keys: Mutex<KeyMap>,
