@@ -5,10 +5,8 @@
 //! byte on the way (each file against the inner manifest in an archive, each chunk against
 //! its keyed hash in a snapshot), run the configured SQL checks,
 //! time it all (that is the recovery time to expect), and clean up: each upload as soon as it
-//! is written ([`discard_as_written`]), the rest at the end.
+//! is written ([`AfterWrite::Discard`]), the rest at the end.
 
-use std::ffi::CString;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +20,7 @@ use crate::catalog::{Event, RunStatus};
 use crate::error::{Error, Result};
 use crate::fsutil::remove_tree;
 use crate::ops::{now, Env, Run, RunError, Trigger};
+use crate::tree::extract::{settle_as_written, AfterWrite};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -188,7 +187,7 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         }
         None => None,
     };
-    let read = discard_as_written(plan, |plan| match &db_path {
+    let read = settle_as_written(plan, AfterWrite::Discard, |plan| match &db_path {
         Some(db_path) => {
             read_and_check(plan, db_path, &env.settings.drill.checks, read).map(|(r, c)| (r, Some(c)))
         }
@@ -347,32 +346,6 @@ pub fn read_and_check(
     })
 }
 
-/// How many written files may wait for [`discard_as_written`]'s thread (each holds its
-/// folder's descriptor open): enough to ride out a slow unlink, few enough for any fd limit.
-const DISCARD_QUEUE: usize = 64;
-
-/// Run `f` with `plan` changed so that each upload is deleted on a thread of its own as soon
-/// as the extraction has written it (the database stays for its checks; folders, links and
-/// the database go with the scratch folder at the end). Deleting 5,500 files and folders
-/// after a medium backup's drill took 0.15 s of its 1.4 s; deleted as they come, the other
-/// core does it while the next files are written, and the scratch folder never holds the
-/// whole backup at once.
-fn discard_as_written<T>(mut plan: ExtractPlan, f: impl FnOnce(ExtractPlan) -> T) -> T {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(OwnedFd, CString)>(DISCARD_QUEUE);
-    plan.discard = Some(tx);
-    std::thread::scope(|scope| {
-        // If the thread cannot start, `rx` is dropped with it, every send fails at once, and
-        // the files wait for the scratch folder's removal as they did before.
-        let _ = std::thread::Builder::new().name("datavault-discard".into()).spawn_scoped(scope, move || {
-            for (dir, name) in rx {
-                let _ = rustix::fs::unlinkat(&dir, name.as_c_str(), rustix::fs::AtFlags::empty());
-            }
-        });
-        // `f` drops the plan, and its sender, when it is done: the thread then stops.
-        f(plan)
-    })
-}
-
 /// `integrity_check` plus the configured SQL checks, on a restored database copy.
 pub fn check_database(db_path: &Path, sql_checks: &[String]) -> Vec<Check> {
     let mut checks = Vec::new();
@@ -468,34 +441,6 @@ mod tests {
 
     fn tell(plan: &ExtractPlan) -> &Sender<PathBuf> {
         plan.database_written.as_ref().expect("read_and_check listens")
-    }
-
-    #[test]
-    fn uploads_go_as_soon_as_they_are_written_and_the_database_stays_for_its_checks() {
-        use crate::tree::extract::Extractor;
-        let d = tempfile::tempdir().unwrap();
-        let meta = crate::tree::EntryMeta { mode: 0o644, uid: 0, gid: 0, mtime: 1_700_000_000, mtime_ns: 0 };
-        let parts = |p: &str| crate::archive::entry_path(p.as_bytes()).unwrap();
-        let plan = ExtractPlan { durable: false, ..ExtractPlan::into_dir(d.path()) };
-        let no = &crate::progress::NoProgress;
-        let names = discard_as_written(plan, |plan| {
-            let mut x = Extractor::new("a", Some(&plan), 1 << 20).unwrap();
-            x.file(&parts("db/app.db"), &meta, 3, &mut &b"abc"[..], false, no).unwrap();
-            x.dir(&parts("uploads"), &meta).unwrap();
-            x.dir(&parts("uploads/sub"), &meta).unwrap();
-            for i in 0..200 {
-                let name = format!("uploads/sub/f{i}");
-                x.file(&parts(&name), &meta, 2, &mut &b"xy"[..], false, no).unwrap();
-            }
-            x.symlink(&parts("uploads/link"), &meta, b"sub/f1").unwrap();
-            x.finish().unwrap();
-            200
-        });
-        assert_eq!(names, 200, "the closure's answer comes back");
-        // The scope joined the thread: every upload it was handed is gone.
-        assert_eq!(std::fs::read_dir(d.path().join("uploads/sub")).unwrap().count(), 0);
-        assert_eq!(std::fs::read(d.path().join("db/app.db")).unwrap(), b"abc", "the database stays");
-        assert!(d.path().join("uploads/link").symlink_metadata().is_ok(), "links go with the scratch folder");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::ops::drill::{read_and_check, Check};
 use crate::ops::service::{self, Which};
 use crate::ops::{now, Env, Run, Trigger};
 use crate::store::{Listing, Store};
-use crate::tree::extract::{ExtractPlan, LiveOwner};
+use crate::tree::extract::{settle_as_written, AfterWrite, ExtractPlan, LiveOwner};
 use journal::{Journal, Phase};
 pub use plan::RestorePlan;
 use plan::{STAGED_DB, STAGE_PREFIX};
@@ -89,11 +89,13 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
     // The database is checked in the staging folder, while the uploads are written (a WAL
     // database's -wal and -shm are gone once its checks close it, before anything moves).
     // No manifest (or a damaged one): the read says what is wrong.
-    let read = match listing.manifest.as_ref().and_then(|m| m.database.as_ref()) {
-        Some(db) => entry_path(&listing.name, &db.entry)
-            .and_then(|entry| read_and_check(plan, &stage.join(entry), &[], read)),
-        None => read(&plan).map(|r| (r, Vec::new())),
-    };
+    let read = settle_as_written(plan, AfterWrite::WriteOut, |plan| {
+        match listing.manifest.as_ref().and_then(|m| m.database.as_ref()) {
+            Some(db) => entry_path(&listing.name, &db.entry)
+                .and_then(|entry| read_and_check(plan, &stage.join(entry), &[], read)),
+            None => read(&plan).map(|r| (r, Vec::new())),
+        }
+    });
     let (report, checks) = match read {
         Ok(r) => r,
         Err(e) => {
@@ -359,13 +361,15 @@ fn stage_and_verify(
         durable: true,
         room_hint: "free space beside the app's data (the restore is staged there before the swap)",
         database_written: None,
-        discard: None,
+        settle: None,
     };
     log::info!("verifying and staging {name}");
     let db = manifest.database.as_ref().expect("checked by the caller");
     let staged_db = plan.database.stage.join(entry_path(name, &db.entry)?);
-    let (report, checks) = read_and_check(extract, &staged_db, &env.settings.drill.checks, |extract| {
-        read_into(env, store, listing, extract)
+    let (report, checks) = settle_as_written(extract, AfterWrite::WriteOut, |extract| {
+        read_and_check(extract, &staged_db, &env.settings.drill.checks, |extract| {
+            read_into(env, store, listing, extract)
+        })
     })?;
     if let Some(bad) = checks.iter().find(|c| !c.ok) {
         return Err(Error::integrity(
