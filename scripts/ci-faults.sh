@@ -49,6 +49,12 @@ runner_var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUNNER"
 # The shift must really happen, or this stage proves nothing.
 shifted=$(env LD_PRELOAD="$faketime_lib" FAKETIME=+365d date +%Y)
 [ "$shifted" = $(( $(date +%Y) + 1 )) ] || { echo "ci-faults: libfaketime did not shift the clock ($shifted)" >&2; exit 1; }
+# libfaketime leaves a semaphore and a shared memory segment per process in /dev/shm when the
+# process does not exit normally, named by its pid and owned by its user. Once pids wrap, a
+# test's datavault that drops to another user can be given a pid whose leftover belongs to
+# root: its libfaketime cannot open it and the test fails for nothing. A machine that ran this
+# stage many times (a developer's) collects thousands; start from none.
+find /dev/shm -maxdepth 1 \( -name 'faketime_shm_*' -o -name 'sem.faketime_sem_*' \) -delete 2>/dev/null || true
 # A bound on the whole run (it takes 5-8 min here): a test that waits forever on something the
 # shifted clock prevented must fail this stage, not eat the CI's 90 minutes.
 env "$runner_var=env LD_PRELOAD=$faketime_lib FAKETIME=+365d FAKETIME_DONT_FAKE_MONOTONIC=1" \
