@@ -863,11 +863,34 @@ fn rt17_a_drill_without_room_for_its_scratch_is_no_failed_drill() {
         return skip("needs root and a real kernel to mount a tmpfs");
     }
     let f = Fixture::new();
+    // A drill deletes each upload once written, so what must fit is the database and one
+    // upload at a time: this one cannot.
+    fs::write(f.app.uploads.join("big-scan.pdf"), vec![b'%'; 2 << 20]).unwrap();
     f.backup();
     let small = Tmpfs::mount(&f.path().join("small"), "512k");
     f.set("drill.scratch_dir", small.path.to_str().unwrap());
     let r = f.expect(&["drill"], 3);
-    assert!(r.stderr.contains("drill.scratch_dir"), "{}", r.stderr);
+    assert!(r.stderr.contains("drill.scratch_dir") && r.stderr.contains("big-scan.pdf"), "{}", r.stderr);
     let audit = f.expect(&["audit"], 0);
     assert!(!audit.stdout.contains("DRILL_FAILED"), "{}", audit.stdout);
+    assert_eq!(fs::read_dir(&small.path).unwrap().count(), 0, "the scratch folder is cleaned up");
+}
+
+#[test]
+fn rt17_a_drill_needs_room_for_the_database_and_the_uploads_in_flight_not_the_whole_backup() {
+    if !is_root() || emulated() {
+        return skip("needs root and a real kernel to mount a tmpfs");
+    }
+    let f = Fixture::new();
+    for i in 0..12u8 {
+        fs::write(f.app.uploads.join(format!("photo-{i:02}.jpg")), vec![b'a' + i; 1 << 20]).unwrap();
+    }
+    f.backup();
+    // 8 MiB, of which a quarter is kept for the system: 6 MiB for a backup of over 12 MiB.
+    let small = Tmpfs::mount(&f.path().join("small"), "8m");
+    f.set("drill.scratch_dir", small.path.to_str().unwrap());
+    let r = f.expect(&["drill"], 0);
+    assert!(r.stdout.contains("DRILL PASSED"), "{}", r.stdout);
+    assert!(r.stdout.contains("57 files"), "every file was written and checked: {}", r.stdout);
+    assert_eq!(fs::read_dir(&small.path).unwrap().count(), 0, "the scratch folder is cleaned up");
 }

@@ -7,7 +7,9 @@
 //! backup (never below a symlink or a file); a top-level entry is a folder; symlinks only in
 //! `uploads`; `db/` holds only `db/<file>`; the content never exceeds what the manifest says
 //! the whole backup holds (`budget`: a decompression bomb cannot fill the disk beside the
-//! live data), and the destination has room for that much before a byte is written.
+//! live data), and the destination has room for that much before a byte is written (a
+//! drill, which deletes each file once it is written, checks instead that each file fits
+//! beside what is still on the disk: [`AfterWrite::Discard`]).
 //!
 //! How it writes: each route's root is opened once with `O_NOFOLLOW`; below it, folders are
 //! created and opened one component at a time relative to their parent's descriptor, files
@@ -25,6 +27,8 @@ use std::io::{self, BufRead, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
 use sha2::{Digest, Sha256};
@@ -69,9 +73,11 @@ pub enum AfterWrite {
     /// restore, with the other core half idle.
     WriteOut,
     /// A drill: close and delete it, while the next files extract, instead of all of them
-    /// at the end (5,500 entries took 0.15 s of a medium drill's 1.4 s); the scratch folder
-    /// never holds the whole backup at once. Folders, links and the database go with the
-    /// scratch folder at the end.
+    /// at the end (5,500 entries took 0.15 s of a medium drill's 1.4 s). The scratch folder
+    /// never holds the whole backup at once, so it needs room only for the database and the
+    /// files not deleted yet: checked file by file, waiting for the deletions to catch up
+    /// before refusing one. Folders, links and the database go with the scratch folder at
+    /// the end.
     Discard,
 }
 
@@ -79,7 +85,25 @@ pub enum AfterWrite {
 #[derive(Debug, Clone)]
 pub struct Settler {
     what: AfterWrite,
-    tx: std::sync::mpsc::SyncSender<Written>,
+    tx: std::sync::mpsc::SyncSender<ToSettle>,
+    /// Bytes of files handed over to be discarded and not deleted yet.
+    waiting: Arc<AtomicU64>,
+}
+
+impl Settler {
+    /// Wait until every file handed over so far is settled (if the thread runs).
+    fn flush(&self) {
+        let (done, settled) = std::sync::mpsc::channel();
+        if self.tx.send(ToSettle::Flush(done)).is_ok() {
+            let _ = settled.recv();
+        }
+    }
+}
+
+pub enum ToSettle {
+    File(Written),
+    /// Answered once everything sent before it is settled.
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// A written file on its way to the [`Settler`]'s thread; to discard, with its folder's
@@ -87,6 +111,7 @@ pub struct Settler {
 pub struct Written {
     file: std::fs::File,
     at: Option<(OwnedFd, CString)>,
+    bytes: u64,
 }
 
 /// How many written files may wait for the thread (each holds its descriptor, a discarded
@@ -99,16 +124,28 @@ const SETTLE_QUEUE: usize = 64;
 /// this returns. If it cannot start, every hand-over fails at once and the writing thread
 /// does it itself ([`AfterWrite::Discard`]: the files wait for the scratch folder's removal).
 pub fn settle_as_written<T>(mut plan: ExtractPlan, what: AfterWrite, f: impl FnOnce(ExtractPlan) -> T) -> T {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Written>(SETTLE_QUEUE);
-    plan.settle = Some(Settler { what, tx });
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ToSettle>(SETTLE_QUEUE);
+    let waiting = Arc::new(AtomicU64::new(0));
+    plan.settle = Some(Settler { what, tx, waiting: waiting.clone() });
     std::thread::scope(|scope| {
         let name = match what {
             AfterWrite::WriteOut => "datavault-writeout",
             AfterWrite::Discard => "datavault-discard",
         };
         let _ = std::thread::Builder::new().name(name.into()).spawn_scoped(scope, move || {
-            for w in rx {
-                settle(what, w);
+            for m in rx {
+                match m {
+                    ToSettle::File(w) => {
+                        let n = w.bytes;
+                        // A file that could not be deleted stays counted: it is still there.
+                        if settle(what, w) {
+                            waiting.fetch_sub(n, Ordering::Relaxed);
+                        }
+                    }
+                    ToSettle::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
             }
         });
         // `f` drops the plan, and its sender, when it is done: the thread then stops.
@@ -116,14 +153,17 @@ pub fn settle_as_written<T>(mut plan: ExtractPlan, what: AfterWrite, f: impl FnO
     })
 }
 
-fn settle(what: AfterWrite, w: Written) {
+/// Whether the file is gone from the disk.
+fn settle(what: AfterWrite, w: Written) -> bool {
     match what {
-        AfterWrite::WriteOut => crate::fsutil::drop_from_page_cache(&w.file),
+        AfterWrite::WriteOut => {
+            crate::fsutil::drop_from_page_cache(&w.file);
+            false
+        }
         AfterWrite::Discard => {
             drop(w.file);
-            if let Some((dir, name)) = w.at {
-                let _ = rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::empty());
-            }
+            let Some((dir, name)) = w.at else { return false };
+            rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::empty()).is_ok()
         }
     }
 }
@@ -162,7 +202,27 @@ impl ExtractPlan {
     /// extraction, no backup can fill a disk: an in-place restore stages beside the live
     /// data while the app still runs, and must never starve it.
     pub fn check_room(&self, plain_bytes: u64) -> Result<()> {
+        for room in self.rooms() {
+            if plain_bytes.saturating_add(room.reserve) > room.free {
+                return Err(Error::disk_full(
+                    &room.dir,
+                    format!(
+                        "not enough space: the backup holds {} and {} are free (keeping {} for the system); {}",
+                        crate::target::human_bytes(plain_bytes),
+                        crate::target::human_bytes(room.free),
+                        crate::target::human_bytes(room.reserve),
+                        self.room_hint
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The room on each filesystem the routes lead to.
+    fn rooms(&self) -> Vec<Room> {
         let mut seen = Vec::new();
+        let mut rooms = Vec::new();
         for (_, root) in &self.routes {
             let dir = root.ancestors().find(|a| a.is_dir()).unwrap_or(root);
             let Ok(st) = rustix::fs::statvfs(dir) else { continue };
@@ -174,21 +234,21 @@ impl ExtractPlan {
             let size = st.f_blocks.saturating_mul(st.f_frsize);
             // Leave the larger of 64 MiB and 2 % of the filesystem to whoever else uses it.
             let reserve = (64u64 << 20).max(size / 50).min(size / 4);
-            if plain_bytes.saturating_add(reserve) > free {
-                return Err(Error::disk_full(
-                    dir,
-                    format!(
-                        "not enough space: the backup holds {} and {} are free (keeping {} for the system); {}",
-                        crate::target::human_bytes(plain_bytes),
-                        crate::target::human_bytes(free),
-                        crate::target::human_bytes(reserve),
-                        self.room_hint
-                    ),
-                ));
-            }
+            rooms.push(Room { dir: dir.to_path_buf(), free, reserve });
         }
-        Ok(())
+        rooms
     }
+
+    fn discards(&self) -> Option<&Settler> {
+        self.settle.as_ref().filter(|s| s.what == AfterWrite::Discard)
+    }
+}
+
+/// Free space where extraction writes, and what of it to leave to others.
+struct Room {
+    dir: PathBuf,
+    free: u64,
+    reserve: u64,
 }
 
 fn unsafe_entry(archive: &str, why: impl std::fmt::Display) -> Error {
@@ -228,14 +288,25 @@ pub struct Extractor<'a> {
     top_owner: HashMap<String, (u32, u32)>,
     /// The folder of the last entry written, kept open: entries come folder by folder.
     cached: Option<(Vec<Vec<u8>>, OwnedFd)>,
+    /// When files are discarded as written (a drill), the room is checked file by file
+    /// against what is on the disk at that moment rather than once for the whole backup:
+    /// the smallest room found at the start, and the bytes written that are not discarded
+    /// (the database).
+    room: Option<Room>,
+    kept: u64,
 }
 
 impl<'a> Extractor<'a> {
     /// `budget`: the bytes of content the manifest says the whole backup holds.
     pub fn new(archive: &'a str, plan: Option<&'a ExtractPlan>, budget: u64) -> Result<Extractor<'a>> {
         let mut roots = Vec::new();
+        let mut room = None;
         if let Some(plan) = plan {
-            plan.check_room(budget)?;
+            if plan.discards().is_some() {
+                room = plan.rooms().into_iter().min_by_key(|r| r.free.saturating_sub(r.reserve));
+            } else {
+                plan.check_room(budget)?;
+            }
             for (top, path) in &plan.routes {
                 roots.push((top.clone(), path.clone(), open_root(path)?));
             }
@@ -249,6 +320,8 @@ impl<'a> Extractor<'a> {
             dirs: Vec::new(),
             top_owner: HashMap::new(),
             cached: None,
+            room,
+            kept: 0,
         })
     }
 
@@ -367,6 +440,7 @@ impl<'a> Extractor<'a> {
                 format!("{shown} declares {declared} bytes, more than what is left of what its manifest says the whole backup holds"),
             ));
         }
+        self.make_room(&shown, declared)?;
         let mut out = match self.plan {
             None => None,
             Some(_) => {
@@ -431,6 +505,7 @@ impl<'a> Extractor<'a> {
             let is_db = parts[0] == crate::archive::TOP_DB.as_bytes();
             if is_db {
                 // Not settled: its checks are about to read it.
+                self.kept += n;
                 drop(f);
                 if let Some(tx) = self.plan.and_then(|p| p.database_written.as_ref()) {
                     // Nobody listening any more is not our concern.
@@ -438,10 +513,16 @@ impl<'a> Extractor<'a> {
                 }
             } else if let Some(s) = self.plan.and_then(|p| p.settle.as_ref()) {
                 let at = (s.what == AfterWrite::Discard).then_some((parent, name));
-                if let Err(std::sync::mpsc::SendError(w)) = s.tx.send(Written { file: f, at }) {
+                if at.is_some() {
+                    // Counted before it is sent, so the thread never takes away more than
+                    // was added; a file it never gets stays counted, as it stays on disk.
+                    s.waiting.fetch_add(n, Ordering::Relaxed);
+                }
+                let w = Written { file: f, at, bytes: n };
+                if let Err(std::sync::mpsc::SendError(ToSettle::File(w))) = s.tx.send(ToSettle::File(w)) {
                     // No thread: a discarded file waits for the scratch folder's removal.
                     if s.what == AfterWrite::WriteOut {
-                        settle(s.what, w);
+                        let _ = settle(s.what, w);
                     }
                 }
             } else if self.plan.is_some_and(|p| p.durable) {
@@ -454,6 +535,37 @@ impl<'a> Extractor<'a> {
         Ok((sha256, n))
     }
 
+    /// When files are discarded as written: refuse a file that cannot fit beside what is on
+    /// the disk now (the database, and the files not deleted yet), after waiting for the
+    /// deletions to catch up. Without this a drill would need room for the whole backup,
+    /// though it never holds more than the database and a few files at once.
+    fn make_room(&self, shown: &str, declared: u64) -> Result<()> {
+        let (Some(room), Some(settler)) = (&self.room, self.plan.and_then(|p| p.discards())) else {
+            return Ok(());
+        };
+        let allowed = room.free.saturating_sub(room.reserve);
+        let held = || self.kept + settler.waiting.load(Ordering::Relaxed);
+        if held().saturating_add(declared) <= allowed {
+            return Ok(());
+        }
+        settler.flush();
+        let held = held();
+        if held.saturating_add(declared) <= allowed {
+            return Ok(());
+        }
+        let hint = self.plan.map(|p| p.room_hint).unwrap_or_default();
+        Err(Error::disk_full(
+            &room.dir,
+            format!(
+                "not enough space for {shown} ({}): {} were free when extraction began, {} of it taken by what is extracted so far, {} kept for the system; {hint}",
+                crate::target::human_bytes(declared),
+                crate::target::human_bytes(room.free),
+                crate::target::human_bytes(held),
+                crate::target::human_bytes(room.reserve),
+            ),
+        ))
+    }
+
     /// Folder modes, owners and times, deepest first (not when files are discarded: a
     /// drill's); then everything to disk if asked.
     pub fn finish(mut self) -> Result<()> {
@@ -461,8 +573,7 @@ impl<'a> Extractor<'a> {
         self.cached = None;
         // A drill's folders are deleted next: their modes and times would prove nothing
         // (setting them never fails the run), and took 2,500 opens at the end of a drill.
-        let discards = plan.settle.as_ref().is_some_and(|s| s.what == AfterWrite::Discard);
-        let dirs = if discards { Vec::new() } else { std::mem::take(&mut self.dirs) };
+        let dirs = if plan.discards().is_some() { Vec::new() } else { std::mem::take(&mut self.dirs) };
         for (parts, meta) in dirs.iter().rev() {
             let Ok((parent, name)) = self.parent(parts) else { continue };
             let Ok(fd) = open_dir(&parent, name.as_c_str()) else {
@@ -716,6 +827,36 @@ mod tests {
         // Folders get their modes at the end of a restore, not of a drill.
         assert_eq!(sub.metadata().unwrap().permissions().mode() & 0o7777, 0o750);
         assert_ne!(drill.path().join("uploads/sub").metadata().unwrap().permissions().mode() & 0o7777, 0o750);
+    }
+
+    #[test]
+    fn a_discarding_extraction_needs_room_for_what_it_keeps_and_one_file_not_for_everything() {
+        let d = tempfile::tempdir().unwrap();
+        let m = EntryMeta { mode: 0o750, ..meta() };
+        let no = &crate::progress::NoProgress;
+        let plan = ExtractPlan { durable: false, ..ExtractPlan::into_dir(d.path()) };
+        settle_as_written(plan, AfterWrite::Discard, |plan| {
+            let mut x = Extractor::new("a", Some(&plan), 1 << 20).unwrap();
+            // 1,000 bytes of room, whatever this machine's disk has.
+            x.room = Some(Room { dir: d.path().to_path_buf(), free: 1_100, reserve: 100 });
+            x.file(&parts("db/app.db"), &m, 300, &mut &[1u8; 300][..], false, no).unwrap();
+            x.dir(&parts("uploads"), &m).unwrap();
+            // Each fits beside the database once the one before it is deleted, and 20 of
+            // them are 14 times the room: the extraction waits for the deletions.
+            for i in 0..20 {
+                let name = format!("uploads/f{i}");
+                x.file(&parts(&name), &m, 700, &mut &[2u8; 700][..], false, no).unwrap();
+            }
+            // The database stays: 300 + 701 does not fit.
+            let e = x.file(&parts("uploads/big"), &m, 701, &mut &[3u8; 701][..], false, no).unwrap_err();
+            assert!(matches!(e, Error::DiskFull { .. }), "{e:?}");
+            assert!(
+                e.to_string().contains("uploads/big") && e.to_string().contains("not enough space"),
+                "{e}"
+            );
+            assert!(!d.path().join("uploads/big").exists(), "refused before it was created");
+        });
+        assert_eq!(std::fs::read_dir(d.path().join("uploads")).unwrap().count(), 0);
     }
 
     #[test]
