@@ -289,6 +289,10 @@ pub fn estimate_size(db: &Path, uploads: Option<&Path>) -> u64 {
     }
     if let Some(u) = uploads {
         for e in walkdir::WalkDir::new(u).follow_links(false).into_iter().flatten() {
+            // The type comes with the folder listing: only files are worth a stat.
+            if !e.file_type().is_file() {
+                continue;
+            }
             if let Ok(m) = e.metadata() {
                 if m.is_file() {
                     // What the file occupies, not its length: a sparse 100 GB file of holes
