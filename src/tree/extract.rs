@@ -100,7 +100,8 @@ impl Settler {
     }
 }
 
-pub enum ToSettle {
+/// What the writing thread sends the [`Settler`]'s thread.
+enum ToSettle {
     File(Written),
     /// Answered once everything sent before it is settled.
     Flush(std::sync::mpsc::Sender<()>),
@@ -108,7 +109,7 @@ pub enum ToSettle {
 
 /// A written file on its way to the [`Settler`]'s thread; to discard, with its folder's
 /// descriptor and its name.
-pub struct Written {
+struct Written {
     file: std::fs::File,
     at: Option<(OwnedFd, CString)>,
     bytes: u64,
