@@ -22,6 +22,7 @@ pub mod notify;
 pub mod offsite;
 pub mod ops;
 pub mod pipe;
+pub mod priority;
 pub mod progress;
 pub mod retention;
 pub mod snapshot;
