@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use datavault::error::Result;
 use datavault::manifest::{SourceInfo, TreeInfo};
-use datavault::priority::WorkerPriority;
 use datavault::progress::NoProgress;
 use datavault::retention::ArchiveKind;
 use datavault::store::backend::LocalBackend;
@@ -192,8 +191,7 @@ fn restore(out: &Path, dest: &Path, state: &Path) -> Result<()> {
         std::env::var("BENCH_AGE_IDENTITY").ok().as_deref().map(Path::new),
     )?);
     let newest = store.list_snapshots()?.into_iter().find(|l| l.is_complete()).expect("a complete snapshot");
-    let mut r =
-        SnapshotReader::open(&store, &mut cache, &newest.name, ids, WorkerPriority::Lowest, &NoProgress)?;
+    let mut r = SnapshotReader::open(&store, &mut cache, &newest.name, ids, &NoProgress)?;
     let mut bytes = 0u64;
     while let Some(e) = r.next_entry()? {
         let mut p = dest.to_path_buf();

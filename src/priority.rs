@@ -1,46 +1,49 @@
-//! The CPU priority of bulk worker threads (#14).
-//!
-//! A snapshot backup's sealers (compression, encryption, pack hashing) and a drill's readers
-//! (decryption, decompression, chunk checks) do most of the CPU work, and each set of them is
-//! fed by, or feeds, one thread that must go in order: the backup's caller thread (reads,
-//! cuts, hashes, looks up the cache), the drill's writing thread. With as many workers as
-//! cores, that one thread, woken to hand over the next batch, found every core taken by a
-//! worker and waited for a scheduler slice (up to 3-5 ms measured) while the one-batch queue
-//! between them ran dry and a core went idle. `perf sched` on a medium backup here: 650 ms of
-//! idle CPU in a 1.6 s run with the sealers at the caller's priority, 240 ms with them at the
-//! lowest (the rest is the start and the end, where one thread works alone).
-//!
-//! Nice only matters when threads compete for a core: the workers still get every cycle no
-//! one else wants, so an idle Pi backs up as fast. What they give way to is the ordered
-//! thread, the app (the backup unit already runs at `Nice=10`), and the kernel's own threads:
-//! writeback, and dm-crypt on a LUKS drive.
-//!
-//! Not for a restore's readers: a restore keeps everything it writes, so the kernel has a
-//! restore's worth of writeback to do on the same cores, and readers at the lowest priority
-//! fell behind it (medium restore 1.21 s -> 1.36 s here). A drill deletes each file before
-//! much of it reaches the disk.
+//! CPU priorities: jobs that yield to the app, and bulk workers that yield to their feeder.
 
-/// The priority a set of worker threads runs at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerPriority {
-    /// The same as the thread that started them.
-    Inherited,
-    /// The lowest there is (nice 19): see the module documentation.
-    Lowest,
+/// Backups and drills yield the CPU to the application they protect: on a 2-core machine,
+/// at nice 0 the app's transactions waited up to 40 ms for a core during a backup (3.3x
+/// their worst without one; bench/results/medium.md). Linux sets nice per thread, so this
+/// is called on the thread that runs the job, before it starts its pipeline thread.
+/// Restores run at full speed: the app is stopped and someone is waiting.
+pub const BACKGROUND_NICE: i32 = 10;
+
+pub fn run_in_background_priority() {
+    let current = rustix::process::getpriority_process(None).unwrap_or(0);
+    if current < BACKGROUND_NICE {
+        if let Err(e) = rustix::process::setpriority_process(None, BACKGROUND_NICE) {
+            log::debug!("cannot lower the priority to nice {BACKGROUND_NICE}: {e}");
+        }
+    }
 }
 
-/// The nice value of [`WorkerPriority::Lowest`].
-const LOWEST_NICE: i32 = 19;
+/// The nice value of [`lowest_for_this_thread`].
+pub const LOWEST_NICE: i32 = 19;
 
-/// Give the calling thread `priority`. On Linux the nice value belongs to each thread, and
-/// `setpriority(PRIO_PROCESS, 0, …)` names the calling thread only. A failure changes only
-/// the speed of the run (and lowering one's own priority needs no privilege), so it is logged,
-/// not returned.
-pub fn apply_to_this_thread(priority: WorkerPriority) {
-    if priority == WorkerPriority::Lowest {
-        if let Err(e) = rustix::process::setpriority_process(None, LOWEST_NICE) {
-            log::debug!("could not lower a worker thread's CPU priority: {e}");
-        }
+/// Lower the calling thread to the lowest CPU priority: for the snapshot writer's sealers
+/// (#14), which do two thirds of a backup's CPU work (compression, encryption, pack hashing)
+/// and are all fed by one thread, the caller's, which reads, cuts, hashes and looks up every
+/// chunk in order. At the same priority, that thread, woken to hand over the next batch,
+/// often found every core taken by a sealer and waited for a scheduler slice while the
+/// one-batch queue between them ran dry; then a core idled. Medium first backup here, two
+/// sealers, 4 alternating pairs: 1.36-1.52 s with everything at nice 10, 1.31-1.33 s with the
+/// sealers at 19; `perf sched` counted 374 and 925 ms of idle CPU in two runs of the first,
+/// 222 and 234 ms in two of the second (most of that now the start and the end, where one
+/// thread works alone). Sealers above their feeder (nice 0 under a nice-10 caller) took
+/// 1.50-1.66 s.
+///
+/// Nice only matters when threads compete for a core: on an idle Pi the sealers still get
+/// every cycle. They give way to their feeder, to the app and to the kernel's threads
+/// (writeback; dm-crypt on the LUKS drive). Not for a restore's or a drill's readers, which
+/// feed the writing thread in the same way: a restore's readers at 19 fell behind the
+/// kernel's writeback of what the restore keeps (1.21 s -> 1.36 s), and a drill gained
+/// nothing (1.008 s against 1.003 s, 6 alternating pairs).
+///
+/// Linux keeps a nice value per thread, and `setpriority(PRIO_PROCESS, 0, …)` names the
+/// calling thread only. Lowering one's own priority needs no privilege; a failure would only
+/// change the speed, so it is logged, not returned.
+pub fn lowest_for_this_thread() {
+    if let Err(e) = rustix::process::setpriority_process(None, LOWEST_NICE) {
+        log::debug!("cannot lower a worker thread's priority to nice {LOWEST_NICE}: {e}");
     }
 }
 
@@ -48,31 +51,25 @@ pub fn apply_to_this_thread(priority: WorkerPriority) {
 mod tests {
     use super::*;
 
-    /// The nice value of the calling thread, read from the kernel's own account of it.
+    /// The nice value of the calling thread, from the kernel's own account of it.
     fn nice_of_this_thread() -> i32 {
         let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // Fields after the command name (which may hold spaces, hence the last ')'): state is
-        // field 3, nice field 19.
+        // Fields after the command name (which may hold spaces, hence the last ')'): the
+        // state is field 3, nice field 19.
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         rest.split(' ').nth(19 - 3).unwrap().parse().unwrap()
     }
 
     #[test]
-    fn the_lowest_priority_lowers_the_calling_thread_only() {
+    fn a_worker_lowers_itself_and_not_the_thread_that_started_it() {
         let before = nice_of_this_thread();
-        let (worker, inherited) = std::thread::scope(|s| {
-            let worker = s.spawn(|| {
-                apply_to_this_thread(WorkerPriority::Lowest);
-                nice_of_this_thread()
-            });
-            let inherited = s.spawn(|| {
-                apply_to_this_thread(WorkerPriority::Inherited);
-                nice_of_this_thread()
-            });
-            (worker.join().unwrap(), inherited.join().unwrap())
+        let worker = std::thread::spawn(|| {
+            lowest_for_this_thread();
+            nice_of_this_thread()
         });
-        assert_eq!(worker, LOWEST_NICE);
-        assert_eq!(inherited, before);
-        assert_eq!(nice_of_this_thread(), before, "the thread that started them keeps its priority");
+        assert_eq!(worker.join().unwrap(), LOWEST_NICE);
+        assert_eq!(nice_of_this_thread(), before);
+        let sibling = std::thread::spawn(nice_of_this_thread).join().unwrap();
+        assert_eq!(sibling, before, "a thread started afterwards inherits the starter's, not the worker's");
     }
 }

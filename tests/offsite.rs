@@ -20,7 +20,6 @@ use datavault::offsite::ledger::{Ledger, Shallow};
 use datavault::offsite::push::{push, PushOptions};
 use datavault::offsite::s3::S3Backend;
 use datavault::offsite::{collect, locks};
-use datavault::priority::WorkerPriority;
 use datavault::progress::NoProgress;
 use datavault::retention::RetentionPolicy;
 use datavault::store::backend::{Backend, LocalBackend, MemoryBackend};
@@ -600,15 +599,7 @@ fn restorable_from(b: &Arc<MemoryBackend>, f: &Fixture, name: &str) {
     let mut cache = dedup::Cache::open_private().unwrap();
     dedup::verify::verify_snapshot(&store, &mut cache, name, &NoProgress).unwrap();
     let ids = Arc::new(datavault::keys::load_identities(Some(&f.identity)).unwrap());
-    let mut r = dedup::read::SnapshotReader::open(
-        &store,
-        &mut cache,
-        name,
-        ids,
-        WorkerPriority::Inherited,
-        &NoProgress,
-    )
-    .unwrap();
+    let mut r = dedup::read::SnapshotReader::open(&store, &mut cache, name, ids, &NoProgress).unwrap();
     let mut files = 0;
     while r.next_entry().unwrap().is_some() {
         std::io::copy(&mut r.content(), &mut std::io::sink()).unwrap();

@@ -395,7 +395,6 @@ fn read_snapshot(
     plan: Option<&ExtractPlan>,
     progress: &dyn Progress,
 ) -> Result<ReadReport> {
-    use crate::priority::WorkerPriority;
     use crate::store::dedup::{format::TreeKind, read::SnapshotReader};
     let name = listing.name.clone();
     let manifest = match (&listing.manifest, &listing.problem) {
@@ -406,14 +405,7 @@ fn read_snapshot(
     let ds = store.snapshots()?.ok_or_else(|| Error::integrity(&name, "the snapshot store is missing"))?;
     let mut extractor = Extractor::new(&name, plan, manifest.plain_bytes)?;
     let mut cache = store.dedup_cache()?;
-    // A drill's or a verify's readers give way to the thread they feed; a restore's do not:
-    // it leaves the kernel a restore's worth of writeback to do on the same cores
-    // (crate::priority).
-    let workers = match plan {
-        Some(p) if p.durable => WorkerPriority::Inherited,
-        _ => WorkerPriority::Lowest,
-    };
-    let mut reader = SnapshotReader::open(&ds, &mut cache, &name, identities.clone(), workers, progress)?;
+    let mut reader = SnapshotReader::open(&ds, &mut cache, &name, identities.clone(), progress)?;
     let mut records = Vec::new();
     let (mut files, mut plain_bytes) = (0u64, 0u64);
     progress.start("reading", manifest.plain_bytes);

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use datavault::error::Result;
 use datavault::manifest::{SourceInfo, TreeInfo};
-use datavault::priority::WorkerPriority;
 use datavault::progress::NoProgress;
 use datavault::retention::ArchiveKind;
 use datavault::store::backend::{Backend, MemoryBackend};
@@ -191,8 +190,7 @@ pub fn restore(
     ids: &std::sync::Arc<Identities>,
     dest: &Path,
 ) -> Result<u64> {
-    let mut r =
-        SnapshotReader::open(store, cache, name, ids.clone(), WorkerPriority::Inherited, &NoProgress)?;
+    let mut r = SnapshotReader::open(store, cache, name, ids.clone(), &NoProgress)?;
     let mut n = 0;
     while let Some(e) = r.next_entry()? {
         let mut p = dest.to_path_buf();
@@ -226,8 +224,7 @@ pub fn read_all(
     name: &str,
     ids: &std::sync::Arc<Identities>,
 ) -> Result<u64> {
-    let mut r =
-        SnapshotReader::open(store, cache, name, ids.clone(), WorkerPriority::Inherited, &NoProgress)?;
+    let mut r = SnapshotReader::open(store, cache, name, ids.clone(), &NoProgress)?;
     let mut bytes = 0;
     while let Some(_e) = r.next_entry()? {
         bytes += io::copy(&mut r.content(), &mut io::sink()).map_err(|err| content_error(name, err))?;

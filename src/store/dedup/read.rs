@@ -41,7 +41,6 @@ use super::order::TreeOrder;
 use super::write::EntryMeta;
 use super::{read_error, Identities, Store};
 use crate::error::{Error, Result};
-use crate::priority::WorkerPriority;
 use crate::progress::Progress;
 use crate::store::backend::RangeFile;
 
@@ -190,7 +189,6 @@ impl<'a> SnapshotReader<'a> {
         cache: &'a mut Cache,
         name: &str,
         identities: Arc<Identities>,
-        workers: WorkerPriority,
         progress: &'a dyn Progress,
     ) -> Result<SnapshotReader<'a>> {
         let manifest = store.read_manifest(name)?;
@@ -202,7 +200,7 @@ impl<'a> SnapshotReader<'a> {
         let (lines, key) = open_tree(store, name, &manifest, &keys)?;
         let used = vec![false; refs.len()];
         let packs = Arc::new(OpenPacks::new(store));
-        let ahead = ReadAhead::start(&packs, &keys, &key, workers);
+        let ahead = ReadAhead::start(&packs, &keys, &key);
         Ok(SnapshotReader {
             store: store.clone(),
             locs,
@@ -833,12 +831,7 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    fn start(
-        packs: &Arc<OpenPacks>,
-        keys: &Arc<KeyCache>,
-        key: &ChunkKey,
-        priority: WorkerPriority,
-    ) -> ReadAhead {
+    fn start(packs: &Arc<OpenPacks>, keys: &Arc<KeyCache>, key: &ChunkKey) -> ReadAhead {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -847,13 +840,10 @@ impl ReadAhead {
             let (packs, keys, key, rx) = (packs.clone(), keys.clone(), key.clone(), rx.clone());
             let Ok(mut opener) = Opener::new() else { break };
             let spawned =
-                std::thread::Builder::new().name(format!("datavault-reader-{i}")).spawn(move || {
-                    crate::priority::apply_to_this_thread(priority);
-                    loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok(job) = job else { return };
-                        let _ = job.reply.send(fetch(&packs, &keys, &mut opener, &key, &job.id, &job.loc));
-                    }
+                std::thread::Builder::new().name(format!("datavault-reader-{i}")).spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    let _ = job.reply.send(fetch(&packs, &keys, &mut opener, &key, &job.id, &job.loc));
                 });
             // No thread: fewer workers, or none (the reader then fetches every chunk itself).
             if let Ok(h) = spawned {

@@ -19,8 +19,6 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-
-use crate::priority::WorkerPriority;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -884,7 +882,7 @@ const MAX_PACK_BLOBS: usize = format::MAX_INDEX_BLOBS / 4;
 impl PackSealer {
     fn run(mut self, rx: &std::sync::Mutex<Receiver<ToSealer>>) -> io::Result<()> {
         // The caller's thread, which feeds every sealer, goes first (crate::priority).
-        crate::priority::apply_to_this_thread(WorkerPriority::Lowest);
+        crate::priority::lowest_for_this_thread();
         loop {
             let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
             match msg {
