@@ -22,7 +22,6 @@ pub mod notify;
 pub mod offsite;
 pub mod ops;
 pub mod pipe;
-pub mod priority;
 pub mod progress;
 pub mod retention;
 pub mod snapshot;

@@ -148,7 +148,7 @@ pub fn run_push(env: &Env, trigger: crate::ops::Trigger, dry_run: bool) -> Resul
     let _lock = RunLock::acquire(&s.state.dir.join(LOCK_FILE), "offsite push")?;
     let run = Run::start(env, "offsite-push", trigger, false)?;
     // Uploading is background work: hashing and TLS must not slow the app on a 2-core Pi.
-    crate::priority::run_in_background_priority();
+    crate::ops::run_in_background_priority();
     let started = now();
     let result = push_in_run(env, dry_run);
     let mut state = OffsiteState::load(&s.state.dir).unwrap_or_default();

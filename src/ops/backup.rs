@@ -37,7 +37,7 @@ pub struct BackupOutcome {
 
 /// The whole `backup` command: lock, archive, prune, catalog.
 pub fn run(env: &Env, opts: &BackupOptions) -> Result<BackupOutcome> {
-    crate::priority::run_in_background_priority();
+    crate::ops::run_in_background_priority();
     let run = Run::start(env, "backup", opts.trigger, true)?;
     let result = backup_in_run(&run, opts);
     let (status, archive) = match &result {

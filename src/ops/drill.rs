@@ -64,7 +64,7 @@ impl DrillReport {
 }
 
 pub fn run(env: &Env, which: Option<&str>, trigger: Trigger) -> Result<DrillReport> {
-    crate::priority::run_in_background_priority();
+    crate::ops::run_in_background_priority();
     let run = Run::start(env, "drill", trigger, true)?;
     let result = drill_in_run(&run, which, trigger);
     match &result {

@@ -881,8 +881,6 @@ const MAX_PACK_BLOBS: usize = format::MAX_INDEX_BLOBS / 4;
 
 impl PackSealer {
     fn run(mut self, rx: &std::sync::Mutex<Receiver<ToSealer>>) -> io::Result<()> {
-        // The caller's thread, which feeds every sealer, goes first (crate::priority).
-        crate::priority::lowest_for_this_thread();
         loop {
             let msg = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
             match msg {
