@@ -194,7 +194,8 @@ pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOu
     let s = &env.settings;
     let started = Instant::now();
     let Some(sources) = Sources::plan(s, opts.kind)? else { return Ok(None) };
-    let needed = estimate_size(&s.source.database, sources.uploads.as_deref());
+    let needed =
+        estimate_size(&s.source.database, sources.uploads.as_deref(), s.compression.snapshot_workers);
     let store = env.store_for_writing(needed)?;
     let target_dir = &s.target.path;
     let cleaned = store.clean(&run.catalog.interrupted_archives().unwrap_or_default());
@@ -280,7 +281,7 @@ fn record(run: &Run, listing: &crate::store::Listing, m: &Manifest) {
 
 /// Upper bound of the archive's size: the data itself (uploads are mostly incompressible)
 /// plus a little for tar headers. Only metadata is read.
-pub fn estimate_size(db: &Path, uploads: Option<&Path>) -> u64 {
+pub fn estimate_size(db: &Path, uploads: Option<&Path>, threads: usize) -> u64 {
     let mut total = 0u64;
     for suffix in ["", "-wal"] {
         let mut p = db.as_os_str().to_owned();
@@ -288,20 +289,8 @@ pub fn estimate_size(db: &Path, uploads: Option<&Path>) -> u64 {
         total += std::fs::metadata(PathBuf::from(p)).map(|m| m.len()).unwrap_or(0);
     }
     if let Some(u) = uploads {
-        for e in walkdir::WalkDir::new(u).follow_links(false).into_iter().flatten() {
-            // The type comes with the folder listing: only files are worth a stat.
-            if !e.file_type().is_file() {
-                continue;
-            }
-            if let Ok(m) = e.metadata() {
-                if m.is_file() {
-                    // What the file occupies, not its length: a sparse 100 GB file of holes
-                    // compresses to nothing and must not stop every backup (red team #11).
-                    use std::os::unix::fs::MetadataExt;
-                    total += m.len().min(m.blocks().saturating_mul(512)) + 1024;
-                }
-            }
-        }
+        // A first backup waits for this before it starts: the workers it may use help.
+        total += crate::tree::walk::occupied_bytes(u, 1024, threads);
     }
     total + (1 << 20)
 }
@@ -458,8 +447,9 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     let newest_size = previous.and_then(|ds| ds.list_snapshots().ok()).and_then(|ls| {
         ls.iter().filter_map(|l| l.manifest.as_ref()).max_by_key(|m| m.created).map(|m| m.plain_bytes)
     });
-    let estimate =
-        newest_size.unwrap_or_else(|| estimate_size(&s.source.database, sources.uploads.as_deref()));
+    let estimate = newest_size.unwrap_or_else(|| {
+        estimate_size(&s.source.database, sources.uploads.as_deref(), s.compression.snapshot_workers)
+    });
     let needed = if first { estimate } else { estimate.min(64 << 20) };
     let store = env.store_for_writing(needed)?;
     let cleaned = store.clean(&run.catalog.interrupted_archives().unwrap_or_default());

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
@@ -140,6 +141,81 @@ pub fn walk_ahead<E>(
             Err(_) => Err(WalkError::Root(io::Error::other("the folder walker's thread panicked"))),
         }
     })
+}
+
+/// What the regular files under `root` occupy (their allocated blocks, at most their length:
+/// a sparse file of holes counts what it holds), plus `per_file` bytes each: a first
+/// snapshot's room check. Metadata only, on `threads` threads that share out the folders: on
+/// one thread, the bench's 5,500 entries took a first backup 25 ms with the other core idle.
+/// Symlinks are not followed; what cannot be read counts nothing (the backup itself says).
+pub fn occupied_bytes(root: &Path, per_file: u64, threads: usize) -> u64 {
+    let Ok(fd) = rustix::fs::open(root, DIR, Mode::empty()) else { return 0 };
+    // Folders to list (a name in an open parent, so nothing is looked up by path twice and
+    // open descriptors stay near the depth of the tree), and how many are being listed: the
+    // walk is over when both are nought.
+    let pending = std::sync::Mutex::new((vec![(Arc::new(fd), None::<CString>)], 0usize));
+    let changed = std::sync::Condvar::new();
+    let total = std::sync::atomic::AtomicU64::new(0);
+    let worker = || loop {
+        let (parent, name) = {
+            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(next) = p.0.pop() {
+                    p.1 += 1;
+                    break next;
+                }
+                if p.1 == 0 {
+                    return;
+                }
+                p = changed.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let dir = match &name {
+            None => Ok(parent),
+            Some(n) => open_dir(&*parent, n).map(Arc::new),
+        };
+        let (mut bytes, mut found) = (0u64, Vec::new());
+        if let Ok(dir) = dir {
+            for entry in rustix::fs::Dir::read_from(&*dir).into_iter().flatten().flatten() {
+                let n = entry.file_name();
+                if n.to_bytes() == b"." || n.to_bytes() == b".." {
+                    continue;
+                }
+                let kind = match entry.file_type() {
+                    // Some filesystems leave the type out of the listing.
+                    FileType::Unknown => None,
+                    k @ (FileType::Directory | FileType::RegularFile) => Some(k),
+                    _ => continue,
+                };
+                if kind == Some(FileType::Directory) {
+                    found.push((dir.clone(), Some(n.to_owned())));
+                    continue;
+                }
+                let Ok(st) = rustix::fs::statat(&*dir, n, AtFlags::SYMLINK_NOFOLLOW) else { continue };
+                match FileType::from_raw_mode(st.st_mode) {
+                    FileType::RegularFile => {
+                        let held = (st.st_blocks as u64).saturating_mul(512);
+                        bytes = bytes.saturating_add((st.st_size as u64).min(held)).saturating_add(per_file);
+                    }
+                    FileType::Directory if kind.is_none() => found.push((dir.clone(), Some(n.to_owned()))),
+                    _ => {}
+                }
+            }
+        }
+        total.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.0.extend(found);
+        p.1 -= 1;
+        changed.notify_all();
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads.max(1) {
+            // No thread to be had: the others (this one at least) do its share.
+            let _ = std::thread::Builder::new().name("datavault-size".into()).spawn_scoped(scope, worker);
+        }
+        worker();
+    });
+    total.into_inner()
 }
 
 enum Step {
@@ -354,5 +430,44 @@ mod tests {
         let all = seen.join("\n");
         assert!(!all.contains("secret"), "{all}");
         assert!(all.contains("Symlink") || all.contains("Replaced"), "{all}");
+    }
+
+    #[test]
+    fn occupied_bytes_counts_every_file_once_on_any_number_of_threads() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("up");
+        let mut expected = 0u64;
+        let mut files = 0u64;
+        // Deep and wide: folders handed between threads at every level.
+        for a in 0..6 {
+            for b in 0..5 {
+                let dir = r.join(format!("a{a}/b{b}/c"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for f in 0..4 {
+                    let len = 1 + (a * 1000 + b * 100 + f * 7) as usize;
+                    std::fs::write(dir.join(format!("f{f}")), vec![7u8; len]).unwrap();
+                    // What it holds, as std sees it (a filesystem that keeps tiny files
+                    // inline gives them no blocks).
+                    use std::os::unix::fs::MetadataExt;
+                    let m = std::fs::metadata(dir.join(format!("f{f}"))).unwrap();
+                    expected += m.len().min(m.blocks() * 512);
+                    files += 1;
+                }
+            }
+        }
+        std::fs::create_dir_all(r.join("empty/deeper")).unwrap();
+        // A sparse file counts what it holds (nothing), a link and a FIFO nothing at all.
+        std::fs::File::create(r.join("sparse.img")).unwrap().set_len(1 << 40).unwrap();
+        files += 1;
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("big"), vec![1u8; 1 << 20]).unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("link-to-dir")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("big"), r.join("link-to-file")).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, r.join("fifo"), FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+            .unwrap();
+        for threads in [1, 2, 4] {
+            assert_eq!(occupied_bytes(&r, 1000, threads), expected + 1000 * files, "{threads} thread(s)");
+        }
+        assert_eq!(occupied_bytes(&r.join("missing"), 1000, 2), 0);
     }
 }
