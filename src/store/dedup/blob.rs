@@ -38,10 +38,11 @@
 //! Every chunk is a zstd frame, also the incompressible ones, so that readers (ours, the
 //! emergency script's `zstd -d`) have one path. A chunk of 64 KiB or more whose middle 16 KiB
 //! zstd cannot shrink by 2 % (photos, PDFs, archives: most uploads) is framed in raw blocks
-//! directly ([`raw_frame`]): zstd would store it raw anyway after searching it for matches,
-//! at 0.65 s/GB here (2026-12-06: a fifth of the sealers' time on the medium bench's 356 MB of
-//! random uploads), where framing costs a copy. What the probe can miss costs size, never
-//! correctness: a chunk compressible elsewhere than in its middle is stored without the gain.
+//! directly (`raw_frame`): zstd would store it raw anyway, after searching it for matches.
+//! Sealing random data in 1 MiB chunks went from 1.04 to 0.85 CPU s/GB here (2026-12-06,
+//! `bench/stages.sh`); likely more on a Pi, where the search costs more per byte (not measured).
+//! What the probe can miss costs size, never correctness: a chunk compressible elsewhere than
+//! in its middle is stored without the gain.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
