@@ -538,7 +538,18 @@ fn an_unreadable_upload_is_skipped_listed_and_exits_5_after_the_archive_is_writt
 
 #[test]
 fn files_that_change_or_vanish_during_the_walk_are_listed_in_the_manifest() {
-    let f = Fixture::new();
+    change_during_the_walk(Format::Archives);
+}
+
+/// Snapshots read files ahead of the entries they record (the cutter thread), and reuse the
+/// unchanged ones from the file cache: the same outcomes, in the walk's order.
+#[test]
+fn files_that_change_or_vanish_during_a_snapshot_are_listed_in_its_manifest() {
+    change_during_the_walk(Format::Snapshots);
+}
+
+fn change_during_the_walk(format: Format) {
+    let f = format.fixture();
     let hot = f.app.uploads.join("hot");
     fs::create_dir_all(&hot).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
