@@ -23,7 +23,12 @@ fn blobs(mem: &MemoryBackend) -> Vec<(String, String, Vec<u8>, u64)> {
         for p in index.packs {
             let pack = &files[&format!("store/packs/{}/{}", &p.pack[..2], p.pack)];
             for b in p.blobs {
-                out.push((p.pack.clone(), b.0, pack[b.1 as usize..(b.1 + b.2) as usize].to_vec(), b.3));
+                out.push((
+                    p.pack.clone(),
+                    hex::encode(b.0),
+                    pack[b.1 as usize..(b.1 + b.2) as usize].to_vec(),
+                    b.3,
+                ));
             }
         }
     }

@@ -94,8 +94,7 @@ pub(crate) fn parse_index(name_hex: &str, bytes: &[u8]) -> std::result::Result<P
         let mut end = 0u64;
         let mut blobs = Vec::with_capacity(p.blobs.len());
         for b in p.blobs {
-            let id = format::parse_hex32(&b.0).ok_or("lists an invalid chunk id")?;
-            let (off, len, plain) = (b.1, b.2, b.3);
+            let (id, off, len, plain) = (b.0, b.1, b.2, b.3);
             let within =
                 off >= end && len > 0 && len <= MAX_BLOB && off.checked_add(len).is_some_and(|e| e <= p.size);
             if !within || plain > MAX_CHUNK {

@@ -511,11 +511,7 @@ fn surviving(parsed: &ParsedIndex, gone: &std::collections::HashSet<[u8; 32]>) -
         .map(|p: &ParsedPack| IndexPack {
             pack: hex::encode(p.hash),
             size: p.size,
-            blobs: p
-                .blobs
-                .iter()
-                .map(|(id, off, len, plain)| IndexBlob(hex::encode(id), *off, *len, *plain))
-                .collect(),
+            blobs: p.blobs.iter().map(|(id, off, len, plain)| IndexBlob(*id, *off, *len, *plain)).collect(),
         })
         .collect()
 }
@@ -624,7 +620,7 @@ impl PackCopier {
         blob: &[u8],
         plain: u64,
     ) -> std::io::Result<Option<IndexPack>> {
-        self.blobs.push(IndexBlob(hex::encode(id), self.buf.len() as u64, blob.len() as u64, plain));
+        self.blobs.push(IndexBlob(*id, self.buf.len() as u64, blob.len() as u64, plain));
         self.buf.extend_from_slice(blob);
         if self.buf.len() as u64 >= self.target {
             return self.flush(store);
