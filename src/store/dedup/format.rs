@@ -381,6 +381,23 @@ pub fn decode_refs(bytes: &[u8]) -> Result<Vec<[u8; 32]>, String> {
 mod tests {
     use super::*;
 
+    /// The id is held as bytes but written as before: index files from earlier versions read
+    /// back, and the files written now are byte for byte what they were.
+    #[test]
+    fn an_index_blob_is_written_as_a_hex_id_and_three_numbers_and_refuses_a_bad_id() {
+        let mut id = [0u8; 32];
+        id[0] = 0xab;
+        id[31] = 0x07;
+        let hex_id = hex::encode(id);
+        let json = format!("[\"{hex_id}\",12,34,56]");
+        assert_eq!(serde_json::to_string(&IndexBlob(id, 12, 34, 56)).unwrap(), json);
+        assert_eq!(serde_json::from_str::<IndexBlob>(&json).unwrap(), IndexBlob(id, 12, 34, 56));
+        for bad in [hex_id.to_uppercase(), hex_id[..62].to_string(), format!("{}zz", &hex_id[..62])] {
+            let err = serde_json::from_str::<IndexBlob>(&format!("[\"{bad}\",1,2,3]")).unwrap_err();
+            assert!(err.to_string().contains("chunk id"), "{err}");
+        }
+    }
+
     #[test]
     fn paths_unescape_only_in_their_canonical_spelling() {
         for raw in [&b"uploads/a b/c.txt"[..], b"bad\xff\\x", b"caf\xc3\xa9", b"\\xff"] {

@@ -9,8 +9,10 @@
 //! it durable under its SHA-256 while the sealer fills its next one, and writes an index file
 //! after every 32 packs. Memory is fixed and small: at most 1 MiB of new chunks queued for
 //! the sealers, or one bigger chunk alone ([`QUEUE_BYTES`]), and per sealer a batch, its
-//! compressed form, a 256 KiB write buffer and the compressor's context; no pack is held
-//! in memory.
+//! compressed form, a 256 KiB write buffer and the compressor's context, and the indexer's
+//! entries for one index file (56 bytes a chunk, at most `format::MAX_INDEX_BLOBS`); no pack
+//! is held in memory. What grows with the source is 32 bytes per chunk id referenced
+//! (`refs`, `db_refs`).
 //!
 //! Durability order, the whole crash-safety argument: packs (each fsynced and renamed from
 //! its temporary name by the backend, on the indexer's thread) -> the index file naming them -> the tree -> the refs -> the manifest. A
@@ -205,9 +207,14 @@ pub struct SnapshotWriter<'c> {
     sealers: Vec<JoinHandle<io::Result<()>>>,
     indexer: Option<JoinHandle<io::Result<Totals>>>,
     order: TreeOrder,
-    /// Every chunk id referenced, repeats included until `finish` sorts them: 32 bytes a
-    /// chunk of this snapshot (the medium bench: ~10k chunks, 320 KB).
+    /// Every chunk id the uploads reference, repeats included until `finish` sorts them: 32
+    /// bytes a chunk (the medium bench: ~2k chunks, 64 KB).
     refs: Vec<ChunkId>,
+    /// The database's chunk ids, kept apart from `refs` because they are most of a snapshot's
+    /// (a 1 GB database: 131,072 ids, 4 MiB): moved here whole rather than copied, and never
+    /// grown, so that the uploads pass does not hold a second copy or a doubled vector
+    /// (8 MiB of the large bench's peak heap when they shared `refs`).
+    db_refs: Vec<ChunkId>,
     run: i64,
     started: Instant,
     /// Files modified less than a second before the run began are not remembered as
@@ -264,6 +271,7 @@ impl<'c> SnapshotWriter<'c> {
             indexer: Some(handle),
             order: TreeOrder::default(),
             refs: Vec::new(),
+            db_refs: Vec::new(),
             run,
             started: Instant::now(),
             trust_before_ns: now_ns.saturating_sub(opts.racy_window_ms.saturating_mul(1_000_000) as i64),
@@ -444,7 +452,10 @@ impl<'c> SnapshotWriter<'c> {
         let parts = self.place_check(&rel, TreeKind::File)?;
         let chunk_size = self.store.config().chunker.database_fixed as usize;
         let progress = self.progress.clone();
-        let mut ids = Vec::new();
+        // Sized once: a vector grown by doubling to 4 MiB leaves its smaller copies behind as
+        // holes in the heap.
+        let mut ids =
+            Vec::with_capacity(usize::try_from(info.size() / chunk_size.max(1) as u64).unwrap_or(0) + 1);
         let mut sha = BackgroundSha::start();
         let mut size = 0u64;
         // One buffer for every chunk: most are stored already (a second backup), and a new
@@ -480,10 +491,14 @@ impl<'c> SnapshotWriter<'c> {
             .next(&parts, TreeKind::File)
             .map_err(|e| Error::Failed(format!("snapshot writer: {e}")))?;
         self.chunk_refs += ids.len() as u64;
-        self.refs.extend_from_slice(&ids);
         self.files += 1;
         self.plain_bytes += size;
         self.entry_line(&parts, TreeKind::File, &meta, size, None, &ids)?;
+        if self.db_refs.is_empty() {
+            self.db_refs = ids;
+        } else {
+            self.db_refs.extend_from_slice(&ids);
+        }
         let db = DatabaseInfo {
             entry: escape_path(&rel),
             size,
@@ -652,7 +667,10 @@ impl<'c> SnapshotWriter<'c> {
         let tree = self.tree.take().expect("open until finish");
         let (tree_obj, tree_sha, tree_size) = finish_tree(tree).map_err(|e| write_error(&loc, e))?;
         tree_obj.commit().map_err(|e| write_error(&loc, e))?;
-        let mut refs = std::mem::take(&mut self.refs);
+        let mut refs = std::mem::take(&mut self.db_refs);
+        refs.reserve_exact(self.refs.len());
+        refs.append(&mut self.refs);
+        self.refs = Vec::new();
         refs.sort_unstable();
         refs.dedup();
         let stored_bytes = self.cache.stored_length(&refs)?.map_err(|id| {
@@ -1022,7 +1040,7 @@ impl PackSealer {
         }
         let p = self.open.as_mut().expect("opened above");
         let len = self.sealer.seal_into(&p.key, data, &mut p.out)?;
-        p.blobs.push(IndexBlob(hex::encode(id), p.len, len, data.len() as u64));
+        p.blobs.push(IndexBlob(*id, p.len, len, data.len() as u64));
         p.len += len;
         Ok(())
     }
