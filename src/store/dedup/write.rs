@@ -668,9 +668,9 @@ impl<'c> SnapshotWriter<'c> {
         let (tree_obj, tree_sha, tree_size) = finish_tree(tree).map_err(|e| write_error(&loc, e))?;
         tree_obj.commit().map_err(|e| write_error(&loc, e))?;
         let mut refs = std::mem::take(&mut self.db_refs);
+        // Exactly: the uploads' ids once, not a doubling of the database's 4 MiB.
         refs.reserve_exact(self.refs.len());
-        refs.append(&mut self.refs);
-        self.refs = Vec::new();
+        refs.extend_from_slice(&std::mem::take(&mut self.refs));
         refs.sort_unstable();
         refs.dedup();
         let stored_bytes = self.cache.stored_length(&refs)?.map_err(|id| {
