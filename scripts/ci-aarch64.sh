@@ -39,8 +39,13 @@ section "build tests for $TRIPLE"
 cargo build --locked --target "$TRIPLE" --all-targets
 
 section "cargo test --target $TRIPLE (under qemu-aarch64-static)"
-# The runner (qemu-aarch64-static with the cross libc) comes from .cargo/config.toml.
-DATAVAULT_TEST_EMULATED=1 cargo test --locked --target "$TRIPLE"
+# The runner is .cargo/config.toml's (qemu-aarch64-static -L /) inside a watchdog: qemu-user
+# can hang forever after a fork in a threaded program, and the suite forks all the time. A
+# test binary silent for 300 s is killed and the tests it had not finished run once more
+# (scripts/qemu-watchdog.py says why and how; a real failure is never retried).
+command -v python3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
+DATAVAULT_TEST_EMULATED=1 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="python3 $PWD/scripts/qemu-watchdog.py" \
+    cargo test --locked --target "$TRIPLE"
 
 section "release binary and size budget"
 bash scripts/build-pi.sh --target aarch64 --no-install --no-deb
