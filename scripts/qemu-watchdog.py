@@ -100,7 +100,8 @@ def run_once(argv):
             return None, ended, failed
     code = proc.wait()
     kill_session(proc.pid)  # whatever it left behind
-    return code, ended, failed
+    # Killed by a signal: the shell's convention, not Popen's negative number.
+    return (128 - code if code < 0 else code), ended, failed
 
 
 def main():
