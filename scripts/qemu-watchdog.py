@@ -5,8 +5,8 @@ qemu-user sometimes never returns from a fork in a multithreaded guest: the chil
 neither runs nor exits. The test suite forks a lot (every integration test spawns `datavault`,
 which spawns the stop and start commands), and one such hang, with no timeout anywhere, once
 held a CI run until its 90 minutes ran out, in a test that takes 2.7 s under qemu
-(`the_demo_speaks_json_...`). The same test then passed 187 runs in a row under qemu here;
-the hang is the emulator's, known in other projects' emulated CI (docs/pi-build.md).
+(`the_demo_speaks_json_...`). The same test then passed 187 runs in a row under qemu here, and
+never hung natively; such hangs are known in other projects' emulated CI (docs/pi-build.md).
 
 So this runs one test binary under `qemu-aarch64-static -L /` like `.cargo/config.toml`'s runner,
 passes its output through, and notes each test that ends. When the binary prints nothing for
