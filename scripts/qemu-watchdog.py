@@ -28,7 +28,7 @@ import sys
 import time
 
 QUIET_LIMIT = int(os.environ.get("QEMU_WATCHDOG_SECONDS", "300"))
-QEMU = ["qemu-aarch64-static", "-L", "/"]
+QEMU = ["qemu-aarch64-static", "-L", "/"]  # .cargo/config.toml's runner for aarch64: keep them alike
 ENDED = re.compile(r"^test (\S+) \.\.\. (ok|FAILED|ignored)")
 
 
