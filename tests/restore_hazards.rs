@@ -894,3 +894,83 @@ fn rt17_a_drill_needs_room_for_the_database_and_the_uploads_in_flight_not_the_wh
     assert!(r.stdout.contains("57 files"), "every file was written and checked: {}", r.stdout);
     assert_eq!(fs::read_dir(&small.path).unwrap().count(), 0, "the scratch folder is cleaned up");
 }
+
+// ---- the red team's findings of 2026-12-07 (black box: the binary and the README) ---------------
+
+/// The newest PRE-RESTORE safety copy's name, in either format.
+fn newest_safety_copy(f: &Fixture) -> String {
+    let list: serde_json::Value = serde_json::from_str(&f.expect(&["list", "--json"], 0).stdout).unwrap();
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .filter(|n| n.starts_with("pre-restore-"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.pop().expect("a pre-restore safety copy")
+}
+
+#[test]
+fn rt2026_a_fifo_at_the_database_path_never_hangs_an_in_place_restore() {
+    // Opening a FIFO to read waits for a writer forever: with the app already stopped, the
+    // restore hung there and held the run lock, so every later timer run failed too.
+    for format in ["snapshots", "archives"] {
+        let f = Fixture::new();
+        f.set("store.format", format);
+        f.backup();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = fs::remove_file(format!("{}{suffix}", f.app.database.display()));
+        }
+        mkfifo(&f.app.database);
+        let r = f.run_within(LIMIT, &["restore", "--yes"]);
+        assert_eq!(r.code, 0, "{format}: {}", r.stderr);
+        assert!(fs::symlink_metadata(&f.app.database).unwrap().is_file(), "{format}: the database is back");
+        assert_eq!(integrity(&f.app.database), "ok", "{format}");
+        let log = fs::read_to_string(f.path().join("service.log")).unwrap();
+        assert!(log.ends_with("started\n"), "{format}: the app was started again: {log}");
+    }
+}
+
+#[test]
+fn rt2026_a_deleted_database_s_wal_is_kept_in_the_safety_copy() {
+    // The disaster a restore is for: app.db deleted by hand, its -wal (the commits since the
+    // last checkpoint) still beside it. The restore moves the -wal away; it must be in the
+    // safety copy, byte for byte, or those commits are gone.
+    for format in ["snapshots", "archives"] {
+        let f = Fixture::new();
+        f.set("store.format", format);
+        f.backup();
+        let wal_path = PathBuf::from(format!("{}-wal", f.app.database.display()));
+        let wal = {
+            let c = Connection::open(&f.app.database).unwrap();
+            let _: String = c.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).unwrap();
+            c.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+            for i in 0..30 {
+                c.execute("INSERT INTO users(name) VALUES (?1)", [format!("after the backup {i}")]).unwrap();
+            }
+            // The WAL as a crashed app leaves it (closing would checkpoint it into app.db).
+            fs::read(&wal_path).unwrap()
+        };
+        assert!(wal.len() > 32, "{format}: the WAL holds the new commits");
+        fs::remove_file(&f.app.database).unwrap();
+        fs::write(&wal_path, &wal).unwrap();
+
+        let r = f.expect(&["restore", "--yes"], 0);
+        assert!(r.stderr.contains("-wal"), "{format}: the operator is told: {}", r.stderr);
+        let out = f.path().join("safety");
+        f.expect(&["restore", &newest_safety_copy(&f), "--to", out.to_str().unwrap()], 0);
+        assert_eq!(fs::read(out.join("raw/app.db-wal")).unwrap(), wal, "{format}: the WAL, byte for byte");
+
+        // And it is worth keeping: beside the restored database, it brings the 30 commits back.
+        let proof = f.path().join("proof.db");
+        fs::copy(&f.app.database, &proof).unwrap();
+        fs::write(f.path().join("proof.db-wal"), &wal).unwrap();
+        let n: i64 = Connection::open(&proof)
+            .unwrap()
+            .query_row("SELECT count(*) FROM users WHERE name LIKE 'after the backup %'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 30, "{format}");
+    }
+}

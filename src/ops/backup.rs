@@ -122,6 +122,17 @@ impl Sources {
         let database = match snapshot::open(db) {
             Ok(c) => DbSource::Live(c),
             Err(e) if !safety_copy => return Err(e),
+            // The database file gone but its WAL or journal still there (deleted by hand, the
+            // very disaster a restore is for): those hold the newest commits, and the restore
+            // moves them away, so the safety copy keeps them.
+            Err(_) if !db.exists() && !companions(db).is_empty() => {
+                log::warn!(
+                    "{} is missing but its {} is there: the safety copy keeps it as it is",
+                    db.display(),
+                    companions(db).join(" and ")
+                );
+                DbSource::Raw
+            }
             Err(_) if !db.exists() => DbSource::Missing,
             Err(e) => {
                 log::warn!("{e}; the safety copy will hold its files as they are");
@@ -162,7 +173,7 @@ impl Sources {
         }
         if raw {
             // A database SQLite cannot read: keep its bytes, all of them.
-            for suffix in ["", "-wal", "-shm", "-journal"] {
+            for suffix in DB_FILES {
                 let mut p = db.as_os_str().to_owned();
                 p.push(suffix);
                 let p = PathBuf::from(p);
@@ -326,25 +337,49 @@ pub fn chunk_key_path(s: &crate::config::Settings) -> PathBuf {
     s.path.parent().unwrap_or(Path::new("/etc/datavault")).join("chunk.key")
 }
 
+/// The suffixes of a database's files: itself, then what SQLite keeps beside it, in byte
+/// order (a snapshot's tree takes its entries sorted, and refuses them otherwise).
+const DB_FILES: [&str; 4] = ["", "-journal", "-shm", "-wal"];
+
+/// The WAL and rollback journal beside `db` that exist (even with `db` gone).
+fn companions(db: &Path) -> Vec<&'static str> {
+    ["-wal", "-journal"]
+        .into_iter()
+        .filter(|suffix| {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p).symlink_metadata().is_ok()
+        })
+        .collect()
+}
+
 /// A database that could not be snapshotted (the safety copy of a broken one): its files
-/// as they are, under `raw/`.
+/// as they are, under `raw/`. Only regular files: a FIFO or device put at a database path
+/// is opened without blocking, refused and named in `skipped` (opening a FIFO to read waits
+/// for a writer forever, with the app already stopped).
 fn add_raw_database(
     w: &mut crate::store::dedup::write::SnapshotWriter<'_>,
     db: &Path,
     skipped: &mut Vec<crate::manifest::Skipped>,
 ) -> Result<()> {
     use crate::store::dedup::write::FileOutcome;
-    for suffix in ["", "-wal", "-shm", "-journal"] {
+    for suffix in DB_FILES {
         let mut p = db.as_os_str().to_owned();
         p.push(suffix);
         let p = PathBuf::from(p);
-        let Ok(mut f) = std::fs::File::open(&p) else { continue };
-        let Ok(m) = f.metadata() else { continue };
-        if !m.is_file() {
+        if p.symlink_metadata().is_err() {
             continue;
         }
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let rel = format!("raw/{name}");
+        let opened = crate::fsutil::open_regular(&p).and_then(|f| Ok((f.metadata()?, f)));
+        let (m, mut f) = match opened {
+            Ok(ok) => ok,
+            Err(e) => {
+                skipped.push(crate::manifest::Skipped { path: rel, reason: format!("not copied: {e}") });
+                continue;
+            }
+        };
         let meta = crate::tree::EntryMeta::from_metadata(&m);
         if let FileOutcome::Unreadable(e) = w.add_file(rel.as_bytes(), &meta, None, &mut f, m.len())? {
             skipped.push(crate::manifest::Skipped { path: rel, reason: format!("unreadable: {e}") });
