@@ -158,9 +158,10 @@ fn collect_garbage(run: &Run, ds: &DedupStore, collect: Collect) -> Result<Optio
         gc::record_clean(ds, &cache)?;
     }
     log::info!(
-        "garbage collection: {} packs deleted, {} repacked, {} freed",
+        "garbage collection: {} packs deleted, {} repacked, {} leftover files removed, {} freed",
         out.packs_deleted,
         out.packs_repacked,
+        out.leftovers_deleted,
         crate::target::human_bytes(out.bytes_freed)
     );
     Ok(Some(out))

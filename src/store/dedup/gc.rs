@@ -198,6 +198,16 @@ pub fn plan_without(
     }
     tx.commit().map_err(|e| Error::sqlite("cache", e))?;
     plan.missing_chunks = count_missing(cache)?;
+    if plan.missing_chunks > 0 {
+        // Chunks a kept snapshot needs that no index file names: a lost or damaged index file
+        // (an interrupted backup's packs are never needed by a snapshot). A pack no index
+        // names may hold them, so this collection deletes no pack at all.
+        plan.blocked_by.push(format!(
+            "{} chunks that kept snapshots need are in no index file, so packs no index names may \
+             hold them: no pack is deleted until `datavault verify --all --deep` passes again",
+            plan.missing_chunks
+        ));
+    }
     for (hash, size) in &on_drive {
         plan.pack_bytes += size;
         if !stats.contains_key(hash) && plan.blocked_by.is_empty() {
