@@ -596,6 +596,65 @@ fn change_during_the_walk(f: Fixture) {
     f.expect(&["drill"], 0);
 }
 
+/// A file rewritten in place while it is read (same size): what a backup stores may mix two
+/// versions that never existed on disk. Red team, 2026-12-07: snapshots stored such a file
+/// and listed nothing (archives did). A writer stamps a generation into the first 8 bytes,
+/// then into the last 8, over and over: on disk the first is never behind the last, so a
+/// restored copy whose first is behind was torn, and must be listed as changed.
+#[test]
+fn a_file_rewritten_in_place_while_read_is_listed_whenever_it_comes_back_torn() {
+    for format in ["snapshots", "archives"] {
+        let f = Fixture::new();
+        f.set("store.format", format);
+        let video = f.app.uploads.join("video.bin");
+        const LEN: u64 = 8 << 20;
+        fs::write(&video, vec![0u8; LEN as usize]).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (video, stop) = (video.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let file = fs::OpenOptions::new().write(true).open(&video).unwrap();
+                let mut g = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    g += 1;
+                    file.write_all_at(&g.to_le_bytes(), 0).unwrap();
+                    file.write_all_at(&g.to_le_bytes(), LEN - 8).unwrap();
+                }
+            })
+        };
+        let generation = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+        let (mut torn, mut listed, mut runs) = (0, 0, 0);
+        while runs < 30 && torn == 0 {
+            runs += 1;
+            let b = f.backup();
+            let name = b["manifest"]["archive"].as_str().unwrap().to_string();
+            let is_listed = manifest_of(&b)["changed_during_backup"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p.as_str().unwrap().ends_with("video.bin"));
+            listed += usize::from(is_listed);
+            let out = f.path().join(format!("out-{runs}"));
+            f.expect(&["restore", &name, "--to", out.to_str().unwrap()], 0);
+            let back = fs::read(out.join("uploads/video.bin")).unwrap();
+            let (first, last) = (generation(&back[..8]), generation(&back[back.len() - 8..]));
+            if first < last {
+                torn += 1;
+                assert!(
+                    is_listed,
+                    "{format}: run {runs} stored video.bin torn ({first} < {last}) and listed nothing"
+                );
+            }
+            fs::remove_dir_all(&out).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        eprintln!("{format}: {runs} backups, {torn} torn copies, {listed} listed as changed");
+        assert!(listed > 0, "{format}: no backup in {runs} saw the file change while it was read");
+    }
+}
+
 #[test]
 fn symlink_loops_special_files_and_odd_names_have_defined_outcomes() {
     use std::os::unix::ffi::OsStrExt;

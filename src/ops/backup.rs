@@ -420,7 +420,19 @@ fn add_uploads(
                 }
                 match w.add_file(&rel, &meta, Some(&stat), &mut file, stat.size)? {
                     FileOutcome::Added { size, changed: c } => {
-                        if c {
+                        // Rewritten in place while read (same size): what was stored may be
+                        // a mix of two versions that never existed on disk. The writer's own
+                        // check sees only a size change; the times tell the rest, as for
+                        // archives.
+                        let after =
+                            rustix::fs::fstat(&file).ok().map(|st| crate::tree::FileStat::from_stat(&st));
+                        let rewritten =
+                            after.is_none_or(|a| a.size != stat.size || a.mtime_ns != stat.mtime_ns);
+                        if c || rewritten {
+                            log::warn!(
+                                "{}: changed while it was read; stored as read and listed in the manifest",
+                                manifest::escape_path(&rel)
+                            );
                             changed.push(manifest::escape_path(&rel));
                         }
                         info.files += 1;
