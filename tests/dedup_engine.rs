@@ -7,7 +7,7 @@ use std::fs;
 use std::sync::Arc;
 
 use datavault::progress::NoProgress;
-use datavault::store::backend::{Backend, LocalBackend};
+use datavault::store::backend::{Backend, LocalBackend, MemoryBackend};
 use datavault::store::dedup::gc::{self, GcOptions};
 use datavault::store::dedup::{verify, Cache, ChunkKey, Store};
 use dedup_util::*;
@@ -180,6 +180,46 @@ fn gc_frees_dead_packs_and_keeps_every_live_chunk() {
         backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-29T04:00:00.000Z")).unwrap();
     assert_eq!(m.added_chunks, 0, "nothing new: every chunk is still found after repacking");
     assert!(mem.snapshot().keys().all(|k| !k.ends_with(".partial")));
+}
+
+/// A pack lost from the drive leaves chunks of a kept snapshot missing, but no leftover pack
+/// can hold them (an index names them elsewhere): the collection still frees dead packs and
+/// leftovers. Only chunks no index names at all keep leftover packs (tests/snapshots.rs,
+/// `a_lost_index_file_...`).
+#[test]
+fn a_lost_pack_does_not_stop_the_collection_of_dead_ones() {
+    let src = tempfile::tempdir().unwrap();
+    make_source(src.path());
+    let (mem, store) = mem_store();
+    let mut cache = Cache::open_private().unwrap();
+    let (key, keys) = (ChunkKey::random(), Keys::new());
+    let packs = |mem: &MemoryBackend| -> Vec<String> {
+        mem.snapshot().into_keys().filter(|k| k.starts_with("store/packs/")).collect()
+    };
+    fs::write(src.path().join("uploads/a/b/big.bin"), noise(300, 300_000)).unwrap();
+    let first =
+        backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-21T04:00:00.000Z")).unwrap();
+    let packs_before = packs(&mem);
+    fs::write(src.path().join("uploads/a/b/big.bin"), noise(301, 300_000)).unwrap();
+    let second =
+        backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-22T04:00:00.000Z")).unwrap();
+    let new_pack =
+        packs(&mem).into_iter().find(|p| !packs_before.contains(p)).expect("the second backup wrote a pack");
+    mem.remove(&new_pack).unwrap();
+    gc::forget(&store, &first.0.snapshot).unwrap();
+    // A leftover of a killed backup: a pack no index names.
+    let leftover = format!("store/packs/ab/ab{}", "0".repeat(62));
+    mem.put(&leftover, vec![7u8; 1000]);
+
+    let plan = gc::plan(&store, &mut cache, &GcOptions::default()).unwrap();
+    assert!(plan.missing_chunks > 0, "the lost pack's chunks are missing: {plan:?}");
+    assert!(plan.blocked_by.is_empty(), "{:?}", plan.blocked_by);
+    assert!(plan.leftovers.contains(&leftover), "{:?}", plan.leftovers);
+    assert!(
+        !plan.delete.is_empty() || !plan.repack.is_empty(),
+        "the first snapshot's dead packs go: {plan:?}"
+    );
+    assert!(second.0.snapshot != first.0.snapshot);
 }
 
 #[test]

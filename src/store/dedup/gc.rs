@@ -188,29 +188,29 @@ pub fn plan_without(
                     if is_live(cache, id)? {
                         s.live_bytes += len;
                         s.live_chunks += 1;
-                        if on_drive.get(&p.hash) == Some(&p.size) {
-                            set_found(cache, id)?;
-                        }
+                        let on_the_drive = on_drive.get(&p.hash) == Some(&p.size);
+                        set_found(cache, id, if on_the_drive { FOUND } else { INDEXED })?;
                     }
                 }
             }
         }
     }
     tx.commit().map_err(|e| Error::sqlite("cache", e))?;
-    plan.missing_chunks = count_missing(cache)?;
-    if plan.missing_chunks > 0 {
-        // Chunks a kept snapshot needs that no index file names: a lost or damaged index file
-        // (an interrupted backup's packs are never needed by a snapshot). A pack no index
-        // names may hold them, so this collection deletes no pack at all.
-        plan.blocked_by.push(format!(
-            "{} chunks that kept snapshots need are in no index file, so packs no index names may \
-             hold them: no pack is deleted until `datavault verify --all --deep` passes again",
-            plan.missing_chunks
-        ));
+    plan.missing_chunks = count_missing(cache, FOUND)?;
+    // Chunks a kept snapshot needs that no index file names: a lost or damaged index file
+    // (an interrupted backup's packs are never needed by a snapshot). A pack no index names
+    // may hold them, so none is taken for a leftover. (Chunks whose indexed pack is gone are
+    // missing too, but no leftover can hold them: those do not stop the collection.)
+    let unindexed = count_missing(cache, INDEXED)?;
+    if unindexed > 0 {
+        log::warn!(
+            "{unindexed} chunks that kept snapshots need are in no index file (one was lost?): packs no \
+             index names are kept; `datavault verify --all --deep` names the snapshots concerned"
+        );
     }
     for (hash, size) in &on_drive {
         plan.pack_bytes += size;
-        if !stats.contains_key(hash) && plan.blocked_by.is_empty() {
+        if !stats.contains_key(hash) && plan.blocked_by.is_empty() && unindexed == 0 {
             plan.leftovers.push(format::pack_path(&hex::encode(hash)));
             plan.leftover_bytes += size;
         }
@@ -261,18 +261,24 @@ fn is_live(cache: &Cache, id: &[u8; 32]) -> Result<bool> {
     st.exists([&id[..]]).map_err(|e| Error::sqlite("cache", e))
 }
 
-fn set_found(cache: &Cache, id: &[u8; 32]) -> Result<()> {
+/// `live.found`: 0 = no index names the chunk, [`INDEXED`] = an index does but not in a pack
+/// on the drive, [`FOUND`] = in an indexed pack on the drive.
+const INDEXED: i64 = 1;
+const FOUND: i64 = 2;
+
+fn set_found(cache: &Cache, id: &[u8; 32], level: i64) -> Result<()> {
     let mut st = cache
         .conn
-        .prepare_cached("UPDATE live SET found=1 WHERE id=?1")
+        .prepare_cached("UPDATE live SET found=max(found, ?2) WHERE id=?1")
         .map_err(|e| Error::sqlite("cache", e))?;
-    st.execute([&id[..]]).map(|_| ()).map_err(|e| Error::sqlite("cache", e))
+    st.execute(rusqlite::params![&id[..], level]).map(|_| ()).map_err(|e| Error::sqlite("cache", e))
 }
 
-fn count_missing(cache: &Cache) -> Result<u64> {
+/// Live chunks below `level`.
+fn count_missing(cache: &Cache, level: i64) -> Result<u64> {
     cache
         .conn
-        .query_row("SELECT count(*) FROM live WHERE found=0", [], |r| r.get::<_, i64>(0))
+        .query_row("SELECT count(*) FROM live WHERE found<?1", [level], |r| r.get::<_, i64>(0))
         .map(|n| n as u64)
         .map_err(|e| Error::sqlite("cache", e))
 }
