@@ -794,9 +794,10 @@ impl Layout {
     fn moved(&self) -> Vec<(String, PathBuf)> {
         let mut v = vec![("source.database".to_string(), self.database.clone())];
         for suffix in ["-wal", "-shm", "-journal"] {
-            let mut p = self.database.as_os_str().to_owned();
-            p.push(suffix);
-            v.push((format!("source.database's {suffix} file"), PathBuf::from(p)));
+            v.push((
+                format!("source.database's {suffix} file"),
+                crate::fsutil::with_suffix(&self.database, suffix),
+            ));
         }
         if let Some(u) = &self.uploads {
             v.push(("source.uploads".to_string(), u.clone()));

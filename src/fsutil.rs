@@ -25,6 +25,14 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).context(|| format!("cannot fsync directory {}", dir.display()))
 }
 
+/// `p` with `suffix` appended to its last component, as SQLite names a database's `-wal`,
+/// `-shm` and `-journal` (bytes, not `Path::join`).
+pub fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 /// Open a file we are told to read (config, identity, marker): following a symlink is the
 /// admin's choice, but it must lead to a regular file. `O_NONBLOCK` so a FIFO put there
 /// cannot hang us: it is refused by the check instead.

@@ -221,9 +221,7 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
 }
 
 fn journal_exists(db: &Path) -> bool {
-    let mut p = db.as_os_str().to_owned();
-    p.push("-journal");
-    std::path::Path::new(&p).exists()
+    crate::fsutil::with_suffix(db, "-journal").exists()
 }
 
 /// A failure reading the database (not writing the archive), carried through `io::Error`

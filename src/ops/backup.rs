@@ -125,15 +125,19 @@ impl Sources {
             // The database file gone but its WAL or journal still there (deleted by hand, the
             // very disaster a restore is for): those hold the newest commits, and the restore
             // moves them away, so the safety copy keeps them.
-            Err(_) if !db.exists() && !companions(db).is_empty() => {
-                log::warn!(
-                    "{} is missing but its {} is there: the safety copy keeps it as it is",
-                    db.display(),
-                    companions(db).join(" and ")
-                );
-                DbSource::Raw
+            Err(_) if !db.exists() => {
+                let found = companions(db);
+                if found.is_empty() {
+                    DbSource::Missing
+                } else {
+                    log::warn!(
+                        "{} is missing but its {} is there: the safety copy keeps it as it is",
+                        db.display(),
+                        found.join(" and ")
+                    );
+                    DbSource::Raw
+                }
             }
-            Err(_) if !db.exists() => DbSource::Missing,
             Err(e) => {
                 log::warn!("{e}; the safety copy will hold its files as they are");
                 DbSource::Raw
@@ -174,9 +178,7 @@ impl Sources {
         if raw {
             // A database SQLite cannot read: keep its bytes, all of them.
             for suffix in DB_FILES {
-                let mut p = db.as_os_str().to_owned();
-                p.push(suffix);
-                let p = PathBuf::from(p);
+                let p = crate::fsutil::with_suffix(db, suffix);
                 if p.exists() {
                     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                     writer
@@ -295,9 +297,7 @@ fn record(run: &Run, listing: &crate::store::Listing, m: &Manifest) {
 pub fn estimate_size(db: &Path, uploads: Option<&Path>, threads: usize) -> u64 {
     let mut total = 0u64;
     for suffix in ["", "-wal"] {
-        let mut p = db.as_os_str().to_owned();
-        p.push(suffix);
-        total += std::fs::metadata(PathBuf::from(p)).map(|m| m.len()).unwrap_or(0);
+        total += std::fs::metadata(crate::fsutil::with_suffix(db, suffix)).map(|m| m.len()).unwrap_or(0);
     }
     if let Some(u) = uploads {
         // A first backup waits for this before it starts: the workers it may use help.
@@ -345,11 +345,7 @@ const DB_FILES: [&str; 4] = ["", "-journal", "-shm", "-wal"];
 fn companions(db: &Path) -> Vec<&'static str> {
     ["-wal", "-journal"]
         .into_iter()
-        .filter(|suffix| {
-            let mut p = db.as_os_str().to_owned();
-            p.push(suffix);
-            PathBuf::from(p).symlink_metadata().is_ok()
-        })
+        .filter(|suffix| crate::fsutil::with_suffix(db, suffix).symlink_metadata().is_ok())
         .collect()
 }
 
@@ -364,9 +360,7 @@ fn add_raw_database(
 ) -> Result<()> {
     use crate::store::dedup::write::FileOutcome;
     for suffix in DB_FILES {
-        let mut p = db.as_os_str().to_owned();
-        p.push(suffix);
-        let p = PathBuf::from(p);
+        let p = crate::fsutil::with_suffix(db, suffix);
         if p.symlink_metadata().is_err() {
             continue;
         }

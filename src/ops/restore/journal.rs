@@ -129,11 +129,7 @@ impl Journal {
         }
         let mut live: Vec<PathBuf> = ["", "-wal", "-shm", "-journal"]
             .iter()
-            .map(|sfx| {
-                let mut p = s.source.database.as_os_str().to_owned();
-                p.push(sfx);
-                PathBuf::from(p)
-            })
+            .map(|sfx| crate::fsutil::with_suffix(&s.source.database, sfx))
             .collect();
         live.extend(s.source.uploads.iter().cloned());
         let below = |p: &Path, dirs: &[PathBuf]| dirs.iter().any(|d| p.parent() == Some(d.as_path()));

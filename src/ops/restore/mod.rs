@@ -426,7 +426,7 @@ fn stop_and_save(run: &Run, name: &str, safety: SafetyCopy) -> Result<Option<Str
     // An app still holding its database would go on writing to the old file once it is
     // renamed aside: every write lost, silently.
     let db = &s.source.database;
-    let users = run.env.system_root.processes_using(&[db.clone(), plan::with_suffix(db, "-wal")]);
+    let users = run.env.system_root.processes_using(&[db.clone(), crate::fsutil::with_suffix(db, "-wal")]);
     if !users.is_empty() {
         let _ = restart(run);
         let why = match &s.service {
@@ -741,7 +741,7 @@ fn checkpoint_and_close(db: &Path) -> Result<()> {
         .map_err(|e| Error::sqlite("cannot checkpoint the staged database", e))?;
     drop(conn);
     for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(plan::with_suffix(db, suffix));
+        let _ = std::fs::remove_file(crate::fsutil::with_suffix(db, suffix));
     }
     Ok(())
 }

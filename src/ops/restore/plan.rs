@@ -156,7 +156,7 @@ impl RestorePlan {
         let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
         let mut moves = Vec::new();
         for suffix in ["-wal", "-shm", "-journal"] {
-            let live = with_suffix(&db.live, suffix);
+            let live = crate::fsutil::with_suffix(&db.live, suffix);
             let name = live.file_name().expect("a file name").to_owned();
             moves.push(Move {
                 aside: db.aside.join(&name),
@@ -186,12 +186,6 @@ impl RestorePlan {
         }
         moves
     }
-}
-
-pub fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 /// Is `p` on another filesystem than its parent folder?

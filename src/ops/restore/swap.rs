@@ -220,8 +220,8 @@ fn free_name(dirs: &Dirs, p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::super::journal::Phase;
-    use super::super::plan::with_suffix;
     use super::*;
+    use crate::fsutil::with_suffix;
 
     fn exists(p: &Path) -> bool {
         std::fs::symlink_metadata(p).is_ok()

@@ -157,9 +157,7 @@ impl Cache {
             Err(e) => {
                 log::warn!("{}: cache unusable ({e}); rebuilding it from the drive", path.display());
                 for suffix in ["", "-wal", "-shm", "-journal"] {
-                    let mut p = path.as_os_str().to_owned();
-                    p.push(suffix);
-                    let _ = std::fs::remove_file(p);
+                    let _ = std::fs::remove_file(crate::fsutil::with_suffix(path, suffix));
                 }
                 Cache::try_open(path)
             }
