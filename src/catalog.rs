@@ -28,7 +28,7 @@ use crate::error::{Context, Error, Result};
 use crate::retention::ArchiveKind;
 
 /// The schema this code reads and writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a writer waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,6 +118,32 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_pending ON deliveries (status) WHERE status = 'PENDING';
 "#;
 
+/// Version 3: `verify` records what it found (VERIFY_PASSED, VERIFY_FAILED), so retention knows
+/// an archive that failed a check (red team 2026-12-07, finding 3). SQLite cannot change a
+/// CHECK constraint in place: the events table is copied into a new one, ids kept, and its
+/// AUTOINCREMENT high-water mark moved over (an id once used is never given again).
+const SCHEMA_V3: &str = r#"
+CREATE TABLE events_v3 (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          TEXT NOT NULL,
+    run_id      INTEGER REFERENCES runs (id),
+    event       TEXT NOT NULL CHECK (event IN ('BACKUP_CREATED', 'SYSTEM_RESTORED', 'DRILL_PASSED',
+                    'DRILL_FAILED', 'PRUNED', 'RESTORE_ROLLED_BACK', 'ARCHIVE_MISSING',
+                    'VERIFY_PASSED', 'VERIFY_FAILED')),
+    archive     TEXT,
+    detail      TEXT NOT NULL
+);
+INSERT INTO events_v3 (id, at, run_id, event, archive, detail)
+    SELECT id, at, run_id, event, archive, detail FROM events ORDER BY id;
+DELETE FROM sqlite_sequence WHERE name = 'events_v3';
+UPDATE sqlite_sequence SET name = 'events_v3' WHERE name = 'events';
+DROP TABLE events;
+ALTER TABLE events_v3 RENAME TO events;
+CREATE INDEX events_by_event ON events (event, id);
+CREATE INDEX events_by_run ON events (run_id);
+CREATE INDEX events_by_archive ON events (archive);
+"#;
+
 /// Gives an enum its stored text form (`as_str`, `parse`, `Display`, `ALL`).
 macro_rules! stored_as_text {
     ($ty:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -186,6 +212,10 @@ pub enum Event {
     Pruned,
     RestoreRolledBack,
     ArchiveMissing,
+    /// `datavault verify` passed an archive; the detail starts with `deep:` or `shallow:`.
+    VerifyPassed,
+    /// `datavault verify` found an archive damaged; the detail starts with `deep:` or `shallow:`.
+    VerifyFailed,
 }
 
 stored_as_text!(Event {
@@ -196,7 +226,18 @@ stored_as_text!(Event {
     Pruned => "PRUNED",
     RestoreRolledBack => "RESTORE_ROLLED_BACK",
     ArchiveMissing => "ARCHIVE_MISSING",
+    VerifyPassed => "VERIFY_PASSED",
+    VerifyFailed => "VERIFY_FAILED",
 });
+
+/// In a drill event's detail: the drill read the offsite copy, which proves nothing about the
+/// drive's.
+pub const FROM_OFFSITE: &str = ", from the offsite copy ";
+
+/// How a verify event's detail starts: `verify --deep` (decrypted and hashed every file) or
+/// plain `verify` (the archive file's SHA-256, or a snapshot's packs).
+pub const VERIFY_DEEP: &str = "deep: ";
+pub const VERIFY_SHALLOW: &str = "shallow: ";
 
 /// One invocation of a datavault command.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -571,6 +612,40 @@ impl Catalog {
             .context(|| self.what(format!("reading the last `{command}` run")))
     }
 
+    /// The archives on the drive that a drill or `verify` failed and no check at least as
+    /// thorough passed since, each with what the last such failure said. Thoroughness: a
+    /// drill (restores and checks the database), then `verify --deep` (decrypts and hashes
+    /// every file), then `verify` (the archive file's SHA-256). A drill of the offsite copy
+    /// says nothing about the drive's and is not counted.
+    pub fn failed_checks(&self) -> Result<std::collections::HashMap<String, String>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE archive IS NOT NULL AND event IN (?1, ?2, ?3, ?4) ORDER BY id"
+        );
+        let kinds = [Event::DrillPassed, Event::DrillFailed, Event::VerifyPassed, Event::VerifyFailed];
+        let events = self
+            .query(&sql, rusqlite::params_from_iter(kinds.iter().map(|e| e.as_str())), event_from_row)
+            .context(|| self.what("reading the drill and verify results"))?;
+        // Per archive: the failures not yet answered by a pass as thorough, (depth, detail).
+        let mut open: std::collections::HashMap<String, Vec<(u8, String)>> = Default::default();
+        for e in events {
+            if e.detail.contains(FROM_OFFSITE) {
+                continue;
+            }
+            let depth = match e.event {
+                Event::DrillPassed | Event::DrillFailed => 3,
+                _ if e.detail.starts_with(VERIFY_DEEP) => 2,
+                _ => 1,
+            };
+            let failures = open.entry(e.archive.unwrap_or_default()).or_default();
+            if matches!(e.event, Event::DrillFailed | Event::VerifyFailed) {
+                failures.push((depth, e.detail));
+            } else {
+                failures.retain(|(d, _)| *d > depth);
+            }
+        }
+        Ok(open.into_iter().filter_map(|(name, f)| Some((name, f.last()?.1.clone()))).collect())
+    }
+
     /// The most recent event of any of the given kinds; `None` for an empty list.
     pub fn last_event(&self, events: &[Event]) -> Result<Option<EventRecord>> {
         if events.is_empty() {
@@ -648,10 +723,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
             }
             tx.execute_batch(SCHEMA_V1).context(doing)?;
             tx.execute_batch(SCHEMA_V2).context(doing)?;
+            tx.execute_batch(SCHEMA_V3).context(doing)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).context(doing)?;
         }
-        1 => {
-            tx.execute_batch(SCHEMA_V2).context(doing)?;
+        1 | 2 => {
+            if version == 1 {
+                tx.execute_batch(SCHEMA_V2).context(doing)?;
+            }
+            tx.execute_batch(SCHEMA_V3).context(doing)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION).context(doing)?;
         }
         SCHEMA_VERSION => {}
@@ -1158,6 +1237,73 @@ mod tests {
             .unwrap();
         assert_eq!(told, "1", "the restore made before the upgrade counts as told");
         assert_eq!(cat.events(10).unwrap().len(), 1, "the old data is kept");
+    }
+
+    #[test]
+    fn a_version_2_catalog_keeps_its_events_and_their_ids_and_takes_verify_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            for (i, e) in [Event::BackupCreated, Event::DrillFailed, Event::Pruned].into_iter().enumerate() {
+                insert_event(&conn, None, at(1, 2 + i as u32), e, Some("backup-a"), "old").unwrap();
+            }
+            conn.execute("DELETE FROM events WHERE event = 'PRUNED'", []).unwrap();
+            let refused = insert_event(&conn, None, at(2, 0), Event::VerifyFailed, Some("backup-a"), "x");
+            assert!(refused.is_err(), "version 2 refuses the new events");
+        }
+        let cat = Catalog::open(&path).unwrap();
+        let v: i64 = cat.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let ids: Vec<i64> = cat.events(10).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(ids, [2, 1], "events and their ids are kept");
+        cat.record_event(None, at(3, 0), Event::VerifyFailed, Some("backup-a"), "deep: damaged").unwrap();
+        let newest = &cat.events(1).unwrap()[0];
+        assert_eq!((newest.id, newest.event), (4, Event::VerifyFailed), "ids are never reused");
+        let indexes: i64 = cat
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 3);
+    }
+
+    #[test]
+    fn a_failed_check_stands_until_one_as_thorough_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cat, _) = open_in(&dir);
+        let mut t = 0;
+        let mut ev = |e: Event, name: &str, detail: &str| {
+            t += 1;
+            cat.record_event(None, at(1, t), e, Some(name), detail).unwrap();
+        };
+        // a: failed its drill; a shallow and a deep verify pass after do not clear that.
+        ev(Event::DrillFailed, "a", "integrity_check: page 3 is never used");
+        ev(Event::VerifyPassed, "a", "shallow: SHA-256 matches");
+        ev(Event::VerifyPassed, "a", "deep: 3 files");
+        // b: a deep verify failed, then a drill passed.
+        ev(Event::VerifyFailed, "b", "deep: file x differs");
+        ev(Event::DrillPassed, "b", "5 checks");
+        // c: a shallow verify failed and passed again (the file was put back).
+        ev(Event::VerifyFailed, "c", "shallow: truncated");
+        ev(Event::VerifyPassed, "c", "shallow: SHA-256 matches");
+        // d: passed its drill, then a shallow verify failed.
+        ev(Event::DrillPassed, "d", "5 checks");
+        ev(Event::VerifyFailed, "d", "shallow: SHA-256 differs");
+        // e: only the offsite copy failed its drill.
+        ev(Event::DrillFailed, "e", &format!("damaged{FROM_OFFSITE}s3://b/p"));
+        let failed = cat.failed_checks().unwrap();
+        let mut names: Vec<&str> = failed.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["a", "d"]);
+        assert_eq!(failed["a"], "integrity_check: page 3 is never used");
+        assert_eq!(failed["d"], "shallow: SHA-256 differs");
     }
 
     #[test]

@@ -2,16 +2,26 @@
 //!
 //! This module only *decides*; it never deletes. The caller prunes what [`RetentionPolicy::apply`]
 //! marks `keep: false`, and `--dry-run` shows the very same decisions. Whatever the policy says,
-//! two guarantees hold, because an over-eager prune on a drive that is the only copy is the one
+//! these guarantees hold, because an over-eager prune on a drive that is the only copy is the one
 //! mistake a backup tool cannot undo:
 //!
-//! - the newest *good* backup is always kept, even when every `keep_*` is 0;
+//! - the newest *good* backup is always kept, even when every `keep_*` is 0. Good means
+//!   complete on the drive and not failed by its last drill or verify ([`Health`]): a newer
+//!   backup that failed its drill never makes the last intact one "old";
 //! - when there is no good backup at all, nothing is deleted: a damaged archive may still give
-//!   back part of the data, an empty drive gives back nothing.
+//!   back part of the data, an empty drive gives back nothing;
+//! - a damaged archive (incomplete, or failed its last check) takes no good archive's slot,
+//!   and is kept as long as the rules would keep it were it intact: it may be a renamed or
+//!   truncated copy that still gives back most of the data, a snapshot whose small refs file
+//!   was lost, or the faithful copy of a live database that was damaged already. It goes when
+//!   the policy has moved past it, not at the next backup;
+//! - a pre-restore archive (taken automatically before a restore overwrites the live data) is
+//!   kept for [`PRE_RESTORE_GRACE`] whatever the count: three retried restores in one morning
+//!   must not push out the only copy of what the first one replaced.
 //!
 //! Buckets are UTC calendar days, ISO weeks and calendar months, so a Pi whose time zone
-//! changes does not reshuffle them. Pre-restore archives (taken automatically before a restore
-//! overwrites the live data) are counted apart and never use up a backup rule's slot.
+//! changes does not reshuffle them. Pre-restore archives are counted apart and never use up a
+//! backup rule's slot.
 //!
 //! [`check_clock`] exists because a Pi has no battery-backed clock: until NTP answers it may
 //! believe it is years in the past, and a "newest" archive stamped then would upset every rule.
@@ -68,14 +78,55 @@ impl std::fmt::Display for ArchiveKind {
     }
 }
 
+/// How long a pre-restore archive is kept whatever `keep_pre_restore` says: the time an owner
+/// may take to notice that a restore put back the wrong backup.
+pub const PRE_RESTORE_GRACE: TimeDelta = TimeDelta::days(7);
+
+/// What the drive and the catalog know of an archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Complete on the drive; no drill or verify has failed it since it last passed one.
+    Good,
+    /// Complete, but its last drill or verify failed: it may not restore, or it restores a
+    /// database that was already damaged when it was backed up.
+    FailedCheck,
+    /// Its manifest does not describe what is on the drive: the archive is missing, has the
+    /// wrong size, or a snapshot's refs or tree cannot be read.
+    Incomplete,
+}
+
+impl Health {
+    /// From what the listing and the catalog say.
+    pub fn of(complete: bool, failed_check: bool) -> Health {
+        match (complete, failed_check) {
+            (false, _) => Health::Incomplete,
+            (true, true) => Health::FailedCheck,
+            (true, false) => Health::Good,
+        }
+    }
+
+    fn why_not_good(self) -> &'static str {
+        match self {
+            Health::Good => "good",
+            Health::FailedCheck => "failed its last drill or verify",
+            Health::Incomplete => "incomplete or damaged on the drive",
+        }
+    }
+}
+
 /// An archive found on the target, as retention sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub name: String,
     pub kind: ArchiveKind,
     pub created: DateTime<Utc>,
-    /// The manifest and the archive are both present and consistent with each other.
-    pub good: bool,
+    pub health: Health,
+}
+
+impl Candidate {
+    pub fn is_good(&self) -> bool {
+        self.health == Health::Good
+    }
 }
 
 /// The verdict on one candidate.
@@ -84,37 +135,44 @@ pub struct Decision {
     pub name: String,
     pub keep: bool,
     /// Why it is kept (`"last 3"`, `"daily 2026-11-20"`, `"weekly 2026-W47"`, `"monthly 2026-11"`,
-    /// `"newest good archive"`, `"pre-restore 1"`, `"no good backup: keeping everything"`) or why
-    /// not (`"not good: pruned"`, `"no rule keeps it"`, `"pre-restore beyond the newest N"`).
+    /// `"newest good archive"`, `"pre-restore 1"`, `"pre-restore made within 7 days (beyond the
+    /// newest 3)"`,
+    /// `"no good backup: keeping everything"`, `"failed its last drill or verify; kept as if
+    /// intact: last 2"`) or why not (`"no rule keeps it"`, `"pre-restore beyond the newest N"`,
+    /// `"incomplete or damaged on the drive; no rule would keep it even intact"`).
     /// Never empty.
     pub reasons: Vec<String>,
     /// An **estimate** of when the archive will stop being kept, assuming one backup a day from
     /// now on: the latest of `created` + `keep_last` days, + `keep_daily` days, + `keep_weekly`
     /// weeks and + `keep_monthly` x 31 days, over the rules that keep it. `None` when it is not
-    /// kept, when only "newest good archive" keeps it, and for pre-restore archives (they go
-    /// when newer restores push them out, not with time).
+    /// kept, when only "newest good archive" keeps it, for damaged archives (they go when the
+    /// good ones as old go) and for pre-restore archives (they go when newer restores push them
+    /// out, after [`PRE_RESTORE_GRACE`]).
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// Reasons that do not keep an archive; everything else in [`Decision::reasons`] does.
-const NOT_GOOD: &str = "not good: pruned";
 const NO_RULE: &str = "no rule keeps it";
 const NEWEST_GOOD: &str = "newest good archive";
 const NO_GOOD_BACKUP: &str = "no good backup: keeping everything";
+const NOT_KEPT_EVEN_INTACT: &str = "no rule would keep it even intact";
 
 impl RetentionPolicy {
     /// Decide for every candidate (any order in, newest-first out, one decision per candidate).
+    /// `now` only dates the pre-restore grace ([`PRE_RESTORE_GRACE`]).
     ///
-    /// Only good backups count for the rules. They are walked newest first; `keep_last` keeps
-    /// the N newest, and each of `keep_daily` / `keep_weekly` / `keep_monthly` keeps the newest
-    /// archive of each of the N most recent days / ISO weeks / months that have one (restic:
-    /// a period counts only when it yields a kept archive, so gaps in the schedule do not eat
-    /// the budget). An archive is kept when any rule keeps it.
-    pub fn apply(&self, candidates: &[Candidate]) -> Vec<Decision> {
+    /// Good archives are decided among themselves, as if the damaged ones were not there:
+    /// they are walked newest first; `keep_last` keeps the N newest, and each of `keep_daily`
+    /// / `keep_weekly` / `keep_monthly` keeps the newest archive of each of the N most recent
+    /// days / ISO weeks / months that have one (restic: a period counts only when it yields a
+    /// kept archive, so gaps in the schedule do not eat the budget). An archive is kept when
+    /// any rule keeps it. A damaged archive is then kept when the same rules would keep it
+    /// were every archive intact: it takes no good archive's slot, and goes when the policy
+    /// moves past it (the module's comment says why).
+    pub fn apply(&self, candidates: &[Candidate], now: DateTime<Utc>) -> Vec<Decision> {
         let mut order: Vec<&Candidate> = candidates.iter().collect();
         order.sort_by(|a, b| newest_first(a, b));
 
-        if !order.iter().any(|c| c.good && c.kind == ArchiveKind::Backup) {
+        if !order.iter().any(|c| c.is_good() && c.kind == ArchiveKind::Backup) {
             return order
                 .into_iter()
                 .map(|c| Decision {
@@ -126,28 +184,70 @@ impl RetentionPolicy {
                 .collect();
         }
 
+        let good: Vec<&Candidate> = order.iter().copied().filter(|c| c.is_good()).collect();
+        let mut good_decisions = self.rules(&good, now).into_iter();
+        let mut as_if_intact = self.rules(&order, now).into_iter();
+        order
+            .iter()
+            .map(|c| {
+                let if_intact = as_if_intact.next().expect("one decision per candidate");
+                if c.is_good() {
+                    return good_decisions.next().expect("one decision per good candidate");
+                }
+                let why = c.health.why_not_good();
+                let reason = if if_intact.keep {
+                    let rules: Vec<&str> = if_intact
+                        .reasons
+                        .iter()
+                        .map(|r| if r == NEWEST_GOOD { "newest backup" } else { r.as_str() })
+                        .collect();
+                    format!("{why}; kept as if intact: {}", rules.join(", "))
+                } else {
+                    format!("{why}; {NOT_KEPT_EVEN_INTACT}")
+                };
+                Decision {
+                    name: c.name.clone(),
+                    keep: if_intact.keep,
+                    reasons: vec![reason],
+                    expires_at: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The rules applied to `order` (newest first), every archive in it taken as good.
+    fn rules(&self, order: &[&Candidate], now: DateTime<Utc>) -> Vec<Decision> {
         let mut last = 0u32;
         let mut daily = Bucket::new(self.keep_daily);
         let mut weekly = Bucket::new(self.keep_weekly);
         let mut monthly = Bucket::new(self.keep_monthly);
         let mut pre_restore = 0u32;
-        let mut seen_good_backup = false;
+        let mut seen_backup = false;
 
         let mut decisions = Vec::with_capacity(order.len());
         for c in order {
             let mut reasons = Vec::new();
             let mut expires_at = None;
-            match (c.kind, c.good) {
-                (_, false) => reasons.push(NOT_GOOD.to_string()),
-                (ArchiveKind::PreRestore, true) => {
+            let keep = match c.kind {
+                ArchiveKind::PreRestore => {
+                    let grace = PRE_RESTORE_GRACE.num_days();
                     if pre_restore < self.keep_pre_restore {
                         pre_restore += 1;
                         reasons.push(format!("pre-restore {pre_restore}"));
+                        true
+                    } else if now - c.created < PRE_RESTORE_GRACE {
+                        reasons.push(format!(
+                            "pre-restore made within {grace} days (beyond the newest {})",
+                            self.keep_pre_restore
+                        ));
+                        expires_at = c.created.checked_add_signed(PRE_RESTORE_GRACE);
+                        true
                     } else {
                         reasons.push(format!("pre-restore beyond the newest {}", self.keep_pre_restore));
+                        false
                     }
                 }
-                (ArchiveKind::Backup, true) => {
+                ArchiveKind::Backup => {
                     let created = c.created;
                     // Counts beyond chrono's range (~262,000 years) saturate rather than vanish.
                     let mut extend = |span: Option<TimeDelta>| {
@@ -175,25 +275,22 @@ impl RetentionPolicy {
                         reasons.push(format!("monthly {:04}-{:02}", day.year(), day.month()));
                         extend(TimeDelta::try_days(i64::from(self.keep_monthly) * 31));
                     }
-                    if !seen_good_backup {
-                        seen_good_backup = true;
+                    if !seen_backup {
+                        seen_backup = true;
                         reasons.push(NEWEST_GOOD.to_string());
                     }
                     if reasons.is_empty() {
                         reasons.push(NO_RULE.to_string());
+                        false
+                    } else {
+                        true
                     }
                 }
-            }
-            let keep = reasons.iter().any(|r| keeps(r));
+            };
             decisions.push(Decision { name: c.name.clone(), keep, reasons, expires_at });
         }
         decisions
     }
-}
-
-/// True when a reason from [`Decision::reasons`] is one that keeps the archive.
-fn keeps(reason: &str) -> bool {
-    !(reason == NOT_GOOD || reason == NO_RULE || reason.starts_with("pre-restore beyond"))
 }
 
 /// Newest first; ties broken by name (then the rest) so that input order never matters.
@@ -201,7 +298,7 @@ fn newest_first(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
     b.created
         .cmp(&a.created)
         .then_with(|| b.name.cmp(&a.name))
-        .then_with(|| b.good.cmp(&a.good))
+        .then_with(|| b.is_good().cmp(&a.is_good()))
         .then_with(|| (a.kind as u8).cmp(&(b.kind as u8)))
 }
 
@@ -270,6 +367,9 @@ mod tests {
     use chrono::{NaiveDate, TimeZone};
     use std::collections::{BTreeSet, HashMap};
 
+    /// "Now" for the tests that do not test the pre-restore grace: long after every archive.
+    const NOW: DateTime<Utc> = DateTime::<Utc>::MAX_UTC;
+
     fn at(y: i32, mo: u32, d: u32, h: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, 0, 0).unwrap()
     }
@@ -279,7 +379,7 @@ mod tests {
             name: format!("backup-{}", t.format("%Y%m%dT%H%M%S")),
             kind: ArchiveKind::Backup,
             created: t,
-            good: true,
+            health: Health::Good,
         }
     }
 
@@ -288,7 +388,7 @@ mod tests {
             name: format!("pre-restore-{}", t.format("%Y%m%dT%H%M%S")),
             kind: ArchiveKind::PreRestore,
             created: t,
-            good: true,
+            health: Health::Good,
         }
     }
 
@@ -306,8 +406,12 @@ mod tests {
         decisions.iter().filter(|d| d.keep).map(|d| d.name.clone()).collect()
     }
 
+    fn decision_of<'a>(decisions: &'a [Decision], name: &str) -> &'a Decision {
+        decisions.iter().find(|d| d.name == name).unwrap()
+    }
+
     fn reasons_of<'a>(decisions: &'a [Decision], name: &str) -> &'a [String] {
-        &decisions.iter().find(|d| d.name == name).unwrap().reasons
+        &decision_of(decisions, name).reasons
     }
 
     /// One backup a day at 02:00, `days` days ending on 2026-11-20 (a Friday, ISO week 47).
@@ -318,7 +422,7 @@ mod tests {
 
     #[test]
     fn daily_backups_over_400_days_keep_what_restic_keeps() {
-        let decisions = policy(7, 7, 4, 6, 3).apply(&daily_backups(400));
+        let decisions = policy(7, 7, 4, 6, 3).apply(&daily_backups(400), NOW);
         assert_eq!(decisions.len(), 400);
         let names: BTreeSet<String> = [
             // last 7 and daily 7: 14..20 November
@@ -353,7 +457,7 @@ mod tests {
     fn output_is_newest_first() {
         let mut input = daily_backups(30);
         input.reverse();
-        let decisions = RetentionPolicy::default().apply(&input);
+        let decisions = RetentionPolicy::default().apply(&input, NOW);
         let mut names: Vec<_> = decisions.iter().map(|d| d.name.clone()).collect();
         assert_eq!(names[0], "backup-20261120T020000");
         let sorted = {
@@ -371,7 +475,7 @@ mod tests {
             backup(at(2026, 11, 19, 2)),
             backup(at(2026, 11, 18, 2)),
         ];
-        let decisions = policy(0, 2, 0, 0, 0).apply(&input);
+        let decisions = policy(0, 2, 0, 0, 0).apply(&input, NOW);
         assert_eq!(
             kept(&decisions),
             ["backup-20261120T140000", "backup-20261119T020000"].map(String::from).into()
@@ -385,43 +489,79 @@ mod tests {
 
     #[test]
     fn all_zero_keeps_only_the_newest() {
-        let decisions = policy(0, 0, 0, 0, 0).apply(&daily_backups(10));
+        let decisions = policy(0, 0, 0, 0, 0).apply(&daily_backups(10), NOW);
         assert_eq!(kept(&decisions), ["backup-20261120T020000".to_string()].into());
         assert_eq!(decisions[0].reasons, ["newest good archive"]);
         assert_eq!(decisions[0].expires_at, None, "an estimate needs a rule");
     }
 
     #[test]
-    fn damaged_newest_is_pruned_and_the_newest_good_one_kept() {
-        let mut input = daily_backups(3);
-        input[0].good = false;
-        let decisions = policy(0, 0, 0, 0, 0).apply(&input);
-        assert_eq!(decisions[0].name, "backup-20261120T020000");
-        assert!(!decisions[0].keep);
-        assert_eq!(decisions[0].reasons, ["not good: pruned"]);
-        assert_eq!(kept(&decisions), ["backup-20261119T020000".to_string()].into());
+    fn a_damaged_newest_is_kept_beside_the_newest_good_one_and_takes_no_slot() {
+        for health in [Health::Incomplete, Health::FailedCheck] {
+            let mut input = daily_backups(3);
+            input[0].health = health;
+            let decisions = policy(0, 0, 0, 0, 0).apply(&input, NOW);
+            assert_eq!(decisions[0].name, "backup-20261120T020000");
+            assert!(decisions[0].keep, "{decisions:?}");
+            let why = health.why_not_good();
+            assert_eq!(decisions[0].reasons, [format!("{why}; kept as if intact: newest backup")]);
+            assert_eq!(
+                kept(&decisions),
+                ["backup-20261120T020000", "backup-20261119T020000"].map(String::from).into()
+            );
+            assert_eq!(reasons_of(&decisions, "backup-20261119T020000"), ["newest good archive"]);
 
-        // A damaged archive does not use up a slot either.
-        let decisions = policy(2, 0, 0, 0, 0).apply(&input);
+            // A damaged archive does not use up a slot either.
+            let decisions = policy(2, 0, 0, 0, 0).apply(&input, NOW);
+            assert_eq!(
+                kept(&decisions),
+                ["backup-20261120T020000", "backup-20261119T020000", "backup-20261118T020000"]
+                    .map(String::from)
+                    .into()
+            );
+        }
+    }
+
+    /// Red team 2026-12-07, finding 3: the newest backup failed its drill (and verify); prune
+    /// kept it as "newest good" and deleted the only intact one.
+    #[test]
+    fn a_backup_that_failed_its_drill_never_makes_the_intact_one_before_it_go() {
+        let mut input = daily_backups(2);
+        input[0].health = Health::FailedCheck;
+        let decisions = policy(1, 0, 0, 0, 0).apply(&input, NOW);
+        assert_eq!(reasons_of(&decisions, "backup-20261119T020000"), ["last 1", "newest good archive"]);
+        assert!(decisions.iter().all(|d| d.keep), "{decisions:?}");
+    }
+
+    #[test]
+    fn a_damaged_archive_goes_once_the_policy_has_moved_past_it() {
+        let mut input = daily_backups(10);
+        input[5].health = Health::Incomplete; // 15 November
+        input[8].health = Health::FailedCheck; // 12 November
+        let decisions = policy(7, 0, 0, 0, 0).apply(&input, NOW);
+        // The 7 good ones: 20..16, 14, 13; were all intact, the last 7 would be 20..14.
+        assert!(!kept(&decisions).contains("backup-20261112T020000"));
         assert_eq!(
-            kept(&decisions),
-            ["backup-20261119T020000", "backup-20261118T020000"].map(String::from).into()
+            reasons_of(&decisions, "backup-20261112T020000"),
+            ["failed its last drill or verify; no rule would keep it even intact"]
         );
+        assert!(kept(&decisions).contains("backup-20261115T020000"));
+        assert_eq!(kept(&decisions).len(), 8);
     }
 
     #[test]
     fn without_any_good_backup_everything_is_kept() {
         let mut input = daily_backups(5);
         for c in &mut input {
-            c.good = false;
+            c.health = Health::Incomplete;
         }
         input.push(pre_restore(at(2026, 10, 1, 3)));
         input.push(pre_restore(at(2026, 10, 2, 3)));
-        let decisions = policy(0, 0, 0, 0, 0).apply(&input);
+        let decisions = policy(0, 0, 0, 0, 0).apply(&input, NOW);
         assert_eq!(decisions.len(), 7);
         assert!(decisions.iter().all(|d| d.keep && d.reasons == ["no good backup: keeping everything"]));
         assert!(decisions.iter().all(|d| d.expires_at.is_none()));
-        assert!(policy(0, 0, 0, 0, 0).apply(&[]).is_empty());
+        assert!(policy(0, 0, 0, 0, 0).apply(&[], NOW).is_empty());
     }
 
     #[test]
@@ -431,15 +571,19 @@ mod tests {
             input.push(pre_restore(at(2026, 11, 20 - d, 12)));
         }
         let mut damaged = pre_restore(at(2026, 11, 20, 12));
-        damaged.good = false;
+        damaged.health = Health::Incomplete;
         input.push(damaged);
+        let mut old_damaged = pre_restore(at(2026, 11, 1, 12));
+        old_damaged.health = Health::FailedCheck;
+        input.push(old_damaged);
 
-        let decisions = policy(2, 0, 0, 0, 2).apply(&input);
+        let decisions = policy(2, 0, 0, 0, 2).apply(&input, NOW);
         assert_eq!(
             kept(&decisions),
             [
                 "backup-20261120T020000",
                 "backup-20261119T020000",
+                "pre-restore-20261120T120000",
                 "pre-restore-20261119T120000",
                 "pre-restore-20261118T120000"
             ]
@@ -451,17 +595,48 @@ mod tests {
             reasons_of(&decisions, "pre-restore-20261117T120000"),
             ["pre-restore beyond the newest 2"]
         );
-        assert_eq!(reasons_of(&decisions, "pre-restore-20261120T120000"), ["not good: pruned"]);
+        assert_eq!(
+            reasons_of(&decisions, "pre-restore-20261120T120000"),
+            ["incomplete or damaged on the drive; kept as if intact: pre-restore 1"]
+        );
+        assert_eq!(
+            reasons_of(&decisions, "pre-restore-20261101T120000"),
+            ["failed its last drill or verify; no rule would keep it even intact"]
+        );
         assert!(decisions.iter().filter(|d| d.name.starts_with("pre-")).all(|d| d.expires_at.is_none()));
 
         // Pre-restore archives neither take nor give backup slots.
-        let backups_only = policy(2, 0, 0, 0, 2).apply(&daily_backups(5));
+        let backups_only = policy(2, 0, 0, 0, 2).apply(&daily_backups(5), NOW);
         let backup_kept: BTreeSet<_> =
             kept(&decisions).into_iter().filter(|n| n.starts_with("backup-")).collect();
         assert_eq!(backup_kept, kept(&backups_only));
         // A newer pre-restore archive is not "the newest good archive".
-        let decisions = policy(0, 0, 0, 0, 0).apply(&input);
+        let decisions = policy(0, 0, 0, 0, 0).apply(&input, NOW);
         assert_eq!(kept(&decisions), ["backup-20261120T020000".to_string()].into());
+    }
+
+    /// Red team 2026-12-07, finding 5: three retried restores of one backup pushed the only
+    /// safety copy of what the first restore replaced out of the newest 3.
+    #[test]
+    fn retried_restores_never_push_out_a_pre_restore_archive_within_the_grace() {
+        let mut input = daily_backups(2);
+        let first = at(2026, 11, 20, 9);
+        for m in 0..5 {
+            input.push(pre_restore(first + TimeDelta::minutes(10 * m)));
+        }
+        let the_first = "pre-restore-20261120T090000";
+        let same_day = policy(7, 0, 0, 0, 3).apply(&input, first + TimeDelta::hours(1));
+        assert!(same_day.iter().all(|d| d.keep), "{same_day:?}");
+        assert_eq!(
+            reasons_of(&same_day, the_first),
+            ["pre-restore made within 7 days (beyond the newest 3)"]
+        );
+        assert_eq!(decision_of(&same_day, the_first).expires_at, Some(first + PRE_RESTORE_GRACE));
+
+        // A week later, the count applies again: the two oldest go.
+        let later = policy(7, 0, 0, 0, 3).apply(&input, first + PRE_RESTORE_GRACE + TimeDelta::hours(1));
+        assert_eq!(reasons_of(&later, the_first), ["pre-restore beyond the newest 3"]);
+        assert_eq!(later.iter().filter(|d| !d.keep).count(), 2);
     }
 
     #[test]
@@ -471,17 +646,17 @@ mod tests {
         input.push(backup(at(2026, 11, 20, 2))); // duplicate time, distinct name below
         input.last_mut().unwrap().name = "backup-20261120T020000-b".into();
         let p = policy(3, 5, 3, 2, 1);
-        let expected = p.apply(&input);
+        let expected = p.apply(&input, NOW);
         let mut rng = XorShift(7);
         for _ in 0..20 {
             rng.shuffle(&mut input);
-            assert_eq!(p.apply(&input), expected);
+            assert_eq!(p.apply(&input, NOW), expected);
         }
     }
 
     #[test]
     fn expiry_is_the_latest_of_the_rules_that_keep() {
-        let decisions = policy(7, 7, 4, 6, 3).apply(&daily_backups(400));
+        let decisions = policy(7, 7, 4, 6, 3).apply(&daily_backups(400), NOW);
         let expiry: HashMap<_, _> = decisions.iter().map(|d| (d.name.as_str(), d.expires_at)).collect();
         // Kept by last, daily, weekly and monthly: monthly (6 x 31 days) wins.
         assert_eq!(expiry["backup-20261120T020000"], Some(at(2026, 11, 20, 2) + TimeDelta::days(186)));
@@ -495,7 +670,8 @@ mod tests {
 
     #[test]
     fn huge_counts_do_not_overflow() {
-        let decisions = policy(u32::MAX, u32::MAX, u32::MAX, u32::MAX, u32::MAX).apply(&daily_backups(3));
+        let decisions =
+            policy(u32::MAX, u32::MAX, u32::MAX, u32::MAX, u32::MAX).apply(&daily_backups(3), NOW);
         assert!(decisions.iter().all(|d| d.keep && d.expires_at.is_some()));
     }
 
@@ -530,7 +706,7 @@ mod tests {
         }
     }
 
-    fn random_case(rng: &mut XorShift) -> (RetentionPolicy, Vec<Candidate>) {
+    fn random_case(rng: &mut XorShift) -> (RetentionPolicy, Vec<Candidate>, DateTime<Utc>) {
         let p = policy(
             rng.below(6) as u32,
             rng.below(6) as u32,
@@ -546,15 +722,27 @@ mod tests {
             .map(|i| {
                 let created = base + TimeDelta::seconds(rng.below(span) as i64);
                 let kind = if rng.below(5) == 0 { ArchiveKind::PreRestore } else { ArchiveKind::Backup };
-                Candidate { name: format!("a{i:03}"), kind, created, good: rng.below(8) != 0 }
+                let health = match rng.below(12) {
+                    0 => Health::Incomplete,
+                    1 => Health::FailedCheck,
+                    _ => Health::Good,
+                };
+                Candidate { name: format!("a{i:03}"), kind, created, health }
             })
             .collect();
-        (p, candidates)
+        // Now: within the archives' span (the pre-restore grace matters) or long after.
+        let now = base + TimeDelta::seconds(rng.below(span * 2) as i64);
+        (p, candidates, now)
     }
 
-    fn check_invariants(p: &RetentionPolicy, input: &[Candidate], decisions: &[Decision]) {
+    fn check_invariants(
+        p: &RetentionPolicy,
+        input: &[Candidate],
+        now: DateTime<Utc>,
+        decisions: &[Decision],
+    ) {
         let by_name: HashMap<&str, &Candidate> = input.iter().map(|c| (c.name.as_str(), c)).collect();
-        let ctx = || format!("{p:?}\n{input:#?}\n{decisions:#?}");
+        let ctx = || format!("{p:?} now {now}\n{input:#?}\n{decisions:#?}");
 
         // Every candidate decided exactly once, newest first.
         assert_eq!(decisions.len(), input.len(), "{}", ctx());
@@ -562,18 +750,24 @@ mod tests {
         assert_eq!(names, by_name.keys().copied().collect(), "{}", ctx());
         assert!(decisions.windows(2).all(|w| by_name[&*w[0].name].created >= by_name[&*w[1].name].created));
 
-        // Kept exactly when a keeping reason names it.
         for d in decisions {
             assert!(!d.reasons.is_empty(), "{}", ctx());
-            assert_eq!(d.keep, d.reasons.iter().any(|r| keeps(r)), "{}", ctx());
+            // Kept exactly when no reason is one that prunes.
+            let prunes = |r: &String| {
+                r == NO_RULE || r.starts_with("pre-restore beyond") || r.ends_with(NOT_KEPT_EVEN_INTACT)
+            };
+            assert_eq!(d.keep, !d.reasons.iter().any(prunes), "{}", ctx());
             if let Some(expiry) = d.expires_at {
                 assert!(d.keep && expiry >= by_name[&*d.name].created, "{}", ctx());
             }
         }
 
-        let mut good_backups: Vec<&Candidate> =
-            input.iter().filter(|c| c.good && c.kind == ArchiveKind::Backup).collect();
-        good_backups.sort_by(|a, b| newest_first(a, b));
+        let good = |kind: ArchiveKind| {
+            let mut v: Vec<&Candidate> = input.iter().filter(|c| c.is_good() && c.kind == kind).collect();
+            v.sort_by(|a, b| newest_first(a, b));
+            v
+        };
+        let good_backups = good(ArchiveKind::Backup);
         let decision = |name: &str| decisions.iter().find(|d| d.name == name).unwrap();
         if good_backups.is_empty() {
             assert!(decisions.iter().all(|d| d.keep), "{}", ctx());
@@ -584,9 +778,19 @@ mod tests {
         for c in good_backups.iter().take(p.keep_last as usize) {
             assert!(decision(&c.name).keep, "{}", ctx());
         }
-        // Nothing damaged is kept while a good backup exists.
-        for c in input.iter().filter(|c| !c.good) {
-            assert!(!decision(&c.name).keep, "{}", ctx());
+        // Damaged archives take no good one's slot: the good ones are decided as if alone...
+        let good_only: Vec<Candidate> = input.iter().filter(|c| c.is_good()).cloned().collect();
+        for d in p.apply(&good_only, now) {
+            assert_eq!(decision(&d.name), &d, "{}", ctx());
+        }
+        // ...and a damaged one is kept exactly when it would be were every archive intact.
+        let all_intact: Vec<Candidate> =
+            input.iter().map(|c| Candidate { health: Health::Good, ..c.clone() }).collect();
+        let intact = p.apply(&all_intact, now);
+        for c in input.iter().filter(|c| !c.is_good()) {
+            let if_intact = intact.iter().find(|d| d.name == c.name).unwrap();
+            assert_eq!(decision(&c.name).keep, if_intact.keep, "{} {}", c.name, ctx());
+            assert_eq!(decision(&c.name).reasons.len(), 1, "{}", ctx());
         }
         // Each periodic rule keeps one archive per period, for min(N, periods present) periods.
         let periods = |f: &dyn Fn(NaiveDate) -> String| {
@@ -601,23 +805,25 @@ mod tests {
         assert_eq!(count("weekly "), periods(&iso).min(p.keep_weekly as usize), "{}", ctx());
         assert_eq!(count("monthly "), periods(&month).min(p.keep_monthly as usize), "{}", ctx());
         assert_eq!(count("last "), good_backups.len().min(p.keep_last as usize), "{}", ctx());
-        let good_pre = input.iter().filter(|c| c.good && c.kind == ArchiveKind::PreRestore).count();
-        let kept_pre =
-            input.iter().filter(|c| c.kind == ArchiveKind::PreRestore && decision(&c.name).keep).count();
-        assert_eq!(kept_pre, good_pre.min(p.keep_pre_restore as usize), "{}", ctx());
+        // Good pre-restore archives: the newest keep_pre_restore, and any within the grace.
+        let grace = |c: &Candidate| now - c.created < PRE_RESTORE_GRACE;
+        for (i, c) in good(ArchiveKind::PreRestore).iter().enumerate() {
+            let expected = i < p.keep_pre_restore as usize || grace(c);
+            assert_eq!(decision(&c.name).keep, expected, "{} {}", c.name, ctx());
+        }
     }
 
     #[test]
     fn invariants_hold_for_random_archive_sets() {
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
         for _ in 0..3_000 {
-            let (p, mut input) = random_case(&mut rng);
-            let decisions = p.apply(&input);
-            check_invariants(&p, &input, &decisions);
+            let (p, mut input, now) = random_case(&mut rng);
+            let decisions = p.apply(&input, now);
+            check_invariants(&p, &input, now, &decisions);
 
             // Input order never matters.
             rng.shuffle(&mut input);
-            assert_eq!(p.apply(&input), decisions);
+            assert_eq!(p.apply(&input, now), decisions);
 
             // Pruning is a fixed point: running it again on what was kept deletes nothing more.
             let survivors: Vec<Candidate> = input
@@ -625,7 +831,7 @@ mod tests {
                 .filter(|c| decisions.iter().any(|d| d.keep && d.name == c.name))
                 .cloned()
                 .collect();
-            let again = p.apply(&survivors);
+            let again = p.apply(&survivors, now);
             assert!(again.iter().all(|d| d.keep), "{p:?}\n{survivors:#?}\n{again:#?}");
         }
     }

@@ -703,3 +703,107 @@ fn the_confirmed_archive_is_the_one_restored() {
     assert!(child.wait().unwrap().success(), "{rest}");
     assert!(rest.contains(&format!("restored {first}")), "restored what was confirmed: {rest}");
 }
+
+fn archive_name(backup: &serde_json::Value) -> String {
+    backup["manifest"]["archive"].as_str().unwrap().to_string()
+}
+
+fn decision<'a>(prune: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    prune["decisions"].as_array().unwrap().iter().find(|d| d["name"] == name).unwrap()
+}
+
+/// Red team 2026-12-07, finding 3: the newest backup rotted on the drive (same size, so
+/// "complete"); the drill (or verify) said so, and prune still kept it as "the newest good
+/// archive" and deleted the only intact one.
+#[test]
+fn prune_never_trades_the_intact_backup_for_a_newer_one_that_failed_its_drill_or_verify() {
+    for check in ["drill", "verify"] {
+        let f = Fixture::with(|c| {
+            c.push_str("[retention]\nkeep_last = 2\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n")
+        });
+        let original = f.fingerprint();
+        let intact = archive_name(&f.backup());
+        let rotten = archive_name(&f.backup());
+        let path = f.target.join(&rotten);
+        let mut bytes = fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x10;
+        fs::write(&path, bytes).unwrap();
+        f.expect(&[check], 4);
+
+        f.set("retention.keep_last", 1);
+        let r = f.expect(&["--json", "prune"], 0);
+        let p: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(p["deleted"].as_array().unwrap().len(), 0, "{check}: {p}");
+        let kept_intact = decision(&p, &intact);
+        assert_eq!(kept_intact["keep"], true, "{check}: {p}");
+        assert!(kept_intact["reasons"].to_string().contains("newest good archive"), "{check}: {p}");
+        let why = decision(&p, &rotten)["reasons"][0].as_str().unwrap().to_string();
+        assert!(why.starts_with("failed its last drill or verify; kept as if intact"), "{check}: {why}");
+        let list = f.expect(&["list"], 0);
+        assert!(list.stdout.lines().any(|l| l.contains(&rotten) && l.contains("FAILED")), "{}", list.stdout);
+
+        let out = f.path().join("out");
+        f.expect(&["restore", &intact, "--to", out.to_str().unwrap()], 0);
+        let restored =
+            datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+        assert_eq!(restored, original, "{check}");
+    }
+}
+
+/// Red team 2026-12-07, finding 1c: two archives whose files were swapped by hand (copied
+/// back under each other's names) were deleted by the next backup as "not good". They are
+/// kept while the policy would keep them intact, and restore once put right.
+#[test]
+fn archives_swapped_by_hand_outlive_the_next_backup_and_restore_once_put_right() {
+    let f = Fixture::new();
+    let first_state = f.fingerprint();
+    let a = archive_name(&f.backup());
+    let pattern: Vec<u8> = (0..60_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    fs::write(f.app.uploads.join("more.bin"), pattern).unwrap();
+    let b = archive_name(&f.backup());
+    let (pa, pb, tmp) = (f.target.join(&a), f.target.join(&b), f.target.join("swap"));
+    fs::rename(&pa, &tmp).unwrap();
+    fs::rename(&pb, &pa).unwrap();
+    fs::rename(&tmp, &pb).unwrap();
+
+    fs::write(f.app.uploads.join("later.txt"), "later").unwrap();
+    f.backup();
+    assert!(pa.exists() && pb.exists(), "{:?}", f.all_target_files());
+    let list = f.expect(&["list"], 0);
+    assert_eq!(list.stdout.matches("INCOMPLETE").count(), 2, "{}", list.stdout);
+
+    fs::rename(&pa, &tmp).unwrap();
+    fs::rename(&pb, &pa).unwrap();
+    fs::rename(&tmp, &pb).unwrap();
+    f.expect(&["verify", "--all"], 0);
+    let out = f.path().join("out");
+    f.expect(&["restore", &a, "--to", out.to_str().unwrap()], 0);
+    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+    assert_eq!(restored, first_state);
+}
+
+/// Red team 2026-12-07, finding 5: three retried restores of one backup pushed the only
+/// safety copy of what the first one replaced out of the pre-restore rotation.
+#[test]
+fn retried_restores_keep_every_safety_copy_for_a_week() {
+    let f = Fixture::with(|c| c.push_str("[retention]\nkeep_pre_restore = 1\n"));
+    f.backup();
+    fs::write(f.app.uploads.join("written-after-the-backup.txt"), "only copy").unwrap();
+    let replaced = f.fingerprint();
+    for _ in 0..3 {
+        f.expect(&["restore", "--yes"], 0);
+    }
+    f.backup(); // which prunes
+    let mut pre: Vec<String> = f
+        .all_target_files()
+        .into_iter()
+        .filter(|n| n.starts_with("pre-restore-") && n.ends_with(".tar.zst.age"))
+        .collect();
+    pre.sort();
+    assert_eq!(pre.len(), 3, "{:?}", f.all_target_files());
+    let out = f.path().join("out");
+    f.expect(&["restore", &pre[0], "--to", out.to_str().unwrap()], 0);
+    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+    assert_eq!(restored, replaced, "the first safety copy holds what the first restore replaced");
+}

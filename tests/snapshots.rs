@@ -572,3 +572,41 @@ fn a_lost_index_file_never_lets_a_backup_delete_the_packs_it_named() {
     f.expect(&["restore", &first, "--to", out.to_str().unwrap()], 0);
     assert_eq!(fs::read(out.join("uploads/precious.bin")).unwrap(), precious);
 }
+
+/// Red team 2026-12-07, finding 1b: a snapshot whose small refs file was lost (its tree and
+/// every pack intact) was forgotten by the next backup as "not good", and the collection
+/// then deleted the packs only it needed. It is kept while the policy would keep it intact,
+/// no pack is collected meanwhile (and the log says why), and it restores once the refs
+/// file is back.
+#[test]
+fn a_snapshot_whose_refs_file_was_lost_outlives_the_next_backup_with_its_packs() {
+    let f = Fixture::with(|c| c.push_str("[store]\nformat = \"snapshots\"\n"));
+    let precious: Vec<u8> = (0..400_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    fs::write(f.app.uploads.join("precious.bin"), &precious).unwrap();
+    let first_state = f.fingerprint();
+    let s1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    fs::remove_file(f.app.uploads.join("precious.bin")).unwrap();
+    f.backup();
+    let refs = f.target.join(format!("store/snapshots/{s1}.refs"));
+    let aside = f.path().join("refs-aside");
+    fs::rename(&refs, &aside).unwrap();
+    let packs_before: Vec<String> =
+        f.files_below_target().into_iter().filter(|n| n.contains("packs/")).collect();
+
+    fs::write(f.app.uploads.join("later.txt"), "later").unwrap();
+    let r = f.expect(&["backup"], 0);
+    assert!(r.stderr.contains("left some packs alone") && r.stderr.contains(&s1), "{}", r.stderr);
+    assert!(list(&f).iter().any(|l| l["name"] == s1.as_str()), "the snapshot is still listed");
+    let packs_after: Vec<String> =
+        f.files_below_target().into_iter().filter(|n| n.contains("packs/")).collect();
+    for p in &packs_before {
+        assert!(packs_after.contains(p), "pack {p} was deleted");
+    }
+
+    fs::rename(&aside, &refs).unwrap();
+    f.expect(&["verify", "--deep", &s1], 0);
+    let out = f.path().join("out");
+    f.expect(&["restore", &s1, "--to", out.to_str().unwrap()], 0);
+    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+    assert_eq!(restored, first_state);
+}

@@ -67,7 +67,7 @@ fn demo(root: &Path, ui: &Ui) -> Result<u8> {
     ))?;
 
     step(ui, 4, "datavault list")?;
-    let listings = ops::list::run(&quiet_env)?;
+    let (listings, _) = ops::list::run(&quiet_env)?;
     if !ui.json {
         crate::commands::list::run(&quiet_env, ui)?;
     }

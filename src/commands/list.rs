@@ -1,5 +1,7 @@
 //! `datavault list`.
 
+use std::collections::HashMap;
+
 use datavault::error::{exit, Result};
 use datavault::manifest::format_time;
 use datavault::ops::{self, Env};
@@ -23,9 +25,12 @@ struct ListRow<'a> {
     sha256: Option<&'a str>,
     /// `archive` (one `.tar.zst.age` file) or `snapshot` (deduplicated, under `store/`, #9).
     format: &'static str,
+    /// What the last failed drill or `verify` of it said, when no check as thorough passed
+    /// since; retention then counts it as damaged.
+    failed_check: Option<&'a str>,
 }
 
-fn row(l: &Listing) -> ListRow<'_> {
+fn row<'a>(l: &'a Listing, failed: &'a HashMap<String, String>) -> ListRow<'a> {
     let m = l.manifest.as_ref();
     ListRow {
         name: &l.name,
@@ -39,13 +44,14 @@ fn row(l: &Listing) -> ListRow<'_> {
         files: m.map(|m| m.files),
         sha256: m.map(|m| m.archive_sha256.as_str()),
         format: if l.snapshot { "snapshot" } else { "archive" },
+        failed_check: failed.get(&l.name).map(String::as_str),
     }
 }
 
 pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
-    let listings = ops::list::run(env)?;
+    let (listings, failed) = ops::list::run(env)?;
     if ui.json {
-        json(&listings.iter().map(row).collect::<Vec<_>>())?;
+        json(&listings.iter().map(|l| row(l, &failed)).collect::<Vec<_>>())?;
         return Ok(exit::SUCCESS);
     }
     if listings.is_empty() {
@@ -61,8 +67,17 @@ pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
         "CREATED (UTC)", "KIND", "TRIGGER", "SIZE", "FILES", "STATUS", "NAME"
     );
     for l in &listings {
-        let r = row(l);
-        let status = if r.complete { "ok" } else { "INCOMPLETE" };
+        let r = row(l, &failed);
+        let status = match (r.complete, r.failed_check) {
+            (false, _) => "INCOMPLETE",
+            (true, Some(_)) => "FAILED",
+            (true, None) => "ok",
+        };
+        let note = match (&l.problem, r.failed_check) {
+            (Some(p), _) => format!("  ({p})"),
+            (None, Some(f)) => format!("  (failed its last check: {f})"),
+            (None, None) => String::new(),
+        };
         s += &format!(
             "{:<21} {:<11} {:<7} {:>10} {:>6}  {:<10} {}{}\n",
             r.created.unwrap_or_else(|| "?".into()).replace('T', " ").trim_end_matches('Z'),
@@ -72,7 +87,7 @@ pub fn run(env: &Env, ui: &Ui) -> Result<u8> {
             r.files.map(|f| f.to_string()).unwrap_or_else(|| "?".into()),
             status,
             l.name,
-            l.problem.as_ref().map(|p| format!("  ({p})")).unwrap_or_default()
+            note
         );
     }
     out(&s)?;

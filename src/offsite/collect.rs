@@ -15,7 +15,7 @@ use super::locks;
 use super::push::stem_time;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::retention::{Candidate, Decision, RetentionPolicy};
+use crate::retention::{Candidate, Decision, Health, RetentionPolicy};
 use crate::store::backend::Backend;
 use crate::store::dedup::gc::{self, GcOptions, GcOutcome};
 use crate::store::dedup::{self, Cache};
@@ -60,10 +60,16 @@ pub fn prune_store(
         .filter(|l| l.manifest.is_some())
         .filter_map(|l| {
             let (kind, created) = stem_time(&l.name)?;
-            Some(Candidate { name: l.name.clone(), kind, created, good: l.is_complete() })
+            Some(Candidate {
+                name: l.name.clone(),
+                kind,
+                created,
+                health: Health::of(l.is_complete(), false),
+            })
         })
         .collect();
-    let mut out = StorePrune { decisions: policy.apply(&candidates), ..Default::default() };
+    let mut out =
+        StorePrune { decisions: policy.apply(&candidates, crate::ops::now()), ..Default::default() };
     out.forgotten = out.decisions.iter().filter(|d| !d.keep).map(|d| d.name.clone()).collect();
     if dry_run {
         let mut scratch = Cache::open_private()?;

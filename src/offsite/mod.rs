@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::lock::RunLock;
 use crate::manifest::Manifest;
 use crate::ops::{now, Env, Run};
-use crate::retention::{Candidate, Decision};
+use crate::retention::{Candidate, Decision, Health};
 use crate::store::backend::{join, Backend, LocalBackend};
 use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
 use remote_error::{to_error, Blame};
@@ -307,7 +307,12 @@ fn remote_candidates(
                     .is_some_and(|m| m.archive == archive && m.archive_size == size),
             };
             if top.contains_key(&archive) {
-                candidates.push(Candidate { name: stem.to_string(), kind, created, good });
+                candidates.push(Candidate {
+                    name: stem.to_string(),
+                    kind,
+                    created,
+                    health: Health::of(good, false),
+                });
             } else {
                 orphans.push(name.clone());
             }
@@ -359,13 +364,13 @@ fn prune_in_run(
     let (candidates, orphans) = remote_candidates(&*remote, &top, t);
     let dyn_remote: Arc<dyn Backend> = remote.clone();
     let newest_snapshot = collect::newest(&dyn_remote)?;
-    let newest = candidates.iter().filter(|c| c.good).map(|c| c.created).chain(newest_snapshot).max();
+    let newest = candidates.iter().filter(|c| c.is_good()).map(|c| c.created).chain(newest_snapshot).max();
     if let crate::retention::ClockCheck::Suspicious(why) =
         crate::retention::check_clock(t, newest, crate::ops::build_time())
     {
         return Err(Error::Failed(format!("refusing to prune the offsite copy: {why}")));
     }
-    let decisions = o.retention.apply(&candidates);
+    let decisions = o.retention.apply(&candidates, t);
     let mut deleted = Vec::new();
     let mut gone: Vec<String> = Vec::new();
     for d in decisions.iter().filter(|d| !d.keep) {

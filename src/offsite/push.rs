@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use super::ledger::{Ledger, LedgerWriter, Record, FLUSH_EVERY};
 use crate::manifest::Manifest;
 use crate::progress::Progress;
-use crate::retention::{ArchiveKind, Candidate, RetentionPolicy};
+use crate::retention::{ArchiveKind, Candidate, Health, RetentionPolicy};
 use crate::store::backend::{join, Backend};
 use crate::store::dedup::{self, format as store_format, Cache};
 use crate::store::{ARCHIVE_SUFFIX, MANIFEST_SUFFIX};
@@ -318,11 +318,16 @@ fn plan(
             name: stem.clone(),
             kind: *kind,
             created: *created,
-            good: true,
+            health: Health::Good,
         })
         .collect();
-    let keep: HashSet<String> =
-        opts.retention.apply(&candidates).into_iter().filter(|d| d.keep).map(|d| d.name).collect();
+    let keep: HashSet<String> = opts
+        .retention
+        .apply(&candidates, crate::ops::now())
+        .into_iter()
+        .filter(|d| d.keep)
+        .map(|d| d.name)
+        .collect();
 
     let mut items = Vec::new();
     let mut by_age = local_pairs;
@@ -449,10 +454,17 @@ fn store_items(
         .map(|l| l.name.clone())
         .chain(on_remote.iter().cloned())
         .filter(|n| seen.insert(n.clone()))
-        .filter_map(|n| stem_time(&n).map(|(kind, created)| Candidate { name: n, kind, created, good: true }))
+        .filter_map(|n| {
+            stem_time(&n).map(|(kind, created)| Candidate { name: n, kind, created, health: Health::Good })
+        })
         .collect();
-    let keep: HashSet<String> =
-        opts.retention.apply(&candidates).into_iter().filter(|d| d.keep).map(|d| d.name).collect();
+    let keep: HashSet<String> = opts
+        .retention
+        .apply(&candidates, crate::ops::now())
+        .into_iter()
+        .filter(|d| d.keep)
+        .map(|d| d.name)
+        .collect();
 
     let open_cache = |name: &str| match &opts.cache_dir {
         Some(dir) => Cache::open(&dir.join(name)),

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 
 use crate::archive::read::{read_archive, ExtractPlan, ReadReport};
-use crate::catalog::{Event, RunStatus};
+use crate::catalog::{Event, RunStatus, FROM_OFFSITE};
 use crate::error::{Error, Result};
 use crate::fsutil::remove_tree;
 use crate::ops::{now, Env, Run, RunError, Trigger};
@@ -107,10 +107,6 @@ fn clean_and_list(run: &Run) -> Result<(crate::store::Store, Vec<crate::store::L
 /// nothing new to prove.
 const DRILLED_RECENTLY: chrono::Duration = chrono::Duration::hours(24);
 
-/// In a drill event's detail: the drill read the offsite copy, which proves nothing about the
-/// drive's.
-const FROM_OFFSITE: &str = ", from the offsite copy ";
-
 /// `Some(why)` when the last drill recorded passed on `archive` (on the drive, not the
 /// offsite copy) less than [`DRILLED_RECENTLY`] ago. A failed drill since, or a newer
 /// backup, and the weekly drill runs.
@@ -197,12 +193,15 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
         // Only what the archive is to blame for fails the drill: no room for the scratch
         // folder or a cancelled run says nothing about whether the backup restores.
         if let Error::Integrity { .. } = e {
+            // Marked, so that retention does not take a damaged offsite copy for the drive's.
+            let from =
+                if env.offsite { format!("{FROM_OFFSITE}{}", store.location()) } else { String::new() };
             let _ = run.catalog.record_event(
                 Some(run.id),
                 now(),
                 Event::DrillFailed,
                 Some(&name),
-                &e.to_string(),
+                &format!("{e}{from}"),
             );
         }
     })?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::catalog::{ArchiveStatus, Event, RunStatus};
 use crate::error::{Error, Result};
 use crate::ops::{now, Env, Run, Trigger};
-use crate::retention::{Candidate, Decision};
+use crate::retention::{Candidate, Decision, Health};
 use crate::store::dedup::gc::{self, GcOptions, GcOutcome};
 use crate::store::dedup::{Cache, Store as DedupStore};
 use crate::store::Listing;
@@ -57,14 +57,21 @@ pub fn prune_in_run(run: &Run, dry_run: bool, collect: Collect) -> Result<PruneO
     } else {
         store.clean(&run.catalog.interrupted_archives().unwrap_or_default())
     };
+    // What drills and verifies found (red team 2026-12-07, finding 3): a backup that failed
+    // its drill must not count as the newest good one and let the intact one before it go.
+    let failed = run.catalog.failed_checks().unwrap_or_else(|e| {
+        log::warn!("{e}: prune goes by what is on the drive only");
+        Default::default()
+    });
     let candidates: Vec<Candidate> = listings
         .iter()
         .filter_map(|l| {
             let m = l.manifest.as_ref()?;
-            Some(Candidate { name: l.name.clone(), kind: m.kind, created: m.created, good: l.is_complete() })
+            let health = Health::of(l.is_complete(), failed.contains_key(&l.name));
+            Some(Candidate { name: l.name.clone(), kind: m.kind, created: m.created, health })
         })
         .collect();
-    let decisions = env.settings.retention.apply(&candidates);
+    let decisions = env.settings.retention.apply(&candidates, now());
     let mut deleted = Vec::new();
     for d in &decisions {
         let Some(listing) = listings.iter().find(|l| l.name == d.name) else { continue };
@@ -144,7 +151,13 @@ fn collect_garbage(run: &Run, ds: &DedupStore, collect: Collect) -> Result<Optio
     let opts = GcOptions::default();
     let plan = gc::plan(ds, &mut cache, &opts)?;
     if !plan.blocked_by.is_empty() {
-        log::warn!("garbage collection left some packs alone: {}", plan.blocked_by.join("; "));
+        // A snapshot whose refs were lost is kept (retention keeps a damaged snapshot while
+        // the policy would keep it intact), so this can last: the owner must know the drive
+        // grows meanwhile, and what ends it.
+        log::warn!(
+            "garbage collection left some packs alone: {}; until that is fixed no pack is deleted and the drive only grows: put the missing file back (from a copy of the drive, or the offsite copy), or wait until retention lets that snapshot go (`datavault prune --dry-run` shows it)",
+            plan.blocked_by.join("; ")
+        );
     }
     let clean_after = plan.blocked_by.is_empty() && plan.missing_chunks == 0;
     if plan.is_empty() {

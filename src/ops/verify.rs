@@ -6,8 +6,9 @@
 
 use serde::Serialize;
 
+use crate::catalog::{Catalog, Event, VERIFY_DEEP, VERIFY_SHALLOW};
 use crate::error::{Error, Result};
-use crate::ops::Env;
+use crate::ops::{now, Env};
 use crate::store::{Listing, Store};
 
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +44,7 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
         _ => None,
     };
     let mut out = Vec::new();
+    let mut found = Vec::new();
     for l in chosen {
         let res = match (&identities, &ledger) {
             (None, _) if l.snapshot => shallow_snapshot(&store, l),
@@ -58,6 +60,13 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
                 })
             }
         };
+        found.push(match &res {
+            Ok(message) => Some((Event::VerifyPassed, message.clone())),
+            // Only what the archive is to blame for: a missing key or a read error on the
+            // drive says nothing about whether it restores.
+            Err(e @ Error::Integrity { .. }) => Some((Event::VerifyFailed, e.to_string())),
+            Err(_) => None,
+        });
         out.push(match res {
             Ok(message) => VerifyResult { archive: l.name.clone(), ok: true, deep, message, exit_code: 0 },
             Err(e) => VerifyResult {
@@ -72,7 +81,36 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
             },
         });
     }
+    if !store.is_remote() {
+        record(env, deep, out.iter().zip(found));
+    }
     Ok(out)
+}
+
+/// Into the catalog, for retention (an archive that failed is not "good") and the audit trail.
+/// Best effort: `verify` needs no run lock and may be run by a user who cannot write the
+/// state folder; what it printed stands either way.
+fn record<'a>(
+    env: &Env,
+    deep: bool,
+    results: impl Iterator<Item = (&'a VerifyResult, Option<(Event, String)>)>,
+) {
+    let path = env.settings.state.catalog_path();
+    let catalog = match Catalog::open(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::debug!("verify results not recorded: {e}");
+            return;
+        }
+    };
+    let how = if deep { VERIFY_DEEP } else { VERIFY_SHALLOW };
+    for (r, found) in results {
+        let Some((event, detail)) = found else { continue };
+        if let Err(e) = catalog.record_event(None, now(), event, Some(&r.archive), &format!("{how}{detail}"))
+        {
+            log::debug!("verify result not recorded: {e}");
+        }
+    }
 }
 
 /// A snapshot without the key (#9): its tree and refs against the manifest, every chunk it
