@@ -240,3 +240,48 @@ fn keyless_verify_finds_a_flipped_byte_in_a_pack() {
     let all = verify::verify_store(&store, &mut cache, &NoProgress).unwrap();
     assert!(all.problems.iter().any(|p| p.object == pack), "{:?}", all.problems);
 }
+
+/// Red team 2026-12-07, finding 2, at the engine: a reader marks the damaged copy of a chunk
+/// it meets; the next backup then stores that chunk again instead of deduplicating against
+/// it; every snapshot reads the new copy; and a reader whose cache knows no mark (a fresh
+/// Pi) that meets the damaged copy first reads the other one.
+#[test]
+fn a_damaged_chunk_is_stored_again_and_read_from_its_other_copy() {
+    let src = tempfile::tempdir().unwrap();
+    make_source(src.path());
+    let (mem, store) = mem_store();
+    let mut cache = Cache::open_private().unwrap();
+    let (key, keys) = (ChunkKey::random(), Keys::new());
+    let ids = keys.ids();
+    let (a, _) =
+        backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-23T04:00:00.000Z")).unwrap();
+    let whole = read_all(&store, &mut cache, &a.snapshot, &ids).unwrap();
+    // The last byte of the biggest pack: the last blob's authentication tag.
+    let files = mem.snapshot();
+    let pack =
+        files.keys().filter(|k| k.starts_with("store/packs/")).max_by_key(|k| files[*k].len()).unwrap();
+    let mut bytes = files[pack].clone();
+    *bytes.last_mut().unwrap() ^= 1;
+    mem.put(pack, bytes);
+    let pack_hash = pack.rsplit('/').next().unwrap().to_string();
+
+    let e = read_all(&store, &mut cache, &a.snapshot, &ids).unwrap_err().to_string();
+    let at = e.find("chunk ").unwrap_or_else(|| panic!("names the chunk: {e}")) + "chunk ".len();
+    let chunk: [u8; 32] = hex::decode(&e[at..at + 64]).unwrap().try_into().unwrap();
+    assert_eq!(cache.locate(&chunk).unwrap(), None, "the damaged copy is marked: not stored any more");
+
+    let (b, _) =
+        backup(&store, &mut cache, &key, &keys, src.path(), time("2026-11-24T04:00:00.000Z")).unwrap();
+    let copies = cache.locate_all(&chunk).unwrap();
+    assert_eq!(copies.len(), 2, "stored again: {copies:?}");
+    assert_eq!(read_all(&store, &mut cache, &b.snapshot, &ids).unwrap(), whole);
+    assert_eq!(read_all(&store, &mut cache, &a.snapshot, &ids).unwrap(), whole, "the older snapshot too");
+
+    // A fresh cache: no marks. Make it meet the damaged copy first (by marking the good one,
+    // which only orders the lookup): the reader still gets the chunk, from the good copy.
+    let mut fresh = Cache::open_private().unwrap();
+    fresh.sync(&store).unwrap();
+    let good = copies.iter().find(|l| hex::encode(l.pack) != pack_hash).unwrap();
+    fresh.mark_damaged(good).unwrap();
+    assert_eq!(read_all(&store, &mut fresh, &a.snapshot, &ids).unwrap(), whole);
+}

@@ -610,3 +610,46 @@ fn a_snapshot_whose_refs_file_was_lost_outlives_the_next_backup_with_its_packs()
     let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
     assert_eq!(restored, first_state);
 }
+
+/// Red team 2026-12-07, finding 2: after one pack was damaged, every later backup
+/// deduplicated against it; all said "ok" and none restored. Now the drill that finds the
+/// damaged copy marks it; the next backup stores the chunk again, and every snapshot that
+/// needs it restores, the older ones too, even on a fresh Pi whose cache knows no mark.
+#[test]
+fn a_damaged_pack_is_stored_again_by_the_next_backup_and_every_snapshot_restores() {
+    let f = Fixture::with(|c| c.push_str("[store]\nformat = \"snapshots\"\n"));
+    let big: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    fs::write(f.app.uploads.join("big.bin"), &big).unwrap();
+    let live = f.fingerprint();
+    let s1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    // Bit rot in the middle of the biggest pack (the upload's chunks).
+    let packs: Vec<std::path::PathBuf> =
+        f.files_below_target().iter().filter(|n| n.contains("packs/")).map(|n| f.target.join(n)).collect();
+    let biggest = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(biggest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    fs::write(biggest, bytes).unwrap();
+
+    let s2 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let r = f.expect(&["drill"], 4);
+    assert!(r.stderr.contains("damaged"), "{}", r.stderr);
+    // The drill marked the damaged copy: this backup stores the chunk again...
+    let s3 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    // ...and the snapshots that need it, older ones too, restore.
+    f.expect(&["drill"], 0);
+    for (i, name) in [&s1, &s2, &s3].into_iter().enumerate() {
+        let out = f.path().join(format!("out-{i}"));
+        f.expect(&["restore", name, "--to", out.to_str().unwrap()], 0);
+        let restored =
+            datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+        assert_eq!(restored, live, "{name}");
+    }
+    // A fresh Pi: no cache, no mark. Whichever copy its lookup meets first, the chunk is
+    // read (the reader's fallback is tested in order in dedup_engine.rs).
+    fs::remove_dir_all(&f.state).unwrap();
+    let out = f.path().join("out-fresh");
+    f.expect(&["restore", &s1, "--to", out.to_str().unwrap()], 0);
+    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+    assert_eq!(restored, live);
+}

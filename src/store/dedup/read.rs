@@ -140,6 +140,8 @@ impl DbHash {
 
 pub struct SnapshotReader<'a> {
     store: Store,
+    /// Where to find another copy of a chunk whose first copy is damaged, and to say so.
+    cache: &'a mut Cache,
     /// Where each ref is, found once at open: no cache query per chunk.
     locs: Locations,
     keys: Arc<KeyCache>,
@@ -203,6 +205,7 @@ impl<'a> SnapshotReader<'a> {
         let ahead = ReadAhead::start(&packs, &keys, &key);
         Ok(SnapshotReader {
             store: store.clone(),
+            cache,
             locs,
             keys,
             packs,
@@ -449,7 +452,6 @@ impl<'a> SnapshotReader<'a> {
         if loc.plain == 0 || loc.plain > f.bytes_left || (f.chunks_left == 1 && loc.plain != f.bytes_left) {
             return Err(self.bad(format!("chunk {hex_id}: its length does not fit the file's size")));
         }
-        let pack = hex::encode(loc.pack);
         self.fill_ahead();
         let fetched = match self.ahead.take(&id) {
             Some(f) => f,
@@ -461,19 +463,7 @@ impl<'a> SnapshotReader<'a> {
         self.fill_ahead();
         let plain = match fetched {
             Fetched::Plain(p) => p,
-            Fetched::Read(e) => {
-                let e = read_error(&self.store.location(), &format::pack_path(&pack), &e);
-                return Err(Error::integrity(&self.name, format!("chunk {hex_id}: {e}")));
-            }
-            // A flipped byte in a blob's age header reads as "no matching key": the pack's
-            // SHA-256 tells damage from a really wrong key.
-            Fetched::Blob(BlobError::WrongKey) => return Err(self.wrong_key_or_damage(&pack)),
-            Fetched::Blob(BlobError::Damaged(m)) => {
-                return Err(Error::integrity(
-                    &self.name,
-                    format!("damaged: chunk {hex_id} in pack {pack} {m}; use another snapshot"),
-                ))
-            }
+            failed => self.read_another_copy(&id, &hex_id, &loc, failed)?,
         };
         let f = self.file.as_mut().expect("checked");
         f.chunks_left -= 1;
@@ -485,13 +475,63 @@ impl<'a> SnapshotReader<'a> {
         Ok(Some(plain))
     }
 
-    fn wrong_key_or_damage(&self, pack: &str) -> Error {
+    /// The first copy of a chunk could not be read: if it is damaged, mark it (the next
+    /// backup stores the chunk again), then read the chunk from another copy if the indexes
+    /// know one. Else the first copy's error.
+    fn read_another_copy(
+        &mut self,
+        id: &ChunkId,
+        hex_id: &str,
+        loc: &BlobLoc,
+        failed: Fetched,
+    ) -> Result<Vec<u8>> {
+        let pack = hex::encode(loc.pack);
+        let (error, damaged) = match failed {
+            Fetched::Plain(p) => return Ok(p),
+            Fetched::Read(e) => {
+                let e = read_error(&self.store.location(), &format::pack_path(&pack), &e);
+                (Error::integrity(&self.name, format!("chunk {hex_id}: {e}")), false)
+            }
+            // A flipped byte in a blob's age header reads as "no matching key": the pack's
+            // SHA-256 tells damage from a really wrong key.
+            Fetched::Blob(BlobError::WrongKey) => self.wrong_key_or_damage(&pack),
+            Fetched::Blob(BlobError::Damaged(m)) => (
+                Error::integrity(
+                    &self.name,
+                    format!("damaged: chunk {hex_id} in pack {pack} {m}; use another snapshot"),
+                ),
+                true,
+            ),
+        };
+        if damaged {
+            if let Err(e) = self.cache.mark_damaged(loc) {
+                log::warn!("chunk {hex_id}: its damaged copy could not be recorded: {e}");
+            }
+        }
+        for other in self.cache.locate_all(id)?.into_iter().filter(|l| l != loc) {
+            let Some(opener) = self.opener.as_mut() else { break };
+            if let Fetched::Plain(p) = fetch(&self.packs, &self.keys, opener, &self.key, id, &other) {
+                if p.len() as u64 == loc.plain {
+                    log::warn!(
+                        "chunk {hex_id}: its copy in pack {pack} could not be read ({error}); read from its copy in pack {}",
+                        hex::encode(other.pack)
+                    );
+                    return Ok(p);
+                }
+            }
+        }
+        Err(error)
+    }
+
+    /// The error for a blob no identity opens, and whether that is damage.
+    fn wrong_key_or_damage(&self, pack: &str) -> (Error, bool) {
         let size = self.store.backend().size(&format::pack_path(pack)).ok().flatten().unwrap_or(0);
         match super::verify::check_pack(&self.store, pack, size, &crate::progress::NoProgress) {
-            Err(why) => {
-                Error::integrity(&self.name, format!("damaged: pack {pack} {why}; use another snapshot"))
-            }
-            Ok(()) => Error::integrity(&self.name, wrong_key(&self.manifest)),
+            Err(why) => (
+                Error::integrity(&self.name, format!("damaged: pack {pack} {why}; use another snapshot")),
+                true,
+            ),
+            Ok(()) => (Error::integrity(&self.name, wrong_key(&self.manifest)), false),
         }
     }
 
