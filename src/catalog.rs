@@ -118,8 +118,9 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_pending ON deliveries (status) WHERE status = 'PENDING';
 "#;
 
-/// Version 3: `verify` records what it found (VERIFY_PASSED, VERIFY_FAILED), so retention knows
-/// an archive that failed a check (red team 2026-12-07, finding 3). SQLite cannot change a
+/// Version 3: `verify` records what it found (VERIFY_PASSED, VERIFY_FAILED), and a backup a
+/// live database that failed its quick_check (DATABASE_DAMAGED), so retention knows an
+/// archive that failed a check (red team 2026-12-07, findings 3 and 7). SQLite cannot change a
 /// CHECK constraint in place: the events table is copied into a new one, ids kept, and its
 /// AUTOINCREMENT high-water mark moved over (an id once used is never given again).
 const SCHEMA_V3: &str = r#"
@@ -129,7 +130,7 @@ CREATE TABLE events_v3 (
     run_id      INTEGER REFERENCES runs (id),
     event       TEXT NOT NULL CHECK (event IN ('BACKUP_CREATED', 'SYSTEM_RESTORED', 'DRILL_PASSED',
                     'DRILL_FAILED', 'PRUNED', 'RESTORE_ROLLED_BACK', 'ARCHIVE_MISSING',
-                    'VERIFY_PASSED', 'VERIFY_FAILED')),
+                    'VERIFY_PASSED', 'VERIFY_FAILED', 'DATABASE_DAMAGED')),
     archive     TEXT,
     detail      TEXT NOT NULL
 );
@@ -216,6 +217,9 @@ pub enum Event {
     VerifyPassed,
     /// `datavault verify` found an archive damaged; the detail starts with `deep:` or `shallow:`.
     VerifyFailed,
+    /// The live database failed `PRAGMA quick_check` when this archive was made: it holds a
+    /// faithful copy of a damaged database.
+    DatabaseDamaged,
 }
 
 stored_as_text!(Event {
@@ -228,6 +232,7 @@ stored_as_text!(Event {
     ArchiveMissing => "ARCHIVE_MISSING",
     VerifyPassed => "VERIFY_PASSED",
     VerifyFailed => "VERIFY_FAILED",
+    DatabaseDamaged => "DATABASE_DAMAGED",
 });
 
 /// In a drill event's detail: the drill read the offsite copy, which proves nothing about the
@@ -612,16 +617,23 @@ impl Catalog {
             .context(|| self.what(format!("reading the last `{command}` run")))
     }
 
-    /// The archives on the drive that a drill or `verify` failed and no check at least as
-    /// thorough passed since, each with what the last such failure said. Thoroughness: a
-    /// drill (restores and checks the database), then `verify --deep` (decrypts and hashes
-    /// every file), then `verify` (the archive file's SHA-256). A drill of the offsite copy
-    /// says nothing about the drive's and is not counted.
+    /// The archives on the drive that a drill or `verify` failed (or whose database was
+    /// damaged when they were made) and no check at least as thorough passed since, each
+    /// with what the last such failure said. Thoroughness: a drill (restores and checks the
+    /// database), then `verify --deep` (decrypts and hashes every file), then `verify` (the
+    /// archive file's SHA-256). A drill of the offsite copy says nothing about the drive's
+    /// and is not counted.
     pub fn failed_checks(&self) -> Result<std::collections::HashMap<String, String>> {
         let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE archive IS NOT NULL AND event IN (?1, ?2, ?3, ?4) ORDER BY id"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE archive IS NOT NULL AND event IN (?1, ?2, ?3, ?4, ?5) ORDER BY id"
         );
-        let kinds = [Event::DrillPassed, Event::DrillFailed, Event::VerifyPassed, Event::VerifyFailed];
+        let kinds = [
+            Event::DrillPassed,
+            Event::DrillFailed,
+            Event::VerifyPassed,
+            Event::VerifyFailed,
+            Event::DatabaseDamaged,
+        ];
         let events = self
             .query(&sql, rusqlite::params_from_iter(kinds.iter().map(|e| e.as_str())), event_from_row)
             .context(|| self.what("reading the drill and verify results"))?;
@@ -632,12 +644,12 @@ impl Catalog {
                 continue;
             }
             let depth = match e.event {
-                Event::DrillPassed | Event::DrillFailed => 3,
+                Event::DrillPassed | Event::DrillFailed | Event::DatabaseDamaged => 3,
                 _ if e.detail.starts_with(VERIFY_DEEP) => 2,
                 _ => 1,
             };
             let failures = open.entry(e.archive.unwrap_or_default()).or_default();
-            if matches!(e.event, Event::DrillFailed | Event::VerifyFailed) {
+            if matches!(e.event, Event::DrillFailed | Event::VerifyFailed | Event::DatabaseDamaged) {
                 failures.push((depth, e.detail));
             } else {
                 failures.retain(|(d, _)| *d > depth);

@@ -79,6 +79,9 @@ pub struct AgentSettings {
 pub struct SourceSettings {
     pub database: PathBuf,
     pub uploads: Option<PathBuf>,
+    /// `PRAGMA quick_check` the snapshot in its read transaction before copying it (default
+    /// true): a damaged live database is said at once, not at the next drill.
+    pub check_database: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +221,7 @@ struct RawAgent {
 struct RawSource {
     database: Spanned<String>,
     uploads: Option<Spanned<String>>,
+    check_database: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -382,7 +386,7 @@ impl Validator<'_> {
                 ));
             }
         }
-        Ok(SourceSettings { database, uploads })
+        Ok(SourceSettings { database, uploads, check_database: raw.check_database.unwrap_or(true) })
     }
 
     fn target(&self, raw: &RawTarget) -> Result<TargetSettings> {
@@ -1333,7 +1337,7 @@ mod tests {
     fn unknown_key_is_named_with_its_line() {
         let text = example().replace("require_luks = true", "require_lusk = true");
         let m = message(&text);
-        assert!(m.contains("require_lusk") && m.contains("line 18"), "{m}");
+        assert!(m.contains("require_lusk") && m.contains("line 21"), "{m}");
     }
 
     #[test]

@@ -64,9 +64,10 @@ pub fn json<T: Serialize>(v: &T) -> Result<()> {
     out(&s)
 }
 
-/// The one error line a command ends with, on stderr.
+/// The one error line a command ends with, on stderr. Never a panic when stderr is gone
+/// (`datavault backup 2>&1 | head -1`): the exit code must still say what happened.
 pub fn error_line(text: &str) {
-    eprintln!("datavault: error: {}", printable(&text.replace('\n', " ")));
+    let _ = writeln!(std::io::stderr(), "datavault: error: {}", printable(&text.replace('\n', " ")));
 }
 
 /// One line, naming the thing and the fix; the class is in the exit code.

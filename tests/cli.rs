@@ -807,3 +807,58 @@ fn retried_restores_keep_every_safety_copy_for_a_week() {
     let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
     assert_eq!(restored, replaced, "the first safety copy holds what the first restore replaced");
 }
+
+/// Overwrite the cell pointers of the `documents_user` index's root page, as a failing SD
+/// card would: `PRAGMA quick_check` then reports it.
+fn damage_an_index_page(db: &std::path::Path) {
+    let c = Connection::open(db).unwrap();
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    let (root, page): (i64, i64) = c
+        .query_row(
+            "SELECT rootpage, (SELECT page_size FROM pragma_page_size) FROM sqlite_master WHERE name = 'documents_user'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    drop(c);
+    let mut f = fs::OpenOptions::new().write(true).open(db).unwrap();
+    use std::io::{Seek, SeekFrom};
+    f.seek(SeekFrom::Start(((root - 1) * page + 8) as u64)).unwrap();
+    f.write_all(&[0xff; 64]).unwrap();
+}
+
+/// Red team 2026-12-07, finding 7: a damaged live database was backed up with exit 0; only
+/// the next drill said so. Now the backup says it (exit 5, one line, what to do), keeps the
+/// faithful copy, and retention counts that copy as damaged: it never makes the last good
+/// backup go.
+#[test]
+fn a_damaged_live_database_is_said_at_backup_time_and_never_pushes_out_the_good_backup() {
+    for format in ["archives", "snapshots"] {
+        let f = Fixture::with(|c| {
+            c.push_str("[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n")
+        });
+        f.set("store.format", format);
+        let good = archive_name(&f.backup());
+        damage_an_index_page(&f.app.database);
+
+        let r = f.expect(&["backup"], 5);
+        let last = r.stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("is damaged (PRAGMA quick_check: ") && last.contains(".recover"),
+            "{format}: {last}"
+        );
+        let list = f.expect(&["--json", "list"], 0);
+        let rows: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{format}: the damaged copy is kept, and so is the good one: {rows:?}");
+        let damaged = rows.iter().find(|r| r["name"] != good.as_str()).unwrap();
+        assert!(damaged["failed_check"].as_str().unwrap().contains("quick_check"), "{format}: {damaged}");
+        let audit = f.expect(&["audit"], 0);
+        assert!(audit.stdout.contains("DATABASE_DAMAGED"), "{format}: {}", audit.stdout);
+
+        // Turned off, the backup is made without the check (the drill still finds it).
+        f.set("source.check_database", false);
+        let unchecked = archive_name(&f.backup());
+        f.expect(&["drill", &unchecked], 4);
+    }
+}

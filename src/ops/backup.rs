@@ -11,7 +11,7 @@ use crate::archive::write::{ArchiveWriter, WriteError};
 use crate::catalog::{Event, RunStatus};
 use crate::error::{is_disk_full, Error, Result};
 use crate::manifest::{self, ArchiveKind, CompressionInfo, EncryptionInfo, Manifest, SourceInfo};
-use crate::ops::{now, prune, Env, Run, Trigger};
+use crate::ops::{now, prune, Env, Run, RunError, Trigger};
 use crate::snapshot;
 use crate::store::ARCHIVE_SUFFIX;
 
@@ -33,6 +33,9 @@ pub struct BackupOutcome {
     /// A snapshot (#9): what this backup added to the drive (new packs, index, tree, refs);
     /// `manifest.archive_size` is then what the snapshot references in packs.
     pub added_bytes: Option<u64>,
+    /// What `PRAGMA quick_check` found wrong in the live database (`source.check_database`):
+    /// the backup holds a faithful copy of a damaged database.
+    pub database_damage: Option<String>,
 }
 
 /// The whole `backup` command: lock, archive, prune, catalog.
@@ -40,6 +43,14 @@ pub fn run(env: &Env, opts: &BackupOptions) -> Result<BackupOutcome> {
     crate::ops::run_in_background_priority();
     let run = Run::start(env, "backup", opts.trigger, true)?;
     let result = backup_in_run(&run, opts);
+    // A damaged live database: the archive is made (a faithful copy may be the best there
+    // is), but the run failed its purpose, and says so like a failed backup (alerts too).
+    if let Ok(o) = &result {
+        if let Some(e) = damaged_database(env, o) {
+            run.end_as(RunStatus::Failed, Some(RunError::of(&e)), Some(&o.manifest.archive));
+            return Err(e);
+        }
+    }
     let (status, archive) = match &result {
         Ok(o) if !o.manifest.skipped.is_empty() => (RunStatus::Warning, Some(o.manifest.archive.clone())),
         Ok(o) => (RunStatus::Success, Some(o.manifest.archive.clone())),
@@ -64,6 +75,20 @@ pub fn run(env: &Env, opts: &BackupOptions) -> Result<BackupOutcome> {
     Ok(outcome)
 }
 
+/// The error a backup of a damaged live database ends with (exit 5, the source's fault).
+fn damaged_database(env: &Env, o: &BackupOutcome) -> Option<Error> {
+    let why = o.database_damage.as_ref()?;
+    Some(Error::source(
+        &env.settings.source.database,
+        format!(
+            "is damaged (PRAGMA quick_check: {why}); {} holds it as it is. Restore a backup made \
+             before the damage (`datavault list`, then `datavault drill NAME` proves one) or repair the \
+             database (`sqlite3 app.db .recover`)",
+            o.manifest.archive
+        ),
+    ))
+}
+
 fn backup_in_run(run: &Run, opts: &BackupOptions) -> Result<BackupOutcome> {
     let env = run.env;
     let previous_newest = crate::ops::listings(env)
@@ -71,6 +96,19 @@ fn backup_in_run(run: &Run, opts: &BackupOptions) -> Result<BackupOutcome> {
         .and_then(|(_, ls)| ls.iter().filter(|l| l.is_complete()).filter_map(|l| l.created()).max());
     let mut outcome = create_archive(run, opts)?.expect("a backup always has a database");
     outcome.cleaned = Vec::new();
+    if let Some(why) = &outcome.database_damage {
+        // Before retention runs: this backup is not a good one (it takes no good one's slot).
+        let detail = format!("the live database failed quick_check when it was backed up: {why}");
+        if let Err(e) = run.catalog.record_event(
+            Some(run.id),
+            now(),
+            Event::DatabaseDamaged,
+            Some(&outcome.manifest.archive),
+            &detail,
+        ) {
+            log::warn!("{e}");
+        }
+    }
 
     // Retention runs only once the new archive is complete, and never on a suspicious clock.
     match crate::retention::check_clock(now(), previous_newest, crate::ops::build_time()) {
@@ -102,6 +140,8 @@ struct Sources {
     uploads: Option<PathBuf>,
     /// A safety copy (tolerant) rather than a backup (strict).
     safety_copy: bool,
+    /// `source.check_database`.
+    check_database: bool,
 }
 
 enum DbSource {
@@ -146,7 +186,7 @@ impl Sources {
         if matches!(database, DbSource::Missing) && uploads.is_none() {
             return Ok(None);
         }
-        Ok(Some(Sources { database, uploads, safety_copy }))
+        Ok(Some(Sources { database, uploads, safety_copy, check_database: s.source.check_database }))
     }
 
     /// Stream everything into the archive: the database first and alone, so its read
@@ -157,13 +197,16 @@ impl Sources {
         db: &Path,
         created: chrono::DateTime<chrono::Utc>,
         target_dir: &Path,
-    ) -> Result<(Option<crate::manifest::DatabaseInfo>, Option<crate::manifest::TreeInfo>)> {
+    ) -> Result<(Option<crate::manifest::DatabaseInfo>, Option<crate::manifest::TreeInfo>, Option<String>)>
+    {
         let mut database = None;
+        let mut damage = None;
         let mut raw = matches!(self.database, DbSource::Raw);
         let mut _catch_up = None; // waited for when it goes out of scope (a binding, not `_`)
         if let DbSource::Live(conn) = &self.database {
             match snapshot::begin(conn, db) {
                 Ok(info) => {
+                    damage = self.check(conn, db)?;
                     let res = writer.add_database(conn, db, &info, created);
                     _catch_up = Some(snapshot::end_with_catch_up(conn, db));
                     database = Some(res.map_err(|e| write_error(target_dir, e))?);
@@ -193,7 +236,25 @@ impl Sources {
             ),
             None => None,
         };
-        Ok((database, tree))
+        Ok((database, tree, damage))
+    }
+
+    /// `PRAGMA quick_check` in the snapshot's read transaction, for a backup when
+    /// `source.check_database` (red team 2026-12-07, finding 7: a damaged database was backed
+    /// up with exit 0 and only the next drill said so). A safety copy saves what is there,
+    /// damaged or not, without the extra read.
+    fn check(&self, conn: &rusqlite::Connection, db: &Path) -> Result<Option<String>> {
+        if self.safety_copy || !self.check_database {
+            return Ok(None);
+        }
+        let found = snapshot::quick_check(conn, db)?;
+        if let Some(why) = &found {
+            log::error!(
+                "{}: the live database is damaged (quick_check: {why}); backing it up as it is",
+                db.display()
+            );
+        }
+        Ok(found)
     }
 }
 
@@ -225,7 +286,8 @@ pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOu
     let mut writer = ArchiveWriter::new(out, &s.encryption.recipients, s.compression, env.progress.clone())
         .map_err(|e| write_error(target_dir, e))?;
     env.progress.start("backing up", needed);
-    let (database, tree) = sources.write(&mut writer, &s.source.database, created, target_dir)?;
+    let (database, tree, database_damage) =
+        sources.write(&mut writer, &s.source.database, created, target_dir)?;
     let finished = writer.finish(created).map_err(|e| write_error(target_dir, e))?;
     env.progress.finish();
     let object = finished.output.into_inner().map_err(|e| output_error(target_dir, e.into_error()))?;
@@ -275,6 +337,7 @@ pub fn create_archive(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOu
         prune_skipped: None,
         cleaned,
         added_bytes: None,
+        database_damage,
     }))
 }
 
@@ -529,10 +592,12 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
     env.progress.start("backing up", estimate);
     let db = &s.source.database;
     let mut raw = matches!(sources.database, DbSource::Raw);
+    let mut database_damage = None;
     let mut _catch_up = None; // waited for when it goes out of scope (a binding, not `_`)
     if let DbSource::Live(conn) = &sources.database {
         match snapshot::begin(conn, db) {
             Ok(info) => {
+                database_damage = sources.check(conn, db)?;
                 let res = w.add_database(conn, db, &info, created);
                 _catch_up = Some(snapshot::end_with_catch_up(conn, db));
                 res?;
@@ -592,5 +657,6 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
         prune_skipped: None,
         cleaned,
         added_bytes: Some(m.added_bytes),
+        database_damage,
     }))
 }
