@@ -862,3 +862,30 @@ fn a_damaged_live_database_is_said_at_backup_time_and_never_pushes_out_the_good_
         f.expect(&["drill", &unchecked], 4);
     }
 }
+
+/// A restore whose safety copy finds no room changes nothing and says why, with the drive's
+/// own fix (it used to advise making room whatever the cause: red team 2026-12-07).
+#[test]
+fn a_restore_without_room_for_its_safety_copy_changes_nothing_and_says_why() {
+    if !is_root() || emulated() {
+        return skip("needs root and a real kernel for mounts (ran natively in CI)");
+    }
+    let f = Fixture::new();
+    f.set("target.require_mountpoint", true);
+    let _m = Tmpfs::mount(&f.target, "8m");
+    f.backup();
+    fs::write(f.app.uploads.join("new.txt"), "written after the backup").unwrap();
+    let live = f.fingerprint();
+    let mut filler = fs::File::create(f.target.join("filler")).unwrap();
+    let block = vec![0x5a; 64 * 1024];
+    while filler.write_all(&block).is_ok() {}
+    drop(filler);
+    let r = f.expect(&["restore", "--yes"], 3);
+    let line = r.stderr.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("free but the archive needs") && line.contains("nothing was changed; fix that"),
+        "{line}"
+    );
+    assert_eq!(f.fingerprint(), live, "the live data is untouched");
+    f.assert_no_restore_leftovers();
+}

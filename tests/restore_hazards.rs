@@ -813,6 +813,18 @@ fn rt10_restore_to_makes_its_folder_private_and_refuses_a_foreign_one() {
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
     let r = f.expect(&["restore", "--to", shared.to_str().unwrap()], 2);
     assert!(r.stderr.contains("others may write"), "{}", r.stderr);
+    // A link to an empty folder is not followed, and is called what it is.
+    let empty = f.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let link = f.path().join("link");
+    std::os::unix::fs::symlink(&empty, &link).unwrap();
+    let r = f.expect(&["restore", "--to", link.to_str().unwrap()], 2);
+    assert!(
+        r.stderr.contains("is a symbolic link (to ") && r.stderr.contains("give the folder itself"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0);
 }
 
 #[test]

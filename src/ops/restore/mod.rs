@@ -153,6 +153,15 @@ fn prepare_empty_dir(dir: &Path) -> Result<()> {
                 .map_err(|e| Error::Usage(format!("cannot create {}: {e}", dir.display())));
         }
         Err(e) => return Err(Error::Usage(format!("cannot use {}: {e}", dir.display()))),
+        // A link is not followed (it could be moved while root writes below it): said as
+        // such, with the folder it names, rather than "not a folder" (red team 2026-12-07).
+        Ok(m) if m.file_type().is_symlink() => {
+            let to = std::fs::read_link(dir).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+            return Err(Error::Usage(format!(
+                "{} is a symbolic link (to {to}), which restore --to does not follow; give the folder itself or a new path",
+                dir.display()
+            )));
+        }
         Ok(m) if !m.is_dir() => {
             return Err(Error::Usage(format!(
                 "{} is not a folder; restore --to needs an empty or new folder",
@@ -452,7 +461,9 @@ fn stop_and_save(run: &Run, name: &str, safety: SafetyCopy) -> Result<Option<Str
     };
     let pre = create_archive(run, &opts).map_err(|e| {
         let _ = restart(run);
-        e.note("the PRE-RESTORE safety backup could not be written, so nothing was changed; to restore anyway, make room for it on the drive (an older archive deleted by hand), or restore with --to DIR and copy the files back")
+        // The message says what went wrong and its fix (room on the drive, the mount, the
+        // live data): "make room" was said whatever the cause (red team 2026-12-07).
+        e.note("the PRE-RESTORE safety backup could not be written, so nothing was changed; fix that and run the restore again, or restore with --to DIR and copy the files back")
     })?;
     crash_point("restore: safety copy written");
     let pre_name = pre.map(|p| p.manifest.archive);
