@@ -167,6 +167,10 @@ for confirmation on a terminal and refuses otherwise."
         /// With --offsite, in place, without the drive: replace the live data without saving it first
         #[arg(long, requires = "offsite", conflicts_with = "to")]
         no_safety_copy: bool,
+        /// With --to, snapshots only: leave out a file whose content is damaged on the drive
+        /// (no copy reads) and restore every other one; names each file left out, exits 4
+        #[arg(long, requires = "to")]
+        skip_damaged: bool,
     },
     /// Apply the retention policy (delete archives no rule keeps)
     Prune {
@@ -344,14 +348,21 @@ fn dispatch(cli: &Cli, ui: &Ui) -> Result<u8> {
             (*trigger).into(),
             ui,
         ),
-        Command::Restore { archive, to, yes, offsite, no_safety_copy } => commands::restore::run(
-            &env(cli, ui)?.with_offsite(*offsite),
-            archive.as_deref(),
-            to.as_deref(),
-            *yes,
-            if *no_safety_copy { ops::restore::SafetyCopy::Skip } else { ops::restore::SafetyCopy::Required },
-            ui,
-        ),
+        Command::Restore { archive, to, yes, offsite, no_safety_copy, skip_damaged } => {
+            commands::restore::run(
+                &env(cli, ui)?.with_offsite(*offsite),
+                archive.as_deref(),
+                to.as_deref(),
+                *yes,
+                if *no_safety_copy {
+                    ops::restore::SafetyCopy::Skip
+                } else {
+                    ops::restore::SafetyCopy::Required
+                },
+                *skip_damaged,
+                ui,
+            )
+        }
         Command::Prune { dry_run } => commands::prune::run(&env(cli, ui)?, *dry_run, ui),
         Command::Status => commands::status::run(&env(cli, ui)?, ui),
         Command::Audit { limit } => commands::audit::run(&env(cli, ui)?, *limit, ui),

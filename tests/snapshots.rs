@@ -653,3 +653,55 @@ fn a_damaged_pack_is_stored_again_by_the_next_backup_and_every_snapshot_restores
     let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
     assert_eq!(restored, live);
 }
+
+/// Red team 2026-12-07, finding 2 (its second half): a restore was all-or-nothing, so one
+/// damaged chunk with no other copy cost every file. `restore --to --skip-damaged` leaves
+/// out the file that chunk belongs to, names it, restores every other one, and exits 4.
+#[test]
+fn restore_to_with_skip_damaged_gives_back_every_file_but_the_damaged_one() {
+    let f = Fixture::with(|c| c.push_str("[store]\nformat = \"snapshots\"\n"));
+    for i in 0..4u32 {
+        let data: Vec<u8> = (0..150_000u32).map(|j| (j.wrapping_mul(2_654_435_761 + i) >> 9) as u8).collect();
+        fs::write(f.app.uploads.join(format!("big-{i}.bin")), data).unwrap();
+    }
+    let name = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let packs: Vec<std::path::PathBuf> =
+        f.files_below_target().iter().filter(|n| n.contains("packs/")).map(|n| f.target.join(n)).collect();
+    let biggest = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(biggest).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    fs::write(biggest, bytes).unwrap();
+
+    // All or nothing without the flag: nothing is left in the folder.
+    let out = f.path().join("out");
+    f.expect(&["restore", &name, "--to", out.to_str().unwrap()], 4);
+    assert!(!out.exists() || fs::read_dir(&out).unwrap().next().is_none());
+
+    let out = f.path().join("out-skip");
+    let r = f.expect(&["restore", &name, "--to", out.to_str().unwrap(), "--skip-damaged"], 4);
+    let line = r.stderr.lines().last().unwrap();
+    assert!(line.contains("1 file(s) could not be restored"), "{line}");
+    let at = line.find(", first ").unwrap() + ", first ".len();
+    let lost = &line[at..line[at..].find(':').unwrap() + at];
+    assert!(!out.join(lost).exists(), "{lost} is left out");
+    // Every other file is there, byte for byte.
+    let mut checked = 0;
+    for e in fs::read_dir(&f.app.uploads).unwrap().flatten() {
+        let rel = format!("uploads/{}", e.file_name().to_string_lossy());
+        if rel != lost && e.file_type().unwrap().is_file() {
+            assert_eq!(fs::read(out.join(&rel)).unwrap(), fs::read(e.path()).unwrap(), "{rel}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "{checked}");
+    if lost != "db/app.db" {
+        integrity_ok(&out.join("db/app.db"));
+    }
+
+    // An archive is one stream: the flag is refused, plainly.
+    let g = Fixture::new();
+    let archive = g.backup()["manifest"]["archive"].as_str().unwrap().to_string();
+    let out = g.path().join("out");
+    let r = g.expect(&["restore", &archive, "--to", out.to_str().unwrap(), "--skip-damaged"], 2);
+    assert!(r.stderr.contains("--skip-damaged needs a snapshot"), "{}", r.stderr);
+}

@@ -43,6 +43,9 @@ pub struct ReadReport {
     /// How the content was proven: archives by each file's SHA-256 in the inner manifest,
     /// snapshots by each chunk's keyed hash (and the database's SHA-256).
     pub format: crate::config::StoreFormat,
+    /// Files left out because no copy of their content could be read (escaped path, why):
+    /// only with `ExtractPlan::skip_damaged`, else any such file fails the read.
+    pub damaged_files: Vec<(String, String)>,
 }
 
 /// Read the whole archive described by `listing`; extract it when `plan` is given.
@@ -112,6 +115,7 @@ pub fn read_archive(
         archive_sha256: hash.hex(),
         archive_bytes: len,
         format: crate::config::StoreFormat::Archives,
+        damaged_files: Vec::new(),
     })
 }
 
@@ -406,6 +410,9 @@ fn read_snapshot(
     let mut extractor = Extractor::new(&name, plan, manifest.plain_bytes)?;
     let mut cache = store.dedup_cache()?;
     let mut reader = SnapshotReader::open(&ds, &mut cache, &name, identities.clone(), progress)?;
+    if plan.is_some_and(|p| p.skip_damaged) {
+        reader.skip_damaged_files();
+    }
     let mut records = Vec::new();
     let (mut files, mut plain_bytes) = (0u64, 0u64);
     progress.start("reading", manifest.plain_bytes);
@@ -443,7 +450,8 @@ fn read_snapshot(
                     });
                 }
                 TreeKind::File => {
-                    let (sha256, n) = extractor.file(
+                    let given_up = reader.damaged_files().len();
+                    let written = extractor.file(
                         &e.parts,
                         &meta,
                         e.size,
@@ -452,7 +460,16 @@ fn read_snapshot(
                         false,
                         // The reader reports progress and watches for a cancel itself.
                         &crate::progress::NoProgress,
-                    )?;
+                    );
+                    let (sha256, n) = match written {
+                        Ok(w) => w,
+                        // The reader gave this file up (skip_damaged): on to the next.
+                        Err(_) if reader.damaged_files().len() > given_up => {
+                            extractor.discard_file(&e.parts, &meta)?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     files += 1;
                     plain_bytes += n;
                     records.push(EntryRecord { path, kind: EntryKind::File, size: n, sha256, target: None });
@@ -462,8 +479,10 @@ fn read_snapshot(
         Ok(())
     })();
     progress.finish();
-    // `next_entry` gave `None`: every chunk matched its id, and the database its SHA-256.
+    // `next_entry` gave `None`: every chunk matched its id, and the database its SHA-256
+    // (but for the files given up, which are named).
     result?;
+    let reader_damaged = reader.damaged_files().to_vec();
     extractor.finish()?;
     Ok(ReadReport {
         entries: records.len() as u64,
@@ -477,5 +496,6 @@ fn read_snapshot(
         archive_sha256: manifest.archive_sha256.clone(),
         archive_bytes: manifest.archive_size,
         format: crate::config::StoreFormat::Snapshots,
+        damaged_files: reader_damaged,
     })
 }

@@ -17,10 +17,11 @@ pub fn run(
     to: Option<&Path>,
     yes: bool,
     safety: ops::restore::SafetyCopy,
+    skip_damaged: bool,
     ui: &Ui,
 ) -> Result<u8> {
     let o = match to {
-        Some(dir) => ops::restore::to_dir(env, archive, dir)?,
+        Some(dir) => ops::restore::to_dir(env, archive, dir, skip_damaged)?,
         None => {
             // Decided once: what the operator confirms is what is restored, even if a backup
             // finishes in between.

@@ -427,6 +427,7 @@ mod tests {
             files: 0,
             plain_bytes: 0,
             format: crate::config::StoreFormat::Snapshots,
+            damaged_files: Vec::new(),
         }
     }
 

@@ -59,6 +59,9 @@ pub struct ExtractPlan {
     /// Handed each file but the database once it is written (content, mode, owner, times):
     /// see [`settle_as_written`].
     pub settle: Option<Settler>,
+    /// `restore --to --skip-damaged`, snapshots only: a file no copy of whose content can be
+    /// read is left out (and named), the others are restored.
+    pub skip_damaged: bool,
 }
 
 /// What becomes of each written file but the database, on a thread of its own. Nothing reads
@@ -195,6 +198,7 @@ impl ExtractPlan {
             room_hint: "free space or restore with --to onto a bigger disk",
             database_written: None,
             settle: None,
+            skip_damaged: false,
         }
     }
 
@@ -366,6 +370,20 @@ impl<'a> Extractor<'a> {
         if top == crate::archive::TOP_DB.as_bytes() && !(parts.len() == 2 && kind == EntryKind::File) {
             return Err(unsafe_entry(name, format!("unexpected database entry {shown}")));
         }
+        Ok(())
+    }
+
+    /// A file [`Extractor::file`] failed on, given up (`ExtractPlan::skip_damaged`): what
+    /// was written of it is removed; its path stays taken.
+    pub fn discard_file(&mut self, parts: &[Vec<u8>], meta: &EntryMeta) -> Result<()> {
+        if self.plan.is_some() {
+            let (parent, name) = self.parent(parts)?;
+            match rustix::fs::unlinkat(&parent, name.as_c_str(), rustix::fs::AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(write_error(&self.shown(parts), e.into())),
+            }
+        }
+        self.done(parts, EntryKind::File, meta);
         Ok(())
     }
 

@@ -69,22 +69,30 @@ pub fn choose(env: &Env, which: Option<&str>) -> Result<Listing> {
     crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete).cloned()
 }
 
-/// `restore --to DIR`: into an empty folder; needs no lock, changes nothing else.
-pub fn to_dir(env: &Env, which: Option<&str>, dir: &Path) -> Result<RestoreOutcome> {
+/// `restore --to DIR`: into an empty folder; needs no lock, changes nothing else. With
+/// `skip_damaged` (snapshots), a file none of whose copies reads is left out and named, and
+/// every other file is restored: the run still fails (exit 4), after writing them.
+pub fn to_dir(env: &Env, which: Option<&str>, dir: &Path, skip_damaged: bool) -> Result<RestoreOutcome> {
     let run = Run::start(env, "restore", Trigger::Manual, false)?;
-    let result = to_dir_in_run(&run, which, dir);
+    let result = to_dir_in_run(&run, which, dir, skip_damaged);
     run.end(&result, RunStatus::Success, result.as_ref().ok().map(|o| o.archive.as_str()));
     result
 }
 
-fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOutcome> {
+fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path, skip_damaged: bool) -> Result<RestoreOutcome> {
     let env = run.env;
     let started = Instant::now();
-    prepare_empty_dir(dir)?;
     let (store, listings) = crate::ops::listings(env)?;
     let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
+    if skip_damaged && !listing.snapshot {
+        return Err(Error::Usage(format!(
+            "--skip-damaged needs a snapshot; {} is an archive, one encrypted stream that cannot be read past its damage",
+            listing.name
+        )));
+    }
+    prepare_empty_dir(dir)?;
     let stage = dir.join(format!("{STAGE_PREFIX}{}", run.id));
-    let plan = ExtractPlan::into_dir(&stage);
+    let plan = ExtractPlan { skip_damaged, ..ExtractPlan::into_dir(&stage) };
     let read = |plan: &ExtractPlan| read_into(env, &store, listing, plan);
     // The database is checked in the staging folder, while the uploads are written (a WAL
     // database's -wal and -shm are gone once its checks close it, before anything moves).
@@ -114,6 +122,16 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path) -> Result<RestoreOu
     }
     remove_tree(&stage);
     fsync_dir(dir)?;
+    if let Some((first, why)) = report.damaged_files.first() {
+        let n = report.damaged_files.len();
+        return Err(Error::integrity(
+            &listing.name,
+            format!(
+                "{n} file(s) could not be restored (damaged on the drive, no other copy), first {first}: {why}; every other file is restored in {}. The log above names each one left out; an older backup may hold them (`datavault list`)",
+                dir.display()
+            ),
+        ));
+    }
     if let Some(bad) = checks.iter().find(|c| !c.ok) {
         return Err(Error::integrity(
             &listing.name,
@@ -371,6 +389,8 @@ fn stage_and_verify(
         room_hint: "free space beside the app's data (the restore is staged there before the swap)",
         database_written: None,
         settle: None,
+        // In place, the data is put back whole or not at all.
+        skip_damaged: false,
     };
     log::info!("verifying and staging {name}");
     let db = manifest.database.as_ref().expect("checked by the caller");

@@ -80,6 +80,8 @@ pub fn content_error(snapshot: &str, e: io::Error) -> Error {
 }
 
 struct FileState {
+    /// The entry's path (for the files given up, see `skip_rest_of_file`).
+    path: Vec<u8>,
     /// Chunk ids still to read from the entry line (then `more` lines).
     ids: std::vec::IntoIter<String>,
     chunks_left: u64,
@@ -140,6 +142,10 @@ impl DbHash {
 
 pub struct SnapshotReader<'a> {
     store: Store,
+    /// Give up a file whose content no copy gives back, and go on (`restore --skip-damaged`).
+    skip_damaged: bool,
+    /// The files given up so far: escaped path, why.
+    damaged: Vec<(String, String)>,
     /// Where to find another copy of a chunk whose first copy is damaged, and to say so.
     cache: &'a mut Cache,
     /// Where each ref is, found once at open: no cache query per chunk.
@@ -205,6 +211,8 @@ impl<'a> SnapshotReader<'a> {
         let ahead = ReadAhead::start(&packs, &keys, &key);
         Ok(SnapshotReader {
             store: store.clone(),
+            skip_damaged: false,
+            damaged: Vec::new(),
             cache,
             locs,
             keys,
@@ -235,6 +243,19 @@ impl<'a> SnapshotReader<'a> {
 
     pub fn manifest(&self) -> &SnapshotManifest {
         &self.manifest
+    }
+
+    /// From now on, a file whose content no copy gives back is left out (its content read
+    /// ends with an error, see [`SnapshotReader::damaged_files`]) and the next entries are
+    /// still read, every check but that file's own still made. Only for `restore --to`:
+    /// what is restored in place must be whole.
+    pub fn skip_damaged_files(&mut self) {
+        self.skip_damaged = true;
+    }
+
+    /// The files left out so far (escaped path, why), with [`SnapshotReader::skip_damaged_files`].
+    pub fn damaged_files(&self) -> &[(String, String)] {
+        &self.damaged
     }
 
     fn bad(&self, why: impl std::fmt::Display) -> Error {
@@ -408,8 +429,8 @@ impl<'a> SnapshotReader<'a> {
                 return Err(self.bad(format!("database {shown} is not the size the manifest says")));
             }
         }
-        let _ = path;
         self.file = Some(FileState {
+            path: path.to_vec(),
             ids: e.chunks.clone().into_iter(),
             chunks_left: e.nchunks,
             bytes_left: e.size,
@@ -420,8 +441,9 @@ impl<'a> SnapshotReader<'a> {
         Ok(())
     }
 
-    /// The next chunk of the current file, verified; `None` at its end.
-    fn next_chunk(&mut self) -> Result<Option<Arc<Vec<u8>>>> {
+    /// The next chunk id of the current file, checked against the refs and the file's size:
+    /// the id, its hex form and where it is; `None` at the file's end.
+    fn next_ref(&mut self) -> Result<Option<(ChunkId, String, BlobLoc)>> {
         let Some(f) = self.file.as_mut() else { return Ok(None) };
         if f.chunks_left == 0 {
             return Ok(None);
@@ -452,6 +474,12 @@ impl<'a> SnapshotReader<'a> {
         if loc.plain == 0 || loc.plain > f.bytes_left || (f.chunks_left == 1 && loc.plain != f.bytes_left) {
             return Err(self.bad(format!("chunk {hex_id}: its length does not fit the file's size")));
         }
+        Ok(Some((id, hex_id, loc)))
+    }
+
+    /// The next chunk of the current file, verified; `None` at its end.
+    fn next_chunk(&mut self) -> Result<Option<Arc<Vec<u8>>>> {
+        let Some((id, hex_id, loc)) = self.next_ref()? else { return Ok(None) };
         self.fill_ahead();
         let fetched = match self.ahead.take(&id) {
             Some(f) => f,
@@ -463,7 +491,13 @@ impl<'a> SnapshotReader<'a> {
         self.fill_ahead();
         let plain = match fetched {
             Fetched::Plain(p) => p,
-            failed => self.read_another_copy(&id, &hex_id, &loc, failed)?,
+            failed => match self.read_another_copy(&id, &hex_id, &loc, failed) {
+                Ok(p) => p,
+                Err(e @ Error::Integrity { .. }) if self.skip_damaged => {
+                    return Err(self.skip_rest_of_file(&loc, e)?)
+                }
+                Err(e) => return Err(e),
+            },
         };
         let f = self.file.as_mut().expect("checked");
         f.chunks_left -= 1;
@@ -473,6 +507,35 @@ impl<'a> SnapshotReader<'a> {
             sha.update(&plain);
         }
         Ok(Some(plain))
+    }
+
+    /// With [`SnapshotReader::skip_damaged_files`]: the file whose chunk at `loc` no copy
+    /// gives back is given up. Its remaining chunk ids are still read and checked (the tree
+    /// and the counts at its end must still add up), none is fetched, and the file is
+    /// recorded; the error returned makes the caller drop what it wrote of it.
+    fn skip_rest_of_file(&mut self, loc: &BlobLoc, why: Error) -> Result<Error> {
+        let f = self.file.as_mut().expect("in a file");
+        f.chunks_left -= 1;
+        f.bytes_left -= loc.plain;
+        // A database given up is not compared with its SHA-256: it is not restored.
+        f.sha = None;
+        let path = f.path.clone();
+        while let Some((id, _, loc)) = self.next_ref()? {
+            let _ = self.ahead.take(&id);
+            let f = self.file.as_mut().expect("in a file");
+            f.chunks_left -= 1;
+            f.bytes_left -= loc.plain;
+        }
+        let shown = crate::manifest::escape_path(&path);
+        let what = match &why {
+            Error::Integrity { message, .. } => {
+                message.trim_end_matches("; use another snapshot").to_string()
+            }
+            other => other.to_string(),
+        };
+        log::error!("{shown}: {what}; left out, the other files are restored");
+        self.damaged.push((shown, what));
+        Ok(why)
     }
 
     /// The first copy of a chunk could not be read: if it is damaged, mark it (the next
