@@ -239,6 +239,10 @@ stored_as_text!(Event {
 /// drive's.
 pub const FROM_OFFSITE: &str = ", from the offsite copy ";
 
+/// In a failure's detail: the identity given opens none of the archive's recipients, which
+/// says nothing about the archive ([`crate::error::Error::is_wrong_key`]).
+pub const WRONG_KEY: &str = "wrong key: ";
+
 /// How a verify event's detail starts: `verify --deep` (decrypted and hashed every file) or
 /// plain `verify` (the archive file's SHA-256, or a snapshot's packs).
 pub const VERIFY_DEEP: &str = "deep: ";
@@ -621,8 +625,8 @@ impl Catalog {
     /// damaged when they were made) and no check at least as thorough passed since, each
     /// with what the last such failure said. Thoroughness: a drill (restores and checks the
     /// database), then `verify --deep` (decrypts and hashes every file), then `verify` (the
-    /// archive file's SHA-256). A drill of the offsite copy says nothing about the drive's
-    /// and is not counted.
+    /// archive file's SHA-256). A drill of the offsite copy says nothing about the drive's,
+    /// nor one with the wrong key about the archive: neither is counted.
     pub fn failed_checks(&self) -> Result<std::collections::HashMap<String, String>> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE archive IS NOT NULL AND event IN (?1, ?2, ?3, ?4, ?5) ORDER BY id"
@@ -640,7 +644,7 @@ impl Catalog {
         // Per archive: the failures not yet answered by a pass as thorough, (depth, detail).
         let mut open: std::collections::HashMap<String, Vec<(u8, String)>> = Default::default();
         for e in events {
-            if e.detail.contains(FROM_OFFSITE) {
+            if e.detail.contains(FROM_OFFSITE) || e.detail.contains(WRONG_KEY) {
                 continue;
             }
             let depth = match e.event {
@@ -656,6 +660,28 @@ impl Catalog {
             }
         }
         Ok(open.into_iter().filter_map(|(name, f)| Some((name, f.last()?.1.clone()))).collect())
+    }
+
+    /// The archives whose last drill (of the drive's copy) passed.
+    pub fn drilled(&self) -> Result<HashSet<String>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE archive IS NOT NULL AND event IN (?1, ?2) ORDER BY id"
+        );
+        let events = self
+            .query(&sql, params![Event::DrillPassed.as_str(), Event::DrillFailed.as_str()], event_from_row)
+            .context(|| self.what("reading the drill results"))?;
+        let mut passed = HashSet::new();
+        for e in
+            events.into_iter().filter(|e| !e.detail.contains(FROM_OFFSITE) && !e.detail.contains(WRONG_KEY))
+        {
+            let name = e.archive.unwrap_or_default();
+            if e.event == Event::DrillPassed {
+                passed.insert(name);
+            } else {
+                passed.remove(&name);
+            }
+        }
+        Ok(passed)
     }
 
     /// The most recent event of any of the given kinds; `None` for an empty list.
@@ -1310,12 +1336,17 @@ mod tests {
         ev(Event::VerifyFailed, "d", "shallow: SHA-256 differs");
         // e: only the offsite copy failed its drill.
         ev(Event::DrillFailed, "e", &format!("damaged{FROM_OFFSITE}s3://b/p"));
+        // g: a drill with the wrong identity (the key's fault, not the archive's).
+        ev(Event::DrillPassed, "g", "5 checks");
+        ev(Event::DrillFailed, "g", "archive g: wrong key: it was encrypted to age1...");
         let failed = cat.failed_checks().unwrap();
         let mut names: Vec<&str> = failed.keys().map(String::as_str).collect();
         names.sort();
         assert_eq!(names, ["a", "d"]);
         assert_eq!(failed["a"], "integrity_check: page 3 is never used");
         assert_eq!(failed["d"], "shallow: SHA-256 differs");
+        let drilled = cat.drilled().unwrap();
+        assert!(drilled.contains("b") && drilled.contains("g") && !drilled.contains("a"), "{drilled:?}");
     }
 
     #[test]

@@ -170,6 +170,12 @@ impl Error {
         }
     }
 
+    /// The identity given opens none of the archive's recipients: the key's fault, not the
+    /// archive's (a drill or verify with it says nothing about the archive).
+    pub fn is_wrong_key(&self) -> bool {
+        matches!(self, Error::Integrity { message, .. } if message.starts_with(crate::catalog::WRONG_KEY))
+    }
+
     /// A closed pipe on stdout (`datavault list | head -1`): not an error, the reader has
     /// what it wanted. `main` exits 0 on it.
     pub fn is_broken_pipe(&self) -> bool {

@@ -83,6 +83,11 @@ pub struct DatabaseInfo {
     /// "dbpage" (a consistent SQLite snapshot) or "raw" (the files as found: only for a
     /// pre-restore safety copy of a database SQLite could not read).
     pub method: String,
+    /// What `PRAGMA quick_check` found wrong in the live database when it was backed up
+    /// (`source.check_database`): this is a faithful copy of a damaged database. On the drive,
+    /// beside the archive, so that a new Pi (or a rebuilt catalog) still knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

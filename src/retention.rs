@@ -8,6 +8,9 @@
 //! - the newest *good* backup is always kept, even when every `keep_*` is 0. Good means
 //!   complete on the drive and not failed by its last drill or verify ([`Health`]): a newer
 //!   backup that failed its drill never makes the last intact one "old";
+//! - so is the newest good backup a drill proved ([`Candidate::drilled`]), until a newer one
+//!   is proven: damage no check at backup time sees (an index `quick_check` passes) must not
+//!   let `keep_last = 1` delete the last backup known to restore;
 //! - when there is no good backup at all, nothing is deleted: a damaged archive may still give
 //!   back part of the data, an empty drive gives back nothing;
 //! - a damaged archive (incomplete, or failed its last check) takes no good archive's slot,
@@ -108,7 +111,7 @@ impl Health {
     fn why_not_good(self) -> &'static str {
         match self {
             Health::Good => "good",
-            Health::FailedCheck => "failed its last drill or verify",
+            Health::FailedCheck => "failed a drill, verify or quick_check",
             Health::Incomplete => "incomplete or damaged on the drive",
         }
     }
@@ -121,6 +124,9 @@ pub struct Candidate {
     pub kind: ArchiveKind,
     pub created: DateTime<Utc>,
     pub health: Health,
+    /// Its last drill passed: proven to restore. The newest such good backup is kept until
+    /// a newer one is proven.
+    pub drilled: bool,
 }
 
 impl Candidate {
@@ -137,8 +143,8 @@ pub struct Decision {
     /// Why it is kept (`"last 3"`, `"daily 2026-11-20"`, `"weekly 2026-W47"`, `"monthly 2026-11"`,
     /// `"newest good archive"`, `"pre-restore 1"`, `"pre-restore made within 7 days (beyond the
     /// newest 3)"`,
-    /// `"no good backup: keeping everything"`, `"failed its last drill or verify; kept as if
-    /// intact: last 2"`) or why not (`"no rule keeps it"`, `"pre-restore beyond the newest N"`,
+    /// `"no good backup: keeping everything"`, `"failed a drill, verify or quick_check; kept
+    /// as if intact: last 2"`) or why not (`"no rule keeps it"`, `"pre-restore beyond the newest N"`,
     /// `"incomplete or damaged on the drive; no rule would keep it even intact"`).
     /// Never empty.
     pub reasons: Vec<String>,
@@ -153,6 +159,7 @@ pub struct Decision {
 
 const NO_RULE: &str = "no rule keeps it";
 const NEWEST_GOOD: &str = "newest good archive";
+const NEWEST_DRILLED: &str = "newest backup a drill proved";
 const NO_GOOD_BACKUP: &str = "no good backup: keeping everything";
 const NOT_KEPT_EVEN_INTACT: &str = "no rule would keep it even intact";
 
@@ -223,6 +230,7 @@ impl RetentionPolicy {
         let mut monthly = Bucket::new(self.keep_monthly);
         let mut pre_restore = 0u32;
         let mut seen_backup = false;
+        let mut seen_drilled = false;
 
         let mut decisions = Vec::with_capacity(order.len());
         for c in order {
@@ -278,6 +286,10 @@ impl RetentionPolicy {
                     if !seen_backup {
                         seen_backup = true;
                         reasons.push(NEWEST_GOOD.to_string());
+                    }
+                    if c.drilled && !seen_drilled {
+                        seen_drilled = true;
+                        reasons.push(NEWEST_DRILLED.to_string());
                     }
                     if reasons.is_empty() {
                         reasons.push(NO_RULE.to_string());
@@ -380,6 +392,7 @@ mod tests {
             kind: ArchiveKind::Backup,
             created: t,
             health: Health::Good,
+            drilled: false,
         }
     }
 
@@ -389,6 +402,7 @@ mod tests {
             kind: ArchiveKind::PreRestore,
             created: t,
             health: Health::Good,
+            drilled: false,
         }
     }
 
@@ -533,6 +547,25 @@ mod tests {
         assert!(decisions.iter().all(|d| d.keep), "{decisions:?}");
     }
 
+    /// Red team 2026-12-07, second pass (F7): damage quick_check does not see made the next
+    /// backup "good", and keep_last = 1 deleted the last backup a drill had proven.
+    #[test]
+    fn the_newest_backup_a_drill_proved_is_kept_until_a_newer_one_is_proven() {
+        let mut input = daily_backups(4);
+        input[2].drilled = true;
+        input[3].drilled = true;
+        let decisions = policy(1, 0, 0, 0, 0).apply(&input, NOW);
+        assert_eq!(
+            kept(&decisions),
+            ["backup-20261120T020000", "backup-20261118T020000"].map(String::from).into()
+        );
+        assert_eq!(reasons_of(&decisions, "backup-20261118T020000"), ["newest backup a drill proved"]);
+        // Proven again, newer: the older proof goes.
+        input[0].drilled = true;
+        let decisions = policy(1, 0, 0, 0, 0).apply(&input, NOW);
+        assert_eq!(kept(&decisions), ["backup-20261120T020000".to_string()].into());
+    }
+
     #[test]
     fn a_damaged_archive_goes_once_the_policy_has_moved_past_it() {
         let mut input = daily_backups(10);
@@ -543,7 +576,7 @@ mod tests {
         assert!(!kept(&decisions).contains("backup-20261112T020000"));
         assert_eq!(
             reasons_of(&decisions, "backup-20261112T020000"),
-            ["failed its last drill or verify; no rule would keep it even intact"]
+            ["failed a drill, verify or quick_check; no rule would keep it even intact"]
         );
         assert!(kept(&decisions).contains("backup-20261115T020000"));
         assert_eq!(kept(&decisions).len(), 8);
@@ -601,7 +634,7 @@ mod tests {
         );
         assert_eq!(
             reasons_of(&decisions, "pre-restore-20261101T120000"),
-            ["failed its last drill or verify; no rule would keep it even intact"]
+            ["failed a drill, verify or quick_check; no rule would keep it even intact"]
         );
         assert!(decisions.iter().filter(|d| d.name.starts_with("pre-")).all(|d| d.expires_at.is_none()));
 
@@ -727,7 +760,7 @@ mod tests {
                     1 => Health::FailedCheck,
                     _ => Health::Good,
                 };
-                Candidate { name: format!("a{i:03}"), kind, created, health }
+                Candidate { name: format!("a{i:03}"), kind, created, health, drilled: rng.below(4) == 0 }
             })
             .collect();
         // Now: within the archives' span (the pre-restore grace matters) or long after.
@@ -773,8 +806,12 @@ mod tests {
             assert!(decisions.iter().all(|d| d.keep), "{}", ctx());
             return;
         }
-        // The newest good backup and the keep_last newest good backups are kept.
+        // The newest good backup, the newest good one a drill proved, and the keep_last newest
+        // good backups are kept.
         assert!(decision(&good_backups[0].name).keep, "{}", ctx());
+        if let Some(d) = good_backups.iter().find(|c| c.drilled) {
+            assert!(decision(&d.name).keep, "{}", ctx());
+        }
         for c in good_backups.iter().take(p.keep_last as usize) {
             assert!(decision(&c.name).keep, "{}", ctx());
         }

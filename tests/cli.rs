@@ -739,7 +739,10 @@ fn prune_never_trades_the_intact_backup_for_a_newer_one_that_failed_its_drill_or
         assert_eq!(kept_intact["keep"], true, "{check}: {p}");
         assert!(kept_intact["reasons"].to_string().contains("newest good archive"), "{check}: {p}");
         let why = decision(&p, &rotten)["reasons"][0].as_str().unwrap().to_string();
-        assert!(why.starts_with("failed its last drill or verify; kept as if intact"), "{check}: {why}");
+        assert!(
+            why.starts_with("failed a drill, verify or quick_check; kept as if intact"),
+            "{check}: {why}"
+        );
         let list = f.expect(&["list"], 0);
         assert!(list.stdout.lines().any(|l| l.contains(&rotten) && l.contains("FAILED")), "{}", list.stdout);
 
@@ -855,6 +858,24 @@ fn a_damaged_live_database_is_said_at_backup_time_and_never_pushes_out_the_good_
         assert!(damaged["failed_check"].as_str().unwrap().contains("quick_check"), "{format}: {damaged}");
         let audit = f.expect(&["audit"], 0);
         assert!(audit.stdout.contains("DATABASE_DAMAGED"), "{format}: {}", audit.stdout);
+        // A restore with no name takes the newest backup no check failed, and says why.
+        let out = f.path().join(format!("out-{format}"));
+        let r = f.expect(&["--json", "restore", "--to", out.to_str().unwrap()], 0);
+        let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(o["archive"], good.as_str(), "{format}: {o}");
+        assert!(
+            r.stderr.contains("skipping") && r.stderr.contains("name it to restore it anyway"),
+            "{}",
+            r.stderr
+        );
+        // The manifest says it too: a new Pi (no catalog) still keeps the good backup.
+        fs::remove_dir_all(&f.state).unwrap();
+        f.expect(&["prune"], 0);
+        let list = f.expect(&["--json", "list"], 0);
+        let rows: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+        assert!(rows.as_array().unwrap().iter().any(|r| r["name"] == good.as_str()), "{format}: {rows}");
+        let damaged = rows.as_array().unwrap().iter().find(|r| r["name"] != good.as_str()).unwrap();
+        assert!(damaged["failed_check"].as_str().unwrap().contains("quick_check"), "{format}: {damaged}");
 
         // Turned off, the backup is made without the check (the drill still finds it).
         f.set("source.check_database", false);
@@ -888,4 +909,59 @@ fn a_restore_without_room_for_its_safety_copy_changes_nothing_and_says_why() {
     );
     assert_eq!(f.fingerprint(), live, "the live data is untouched");
     f.assert_no_restore_leftovers();
+}
+
+/// Red team 2026-12-07, second pass (F7): damage that `quick_check` does not see (an index
+/// whose entries disagree with its table: `integrity_check` does) made the next backup
+/// "good", and its own prune (keep_last = 1) deleted the last backup a drill had proven. The
+/// newest backup a drill proved now stays until a newer one is proven.
+#[test]
+fn the_newest_backup_a_drill_proved_outlives_newer_ones_whose_damage_quick_check_misses() {
+    let f = Fixture::with(|c| {
+        c.push_str("[retention]\nkeep_last = 1\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n")
+    });
+    let original = f.fingerprint();
+    let proven = archive_name(&f.backup());
+    f.expect(&["drill"], 0);
+    {
+        let c = Connection::open(&f.app.database).unwrap();
+        c.execute_batch(
+            "PRAGMA writable_schema = ON;
+             UPDATE sqlite_master SET sql = 'CREATE INDEX documents_user ON documents(path)' WHERE name = 'documents_user';",
+        )
+        .unwrap();
+    }
+    let c = Connection::open(&f.app.database).unwrap();
+    let quick: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0)).unwrap();
+    let full: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(quick, "ok", "the damage this test needs: quick_check passes");
+    assert_ne!(full, "ok", "and integrity_check does not");
+    drop(c);
+
+    f.backup();
+    f.expect(&["drill"], 4);
+    f.backup();
+    let list = f.expect(&["list"], 0);
+    assert!(list.stdout.contains(&proven), "{}", list.stdout);
+    let out = f.path().join("out");
+    f.expect(&["restore", &proven, "--to", out.to_str().unwrap()], 0);
+    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
+    assert_eq!(restored, original);
+}
+
+/// Red team 2026-12-07, second pass (F9): a drill or deep verify with the wrong identity
+/// marked the intact archive FAILED, and retention then took it for damaged.
+#[test]
+fn a_wrong_key_fails_the_drill_but_never_marks_the_archive_damaged() {
+    let f = Fixture::new();
+    let name = archive_name(&f.backup());
+    let other = f.path().join("keys/other.txt");
+    datavault::keys::generate_identity_file(&other).unwrap();
+    f.set("encryption.identity", other.to_str().unwrap());
+    let r = f.expect(&["drill"], 4);
+    assert!(r.stderr.contains("wrong key"), "{}", r.stderr);
+    f.expect(&["verify", "--deep"], 4);
+    let rows: serde_json::Value = serde_json::from_str(&f.expect(&["--json", "list"], 0).stdout).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["name"] == name.as_str()).unwrap();
+    assert!(row["failed_check"].is_null(), "{row}");
 }

@@ -166,6 +166,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
             user_version: info.user_version,
             journal_mode: info.journal_mode.clone(),
             method: "dbpage".into(),
+            damaged: None,
         })
     }
 

@@ -35,7 +35,7 @@ pub fn advice_text(a: &Advice, target: &std::path::Path) -> String {
             format!("the last drill FAILED ({detail}): run `datavault verify --all --deep`")
         }
         Advice::IncompleteArchives { count } => format!(
-            "{count} archive(s) are incomplete or damaged: see `datavault list`; `datavault prune` removes them"
+            "{count} archive(s) are incomplete or damaged: see `datavault list`; retention keeps them as long as it would keep them intact (they may still give back part of the data), and a snapshot without its refs file stops the drive's garbage collection until the file is back"
         ),
         Advice::InterruptedRestore { archive } => format!(
             "an interrupted restore of {archive} was found: the next datavault run that takes the lock (backup, drill, prune, restore) finishes or undoes it; run `datavault backup` now"

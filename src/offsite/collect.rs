@@ -65,6 +65,7 @@ pub fn prune_store(
                 kind,
                 created,
                 health: Health::of(l.is_complete(), false),
+                drilled: false,
             })
         })
         .collect();

@@ -312,6 +312,8 @@ fn remote_candidates(
                     kind,
                     created,
                     health: Health::of(good, false),
+                    // The bucket keeps no drill results of its own.
+                    drilled: false,
                 });
             } else {
                 orphans.push(name.clone());

@@ -319,6 +319,7 @@ fn plan(
             kind: *kind,
             created: *created,
             health: Health::Good,
+            drilled: false,
         })
         .collect();
     let keep: HashSet<String> = opts
@@ -455,7 +456,13 @@ fn store_items(
         .chain(on_remote.iter().cloned())
         .filter(|n| seen.insert(n.clone()))
         .filter_map(|n| {
-            stem_time(&n).map(|(kind, created)| Candidate { name: n, kind, created, health: Health::Good })
+            stem_time(&n).map(|(kind, created)| Candidate {
+                name: n,
+                kind,
+                created,
+                health: Health::Good,
+                drilled: false,
+            })
         })
         .collect();
     let keep: HashSet<String> = opts

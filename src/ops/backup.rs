@@ -209,7 +209,10 @@ impl Sources {
                     damage = self.check(conn, db)?;
                     let res = writer.add_database(conn, db, &info, created);
                     _catch_up = Some(snapshot::end_with_catch_up(conn, db));
-                    database = Some(res.map_err(|e| write_error(target_dir, e))?);
+                    let mut info = res.map_err(|e| write_error(target_dir, e))?;
+                    // In the manifest too: the catalog may be lost with the SD card.
+                    info.damaged = damage.clone();
+                    database = Some(info);
                 }
                 Err(e) if self.safety_copy => {
                     log::warn!("{e}; the safety copy will hold its files as they are");
@@ -601,6 +604,9 @@ fn create_snapshot(run: &Run, opts: &BackupOptions) -> Result<Option<BackupOutco
                 let res = w.add_database(conn, db, &info, created);
                 _catch_up = Some(snapshot::end_with_catch_up(conn, db));
                 res?;
+                if let Some(why) = &database_damage {
+                    w.note_database_damage(why);
+                }
             }
             Err(e) if sources.safety_copy => {
                 log::warn!("{e}; the safety copy will hold its files as they are");

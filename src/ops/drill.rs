@@ -192,6 +192,8 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
     let (report, db_checks) = read.inspect_err(|e| {
         // Only what the archive is to blame for fails the drill: no room for the scratch
         // folder or a cancelled run says nothing about whether the backup restores.
+        // A wrong key too: the owner must hear that this drill failed (the catalog's
+        // failed_checks does not count it against the archive).
         if let Error::Integrity { .. } = e {
             // Marked, so that retention does not take a damaged offsite copy for the drive's.
             let from =
@@ -209,8 +211,12 @@ fn drill_in_run(run: &Run, which: Option<&str>, trigger: Trigger) -> Result<Dril
 
     let passed = checks.iter().all(|c| c.ok);
     let secs = started.elapsed().as_secs_f64();
+    // A failure says which check and what it found (list, status and audit show this).
+    let failed: Vec<String> =
+        checks.iter().filter(|c| !c.ok).map(|c| format!("{}: {}", c.name, c.detail)).collect();
     let detail = format!(
-        "{} checks, recovery time {secs:.1} s{}",
+        "{}{} checks, recovery time {secs:.1} s{}",
+        if failed.is_empty() { String::new() } else { format!("failed {}; ", failed.join("; ")) },
         checks.len(),
         if env.offsite { format!("{FROM_OFFSITE}{}", store.location()) } else { String::new() }
     );

@@ -287,7 +287,10 @@ impl Health {
         let newest = backups.as_ref().and_then(|b| b.iter().max_by_key(|l| l.created()).copied());
         let last_good_backup = match &backups {
             Some(_) => newest.and_then(|l| l.created()),
-            None => last_ok_run.and_then(|r| r.ended_at),
+            // Without a scan: the last successful run, or (a catalog rebuilt from the drive
+            // knows no run yet) the newest backup it imported: "overdue" right after a new
+            // SD card was a false alarm (red team 2026-12-07).
+            None => last_ok_run.and_then(|r| r.ended_at).or(facts.backups.iter().max().copied()),
         };
         let max_age = Duration::hours(s.agent.max_age_hours as i64);
         let drive = match &target {

@@ -20,14 +20,11 @@ pub fn run(env: &Env) -> Result<(Vec<Listing>, HashMap<String, String>)> {
     let failed = match Catalog::open(&env.settings.state.catalog_path()) {
         Ok(c) => {
             crate::ops::sync_catalog(&c, &listings);
-            c.failed_checks().unwrap_or_else(|e| {
-                log::warn!("{e}");
-                HashMap::new()
-            })
+            crate::ops::failed_checks(Some(&c), &listings)
         }
         Err(e) => {
             log::warn!("the catalog was not updated: {e}");
-            HashMap::new()
+            crate::ops::failed_checks(None, &listings)
         }
     };
     Ok((listings, failed))

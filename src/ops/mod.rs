@@ -289,6 +289,35 @@ pub enum Pick {
     NewestComplete,
 }
 
+/// What a restore brings back when no archive is named: the newest complete backup that no
+/// drill, verify or quick_check failed (the README's "newest ok backup"); if every complete
+/// one failed, the newest complete one. Each one passed over is named, with why.
+pub fn select_for_restore<'l>(
+    listings: &'l [Listing],
+    wanted: Option<&str>,
+    failed: &std::collections::HashMap<String, String>,
+) -> Result<&'l Listing> {
+    let newest = select(listings, wanted, Pick::NewestComplete)?;
+    if wanted.is_some() || !failed.contains_key(&newest.name) {
+        return Ok(newest);
+    }
+    let t = now();
+    let sound = listings.iter().find(|l| {
+        l.manifest.as_ref().map(|m| m.kind) == Some(manifest::ArchiveKind::Backup)
+            && l.is_complete()
+            && !l.created().is_some_and(|c| is_in_future(c, t))
+            && !failed.contains_key(&l.name)
+    });
+    let Some(sound) = sound else {
+        log::warn!("every complete backup failed a check; the newest, {}, is taken", newest.name);
+        return Ok(newest);
+    };
+    for l in listings.iter().take_while(|l| l.name != sound.name).filter(|l| failed.contains_key(&l.name)) {
+        log::warn!("skipping {}: {}; name it to restore it anyway", l.name, failed[&l.name]);
+    }
+    Ok(sound)
+}
+
 /// Pick an archive by name, or by the default rule.
 pub fn select<'l>(listings: &'l [Listing], wanted: Option<&str>, pick: Pick) -> Result<&'l Listing> {
     if let Some(w) = wanted {
@@ -371,6 +400,35 @@ pub fn sync_catalog_if_local(env: &Env, catalog: &Catalog, listings: &[Listing])
     if !env.offsite {
         sync_catalog(catalog, listings);
     }
+}
+
+/// The archives known to be damaged or to hold a damaged database, with why: what drills
+/// and verifies found (the catalog, [`Catalog::failed_checks`]) and what a backup's
+/// quick_check wrote into the manifest (which survives the catalog: red team 2026-12-07).
+/// A catalog that cannot be read leaves only the manifests' word, with a warning.
+pub fn failed_checks(
+    catalog: Option<&Catalog>,
+    listings: &[Listing],
+) -> std::collections::HashMap<String, String> {
+    let mut failed = match catalog.map(Catalog::failed_checks) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            log::warn!("{e}: only the manifests say which archives are damaged");
+            Default::default()
+        }
+        None => Default::default(),
+    };
+    for l in listings {
+        if let Some(why) =
+            l.manifest.as_ref().and_then(|m| m.database.as_ref()).and_then(|d| d.damaged.as_ref())
+        {
+            failed.insert(
+                l.name.clone(),
+                format!("the live database failed quick_check when it was backed up: {why}"),
+            );
+        }
+    }
+    failed
 }
 
 /// Bring the catalog in line with the manifests on the drive (the source of truth).

@@ -59,8 +59,12 @@ pub fn prune_in_run(run: &Run, dry_run: bool, collect: Collect) -> Result<PruneO
     };
     // What drills and verifies found (red team 2026-12-07, finding 3): a backup that failed
     // its drill must not count as the newest good one and let the intact one before it go.
-    let failed = run.catalog.failed_checks().unwrap_or_else(|e| {
-        log::warn!("{e}: prune goes by what is on the drive only");
+    let failed = crate::ops::failed_checks(Some(&run.catalog), &listings);
+    // And the newest backup a drill proved is kept until a newer one is proven (red team
+    // 2026-12-07: a damage quick_check does not see made the next backup "good", and
+    // keep_last = 1 deleted the last backup known to restore).
+    let drilled = run.catalog.drilled().unwrap_or_else(|e| {
+        log::warn!("{e}");
         Default::default()
     });
     let candidates: Vec<Candidate> = listings
@@ -68,7 +72,8 @@ pub fn prune_in_run(run: &Run, dry_run: bool, collect: Collect) -> Result<PruneO
         .filter_map(|l| {
             let m = l.manifest.as_ref()?;
             let health = Health::of(l.is_complete(), failed.contains_key(&l.name));
-            Some(Candidate { name: l.name.clone(), kind: m.kind, created: m.created, health })
+            let drilled = drilled.contains(&l.name);
+            Some(Candidate { name: l.name.clone(), kind: m.kind, created: m.created, health, drilled })
         })
         .collect();
     let decisions = env.settings.retention.apply(&candidates, now());

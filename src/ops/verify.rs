@@ -62,9 +62,11 @@ pub fn run(env: &Env, which: Option<&str>, all: bool, deep: bool) -> Result<Vec<
         };
         found.push(match &res {
             Ok(message) => Some((Event::VerifyPassed, message.clone())),
-            // Only what the archive is to blame for: a missing key or a read error on the
-            // drive says nothing about whether it restores.
-            Err(e @ Error::Integrity { .. }) => Some((Event::VerifyFailed, e.to_string())),
+            // Only what the archive is to blame for: a missing or wrong key, or a read error
+            // on the drive, says nothing about whether it restores.
+            Err(e @ Error::Integrity { .. }) if !e.is_wrong_key() => {
+                Some((Event::VerifyFailed, e.to_string()))
+            }
             Err(_) => None,
         });
         out.push(match res {

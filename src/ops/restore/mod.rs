@@ -62,11 +62,13 @@ pub struct RestoreOutcome {
 }
 
 /// The archive an in-place restore brings back when none is named: the newest complete
-/// backup. The operator confirms this name and it is passed down unchanged, so a backup
+/// backup no check failed ([`crate::ops::select_for_restore`]). The operator confirms this name and it is passed down unchanged, so a backup
 /// finishing meanwhile cannot change what is restored.
 pub fn choose(env: &Env, which: Option<&str>) -> Result<Listing> {
     let (_, listings) = crate::ops::listings(env)?;
-    crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete).cloned()
+    let catalog = crate::catalog::Catalog::open(&env.settings.state.catalog_path()).ok();
+    let failed = crate::ops::failed_checks(catalog.as_ref(), &listings);
+    crate::ops::select_for_restore(&listings, which, &failed).cloned()
 }
 
 /// `restore --to DIR`: into an empty folder; needs no lock, changes nothing else. With
@@ -83,7 +85,8 @@ fn to_dir_in_run(run: &Run, which: Option<&str>, dir: &Path, skip_damaged: bool)
     let env = run.env;
     let started = Instant::now();
     let (store, listings) = crate::ops::listings(env)?;
-    let listing = crate::ops::select(&listings, which, crate::ops::Pick::NewestComplete)?;
+    let failed = crate::ops::failed_checks(Some(&run.catalog), &listings);
+    let listing = crate::ops::select_for_restore(&listings, which, &failed)?;
     if skip_damaged && !listing.snapshot {
         return Err(Error::Usage(format!(
             "--skip-damaged needs a snapshot; {} is an archive, one encrypted stream that cannot be read past its damage",

@@ -509,9 +509,18 @@ impl<'c> SnapshotWriter<'c> {
             user_version: info.user_version,
             journal_mode: info.journal_mode.clone(),
             method: "dbpage".into(),
+            damaged: None,
         };
         self.database = Some(db.clone());
         Ok(db)
+    }
+
+    /// The database just added failed `PRAGMA quick_check`: said in the manifest
+    /// ([`DatabaseInfo::damaged`]).
+    pub fn note_database_damage(&mut self, why: &str) {
+        if let Some(d) = self.database.as_mut() {
+            d.damaged = Some(why.to_string());
+        }
     }
 
     /// Check a path, add the folders it needs that the walker did not give, and take its
