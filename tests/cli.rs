@@ -746,11 +746,7 @@ fn prune_never_trades_the_intact_backup_for_a_newer_one_that_failed_its_drill_or
         let list = f.expect(&["list"], 0);
         assert!(list.stdout.lines().any(|l| l.contains(&rotten) && l.contains("FAILED")), "{}", list.stdout);
 
-        let out = f.path().join("out");
-        f.expect(&["restore", &intact, "--to", out.to_str().unwrap()], 0);
-        let restored =
-            datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-        assert_eq!(restored, original, "{check}");
+        assert_eq!(f.restored(&intact, "out"), original, "{check}");
     }
 }
 
@@ -780,10 +776,7 @@ fn archives_swapped_by_hand_outlive_the_next_backup_and_restore_once_put_right()
     fs::rename(&pb, &pa).unwrap();
     fs::rename(&tmp, &pb).unwrap();
     f.expect(&["verify", "--all"], 0);
-    let out = f.path().join("out");
-    f.expect(&["restore", &a, "--to", out.to_str().unwrap()], 0);
-    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-    assert_eq!(restored, first_state);
+    assert_eq!(f.restored(&a, "out"), first_state);
 }
 
 /// Red team 2026-12-07, finding 5: three retried restores of one backup pushed the only
@@ -805,10 +798,11 @@ fn retried_restores_keep_every_safety_copy_for_a_week() {
         .collect();
     pre.sort();
     assert_eq!(pre.len(), 3, "{:?}", f.all_target_files());
-    let out = f.path().join("out");
-    f.expect(&["restore", &pre[0], "--to", out.to_str().unwrap()], 0);
-    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-    assert_eq!(restored, replaced, "the first safety copy holds what the first restore replaced");
+    assert_eq!(
+        f.restored(&pre[0], "out"),
+        replaced,
+        "the first safety copy holds what the first restore replaced"
+    );
 }
 
 /// Overwrite the cell pointers of the `documents_user` index's root page, as a failing SD
@@ -943,10 +937,7 @@ fn the_newest_backup_a_drill_proved_outlives_newer_ones_whose_damage_quick_check
     f.backup();
     let list = f.expect(&["list"], 0);
     assert!(list.stdout.contains(&proven), "{}", list.stdout);
-    let out = f.path().join("out");
-    f.expect(&["restore", &proven, "--to", out.to_str().unwrap()], 0);
-    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-    assert_eq!(restored, original);
+    assert_eq!(f.restored(&proven, "out"), original);
 }
 
 /// Red team 2026-12-07, second pass (F9): a drill or deep verify with the wrong identity

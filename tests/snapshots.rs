@@ -605,10 +605,7 @@ fn a_snapshot_whose_refs_file_was_lost_outlives_the_next_backup_with_its_packs()
 
     fs::rename(&aside, &refs).unwrap();
     f.expect(&["verify", "--deep", &s1], 0);
-    let out = f.path().join("out");
-    f.expect(&["restore", &s1, "--to", out.to_str().unwrap()], 0);
-    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-    assert_eq!(restored, first_state);
+    assert_eq!(f.restored(&s1, "out"), first_state);
 }
 
 /// Red team 2026-12-07, finding 2: after one pack was damaged, every later backup
@@ -639,19 +636,12 @@ fn a_damaged_pack_is_stored_again_by_the_next_backup_and_every_snapshot_restores
     // ...and the snapshots that need it, older ones too, restore.
     f.expect(&["drill"], 0);
     for (i, name) in [&s1, &s2, &s3].into_iter().enumerate() {
-        let out = f.path().join(format!("out-{i}"));
-        f.expect(&["restore", name, "--to", out.to_str().unwrap()], 0);
-        let restored =
-            datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-        assert_eq!(restored, live, "{name}");
+        assert_eq!(f.restored(name, format!("out-{i}")), live, "{name}");
     }
     // A fresh Pi: no cache, no mark. Whichever copy its lookup meets first, the chunk is
     // read (the reader's fallback is tested in order in dedup_engine.rs).
     fs::remove_dir_all(&f.state).unwrap();
-    let out = f.path().join("out-fresh");
-    f.expect(&["restore", &s1, "--to", out.to_str().unwrap()], 0);
-    let restored = datavault::demo::fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap();
-    assert_eq!(restored, live);
+    assert_eq!(f.restored(&s1, "out-fresh"), live);
 }
 
 /// Red team 2026-12-07, finding 2 (its second half): a restore was all-or-nothing, so one

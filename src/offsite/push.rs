@@ -297,6 +297,21 @@ pub fn push(
     Ok(report)
 }
 
+/// The names the remote retention keeps among both sides' archives (name, kind, created;
+/// a name on both sides counts once): a push sends nothing the bucket's prune would drop.
+/// Every one is taken as good: the bucket keeps no drill results of its own.
+fn kept_by_retention(
+    retention: &RetentionPolicy,
+    archives: impl Iterator<Item = (String, ArchiveKind, DateTime<Utc>)>,
+) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let candidates: Vec<Candidate> = archives
+        .filter(|(name, ..)| seen.insert(name.clone()))
+        .map(|(name, kind, created)| Candidate { name, kind, created, health: Health::Good, drilled: false })
+        .collect();
+    retention.apply(&candidates, crate::ops::now()).into_iter().filter(|d| d.keep).map(|d| d.name).collect()
+}
+
 /// The files to send, in order. Reads the local manifests (archives: the SHA-256 to expect).
 fn plan(
     src: &dyn Backend,
@@ -309,26 +324,13 @@ fn plan(
     let remote_pairs = pairs(top_remote);
     // Retention over everything either side has, so an archive pruned remotely (and still
     // kept locally) is not sent again.
-    let mut seen = HashSet::new();
-    let candidates: Vec<Candidate> = local_pairs
-        .iter()
-        .chain(remote_pairs.iter())
-        .filter(|(stem, ..)| seen.insert(stem.clone()))
-        .map(|(stem, created, kind)| Candidate {
-            name: stem.clone(),
-            kind: *kind,
-            created: *created,
-            health: Health::Good,
-            drilled: false,
-        })
-        .collect();
-    let keep: HashSet<String> = opts
-        .retention
-        .apply(&candidates, crate::ops::now())
-        .into_iter()
-        .filter(|d| d.keep)
-        .map(|d| d.name)
-        .collect();
+    let keep = kept_by_retention(
+        &opts.retention,
+        local_pairs
+            .iter()
+            .chain(remote_pairs.iter())
+            .map(|(stem, created, kind)| (stem.clone(), *kind, *created)),
+    );
 
     let mut items = Vec::new();
     let mut by_age = local_pairs;
@@ -448,30 +450,15 @@ fn store_items(
         None => HashSet::new(),
     };
     // Retention over both sides, so a snapshot the bucket's prune forgot is not sent again.
-    let mut seen = HashSet::new();
-    let candidates: Vec<Candidate> = snaps
-        .iter()
-        .filter(|l| l.is_complete())
-        .map(|l| l.name.clone())
-        .chain(on_remote.iter().cloned())
-        .filter(|n| seen.insert(n.clone()))
-        .filter_map(|n| {
-            stem_time(&n).map(|(kind, created)| Candidate {
-                name: n,
-                kind,
-                created,
-                health: Health::Good,
-                drilled: false,
-            })
-        })
-        .collect();
-    let keep: HashSet<String> = opts
-        .retention
-        .apply(&candidates, crate::ops::now())
-        .into_iter()
-        .filter(|d| d.keep)
-        .map(|d| d.name)
-        .collect();
+    let keep = kept_by_retention(
+        &opts.retention,
+        snaps
+            .iter()
+            .filter(|l| l.is_complete())
+            .map(|l| l.name.clone())
+            .chain(on_remote.iter().cloned())
+            .filter_map(|n| stem_time(&n).map(|(kind, created)| (n, kind, created))),
+    );
 
     let open_cache = |name: &str| match &opts.cache_dir {
         Some(dir) => Cache::open(&dir.join(name)),

@@ -230,6 +230,15 @@ impl Fixture {
         (c, child)
     }
 
+    /// `restore NAME --to` a new folder `dir` below the fixture; what came back, as
+    /// [`Fixture::fingerprint`] gives it for the live data.
+    #[track_caller]
+    pub fn restored(&self, name: &str, dir: impl AsRef<Path>) -> String {
+        let out = self.path().join(dir);
+        self.expect(&["restore", name, "--to", out.to_str().unwrap()], 0);
+        fingerprint(&out.join("db/app.db"), Some(&out.join("uploads"))).unwrap()
+    }
+
     pub fn backup(&self) -> serde_json::Value {
         let r = self.expect(&["--json", "backup"], 0);
         serde_json::from_str(&r.stdout).unwrap()
