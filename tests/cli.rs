@@ -416,10 +416,7 @@ fn a_disk_that_fills_mid_archive_exits_3_and_leaves_no_partial() {
     let before = f.all_target_files();
     let (c, child) = f.pause_backup_mid_run();
     // Someone else fills the drive while the backup waits for the database.
-    let mut filler = fs::File::create(f.target.join("filler")).unwrap();
-    let block = vec![0x5a; 64 * 1024];
-    while filler.write_all(&block).is_ok() {}
-    let _ = filler.flush();
+    fill(&f.target.join("filler"));
     c.execute_batch("COMMIT").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(3));
@@ -704,6 +701,14 @@ fn the_confirmed_archive_is_the_one_restored() {
     assert!(rest.contains(&format!("restored {first}")), "restored what was confirmed: {rest}");
 }
 
+/// Write `path` until its disk is full (someone else filling the drive).
+fn fill(path: &std::path::Path) {
+    let mut filler = fs::File::create(path).unwrap();
+    let block = vec![0x5a; 64 * 1024];
+    while filler.write_all(&block).is_ok() {}
+    let _ = filler.flush();
+}
+
 fn archive_name(backup: &serde_json::Value) -> String {
     backup["manifest"]["archive"].as_str().unwrap().to_string()
 }
@@ -891,10 +896,7 @@ fn a_restore_without_room_for_its_safety_copy_changes_nothing_and_says_why() {
     f.backup();
     fs::write(f.app.uploads.join("new.txt"), "written after the backup").unwrap();
     let live = f.fingerprint();
-    let mut filler = fs::File::create(f.target.join("filler")).unwrap();
-    let block = vec![0x5a; 64 * 1024];
-    while filler.write_all(&block).is_ok() {}
-    drop(filler);
+    fill(&f.target.join("filler"));
     let r = f.expect(&["restore", "--yes"], 3);
     let line = r.stderr.lines().last().unwrap_or_default();
     assert!(

@@ -33,6 +33,17 @@ fn complete_names(f: &Fixture) -> Vec<String> {
         .collect()
 }
 
+/// Bit rot: flip one byte (at `at(length)`) of the biggest pack on the drive.
+fn flip_a_byte_of_the_biggest_pack(f: &Fixture, at: impl Fn(usize) -> usize) {
+    let packs: Vec<std::path::PathBuf> =
+        f.files_below_target().iter().filter(|n| n.contains("packs/")).map(|n| f.target.join(n)).collect();
+    let biggest = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(biggest).unwrap();
+    let i = at(bytes.len());
+    bytes[i] ^= 0x10;
+    fs::write(biggest, bytes).unwrap();
+}
+
 fn integrity_ok(db: &Path) {
     let c = Connection::open(db).unwrap();
     let s: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
@@ -620,13 +631,7 @@ fn a_damaged_pack_is_stored_again_by_the_next_backup_and_every_snapshot_restores
     let live = f.fingerprint();
     let s1 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
     // Bit rot in the middle of the biggest pack (the upload's chunks).
-    let packs: Vec<std::path::PathBuf> =
-        f.files_below_target().iter().filter(|n| n.contains("packs/")).map(|n| f.target.join(n)).collect();
-    let biggest = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
-    let mut bytes = fs::read(biggest).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x10;
-    fs::write(biggest, bytes).unwrap();
+    flip_a_byte_of_the_biggest_pack(&f, |len| len / 2);
 
     let s2 = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
     let r = f.expect(&["drill"], 4);
@@ -655,12 +660,8 @@ fn restore_to_with_skip_damaged_gives_back_every_file_but_the_damaged_one() {
         fs::write(f.app.uploads.join(format!("big-{i}.bin")), data).unwrap();
     }
     let name = f.backup()["manifest"]["archive"].as_str().unwrap().to_string();
-    let packs: Vec<std::path::PathBuf> =
-        f.files_below_target().iter().filter(|n| n.contains("packs/")).map(|n| f.target.join(n)).collect();
-    let biggest = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
-    let mut bytes = fs::read(biggest).unwrap();
-    *bytes.last_mut().unwrap() ^= 1;
-    fs::write(biggest, bytes).unwrap();
+    // The last byte of the biggest pack: its last blob's authentication tag.
+    flip_a_byte_of_the_biggest_pack(&f, |len| len - 1);
 
     // All or nothing without the flag: nothing is left in the folder.
     let out = f.path().join("out");
